@@ -1,0 +1,215 @@
+"""Where computations run: scheduler selection and the compute helpers.
+
+With no scheduler named, an active ``distributed.Client`` is used if there is
+one; otherwise a ``LocalCluster`` with one single-threaded worker process per
+core is started on first use and closed when Python exits. Single-threaded
+processes because HDF5 serializes threads and numba's workqueue threading
+layer aborts when called from several threads at once.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import threading
+from typing import Any
+
+import dask
+
+from ._settings import settings
+
+logger = logging.getLogger(__name__)
+
+LOCAL_SCHEDULERS = ("synchronous", "threads", "processes")
+
+_lock = threading.Lock()
+_clients: dict[str, Any] = {}
+
+
+def n_cores() -> int:
+    """Cores this process may use."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
+def _active_client():
+    try:
+        from distributed import get_client
+    except ImportError:  # pragma: no cover
+        return None
+    try:
+        return get_client()
+    except ValueError:
+        return None
+
+
+def local_client(n_workers: int | None = None):
+    """The package's own ``LocalCluster`` client, started on first use.
+
+    Parameters
+    ----------
+    n_workers
+        Worker processes; default ``settings.n_workers`` or the core count.
+        Each worker has one thread.
+    """
+    from distributed import Client, LocalCluster
+
+    n_workers = n_workers or settings.n_workers or n_cores()
+    key = f"local-{n_workers}"
+    with _lock:
+        client = _clients.get(key)
+        if client is not None and client.status == "running":
+            return client
+        logger.info("starting a LocalCluster with %d single-threaded worker processes", n_workers)
+        cluster = LocalCluster(
+            n_workers=n_workers,
+            threads_per_worker=1,
+            processes=True,
+            dashboard_address=None,
+            silence_logs=logging.ERROR,
+        )
+        client = Client(cluster, set_as_default=False)
+        _clients[key] = client
+        return client
+
+
+def _address_client(address: str):
+    from distributed import Client
+
+    with _lock:
+        client = _clients.get(address)
+        if client is None or client.status != "running":
+            client = Client(address, set_as_default=False)
+            _clients[address] = client
+        return client
+
+
+@atexit.register
+def close_clients() -> None:
+    """Close the clients and clusters this package started."""
+    with _lock:
+        for client in _clients.values():
+            cluster = getattr(client, "cluster", None)
+            try:
+                client.close()
+                if cluster is not None:
+                    cluster.close()
+            except Exception:  # pragma: no cover - best effort at exit
+                pass
+        _clients.clear()
+
+
+def resolve_scheduler(scheduler: str | Any | None = None):
+    """Turn a scheduler name into what ``dask.compute`` takes.
+
+    Parameters
+    ----------
+    scheduler
+        ``None`` (use ``settings.scheduler``), ``"local"``, one of
+        ``"synchronous"``, ``"threads"``, ``"processes"``, a scheduler address
+        (``"tcp://..."``) or a ``distributed.Client``.
+
+    Returns
+    -------
+    str or distributed.Client
+
+    Raises
+    ------
+    ValueError
+        For a name that is none of these.
+    """
+    scheduler = settings.scheduler if scheduler is None else scheduler
+    if not isinstance(scheduler, str):
+        return scheduler  # a Client
+    if scheduler == "local":
+        return _active_client() or local_client()
+    if scheduler in LOCAL_SCHEDULERS:
+        return scheduler
+    if "://" in scheduler or ":" in scheduler:
+        return _address_client(scheduler)
+    raise ValueError(
+        f"scheduler {scheduler!r} is not known; use 'local', 'synchronous', 'threads', "
+        "'processes' or a scheduler address such as 'tcp://127.0.0.1:8786'"
+    )
+
+
+def is_distributed(scheduler) -> bool:
+    """Whether a resolved scheduler is a ``distributed.Client``."""
+    return not isinstance(scheduler, str)
+
+
+def n_workers_of(scheduler) -> int:
+    """Worker processes (or threads) a resolved scheduler runs tasks on."""
+    if is_distributed(scheduler):
+        return max(1, len(scheduler.scheduler_info().get("workers", {})))
+    return 1 if scheduler == "synchronous" else n_cores()
+
+
+def compute(*collections, scheduler=None, progress: bool | None = None, desc: str | None = None):
+    """Compute Dask collections on the chosen scheduler.
+
+    Parameters
+    ----------
+    *collections
+        Dask collections (arrays, delayed objects).
+    scheduler
+        See :func:`resolve_scheduler`.
+    progress
+        Show a progress bar; default ``settings.progress``.
+    desc
+        Label of the progress bar.
+
+    Returns
+    -------
+    tuple
+        The computed values, one per collection.
+    """
+    sched = resolve_scheduler(scheduler)
+    progress = settings.progress if progress is None else progress
+    if is_distributed(sched):
+        futures = sched.compute(list(collections))
+        if progress:
+            _distributed_progress(futures, desc)
+        return tuple(sched.gather(futures))
+    if progress:
+        from tqdm.dask import TqdmCallback
+
+        with TqdmCallback(desc=desc, leave=False):
+            return dask.compute(*collections, scheduler=sched)
+    return dask.compute(*collections, scheduler=sched)
+
+
+def persist(collection, *, scheduler=None, progress: bool | None = None, desc: str | None = None):
+    """Compute a collection once and keep it where later graphs can use it.
+
+    On a distributed client the result stays on a worker (later tasks refer
+    to its key and each worker fetches it once); on local schedulers it is
+    computed into this process and wrapped as a single ``Delayed`` so that a
+    graph holds one copy, not one per task.
+    """
+    sched = resolve_scheduler(scheduler)
+    if is_distributed(sched):
+        (persisted,) = sched.persist([collection])
+        if settings.progress if progress is None else progress:
+            from distributed import futures_of
+
+            _distributed_progress(futures_of(persisted), desc)
+        else:
+            from distributed import wait
+
+            wait(persisted)
+        return persisted
+    (value,) = compute(collection, scheduler=sched, progress=progress, desc=desc)
+    return dask.delayed(value, pure=True, traverse=False)
+
+
+def _distributed_progress(futures, desc: str | None) -> None:
+    # task-level bar of distributed itself; blocks until the futures finish
+    from distributed.diagnostics.progressbar import progress as _progress
+
+    if desc:
+        logger.info("%s", desc)
+    _progress(futures, notebook=False, multi=False)

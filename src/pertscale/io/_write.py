@@ -1,0 +1,63 @@
+"""Atomic writing of AnnData objects."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+import anndata as ad
+
+
+def _sibling(path: Path, tag: str) -> Path:
+    return path.with_name(f".{path.name}.{tag}-{uuid.uuid4().hex[:8]}")
+
+
+def write(adata: ad.AnnData, path: str | Path) -> Path:
+    """Write AnnData atomically as ``.h5ad``, or ``.zarr`` when the path ends so.
+
+    The data go to a temporary sibling first and are renamed into place, so
+    an interrupted write leaves the old file or the new one, never a torn one.
+
+    Parameters
+    ----------
+    adata
+        What to write (a lazy ``X`` is written block by block by anndata).
+    path
+        Target path; its parent directory must exist and be writable.
+
+    Returns
+    -------
+    pathlib.Path
+        The path written.
+
+    Raises
+    ------
+    PermissionError, FileNotFoundError
+        If the directory cannot be written.
+    """
+    path = Path(path)
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        raise FileNotFoundError(f"cannot write {str(path)!r}: directory {str(parent)!r} does not exist")
+    if not os.access(parent, os.W_OK):
+        raise PermissionError(f"cannot write {str(path)!r}: directory {str(parent)!r} is not writable")
+    tmp = _sibling(path, "tmp")
+    try:
+        if path.suffix == ".zarr":
+            adata.write_zarr(tmp)
+            if path.exists():
+                old = _sibling(path, "old")
+                os.replace(path, old)
+                os.replace(tmp, path)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(tmp, path)
+        else:
+            adata.write_h5ad(tmp)
+            os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink()
+    return path

@@ -1,0 +1,436 @@
+"""Wilcoxon rank-sum kernels: pure functions of one in-memory block.
+
+Nothing here knows about Dask. :func:`control_statistics` reduces the control
+cells to the frozen per-gene summary that every comparison needs, and
+:func:`wilcoxon_block` turns one CSR block holding whole perturbation groups
+into their finished statistics against that summary.
+
+The mathematics (see ``DESIGN.md``): for a gene with group values
+``p_1..p_m`` and control values ``c_1..c_n``, the Mann-Whitney statistic is
+``U = sum_i #{c_j < p_i} + 0.5 #{c_j = p_i}``, a sum over the group's cells
+of a function of the control distribution alone. Expression values are
+non-negative, so a group zero contributes ``0.5 * n_ctrl_zero`` in closed
+form and only the group's non-zero values are looked up, by binary search in
+the control's sorted distinct non-zero values.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import scipy.sparse as sp
+from numba import njit
+from scipy import stats
+
+#: Statistics returned by :func:`wilcoxon_block`, in this order along axis 1.
+WILCOXON_STATS: tuple[str, ...] = (
+    "scores",
+    "pvals",
+    "pvals_adj",
+    "logfoldchanges",
+    "pts",
+    "pts_rest",
+    "u_statistic",
+)
+
+CORR_METHODS = ("benjamini-hochberg", "bonferroni")
+
+
+@dataclass(frozen=True)
+class ControlStatistics:
+    """Frozen per-gene summary of the control cells.
+
+    Attributes
+    ----------
+    n_cells
+        Number of control cells ``n``.
+    ptr
+        ``(n_genes + 1,)`` int64 offsets into ``values``/``counts``/``below``.
+    values
+        Sorted distinct non-zero control values of each gene, concatenated,
+        in the dtype of the expression matrix (ties are decided in it).
+    counts
+        ``float64`` multiplicity of each distinct value.
+    below
+        ``float64`` number of non-zero control values strictly below each
+        distinct value (within its gene).
+    n_zero
+        ``(n_genes,)`` float64 number of control cells with value zero.
+    tie_term
+        ``(n_genes,)`` float64 ``sum (t^3 - t)`` over the distinct non-zero
+        control values, ``t`` their multiplicities.
+    sum
+        ``(n_genes,)`` float64 sum of the control values (for means).
+    """
+
+    n_cells: int
+    ptr: np.ndarray
+    values: np.ndarray
+    counts: np.ndarray
+    below: np.ndarray
+    n_zero: np.ndarray
+    tie_term: np.ndarray
+    sum: np.ndarray
+
+    @property
+    def n_genes(self) -> int:
+        """Number of genes summarised."""
+        return self.n_zero.shape[0]
+
+    @property
+    def mean(self) -> np.ndarray:
+        """Per-gene mean of the control values, float64 ``(n_genes,)``."""
+        return self.sum / self.n_cells
+
+    @property
+    def pts(self) -> np.ndarray:
+        """Per-gene fraction of control cells with a non-zero value."""
+        return (self.n_cells - self.n_zero) / self.n_cells
+
+    @property
+    def nbytes(self) -> int:
+        """Memory held by the summary, in bytes."""
+        return sum(
+            a.nbytes
+            for a in (self.ptr, self.values, self.counts, self.below, self.n_zero, self.tie_term, self.sum)
+        )
+
+
+def check_values(block: sp.csr_matrix) -> None:
+    """Raise ``ValueError`` if a block holds NaN, infinite or negative values.
+
+    Raises
+    ------
+    ValueError
+        Naming the problem and what to do about it.
+    """
+    data = block.data
+    if data.size == 0:
+        return
+    if np.issubdtype(data.dtype, np.floating) and not np.isfinite(data).all():
+        raise ValueError(
+            "the expression matrix contains NaN or infinite values; "
+            "remove or impute them before testing (rank statistics are undefined for NaN)"
+        )
+    if data.min() < 0:
+        raise ValueError(
+            "the expression matrix contains negative values; the Wilcoxon kernel expects "
+            "non-negative expression (raw counts or log1p-normalized counts), not scaled data"
+        )
+
+
+def _columns_of(block: sp.csr_matrix, row_start: int, row_stop: int, n_genes: int):
+    """Non-zero values of rows ``[row_start, row_stop)`` regrouped by gene."""
+    return _gather_by_gene(block.indptr, block.indices, block.data, row_start, row_stop, n_genes)
+
+
+@njit(cache=True)
+def _gather_by_gene(indptr, indices, data, row_start, row_stop, n_genes):
+    # Counting sort of the rows' non-zero entries by column; stored zeros dropped.
+    ptr = np.zeros(n_genes + 1, dtype=np.int64)
+    for k in range(indptr[row_start], indptr[row_stop]):
+        if data[k] != 0:
+            ptr[indices[k] + 1] += 1
+    for j in range(n_genes):
+        ptr[j + 1] += ptr[j]
+    out = np.empty(ptr[n_genes], dtype=data.dtype)
+    fill = ptr[:-1].copy()
+    for k in range(indptr[row_start], indptr[row_stop]):
+        if data[k] != 0:
+            j = indices[k]
+            out[fill[j]] = data[k]
+            fill[j] += 1
+    return ptr, out
+
+
+@njit(cache=True)
+def _summarise_control(ptr, values, n_genes):
+    # Sort each gene's non-zero control values, then run-length encode them.
+    n_distinct = np.zeros(n_genes + 1, dtype=np.int64)
+    for j in range(n_genes):
+        seg = values[ptr[j] : ptr[j + 1]]
+        seg.sort()
+        d = 0
+        for i in range(seg.shape[0]):
+            if i == 0 or seg[i] != seg[i - 1]:
+                d += 1
+        n_distinct[j + 1] = n_distinct[j] + d
+    total = n_distinct[n_genes]
+    uniq = np.empty(total, dtype=values.dtype)
+    counts = np.empty(total, dtype=np.float64)
+    below = np.empty(total, dtype=np.float64)
+    tie_term = np.zeros(n_genes, dtype=np.float64)
+    sums = np.zeros(n_genes, dtype=np.float64)
+    for j in range(n_genes):
+        seg = values[ptr[j] : ptr[j + 1]]
+        pos = n_distinct[j] - 1
+        seen = 0.0
+        for i in range(seg.shape[0]):
+            x = seg[i]
+            sums[j] += x
+            if i == 0 or x != seg[i - 1]:
+                pos += 1
+                uniq[pos] = x
+                counts[pos] = 0.0
+                below[pos] = seen
+            counts[pos] += 1.0
+            seen += 1.0
+        for q in range(n_distinct[j], n_distinct[j + 1]):
+            t = counts[q]
+            tie_term[j] += t * t * t - t
+    return n_distinct, uniq, counts, below, tie_term, sums
+
+
+def control_statistics(control: sp.csr_matrix | sp.spmatrix | np.ndarray) -> ControlStatistics:
+    """Summarise the control cells once, for every later comparison.
+
+    Parameters
+    ----------
+    control
+        ``(n_control_cells, n_genes)`` expression of the control cells, CSR or
+        dense, non-negative (raw counts or log1p-normalized values; the same
+        units as the groups it will be compared with).
+
+    Returns
+    -------
+    ControlStatistics
+        Per gene: the sorted distinct non-zero values with multiplicities,
+        the zero count, the tie term and the sum.
+
+    Raises
+    ------
+    ValueError
+        If the matrix holds NaN or negative values.
+    """
+    control = sp.csr_matrix(control)
+    check_values(control)
+    n_cells, n_genes = control.shape
+    ptr, values = _columns_of(control, 0, n_cells, n_genes)
+    n_distinct, uniq, counts, below, tie_term, sums = _summarise_control(ptr, values, n_genes)
+    nnz = np.diff(ptr).astype(np.float64)
+    return ControlStatistics(
+        n_cells=int(n_cells),
+        ptr=n_distinct,
+        values=uniq,
+        counts=counts,
+        below=below,
+        n_zero=n_cells - nnz,
+        tie_term=tie_term,
+        sum=sums,
+    )
+
+
+@njit(cache=True)
+def _rank_sums(indptr, indices, data, group_ptr, n_genes, c_ptr, c_values, c_counts, c_below, c_zero, c_tie):
+    """Sufficient statistics per (group, gene): U, tie term, sum, non-zero count."""
+    n_groups = group_ptr.shape[0] - 1
+    out_u = np.zeros((n_groups, n_genes), dtype=np.float64)
+    out_tie = np.zeros((n_groups, n_genes), dtype=np.float64)
+    out_sum = np.zeros((n_groups, n_genes), dtype=np.float64)
+    out_nnz = np.zeros((n_groups, n_genes), dtype=np.float64)
+    for g in range(n_groups):
+        r0 = group_ptr[g]
+        r1 = group_ptr[g + 1]
+        m = float(r1 - r0)
+        ptr, vals = _gather_by_gene(indptr, indices, data, r0, r1, n_genes)
+        for j in range(n_genes):
+            seg = vals[ptr[j] : ptr[j + 1]]
+            seg.sort()
+            m_nz = float(seg.shape[0])
+            n_zero = c_zero[j]
+            lo = c_ptr[j]
+            hi = c_ptr[j + 1]
+            # group zeros tie with control zeros and lie below every non-zero value
+            u = 0.5 * (m - m_nz) * n_zero
+            extra_tie = 0.0
+            total = 0.0
+            i = 0
+            while i < seg.shape[0]:
+                x = seg[i]
+                b = 1
+                while i + b < seg.shape[0] and seg[i + b] == x:
+                    b += 1
+                # binary search: first distinct control value >= x
+                a = lo
+                z = hi
+                while a < z:
+                    mid = (a + z) // 2
+                    if c_values[mid] < x:
+                        a = mid + 1
+                    else:
+                        z = mid
+                if a < hi:
+                    less = n_zero + c_below[a]
+                    eq = c_counts[a] if c_values[a] == x else 0.0
+                else:
+                    less = n_zero + (c_below[hi - 1] + c_counts[hi - 1] if hi > lo else 0.0)
+                    eq = 0.0
+                fb = float(b)
+                u += fb * (less + 0.5 * eq)
+                t = eq + fb
+                extra_tie += (t * t * t - t) - (eq * eq * eq - eq)
+                total += fb * x
+                i += b
+            t0 = (m - m_nz) + n_zero
+            out_u[g, j] = u
+            out_tie[g, j] = c_tie[j] + extra_tie + t0 * t0 * t0 - t0
+            out_sum[g, j] = total
+            out_nnz[g, j] = m_nz
+    return out_u, out_tie, out_sum, out_nnz
+
+
+def adjust_pvalues(pvals: np.ndarray, method: str = "benjamini-hochberg") -> np.ndarray:
+    """Adjust p-values along the last axis (the genes of one perturbation).
+
+    Parameters
+    ----------
+    pvals
+        ``(..., n_genes)`` p-values; NaN entries are left out of the family
+        and stay NaN.
+    method
+        ``"benjamini-hochberg"`` (Benjamini & Hochberg 1995, step-up FDR) or
+        ``"bonferroni"``.
+
+    Returns
+    -------
+    numpy.ndarray
+        Adjusted p-values, same shape, clipped to ``[0, 1]``.
+    """
+    if method not in CORR_METHODS:
+        raise ValueError(f"corr_method {method!r} is not supported; choose one of {CORR_METHODS}")
+    pvals = np.asarray(pvals, dtype=np.float64)
+    flat = pvals.reshape(-1, pvals.shape[-1])
+    out = np.full_like(flat, np.nan)
+    for r in range(flat.shape[0]):
+        row = flat[r]
+        ok = ~np.isnan(row)
+        p = row[ok]
+        n = p.size
+        if n == 0:
+            continue
+        if method == "bonferroni":
+            out[r, ok] = np.minimum(p * n, 1.0)
+            continue
+        order = np.argsort(p, kind="stable")
+        ranked = p[order] * n / np.arange(1, n + 1)
+        ranked = np.minimum.accumulate(ranked[::-1])[::-1]
+        adj = np.empty(n)
+        adj[order] = np.minimum(ranked, 1.0)
+        out[r, ok] = adj
+    return out.reshape(pvals.shape)
+
+
+def log2_fold_change(mean_group: np.ndarray, mean_rest: np.ndarray) -> np.ndarray:
+    """Scanpy's log2 fold change for log1p (natural log) data.
+
+    ``log2((expm1(mean_group) + 1e-9) / (expm1(mean_rest) + 1e-9))``, the means
+    taken of log1p values, as in ``scanpy.tl.rank_genes_groups``.
+    """
+    return np.log2((np.expm1(mean_group) + 1e-9) / (np.expm1(mean_rest) + 1e-9))
+
+
+def wilcoxon_block(
+    block: sp.csr_matrix | np.ndarray,
+    group_sizes: np.ndarray,
+    control: ControlStatistics,
+    *,
+    tie_correct: bool = True,
+    use_continuity: bool = False,
+    corr_method: str = "benjamini-hochberg",
+) -> np.ndarray:
+    """Wilcoxon rank-sum of every group in a block against the frozen control.
+
+    Parameters
+    ----------
+    block
+        ``(n_rows, n_genes)`` non-negative expression, CSR (or dense), whose rows
+        are whole groups stored one after another.
+    group_sizes
+        ``(n_groups,)`` number of rows of each group, in row order; sums to
+        ``n_rows``.
+    control
+        The frozen control summary from :func:`control_statistics`.
+    tie_correct
+        Correct the variance of U for ties (zeros included), as
+        ``scipy.stats.mannwhitneyu`` always does and scanpy with
+        ``tie_correct=True``.
+    use_continuity
+        Subtract 0.5 from ``|U - m n / 2|`` before dividing by its standard
+        deviation (``scipy.stats.mannwhitneyu(use_continuity=True)``). Off by
+        default, as in scanpy.
+    corr_method
+        ``"benjamini-hochberg"`` or ``"bonferroni"``, applied over the genes of
+        each group.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(n_groups, len(WILCOXON_STATS), n_genes)`` float64: z ``scores``
+        (positive when the group ranks above control), two-sided normal
+        ``pvals``, adjusted ``pvals_adj``, ``logfoldchanges`` (log2, scanpy's
+        definition on log1p data), ``pts`` and ``pts_rest`` (fractions of group
+        and control cells with a non-zero value) and the group's
+        ``u_statistic``. Where every value of a gene is tied (its variance is
+        zero) the score is 0 and the p-value 1, as in scanpy.
+
+    Raises
+    ------
+    ValueError
+        If the block has NaN or negative values, or ``group_sizes`` does not
+        add up to its rows.
+
+    Notes
+    -----
+    Mann & Whitney (1947); the normal approximation with tie correction
+    follows ``scipy.stats.mannwhitneyu(method="asymptotic")``.
+    """
+    block = sp.csr_matrix(block)
+    check_values(block)
+    group_sizes = np.asarray(group_sizes, dtype=np.int64)
+    if group_sizes.sum() != block.shape[0]:
+        raise ValueError(
+            f"group_sizes add up to {group_sizes.sum()} rows but the block has {block.shape[0]}"
+        )
+    n_genes = block.shape[1]
+    if n_genes != control.n_genes:
+        raise ValueError(f"block has {n_genes} genes but the control summary {control.n_genes}")
+    if block.data.dtype != control.values.dtype:
+        block = block.astype(control.values.dtype)
+    group_ptr = np.concatenate([[0], np.cumsum(group_sizes)]).astype(np.int64)
+    u, tie, total, nnz = _rank_sums(
+        block.indptr.astype(np.int64),
+        block.indices,
+        block.data,
+        group_ptr,
+        n_genes,
+        control.ptr,
+        control.values,
+        control.counts,
+        control.below,
+        control.n_zero,
+        control.tie_term,
+    )
+    m = group_sizes.astype(np.float64)[:, None]
+    n = float(control.n_cells)
+    big_n = m + n
+    if tie_correct:
+        var = m * n / 12.0 * ((big_n + 1.0) - tie / (big_n * (big_n - 1.0)))
+    else:
+        var = np.broadcast_to(m * n * (big_n + 1.0) / 12.0, u.shape)
+    diff = u - m * n / 2.0
+    if use_continuity:
+        diff = np.sign(diff) * np.maximum(np.abs(diff) - 0.5, 0.0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        scores = diff / np.sqrt(var)
+    scores[~np.isfinite(scores)] = 0.0
+    pvals = 2.0 * stats.norm.sf(np.abs(scores))
+    out = np.empty((u.shape[0], len(WILCOXON_STATS), n_genes), dtype=np.float64)
+    out[:, 0] = scores
+    out[:, 1] = pvals
+    out[:, 2] = adjust_pvalues(pvals, corr_method)
+    out[:, 3] = log2_fold_change(total / m, control.mean[None, :])
+    out[:, 4] = nnz / m
+    out[:, 5] = control.pts[None, :]
+    out[:, 6] = u
+    return out

@@ -1,0 +1,22 @@
+"""Preprocessing: quality control and normalization, lazy and streaming."""
+
+from ._normalize import log1p, normalize_total
+from ._qc import (
+    DEFAULT_EXCLUDE,
+    calculate_qc_metrics,
+    filter_cells,
+    filter_genes,
+    filter_perturbations,
+    mitochondrial_genes,
+)
+
+__all__ = [
+    "DEFAULT_EXCLUDE",
+    "calculate_qc_metrics",
+    "filter_cells",
+    "filter_genes",
+    "filter_perturbations",
+    "log1p",
+    "mitochondrial_genes",
+    "normalize_total",
+]

@@ -1,0 +1,324 @@
+"""Quality control: streaming metrics and filters on lazy AnnData."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+
+import anndata as ad
+import dask.array as da
+import numpy as np
+import pandas as pd
+
+from .._validation import perturbation_labels
+from ..cluster import compute
+from ..io._read import as_dask
+from ..kernels.qc import CELL_STATS, GENE_STATS, cell_stats, gene_stats
+
+logger = logging.getLogger(__name__)
+
+#: Labels of cells without a clean perturbation call, excluded by default in ``pertscale run``.
+DEFAULT_EXCLUDE = ("multiple", "unassigned")
+
+
+def _stats_graphs(x: da.Array, mt_mask: np.ndarray | None):
+    cells = x.map_blocks(cell_stats, mt_mask, dtype=np.float64, chunks=(x.chunks[0], (len(CELL_STATS),)))
+    genes = da.blockwise(
+        gene_stats,
+        "isj",
+        x,
+        "ij",
+        new_axes={"s": len(GENE_STATS)},
+        adjust_chunks={"i": 1},
+        dtype=np.float64,
+        meta=np.empty((0, 0, 0), dtype=np.float64),
+    ).sum(axis=0, split_every=8)
+    return cells, genes
+
+
+def _check_gene_stats(genes: np.ndarray) -> None:
+    if genes[3].sum() > 0:
+        raise ValueError(
+            f"the matrix contains {int(genes[3].sum())} NaN values; remove or impute them before analysis"
+        )
+    if genes[2].sum() > 0:
+        raise ValueError(
+            f"the matrix contains {int(genes[2].sum())} negative values; pertscale expects raw UMI counts "
+            "(non-negative integers) here"
+        )
+
+
+def _matrix_stats(adata: ad.AnnData, *, mt_mask=None, scheduler=None, progress=None, desc=None):
+    """One pass over ``X``: per-cell and per-gene statistics, values checked."""
+    x = as_dask(adata.X)
+    cells, genes = _stats_graphs(x, mt_mask)
+    cells, genes = compute(cells, genes, scheduler=scheduler, progress=progress, desc=desc)
+    _check_gene_stats(genes)
+    return cells, genes
+
+
+def mitochondrial_genes(var: pd.DataFrame) -> np.ndarray:
+    """Boolean mask of mitochondrial genes: ``var['mt']`` if present, else
+    gene names starting with ``MT-`` or ``mt-`` (in ``var_names`` or a
+    ``gene_symbols``/``gene_name`` column)."""
+    if "mt" in var.columns:
+        return var["mt"].to_numpy(dtype=bool)
+    names = pd.Series(var.index.astype(str))
+    for col in ("gene_symbols", "gene_name", "gene_symbol", "feature_name"):
+        if col in var.columns:
+            names = var[col].astype(str).reset_index(drop=True)
+            break
+    return names.str.startswith(("MT-", "mt-")).to_numpy()
+
+
+def calculate_qc_metrics(
+    adata: ad.AnnData,
+    *,
+    perturbation_column: str | None = None,
+    inplace: bool = True,
+    scheduler=None,
+    progress: bool | None = None,
+) -> tuple[pd.DataFrame, pd.DataFrame] | None:
+    """Per-cell, per-gene and per-perturbation QC metrics in one pass.
+
+    Column names and values follow ``scanpy.pp.calculate_qc_metrics`` (with
+    ``qc_vars=['mt']`` when mitochondrial genes are present, ``percent_top=None``).
+
+    Parameters
+    ----------
+    adata
+        ``n_obs x n_vars`` raw counts (lazy or in memory).
+    perturbation_column
+        If given, cells per perturbation go to
+        ``uns['pertscale']['perturbation_counts']`` (a DataFrame).
+    inplace
+        Write the metrics into ``obs``/``var`` (default) or return them.
+    scheduler, progress
+        Where to compute and whether to show a progress bar.
+
+    Returns
+    -------
+    tuple of pandas.DataFrame or None
+        ``(obs_metrics, var_metrics)`` when ``inplace=False``. Per cell:
+        ``n_genes_by_counts``, ``log1p_n_genes_by_counts``, ``total_counts``,
+        ``log1p_total_counts`` and, with mitochondrial genes (``var['mt']``
+        or names starting ``MT-``), ``total_counts_mt``,
+        ``log1p_total_counts_mt``, ``pct_counts_mt`` (percent). Per gene:
+        ``n_cells_by_counts``, ``mean_counts``, ``log1p_mean_counts``,
+        ``pct_dropout_by_counts`` (percent), ``total_counts``,
+        ``log1p_total_counts``. Natural logarithms.
+
+    Raises
+    ------
+    ValueError
+        If the matrix holds NaN or negative values.
+    """
+    mt = mitochondrial_genes(adata.var)
+    has_mt = bool(mt.any())
+    cells, genes = _matrix_stats(
+        adata, mt_mask=mt if has_mt else None, scheduler=scheduler, progress=progress, desc="QC metrics"
+    )
+    obs = pd.DataFrame(index=adata.obs_names)
+    obs["n_genes_by_counts"] = cells[:, 1].astype(np.int64)
+    obs["log1p_n_genes_by_counts"] = np.log1p(cells[:, 1])
+    obs["total_counts"] = cells[:, 0]
+    obs["log1p_total_counts"] = np.log1p(cells[:, 0])
+    if has_mt:
+        obs["total_counts_mt"] = cells[:, 2]
+        obs["log1p_total_counts_mt"] = np.log1p(cells[:, 2])
+        with np.errstate(divide="ignore", invalid="ignore"):
+            obs["pct_counts_mt"] = cells[:, 2] / cells[:, 0] * 100
+    var = pd.DataFrame(index=adata.var_names)
+    n_obs = adata.n_obs
+    var["n_cells_by_counts"] = genes[0].astype(np.int64)
+    var["mean_counts"] = genes[1] / n_obs
+    var["log1p_mean_counts"] = np.log1p(var["mean_counts"])
+    var["pct_dropout_by_counts"] = (1 - genes[0] / n_obs) * 100
+    var["total_counts"] = genes[1]
+    var["log1p_total_counts"] = np.log1p(genes[1])
+    if not inplace:
+        return obs, var
+    for col in obs.columns:
+        adata.obs[col] = obs[col].to_numpy()
+    for col in var.columns:
+        adata.var[col] = var[col].to_numpy()
+    if has_mt and "mt" not in adata.var.columns:
+        adata.var["mt"] = mt
+    if perturbation_column is not None:
+        labels = perturbation_labels(adata.obs, perturbation_column)
+        counts = labels.value_counts().rename_axis("perturbation").rename("n_cells").to_frame()
+        adata.uns.setdefault("pertscale", {})["perturbation_counts"] = counts
+    return None
+
+
+def _subset(adata: ad.AnnData, *, obs_mask=None, var_mask=None) -> None:
+    if obs_mask is not None and not obs_mask.all():
+        adata._inplace_subset_obs(np.flatnonzero(obs_mask))
+    if var_mask is not None and not var_mask.all():
+        adata._inplace_subset_var(np.flatnonzero(var_mask))
+
+
+def _bounds_mask(values, low, high) -> np.ndarray:
+    mask = np.ones(values.shape[0], dtype=bool)
+    if low is not None:
+        mask &= values >= low
+    if high is not None:
+        mask &= values <= high
+    return mask
+
+
+def filter_cells(
+    adata: ad.AnnData,
+    *,
+    min_genes: int | None = None,
+    min_counts: float | None = None,
+    max_genes: int | None = None,
+    max_counts: float | None = None,
+    inplace: bool = True,
+    scheduler=None,
+    progress: bool | None = None,
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """Keep cells within bounds on detected genes or total counts.
+
+    Same semantics as ``scanpy.pp.filter_cells`` (bounds inclusive), lazily:
+    one pass computes the per-cell numbers, then ``adata`` is subset.
+
+    Parameters
+    ----------
+    adata
+        Raw counts.
+    min_genes, max_genes
+        Bounds on genes with a non-zero count.
+    min_counts, max_counts
+        Bounds on total counts.
+    inplace
+        Subset ``adata`` and add ``obs['n_genes']`` / ``obs['n_counts']``
+        (default), or return ``(cell_mask, numbers)``.
+
+    Returns
+    -------
+    tuple or None
+        ``(cell_mask (n_obs,) bool, n_genes or n_counts (n_obs,))`` when not
+        inplace.
+
+    Raises
+    ------
+    ValueError
+        If no bound is given, or the matrix holds NaN or negative values.
+    """
+    bounds = (min_genes, min_counts, max_genes, max_counts)
+    if sum(b is not None for b in bounds) != 1:
+        raise ValueError("give exactly one of min_genes, min_counts, max_genes, max_counts (as scanpy)")
+    cells, _ = _matrix_stats(adata, scheduler=scheduler, progress=progress, desc="filter cells")
+    by_genes = min_genes is not None or max_genes is not None
+    numbers = cells[:, 1].astype(np.int64) if by_genes else cells[:, 0]
+    mask = _bounds_mask(numbers, min_genes if by_genes else min_counts, max_genes if by_genes else max_counts)
+    logger.info("filter_cells: %d of %d cells kept", int(mask.sum()), mask.size)
+    if not inplace:
+        return mask, numbers
+    adata.obs["n_genes" if by_genes else "n_counts"] = numbers
+    _subset(adata, obs_mask=mask)
+    return None
+
+
+def filter_genes(
+    adata: ad.AnnData,
+    *,
+    min_cells: int | None = None,
+    min_counts: float | None = None,
+    max_cells: int | None = None,
+    max_counts: float | None = None,
+    inplace: bool = True,
+    scheduler=None,
+    progress: bool | None = None,
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """Keep genes within bounds on expressing cells or total counts.
+
+    Same semantics as ``scanpy.pp.filter_genes``; one pass, then subset.
+
+    Parameters
+    ----------
+    adata
+        Raw counts.
+    min_cells, max_cells
+        Bounds on cells with a non-zero count.
+    min_counts, max_counts
+        Bounds on total counts.
+    inplace
+        Subset ``adata`` and add ``var['n_cells']`` / ``var['n_counts']``
+        (default), or return ``(gene_mask, numbers)``.
+
+    Raises
+    ------
+    ValueError
+        If no bound is given, or the matrix holds NaN or negative values.
+    """
+    bounds = (min_cells, min_counts, max_cells, max_counts)
+    if sum(b is not None for b in bounds) != 1:
+        raise ValueError("give exactly one of min_cells, min_counts, max_cells, max_counts (as scanpy)")
+    _, genes = _matrix_stats(adata, scheduler=scheduler, progress=progress, desc="filter genes")
+    by_cells = min_cells is not None or max_cells is not None
+    numbers = genes[0].astype(np.int64) if by_cells else genes[1]
+    mask = _bounds_mask(numbers, min_cells if by_cells else min_counts, max_cells if by_cells else max_counts)
+    logger.info("filter_genes: %d of %d genes kept", int(mask.sum()), mask.size)
+    if not inplace:
+        return mask, numbers
+    adata.var["n_cells" if by_cells else "n_counts"] = numbers
+    _subset(adata, var_mask=mask)
+    return None
+
+
+def filter_perturbations(
+    adata: ad.AnnData,
+    perturbation_column: str,
+    control_label: str | None = None,
+    *,
+    min_cells: int | None = None,
+    exclude_labels: Iterable[str] = (),
+    inplace: bool = True,
+) -> pd.DataFrame:
+    """Drop cells by perturbation label: excluded labels and small groups.
+
+    Reads only ``obs``, no pass over the matrix.
+
+    Parameters
+    ----------
+    adata
+        Cells with a perturbation label.
+    perturbation_column
+        Column of ``obs`` with the labels.
+    control_label
+        The control label, never dropped by ``min_cells``.
+    min_cells
+        Perturbations with fewer cells are dropped.
+    exclude_labels
+        Labels whose cells are dropped, e.g. ``("multiple", "unassigned")``.
+    inplace
+        Subset ``adata`` (default) or leave it as it is.
+
+    Returns
+    -------
+    pandas.DataFrame
+        One row per label seen: ``n_cells_before``, ``n_cells_after``,
+        ``reason`` (``""``, ``"excluded"`` or ``"min_cells"``).
+
+    Raises
+    ------
+    KeyError
+        If the column is missing.
+    """
+    labels = perturbation_labels(adata.obs, perturbation_column)
+    before = labels.value_counts()
+    exclude = {str(e) for e in exclude_labels}
+    reason = pd.Series("", index=before.index, dtype=object)
+    reason[before.index.isin(exclude)] = "excluded"
+    if min_cells is not None:
+        small = (before < min_cells) & (reason == "") & (before.index != str(control_label))
+        reason[small] = "min_cells"
+    keep_labels = set(reason.index[reason == ""])
+    mask = labels.isin(keep_labels).to_numpy()
+    table = pd.DataFrame({"n_cells_before": before, "n_cells_after": before.where(reason == "", 0), "reason": reason})
+    table.index.name = perturbation_column
+    if inplace:
+        _subset(adata, obs_mask=mask)
+    return table
