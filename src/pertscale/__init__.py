@@ -9,6 +9,7 @@
 from importlib.metadata import PackageNotFoundError, version
 
 from . import datasets, pp, tl
+from ._pipeline import run
 from ._settings import settings
 from .io import read, write
 
@@ -17,4 +18,4 @@ try:
 except PackageNotFoundError:  # pragma: no cover - not installed
     __version__ = "0+unknown"
 
-__all__ = ["__version__", "datasets", "pp", "read", "settings", "tl", "write"]
+__all__ = ["__version__", "datasets", "pp", "read", "run", "settings", "tl", "write"]

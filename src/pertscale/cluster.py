@@ -68,10 +68,11 @@ def local_client(n_workers: int | None = None):
             n_workers=n_workers,
             threads_per_worker=1,
             processes=True,
-            dashboard_address=None,
+            dashboard_address=":0",
             silence_logs=logging.ERROR,
         )
         client = Client(cluster, set_as_default=False)
+        logger.info("Dask dashboard: %s", client.dashboard_link)
         _clients[key] = client
         return client
 
@@ -170,10 +171,10 @@ def compute(*collections, scheduler=None, progress: bool | None = None, desc: st
     sched = resolve_scheduler(scheduler)
     progress = settings.progress if progress is None else progress
     if is_distributed(sched):
-        futures = sched.compute(list(collections))
-        if progress:
-            _distributed_progress(futures, desc)
-        return tuple(sched.gather(futures))
+        with sched.as_current():
+            persisted = sched.persist(list(collections))
+            _wait(persisted, progress, desc)
+            return tuple(dask.compute(*persisted, scheduler=sched))
     if progress:
         from tqdm.dask import TqdmCallback
 
@@ -191,25 +192,33 @@ def persist(collection, *, scheduler=None, progress: bool | None = None, desc: s
     graph holds one copy, not one per task.
     """
     sched = resolve_scheduler(scheduler)
+    progress = settings.progress if progress is None else progress
     if is_distributed(sched):
-        (persisted,) = sched.persist([collection])
-        if settings.progress if progress is None else progress:
-            from distributed import futures_of
-
-            _distributed_progress(futures_of(persisted), desc)
-        else:
-            from distributed import wait
-
-            wait(persisted)
+        with sched.as_current():
+            (persisted,) = sched.persist([collection])
+            _wait([persisted], progress, desc)
         return persisted
     (value,) = compute(collection, scheduler=sched, progress=progress, desc=desc)
     return dask.delayed(value, pure=True, traverse=False)
 
 
-def _distributed_progress(futures, desc: str | None) -> None:
-    # task-level bar of distributed itself; blocks until the futures finish
-    from distributed.diagnostics.progressbar import progress as _progress
+def _wait(persisted, progress: bool, desc: str | None) -> None:
+    """Wait for persisted collections, with a bar over their output chunks."""
+    from distributed import as_completed, futures_of
 
-    if desc:
-        logger.info("%s", desc)
-    _progress(futures, notebook=False, multi=False)
+    futures = futures_of(persisted)
+    if not progress:
+        from distributed import wait
+
+        wait(futures)
+        for f in futures:
+            if f.status == "error":
+                f.result()  # raises the task's exception here
+        return
+    from tqdm.auto import tqdm
+
+    with tqdm(total=len(futures), desc=desc, leave=False, unit="chunk") as bar:
+        for f in as_completed(futures):
+            if f.status == "error":
+                f.result()
+            bar.update(1)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import uuid
+import warnings
 from pathlib import Path
 
 import anndata as ad
@@ -46,7 +47,10 @@ def write(adata: ad.AnnData, path: str | Path) -> Path:
     tmp = _sibling(path, "tmp")
     try:
         if path.suffix == ".zarr":
-            adata.write_zarr(tmp)
+            with ad.settings.override(zarr_write_format=3, auto_shard_zarr_v3=False), warnings.catch_warnings():
+                # anndata consolidates zarr v3 metadata; zarr warns that this is not yet in the v3 spec
+                warnings.filterwarnings("ignore", message="Consolidated metadata", category=UserWarning)
+                adata.write_zarr(tmp)
             if path.exists():
                 old = _sibling(path, "old")
                 os.replace(path, old)
