@@ -55,7 +55,9 @@ def test_block_matches_scipy_mannwhitneyu(use_continuity):
     rng = np.random.default_rng(2)
     control, groups = _blocks(rng, 400, [37, 5, 120], 60)
     cs = control_statistics(control)
-    out = wilcoxon_block(sp.csr_matrix(np.vstack(groups)), [g.shape[0] for g in groups], cs, use_continuity=use_continuity)
+    out = wilcoxon_block(
+        sp.csr_matrix(np.vstack(groups)), [g.shape[0] for g in groups], cs, use_continuity=use_continuity
+    )
     for k, group in enumerate(groups):
         u, p = _scipy_reference(group, control, use_continuity=use_continuity)
         assert_close(out[k, S["u_statistic"]], u, rtol=0)
@@ -101,7 +103,9 @@ def test_means_fractions_and_fold_changes():
     control = np.log1p(control)
     group = np.log1p(groups[0])
     out = wilcoxon_block(group, [30], control_statistics(control))
-    expected_lfc = np.log2((np.expm1(group.mean(0, dtype=np.float64)) + 1e-9) / (np.expm1(control.mean(0, dtype=np.float64)) + 1e-9))
+    expected_lfc = np.log2(
+        (np.expm1(group.mean(0, dtype=np.float64)) + 1e-9) / (np.expm1(control.mean(0, dtype=np.float64)) + 1e-9)
+    )
     assert_close(out[0, S["logfoldchanges"]], expected_lfc, rtol=1e-6)
     assert_close(out[0, S["pts"]], (group != 0).mean(0), rtol=1e-12)
     assert_close(out[0, S["pts_rest"]], (control != 0).mean(0), rtol=1e-12)

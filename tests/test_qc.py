@@ -80,9 +80,7 @@ def test_filter_perturbations(sim_adata):
     adata.obs["perturbation"] = labels
     counts = adata.obs["perturbation"].value_counts()
     cutoff = int(counts.drop(["control", "multiple"]).median())
-    table = ps.pp.filter_perturbations(
-        adata, "perturbation", "control", min_cells=cutoff, exclude_labels=["multiple"]
-    )
+    table = ps.pp.filter_perturbations(adata, "perturbation", "control", min_cells=cutoff, exclude_labels=["multiple"])
     assert table.loc["multiple", "reason"] == "excluded"
     small = counts[(counts < cutoff) & ~counts.index.isin(["control", "multiple"])].index
     assert set(table.index[table["reason"] == "min_cells"]) == set(small)

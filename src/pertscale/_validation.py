@@ -26,8 +26,7 @@ def perturbation_labels(obs: pd.DataFrame, perturbation_column: str) -> pd.Serie
     """
     if perturbation_column not in obs.columns:
         raise KeyError(
-            f"perturbation_column {perturbation_column!r} not found in obs; "
-            f"columns present: {_listing(obs.columns)}"
+            f"perturbation_column {perturbation_column!r} not found in obs; columns present: {_listing(obs.columns)}"
         )
     labels = obs[perturbation_column]
     if labels.isna().any():
@@ -51,8 +50,7 @@ def check_control(labels: pd.Series, control_label: str, perturbation_column: st
     if not mask.any():
         seen = labels.value_counts().index
         raise ValueError(
-            f"control_label {control_label!r} not found in obs[{perturbation_column!r}]; "
-            f"labels seen: {_listing(seen)}"
+            f"control_label {control_label!r} not found in obs[{perturbation_column!r}]; labels seen: {_listing(seen)}"
         )
     if mask.sum() < min_cells:
         raise ValueError(

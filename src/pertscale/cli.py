@@ -32,28 +32,83 @@ def main(verbose: int) -> None:
 @click.option("--control-label", required=True, help="Label of the control cells (e.g. non-targeting).")
 @click.option("--out", "out_dir", required=True, type=click.Path(path_type=str), help="Output directory (created).")
 @click.option("--layer", default=None, help="Test this layer of raw counts instead of X.")
-@click.option("--min-genes", default=20, show_default=True, type=click.IntRange(min=0),
-              help="Keep cells with at least this many detected genes (0: off).")
-@click.option("--min-cells", default=3, show_default=True, type=click.IntRange(min=0),
-              help="Keep genes detected in at least this many cells (0: off).")
-@click.option("--min-cells-per-perturbation", default=20, show_default=True, type=click.IntRange(min=2),
-              help="Test perturbations with at least this many cells after filtering.")
-@click.option("--exclude-labels", default="multiple,unassigned", show_default=True,
-              help="Comma-separated labels whose cells are dropped ('' for none).")
-@click.option("--target-sum", default=1e4, show_default=True, type=click.FloatRange(min=0, min_open=True),
-              help="Counts per cell after normalize_total, before log1p.")
-@click.option("--chunk-size", default=None, type=click.IntRange(min=1),
-              help="Cells per row block (default: from available memory).")
-@click.option("--scheduler", default="local", show_default=True,
-              help="local (LocalCluster, one process per core), synchronous, threads, processes, or an address.")
-@click.option("--continuity/--no-continuity", default=False, show_default=True,
-              help="Continuity correction of the normal approximation.")
-@click.option("--corr-method", type=click.Choice(["benjamini-hochberg", "bonferroni"]), default="benjamini-hochberg",
-              show_default=True, help="Multiple-testing correction over the genes of each perturbation.")
+@click.option(
+    "--min-genes",
+    default=20,
+    show_default=True,
+    type=click.IntRange(min=0),
+    help="Keep cells with at least this many detected genes (0: off).",
+)
+@click.option(
+    "--min-cells",
+    default=3,
+    show_default=True,
+    type=click.IntRange(min=0),
+    help="Keep genes detected in at least this many cells (0: off).",
+)
+@click.option(
+    "--min-cells-per-perturbation",
+    default=20,
+    show_default=True,
+    type=click.IntRange(min=2),
+    help="Test perturbations with at least this many cells after filtering.",
+)
+@click.option(
+    "--exclude-labels",
+    default="multiple,unassigned",
+    show_default=True,
+    help="Comma-separated labels whose cells are dropped ('' for none).",
+)
+@click.option(
+    "--target-sum",
+    default=1e4,
+    show_default=True,
+    type=click.FloatRange(min=0, min_open=True),
+    help="Counts per cell after normalize_total, before log1p.",
+)
+@click.option(
+    "--chunk-size",
+    default=None,
+    type=click.IntRange(min=1),
+    help="Cells per row block (default: from available memory).",
+)
+@click.option(
+    "--scheduler",
+    default="local",
+    show_default=True,
+    help="local (LocalCluster, one process per core), synchronous, threads, processes, or an address.",
+)
+@click.option(
+    "--continuity/--no-continuity",
+    default=False,
+    show_default=True,
+    help="Continuity correction of the normal approximation.",
+)
+@click.option(
+    "--corr-method",
+    type=click.Choice(["benjamini-hochberg", "bonferroni"]),
+    default="benjamini-hochberg",
+    show_default=True,
+    help="Multiple-testing correction over the genes of each perturbation.",
+)
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bars.")
-def run(input_path, perturbation_column, control_label, out_dir, layer, min_genes, min_cells,
-        min_cells_per_perturbation, exclude_labels, target_sum, chunk_size, scheduler, continuity, corr_method,
-        progress) -> None:  # noqa: PLR0913
+def run(
+    input_path,
+    perturbation_column,
+    control_label,
+    out_dir,
+    layer,
+    min_genes,
+    min_cells,
+    min_cells_per_perturbation,
+    exclude_labels,
+    target_sum,
+    chunk_size,
+    scheduler,
+    continuity,
+    corr_method,
+    progress,
+) -> None:  # noqa: PLR0913
     """QC, normalization and Wilcoxon of every perturbation against control.
 
     INPUT is an .h5ad file or a .zarr store of raw UMI counts. Writes, in
@@ -63,7 +118,6 @@ def run(input_path, perturbation_column, control_label, out_dir, layer, min_gene
     perturbation before and after filtering). The input is never modified.
 
     Example:
-
         pertscale run screen.h5ad --perturbation-column perturbation
         --control-label control --out results/
     """

@@ -102,7 +102,9 @@ def simulate_screen(
     targets = rng.choice(pool, size=n_perturbations, replace=False)
     log2_effects = np.zeros((n_perturbations, n_genes), dtype=np.float32)
     for p in range(n_perturbations):
-        others = rng.choice(np.setdiff1d(np.arange(n_genes), [targets[p]]), size=min(n_affected, n_genes - 1), replace=False)
+        others = rng.choice(
+            np.setdiff1d(np.arange(n_genes), [targets[p]]), size=min(n_affected, n_genes - 1), replace=False
+        )
         log2_effects[p, others] = rng.normal(0.0, effect_sd, size=others.size)
         log2_effects[p, targets[p]] = np.log2(rng.uniform(*knockdown))
 

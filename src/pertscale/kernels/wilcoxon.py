@@ -92,8 +92,7 @@ class ControlStatistics:
     def nbytes(self) -> int:
         """Memory held by the summary, in bytes."""
         return sum(
-            a.nbytes
-            for a in (self.ptr, self.values, self.counts, self.below, self.n_zero, self.tie_term, self.sum)
+            a.nbytes for a in (self.ptr, self.values, self.counts, self.below, self.n_zero, self.tie_term, self.sum)
         )
 
 
@@ -389,9 +388,7 @@ def wilcoxon_block(
     check_values(block)
     group_sizes = np.asarray(group_sizes, dtype=np.int64)
     if group_sizes.sum() != block.shape[0]:
-        raise ValueError(
-            f"group_sizes add up to {group_sizes.sum()} rows but the block has {block.shape[0]}"
-        )
+        raise ValueError(f"group_sizes add up to {group_sizes.sum()} rows but the block has {block.shape[0]}")
     n_genes = block.shape[1]
     if n_genes != control.n_genes:
         raise ValueError(f"block has {n_genes} genes but the control summary {control.n_genes}")

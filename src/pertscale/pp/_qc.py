@@ -38,9 +38,7 @@ def _stats_graphs(x: da.Array, mt_mask: np.ndarray | None):
 
 def _check_gene_stats(genes: np.ndarray) -> None:
     if genes[3].sum() > 0:
-        raise ValueError(
-            f"the matrix contains {int(genes[3].sum())} NaN values; remove or impute them before analysis"
-        )
+        raise ValueError(f"the matrix contains {int(genes[3].sum())} NaN values; remove or impute them before analysis")
     if genes[2].sum() > 0:
         raise ValueError(
             f"the matrix contains {int(genes[2].sum())} negative values; pertscale expects raw UMI counts "
@@ -60,7 +58,8 @@ def _matrix_stats(adata: ad.AnnData, *, mt_mask=None, scheduler=None, progress=N
 def mitochondrial_genes(var: pd.DataFrame) -> np.ndarray:
     """Boolean mask of mitochondrial genes: ``var['mt']`` if present, else
     gene names starting with ``MT-`` or ``mt-`` (in ``var_names`` or a
-    ``gene_symbols``/``gene_name`` column)."""
+    ``gene_symbols``/``gene_name`` column).
+    """
     if "mt" in var.columns:
         return var["mt"].to_numpy(dtype=bool)
     names = pd.Series(var.index.astype(str))

@@ -99,7 +99,7 @@ def group_aligned(x: da.Array, rows_per_group: list[np.ndarray]) -> tuple[da.Arr
     group_starts = np.concatenate([[0], np.cumsum(sizes)])
     if not np.isin(bounds, group_starts).all():  # pragma: no cover - shuffle guarantees it
         raise RuntimeError("internal error: a row block splits a perturbation group")
-    per_block = tuple(int(np.unique(codes[a:b]).size) for a, b in zip(bounds[:-1], bounds[1:]))
+    per_block = tuple(int(np.unique(codes[a:b]).size) for a, b in zip(bounds[:-1], bounds[1:], strict=False))
     return y, codes, per_block
 
 
@@ -229,8 +229,7 @@ def rank_genes_groups(
     groups = [g for g in candidates if counts[g] >= min_cells]
     if skipped:
         warnings.warn(
-            f"{len(skipped)} perturbation(s) have fewer than {min_cells} cells and are not tested: "
-            f"{skipped[:20]}",
+            f"{len(skipped)} perturbation(s) have fewer than {min_cells} cells and are not tested: {skipped[:20]}",
             UserWarning,
             stacklevel=2,
         )
