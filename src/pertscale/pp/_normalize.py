@@ -54,6 +54,10 @@ def normalize_total(
         non-zero cell totals (one pass), as scanpy does.
     layer
         Normalize a layer instead of ``X``.
+    scheduler
+        Where to compute the median (``target_sum=None`` only).
+    progress
+        Show a progress bar.
 
     Raises
     ------

@@ -193,6 +193,10 @@ def filter_cells(
     inplace
         Subset ``adata`` and add ``obs['n_genes']`` / ``obs['n_counts']``
         (default), or return ``(cell_mask, numbers)``.
+    scheduler
+        Where to compute; see :func:`pertscale.cluster.resolve_scheduler`.
+    progress
+        Show a progress bar.
 
     Returns
     -------
@@ -246,6 +250,10 @@ def filter_genes(
     inplace
         Subset ``adata`` and add ``var['n_cells']`` / ``var['n_counts']``
         (default), or return ``(gene_mask, numbers)``.
+    scheduler
+        Where to compute; see :func:`pertscale.cluster.resolve_scheduler`.
+    progress
+        Show a progress bar.
 
     Raises
     ------
