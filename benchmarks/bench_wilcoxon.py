@@ -107,7 +107,6 @@ def run_crispyx(path: Path, outdir: Path):
         min_mean_pert=0.0,
         tie_correct=True,
         output_dir=str(outdir),
-        n_jobs=2,
         verbose=False,
         force=True,
     )
@@ -154,10 +153,23 @@ def worker(tool: str, path: Path, out: Path) -> None:
             break  # slow and without one-time costs worth separating
     groups, genes, p = result
     np.savez(out, groups=np.array(groups), genes=np.array(genes), pvals=p)
-    peak = max(
-        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    )
-    print(json.dumps({"cold": times[0], "warm": times[-1], "peak_mb": peak / 1024}))
+    peak = peak_rss_mb()
+    if tool == "pertscale-local":  # add the worker processes' peaks
+        from pertscale.cluster import local_client
+
+        peak += sum(local_client().run(peak_rss_mb).values())
+    print(json.dumps({"cold": times[0], "warm": times[-1], "peak_mb": peak}))
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process (VmHWM: reset at exec, unlike ru_maxrss)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 # --------------------------------------------------------------------------- driver

@@ -36,6 +36,9 @@ WILCOXON_STATS: tuple[str, ...] = (
 
 CORR_METHODS = ("benjamini-hochberg", "bonferroni")
 
+# unsigned integer views of 4- and 8-byte values, for the radix sort
+_KEY_TYPES = {4: np.uint32, 8: np.uint64}
+
 
 @dataclass(frozen=True)
 class ControlStatistics:
@@ -203,6 +206,8 @@ def control_statistics(control: sp.csr_matrix | sp.spmatrix | np.ndarray) -> Con
         If the matrix holds NaN or negative values.
     """
     control = sp.csr_matrix(control)
+    if control.dtype.itemsize not in _KEY_TYPES or control.dtype == np.bool_:
+        control = control.astype(np.float32)
     check_values(control)
     n_cells, n_genes = control.shape
     ptr, values = _columns_of(control, 0, n_cells, n_genes)
@@ -221,49 +226,143 @@ def control_statistics(control: sp.csr_matrix | sp.spmatrix | np.ndarray) -> Con
 
 
 @njit(cache=True)
-def _rank_sums(indptr, indices, data, group_ptr, n_genes, c_ptr, c_values, c_counts, c_below, c_zero, c_tie):
-    """Sufficient statistics per (group, gene): U, tie term, sum, non-zero count."""
+def _first_at_least(values, lo, hi, x):
+    """Index of the first of ``values[lo:hi]`` that is ``>= x`` (``hi`` if none).
+
+    Galloping search from ``lo``: cheap when the answer is near ``lo``, as it
+    is when the queries arrive in increasing order.
+    """
+    if lo >= hi or values[lo] >= x:
+        return lo
+    step = 1
+    prev = lo
+    while lo + step < hi and values[lo + step] < x:
+        prev = lo + step
+        step *= 2
+    a = prev + 1
+    z = min(lo + step, hi)
+    while a < z:
+        mid = (a + z) // 2
+        if values[mid] < x:
+            a = mid + 1
+        else:
+            z = mid
+    return a
+
+
+RADIX_BITS = 11
+
+
+@njit(cache=True)
+def _sort_by_group_then_value(keys, groups, n_groups, key_bits, tmp_keys, tmp_groups, count, group_start):
+    """Stable LSD radix sort of ``keys`` (unsigned bit patterns of non-negative
+    floats, so integer order is value order), then a stable pass by group.
+
+    Leaves ``keys`` ordered by group, and by value within a group: the sort
+    every (group, gene) needs, with no comparisons and a cost linear in the
+    entries of the gene.
+    """
+    n = keys.shape[0]
+    mask = (1 << RADIX_BITS) - 1
+    for pass_ in range((key_bits + RADIX_BITS - 1) // RADIX_BITS):
+        shift = pass_ * RADIX_BITS
+        count[:] = 0
+        for i in range(n):
+            count[(np.int64(keys[i]) >> shift) & mask] += 1
+        if count[(np.int64(keys[0]) >> shift) & mask] == n:
+            continue  # every key has this digit: nothing to reorder
+        total = 0
+        for d in range(mask + 1):
+            c = count[d]
+            count[d] = total
+            total += c
+        for i in range(n):
+            d = (np.int64(keys[i]) >> shift) & mask
+            p = count[d]
+            tmp_keys[p] = keys[i]
+            tmp_groups[p] = groups[i]
+            count[d] = p + 1
+        for i in range(n):
+            keys[i] = tmp_keys[i]
+            groups[i] = tmp_groups[i]
+    fill = group_start[:n_groups].copy()
+    for i in range(n):
+        p = fill[groups[i]]
+        tmp_keys[p] = keys[i]
+        fill[groups[i]] = p + 1
+    for i in range(n):
+        keys[i] = tmp_keys[i]
+
+
+@njit(cache=True)
+def _rank_sums(cptr, rows, vals, keys_all, key_bits, group_ptr, c_ptr, c_values, c_counts, c_below, c_zero, c_tie):
+    """Sufficient statistics per (group, gene): U, tie term, sum, non-zero count.
+
+    Gene-major over the non-zero entries of a block (CSC, rows ascending)
+    whose rows are whole groups stored one after another: the control values
+    of one gene stay in cache while every group of the block is looked up in
+    them. ``keys_all`` are the entries' values reinterpreted as unsigned
+    integers (same order, as the values are non-negative).
+    """
+    n_genes = cptr.shape[0] - 1
     n_groups = group_ptr.shape[0] - 1
-    out_u = np.zeros((n_groups, n_genes), dtype=np.float64)
-    out_tie = np.zeros((n_groups, n_genes), dtype=np.float64)
-    out_sum = np.zeros((n_groups, n_genes), dtype=np.float64)
-    out_nnz = np.zeros((n_groups, n_genes), dtype=np.float64)
-    for g in range(n_groups):
-        r0 = group_ptr[g]
-        r1 = group_ptr[g + 1]
-        m = float(r1 - r0)
-        ptr, vals = _gather_by_gene(indptr, indices, data, r0, r1, n_genes)
-        for j in range(n_genes):
-            seg = vals[ptr[j] : ptr[j + 1]]
-            seg.sort()
-            m_nz = float(seg.shape[0])
-            n_zero = c_zero[j]
-            lo = c_ptr[j]
-            hi = c_ptr[j + 1]
+    out_u = np.empty((n_groups, n_genes), dtype=np.float64)
+    out_tie = np.empty((n_groups, n_genes), dtype=np.float64)
+    out_sum = np.empty((n_groups, n_genes), dtype=np.float64)
+    out_nnz = np.empty((n_groups, n_genes), dtype=np.float64)
+    longest = 1
+    for j in range(n_genes):
+        longest = max(longest, cptr[j + 1] - cptr[j])
+    keys = np.empty(longest, dtype=keys_all.dtype)
+    tmp_keys = np.empty(longest, dtype=keys_all.dtype)
+    groups = np.empty(longest, dtype=np.int64)
+    tmp_groups = np.empty(longest, dtype=np.int64)
+    count = np.empty(1 << RADIX_BITS, dtype=np.int64)
+    group_start = np.zeros(n_groups + 1, dtype=np.int64)
+    for j in range(n_genes):
+        k0 = cptr[j]
+        n = cptr[j + 1] - k0
+        # group of each entry (rows ascending, groups contiguous) and group offsets
+        g = 0
+        for i in range(n):
+            r = rows[k0 + i]
+            while r >= group_ptr[g + 1]:
+                g += 1
+                group_start[g] = i
+            groups[i] = g
+            keys[i] = keys_all[k0 + i]
+        while g < n_groups:
+            g += 1
+            group_start[g] = n
+        if n > 0:
+            _sort_by_group_then_value(keys[:n], groups[:n], n_groups, key_bits, tmp_keys, tmp_groups, count, group_start)
+        seg_all = keys[:n].view(vals.dtype)
+        lo = c_ptr[j]
+        hi = c_ptr[j + 1]
+        n_zero = c_zero[j]
+        n_ctrl_nz = c_below[hi - 1] + c_counts[hi - 1] if hi > lo else 0.0
+        for g in range(n_groups):
+            m = float(group_ptr[g + 1] - group_ptr[g])
+            s0 = group_start[g]
+            s1 = group_start[g + 1]
+            nz = s1 - s0
             # group zeros tie with control zeros and lie below every non-zero value
-            u = 0.5 * (m - m_nz) * n_zero
+            u = 0.5 * (m - nz) * n_zero
             extra_tie = 0.0
             total = 0.0
-            i = 0
-            while i < seg.shape[0]:
-                x = seg[i]
+            a = lo
+            i = s0
+            while i < s1:
+                x = seg_all[i]
                 b = 1
-                while i + b < seg.shape[0] and seg[i + b] == x:
+                while i + b < s1 and seg_all[i + b] == x:
                     b += 1
-                # binary search: first distinct control value >= x
-                a = lo
-                z = hi
-                while a < z:
-                    mid = (a + z) // 2
-                    if c_values[mid] < x:
-                        a = mid + 1
-                    else:
-                        z = mid
+                a = _first_at_least(c_values, a, hi, x)
                 if a < hi:
                     less = n_zero + c_below[a]
                     eq = c_counts[a] if c_values[a] == x else 0.0
                 else:
-                    less = n_zero + (c_below[hi - 1] + c_counts[hi - 1] if hi > lo else 0.0)
+                    less = n_zero + n_ctrl_nz
                     eq = 0.0
                 fb = float(b)
                 u += fb * (less + 0.5 * eq)
@@ -271,11 +370,11 @@ def _rank_sums(indptr, indices, data, group_ptr, n_genes, c_ptr, c_values, c_cou
                 extra_tie += (t * t * t - t) - (eq * eq * eq - eq)
                 total += fb * x
                 i += b
-            t0 = (m - m_nz) + n_zero
+            t0 = (m - nz) + n_zero
             out_u[g, j] = u
             out_tie[g, j] = c_tie[j] + extra_tie + t0 * t0 * t0 - t0
             out_sum[g, j] = total
-            out_nnz[g, j] = m_nz
+            out_nnz[g, j] = nz
     return out_u, out_tie, out_sum, out_nnz
 
 
@@ -395,12 +494,19 @@ def wilcoxon_block(
     if block.data.dtype != control.values.dtype:
         block = block.astype(control.values.dtype)
     group_ptr = np.concatenate([[0], np.cumsum(group_sizes)]).astype(np.int64)
+    csc = block.tocsc()  # gene-major; scipy keeps row indices ascending within a column
+    csc.sort_indices()
+    if (csc.data == 0).any():
+        csc.eliminate_zeros()  # stored zeros are zeros
+    cptr, rows, vals = csc.indptr.astype(np.int64), csc.indices, csc.data
+    keys = vals.view(_KEY_TYPES[vals.dtype.itemsize])  # non-negative floats: bit order is value order
     u, tie, total, nnz = _rank_sums(
-        block.indptr.astype(np.int64),
-        block.indices,
-        block.data,
+        cptr,
+        rows,
+        vals,
+        keys,
+        8 * vals.dtype.itemsize,
         group_ptr,
-        n_genes,
         control.ptr,
         control.values,
         control.counts,
