@@ -335,7 +335,9 @@ def _rank_sums(cptr, rows, vals, keys_all, key_bits, group_ptr, c_ptr, c_values,
             g += 1
             group_start[g] = n
         if n > 0:
-            _sort_by_group_then_value(keys[:n], groups[:n], n_groups, key_bits, tmp_keys, tmp_groups, count, group_start)
+            _sort_by_group_then_value(
+                keys[:n], groups[:n], n_groups, key_bits, tmp_keys, tmp_groups, count, group_start
+            )
         seg_all = keys[:n].view(vals.dtype)
         lo = c_ptr[j]
         hi = c_ptr[j + 1]
