@@ -225,42 +225,15 @@ def control_statistics(control: sp.csr_matrix | sp.spmatrix | np.ndarray) -> Con
     )
 
 
-@njit(cache=True)
-def _first_at_least(values, lo, hi, x):
-    """Index of the first of ``values[lo:hi]`` that is ``>= x`` (``hi`` if none).
-
-    Galloping search from ``lo``: cheap when the answer is near ``lo``, as it
-    is when the queries arrive in increasing order.
-    """
-    if lo >= hi or values[lo] >= x:
-        return lo
-    step = 1
-    prev = lo
-    while lo + step < hi and values[lo + step] < x:
-        prev = lo + step
-        step *= 2
-    a = prev + 1
-    z = min(lo + step, hi)
-    while a < z:
-        mid = (a + z) // 2
-        if values[mid] < x:
-            a = mid + 1
-        else:
-            z = mid
-    return a
-
-
 RADIX_BITS = 11
 
 
 @njit(cache=True)
-def _sort_by_group_then_value(keys, groups, n_groups, key_bits, tmp_keys, tmp_groups, count, group_start):
+def _radix_sort(keys, groups, key_bits, tmp_keys, tmp_groups, count):
     """Stable LSD radix sort of ``keys`` (unsigned bit patterns of non-negative
-    floats, so integer order is value order), then a stable pass by group.
+    values, so integer order is value order), carrying ``groups`` along.
 
-    Leaves ``keys`` ordered by group, and by value within a group: the sort
-    every (group, gene) needs, with no comparisons and a cost linear in the
-    entries of the gene.
+    No comparisons; the cost is linear in the number of keys.
     """
     n = keys.shape[0]
     mask = (1 << RADIX_BITS) - 1
@@ -285,24 +258,23 @@ def _sort_by_group_then_value(keys, groups, n_groups, key_bits, tmp_keys, tmp_gr
         for i in range(n):
             keys[i] = tmp_keys[i]
             groups[i] = tmp_groups[i]
-    fill = group_start[:n_groups].copy()
-    for i in range(n):
-        p = fill[groups[i]]
-        tmp_keys[p] = keys[i]
-        fill[groups[i]] = p + 1
-    for i in range(n):
-        keys[i] = tmp_keys[i]
 
 
 @njit(cache=True)
-def _rank_sums(cptr, rows, vals, keys_all, key_bits, group_ptr, c_ptr, c_values, c_counts, c_below, c_zero, c_tie):
+def _rank_sums(
+    cptr, rows, keys_all, vals_dtype_probe, key_bits, group_ptr, c_ptr, c_values, c_counts, c_below, c_zero, c_tie
+):
     """Sufficient statistics per (group, gene): U, tie term, sum, non-zero count.
 
     Gene-major over the non-zero entries of a block (CSC, rows ascending)
-    whose rows are whole groups stored one after another: the control values
-    of one gene stay in cache while every group of the block is looked up in
-    them. ``keys_all`` are the entries' values reinterpreted as unsigned
-    integers (same order, as the values are non-negative).
+    whose rows are whole groups stored one after another. Per gene: the
+    entries are radix-sorted by value, merged once with the control's
+    sorted distinct values (each entry learns its control position), then
+    moved, stably, into group order. Each (group, gene) then reads its sorted
+    values and their control positions without searching. ``keys_all`` are
+    the values reinterpreted as unsigned integers (same order, as the values
+    are non-negative); ``vals_dtype_probe`` is a 1-element array of the value
+    dtype.
     """
     n_genes = cptr.shape[0] - 1
     n_groups = group_ptr.shape[0] - 1
@@ -317,8 +289,11 @@ def _rank_sums(cptr, rows, vals, keys_all, key_bits, group_ptr, c_ptr, c_values,
     tmp_keys = np.empty(longest, dtype=keys_all.dtype)
     groups = np.empty(longest, dtype=np.int64)
     tmp_groups = np.empty(longest, dtype=np.int64)
+    pos = np.empty(longest, dtype=np.int64)
+    tmp_pos = np.empty(longest, dtype=np.int64)
     count = np.empty(1 << RADIX_BITS, dtype=np.int64)
     group_start = np.zeros(n_groups + 1, dtype=np.int64)
+    fill = np.zeros(n_groups, dtype=np.int64)
     for j in range(n_genes):
         k0 = cptr[j]
         n = cptr[j + 1] - k0
@@ -334,13 +309,28 @@ def _rank_sums(cptr, rows, vals, keys_all, key_bits, group_ptr, c_ptr, c_values,
         while g < n_groups:
             g += 1
             group_start[g] = n
-        if n > 0:
-            _sort_by_group_then_value(
-                keys[:n], groups[:n], n_groups, key_bits, tmp_keys, tmp_groups, count, group_start
-            )
-        seg_all = keys[:n].view(vals.dtype)
         lo = c_ptr[j]
         hi = c_ptr[j + 1]
+        if n > 0:
+            _radix_sort(keys[:n], groups[:n], key_bits, tmp_keys, tmp_groups, count)
+            values = keys[:n].view(vals_dtype_probe.dtype)
+            # one merge with the control: position of the first control value >= x,
+            # encoded negative when x itself is not a control value
+            a = lo
+            for i in range(n):
+                x = values[i]
+                while a < hi and c_values[a] < x:
+                    a += 1
+                pos[i] = a if (a < hi and c_values[a] == x) else -(a + 1)
+            # stable move into group order
+            for gg in range(n_groups):
+                fill[gg] = group_start[gg]
+            for i in range(n):
+                p = fill[groups[i]]
+                tmp_keys[p] = keys[i]
+                tmp_pos[p] = pos[i]
+                fill[groups[i]] = p + 1
+        seg_all = tmp_keys[:n].view(vals_dtype_probe.dtype)
         n_zero = c_zero[j]
         n_ctrl_nz = c_below[hi - 1] + c_counts[hi - 1] if hi > lo else 0.0
         for g in range(n_groups):
@@ -352,19 +342,19 @@ def _rank_sums(cptr, rows, vals, keys_all, key_bits, group_ptr, c_ptr, c_values,
             u = 0.5 * (m - nz) * n_zero
             extra_tie = 0.0
             total = 0.0
-            a = lo
             i = s0
             while i < s1:
                 x = seg_all[i]
                 b = 1
                 while i + b < s1 and seg_all[i + b] == x:
                     b += 1
-                a = _first_at_least(c_values, a, hi, x)
-                if a < hi:
+                a = tmp_pos[i]
+                if a >= 0:
                     less = n_zero + c_below[a]
-                    eq = c_counts[a] if c_values[a] == x else 0.0
+                    eq = c_counts[a]
                 else:
-                    less = n_zero + n_ctrl_nz
+                    a = -a - 1
+                    less = n_zero + (c_below[a] if a < hi else n_ctrl_nz)
                     eq = 0.0
                 fb = float(b)
                 u += fb * (less + 0.5 * eq)
@@ -505,8 +495,8 @@ def wilcoxon_block(
     u, tie, total, nnz = _rank_sums(
         cptr,
         rows,
-        vals,
         keys,
+        vals[:1].copy() if vals.size else np.zeros(1, dtype=vals.dtype),
         8 * vals.dtype.itemsize,
         group_ptr,
         control.ptr,
