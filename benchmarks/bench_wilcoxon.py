@@ -10,7 +10,7 @@ peak resident memory, and how far each tool's p-values are from pertscale's.
     python benchmarks/bench_wilcoxon.py --datasets sim30k --tools pertscale,illico
     python benchmarks/bench_wilcoxon.py --datasets sim30k-sorted --tools pertscale,pertscale-local,illico
 
-Needs the ``bench`` extra: ``pip install -e ".[bench]" crispyx``.
+Needs the ``bench`` extra: ``pip install -e ".[bench]"``.
 Real datasets are read from ../shared/data (or $PERTSCALE_DATA) and skipped
 with a message when absent.
 """
