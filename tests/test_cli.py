@@ -165,3 +165,31 @@ def test_negative_counts_fail_cleanly(sim_adata, tmp_path):
         ],
     )
     assert result.exit_code != 0 and "negative values" in result.output
+
+
+def _invoke(path, out, *extra):
+    args = ["run", str(path), "--perturbation-column", "perturbation", "--control-label", "control"]
+    return CliRunner().invoke(main, [*args, "--out", str(out), "--scheduler", "synchronous", *extra])
+
+
+def test_refuses_to_overwrite_the_input(sim_adata, tmp_path):
+    path = tmp_path / "de_wilcoxon.h5ad"
+    sim_adata.write_h5ad(path)
+    before = _sha256(path)
+    result = _invoke(path, tmp_path)
+    assert result.exit_code != 0 and "would overwrite the input" in result.output
+    assert _sha256(path) == before
+
+
+def test_normalized_input_is_rejected(sim_adata, tmp_path):
+    norm = sim_adata.copy()
+    norm.X = norm.X.astype(np.float32)
+    norm.X.data = np.log1p(norm.X.data)
+    norm.write_h5ad(tmp_path / "norm.h5ad")
+    result = _invoke(tmp_path / "norm.h5ad", tmp_path / "o")
+    assert result.exit_code != 0 and "looks normalized" in result.output and "--layer" in result.output
+
+
+def test_filters_that_remove_the_controls_are_named(sim_h5ad, tmp_path):
+    result = _invoke(sim_h5ad, tmp_path / "o", "--exclude-labels", "control")
+    assert result.exit_code != 0 and "control cell(s) left after filtering" in result.output

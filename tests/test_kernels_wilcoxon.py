@@ -159,3 +159,28 @@ def test_benjamini_hochberg_matches_scipy():
     assert_close(adjust_pvalues(p[:1], "bonferroni"), np.minimum(p[:1] * 500, 1), rtol=1e-12)
     with pytest.raises(ValueError, match="corr_method"):
         adjust_pvalues(p, "holm-sidak")
+
+
+def test_duplicate_entries_are_summed():
+    # (row 0, col 0) stored twice: 1 + 1 = 2, as scipy.sparse would read it
+    dup = sp.csr_matrix((np.array([1.0, 1.0, 3.0], np.float32), np.array([0, 0, 1]), np.array([0, 2, 3])), shape=(2, 2))
+    assert not dup.has_canonical_format
+    control = np.array([[1, 0], [2, 1], [0, 3]], dtype=np.float32)
+    out = wilcoxon_block(dup, [2], control_statistics(control))
+    u, _ = _scipy_reference(dup.toarray(), control, use_continuity=False)
+    assert_close(out[0, S["u_statistic"]], u, rtol=0)
+    cs_dup = control_statistics(sp.vstack([dup, sp.csr_matrix(control)]).tocsr())
+    cs_ref = control_statistics(np.vstack([dup.toarray(), control]))
+    np.testing.assert_array_equal(cs_dup.values, cs_ref.values)
+    np.testing.assert_array_equal(cs_dup.n_zero, cs_ref.n_zero)
+
+
+def test_dtype_mismatch_and_empty_groups_raise():
+    cs = control_statistics(np.ones((3, 2), dtype=np.int32))
+    with pytest.raises(ValueError, match="dtype float32 but the control summary int32"):
+        wilcoxon_block(np.ones((2, 2), dtype=np.float32), [2], cs)
+    with pytest.raises(ValueError, match="at least one row"):
+        wilcoxon_block(np.ones((2, 2), dtype=np.int32), [2, 0], cs)
+    small = control_statistics(np.ones((3, 2), dtype=np.int16))  # small integers are summarised as float32
+    assert small.values.dtype == np.float32
+    assert wilcoxon_block(np.ones((2, 2), dtype=np.int16), [2], small).shape == (1, len(WILCOXON_STATS), 2)

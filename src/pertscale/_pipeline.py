@@ -122,18 +122,33 @@ def run(
     labels = perturbation_labels(adata.obs, perturbation_column)
     check_control(labels, control_label, perturbation_column)
     _check_output_dir(out)
+    targets = [out / "de_wilcoxon.h5ad", out / "de_wilcoxon_significant.csv", out / "qc.csv"]
+    if any(t.resolve() == Path(path).resolve() for t in targets):
+        raise ValueError(f"--out {str(out)!r} would overwrite the input {str(path)!r}; choose another directory")
     n_obs_input, n_vars_input = adata.shape
     before = labels.value_counts()
 
     pp.calculate_qc_metrics(adata, perturbation_column=perturbation_column, scheduler=scheduler, progress=progress)
     seconds["qc"] = time.perf_counter() - t0
+    n_fractional = adata.uns["pertscale"]["n_noninteger_values"]
+    if n_fractional:
+        where = f"layers[{layer!r}]" if layer else "X"
+        raise ValueError(
+            f"{where} has {n_fractional:,} non-integer values: it looks normalized already, and this job "
+            "normalizes raw UMI counts itself; pass the raw counts (e.g. --layer counts)"
+        )
     excluded = pp.filter_perturbations(adata, perturbation_column, control_label, exclude_labels=exclude_labels)
     if min_genes:
         keep = adata.obs["n_genes_by_counts"].to_numpy() >= min_genes  # same numbers filter_cells would compute
         if not keep.all():
             adata._inplace_subset_obs(np.flatnonzero(keep))
     small = pp.filter_perturbations(adata, perturbation_column, control_label, min_cells=min_cells_per_perturbation)
-    check_control(perturbation_labels(adata.obs, perturbation_column), control_label, perturbation_column)
+    n_control_left = int((perturbation_labels(adata.obs, perturbation_column) == str(control_label)).sum())
+    if n_control_left < 2:
+        raise ValueError(
+            f"{n_control_left} control cell(s) left after filtering (of {int(before[str(control_label)])}); "
+            "lower --min-genes or check --exclude-labels"
+        )
     if min_cells:
         t = time.perf_counter()
         pp.filter_genes(adata, min_cells=min_cells, scheduler=scheduler, progress=progress)
@@ -218,8 +233,11 @@ def _status(name, control_label, excluded, small, after, tested, min_cells_per_p
 
 def _write_csv(df: pd.DataFrame, path: Path) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    df.to_csv(tmp, index=False)
-    os.replace(tmp, path)
+    try:
+        df.to_csv(tmp, index=False)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def read_results(path: str | Path) -> ad.AnnData:

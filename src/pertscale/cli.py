@@ -152,6 +152,8 @@ def run(
     for w in caught:
         if issubclass(w.category, UserWarning) and "pertscale" in str(w.filename):
             click.echo(f"warning: {w.message}", err=True)
+        else:
+            warnings.showwarning(w.message, w.category, w.filename, w.lineno)
     for line in summary.lines():
         click.echo(line)
 

@@ -19,7 +19,9 @@ def write(adata: ad.AnnData, path: str | Path) -> Path:
     """Write AnnData atomically as ``.h5ad``, or ``.zarr`` when the path ends so.
 
     The data go to a temporary sibling first and are renamed into place, so
-    an interrupted write leaves the old file or the new one, never a torn one.
+    an interrupted write leaves the old file or the new one, never a torn
+    one. (Replacing an existing ``.zarr`` directory takes two renames; in
+    between, the old store sits beside it as ``.NAME.old-*``.)
 
     Parameters
     ----------
@@ -55,9 +57,15 @@ def write(adata: ad.AnnData, path: str | Path) -> Path:
                 warnings.filterwarnings("ignore", message="The data type", category=Warning)
                 adata.write_zarr(tmp)
             if path.exists():
+                # a directory cannot be renamed over another: move the old one aside first,
+                # and put it back if the new one cannot take its place
                 old = _sibling(path, "old")
                 os.replace(path, old)
-                os.replace(tmp, path)
+                try:
+                    os.replace(tmp, path)
+                except OSError:
+                    os.replace(old, path)
+                    raise
                 shutil.rmtree(old, ignore_errors=True)
             else:
                 os.replace(tmp, path)

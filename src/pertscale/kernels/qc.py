@@ -8,7 +8,7 @@ import scipy.sparse as sp
 #: Per-cell statistics of :func:`cell_stats`, in column order.
 CELL_STATS = ("total_counts", "n_genes_by_counts", "total_counts_mt")
 #: Per-gene partial sums of :func:`gene_stats`, in row order.
-GENE_STATS = ("n_cells_by_counts", "total_counts", "n_negative", "n_nan")
+GENE_STATS = ("n_cells_by_counts", "total_counts", "n_negative", "n_nan", "n_noninteger")
 
 
 def cell_stats(block: sp.csr_matrix, mt_mask: np.ndarray | None = None) -> np.ndarray:
@@ -47,19 +47,22 @@ def gene_stats(block: sp.csr_matrix) -> np.ndarray:
     Returns
     -------
     numpy.ndarray
-        ``(1, 4, n_genes)`` float64: cells with a non-zero value, sum of
-        values, count of negative values and count of NaN values.
+        ``(1, 5, n_genes)`` float64: cells with a non-zero value, sum of
+        values, and counts of negative, NaN and non-integer values.
     """
     block = sp.csr_matrix(block)
     n_genes = block.shape[1]
     data = block.data.astype(np.float64, copy=False)
     idx = block.indices
-    out = np.zeros((1, 4, n_genes), dtype=np.float64)
+    out = np.zeros((1, len(GENE_STATS), n_genes), dtype=np.float64)
     nan = np.isnan(data)
     out[0, 0] = np.bincount(idx, weights=(data != 0) & ~nan, minlength=n_genes)
     out[0, 1] = np.bincount(idx, weights=np.where(nan, 0.0, data), minlength=n_genes)
     out[0, 2] = np.bincount(idx, weights=data < 0, minlength=n_genes)
     out[0, 3] = np.bincount(idx, weights=nan, minlength=n_genes)
+    if np.issubdtype(block.dtype, np.floating):
+        with np.errstate(invalid="ignore"):
+            out[0, 4] = np.bincount(idx, weights=(data != np.floor(data)) & ~nan, minlength=n_genes)
     return out
 
 

@@ -10,8 +10,9 @@ The mathematics (see ``DESIGN.md``): for a gene with group values
 ``U = sum_i #{c_j < p_i} + 0.5 #{c_j = p_i}``, a sum over the group's cells
 of a function of the control distribution alone. Expression values are
 non-negative, so a group zero contributes ``0.5 * n_ctrl_zero`` in closed
-form and only the group's non-zero values are looked up, by binary search in
-the control's sorted distinct non-zero values.
+form and only the group's non-zero values are looked up in the control's
+sorted distinct non-zero values: per gene, the block's values are radix
+sorted once and merged with the control's, then split into groups.
 """
 
 from __future__ import annotations
@@ -97,6 +98,15 @@ class ControlStatistics:
         return sum(
             a.nbytes for a in (self.ptr, self.values, self.counts, self.below, self.n_zero, self.tie_term, self.sum)
         )
+
+
+def canonical_csr(x) -> sp.csr_matrix:
+    """CSR with duplicate entries summed (a copy when the input has any)."""
+    x = sp.csr_matrix(x)
+    if not x.has_canonical_format:
+        x = x.copy()
+        x.sum_duplicates()
+    return x
 
 
 def check_values(block: sp.csr_matrix) -> None:
@@ -205,7 +215,7 @@ def control_statistics(control: sp.csr_matrix | sp.spmatrix | np.ndarray) -> Con
     ValueError
         If the matrix holds NaN or negative values.
     """
-    control = sp.csr_matrix(control)
+    control = canonical_csr(control)
     if control.dtype.itemsize not in _KEY_TYPES or control.dtype == np.bool_:
         control = control.astype(np.float32)
     check_values(control)
@@ -475,16 +485,24 @@ def wilcoxon_block(
     Mann & Whitney (1947); the normal approximation with tie correction
     follows ``scipy.stats.mannwhitneyu(method="asymptotic")``.
     """
-    block = sp.csr_matrix(block)
+    block = canonical_csr(block)
     check_values(block)
     group_sizes = np.asarray(group_sizes, dtype=np.int64)
+    if (group_sizes < 1).any():
+        raise ValueError("every group needs at least one row; group_sizes has sizes below 1")
     if group_sizes.sum() != block.shape[0]:
         raise ValueError(f"group_sizes add up to {group_sizes.sum()} rows but the block has {block.shape[0]}")
     n_genes = block.shape[1]
     if n_genes != control.n_genes:
         raise ValueError(f"block has {n_genes} genes but the control summary {control.n_genes}")
     if block.data.dtype != control.values.dtype:
-        block = block.astype(control.values.dtype)
+        if control.values.dtype == np.float32 and block.dtype.itemsize < 4:
+            block = block.astype(np.float32)  # small integer types were summarised as float32
+        else:
+            raise ValueError(
+                f"the block has dtype {block.dtype} but the control summary {control.values.dtype}; "
+                "summarise the control from the same matrix (casting could merge or split tied values)"
+            )
     group_ptr = np.concatenate([[0], np.cumsum(group_sizes)]).astype(np.int64)
     csc = block.tocsc()  # gene-major; scipy keeps row indices ascending within a column
     csc.sort_indices()

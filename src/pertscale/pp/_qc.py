@@ -105,7 +105,9 @@ def calculate_qc_metrics(
         ``log1p_total_counts_mt``, ``pct_counts_mt`` (percent). Per gene:
         ``n_cells_by_counts``, ``mean_counts``, ``log1p_mean_counts``,
         ``pct_dropout_by_counts`` (percent), ``total_counts``,
-        ``log1p_total_counts``. Natural logarithms.
+        ``log1p_total_counts``. Natural logarithms. The number of
+        non-integer values (a sign of normalized data) goes to
+        ``uns['pertscale']['n_noninteger_values']``.
 
     Raises
     ------
@@ -143,6 +145,7 @@ def calculate_qc_metrics(
         adata.var[col] = var[col].to_numpy()
     if has_mt and "mt" not in adata.var.columns:
         adata.var["mt"] = mt
+    adata.uns.setdefault("pertscale", {})["n_noninteger_values"] = int(genes[4].sum())
     if perturbation_column is not None:
         labels = perturbation_labels(adata.obs, perturbation_column)
         counts = labels.value_counts().rename_axis("perturbation").rename("n_cells").to_frame()

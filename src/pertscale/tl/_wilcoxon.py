@@ -59,6 +59,10 @@ def _control_from_blocks(blocks):
 def _wilcoxon_chunk(block, codes, control, tie_correct, use_continuity, corr_method):
     from ..kernels.wilcoxon import wilcoxon_block
 
+    if codes.shape[0] == 0:
+        from ..kernels.wilcoxon import WILCOXON_STATS
+
+        return np.empty((0, len(WILCOXON_STATS), block.shape[1]), dtype=np.float64)
     # rows of one group are contiguous; run lengths give the group sizes
     starts = np.flatnonzero(np.r_[True, codes[1:] != codes[:-1]])
     sizes = np.diff(np.r_[starts, codes.shape[0]])
@@ -218,7 +222,7 @@ def rank_genes_groups(
             order = sorted(counts.index)
         candidates = [g for g in order if g in counts.index]
     else:
-        candidates = [str(p) for p in perturbations]
+        candidates = list(dict.fromkeys(str(p) for p in perturbations))  # unique, order kept
         missing = [p for p in candidates if p not in counts.index]
         if missing:
             raise ValueError(
