@@ -184,3 +184,16 @@ def test_dtype_mismatch_and_empty_groups_raise():
     small = control_statistics(np.ones((3, 2), dtype=np.int16))  # small integers are summarised as float32
     assert small.values.dtype == np.float32
     assert wilcoxon_block(np.ones((2, 2), dtype=np.int16), [2], small).shape == (1, len(WILCOXON_STATS), 2)
+
+
+def test_control_summary_by_gene_ranges_equals_whole():
+    from pertscale.kernels.wilcoxon import concat_control_statistics
+
+    rng = np.random.default_rng(9)
+    control = sp.csr_matrix(rng.poisson(0.9, size=(120, 50)).astype(np.float32))
+    whole = control_statistics(control)
+    joined = concat_control_statistics([control_statistics(control[:, a:b]) for a, b in [(0, 7), (7, 30), (30, 50)]])
+    for field in ("ptr", "values", "counts", "below", "n_zero", "tie_term", "sum"):
+        np.testing.assert_array_equal(getattr(joined, field), getattr(whole, field), err_msg=field)
+    with pytest.raises(ValueError, match="different cells"):
+        concat_control_statistics([whole, control_statistics(control[:10])])

@@ -270,6 +270,29 @@ def _radix_sort(keys, groups, key_bits, tmp_keys, tmp_groups, count):
             groups[i] = tmp_groups[i]
 
 
+def concat_control_statistics(parts: list[ControlStatistics]) -> ControlStatistics:
+    """Join summaries of consecutive gene ranges of the same control cells.
+
+    Raises
+    ------
+    ValueError
+        If the parts summarise different numbers of cells.
+    """
+    if len({p.n_cells for p in parts}) != 1:
+        raise ValueError("control summaries of different cells cannot be joined")
+    offsets = np.cumsum([0] + [p.values.shape[0] for p in parts[:-1]])
+    return ControlStatistics(
+        n_cells=parts[0].n_cells,
+        ptr=np.concatenate([[0]] + [p.ptr[1:] + o for p, o in zip(parts, offsets, strict=True)]).astype(np.int64),
+        values=np.concatenate([p.values for p in parts]),
+        counts=np.concatenate([p.counts for p in parts]),
+        below=np.concatenate([p.below for p in parts]),
+        n_zero=np.concatenate([p.n_zero for p in parts]),
+        tie_term=np.concatenate([p.tie_term for p in parts]),
+        sum=np.concatenate([p.sum for p in parts]),
+    )
+
+
 @njit(cache=True)
 def _rank_sums(
     cptr, rows, keys_all, vals_dtype_probe, key_bits, group_ptr, c_ptr, c_values, c_counts, c_below, c_zero, c_tie

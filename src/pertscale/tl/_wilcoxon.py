@@ -29,7 +29,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from .._validation import check_control, perturbation_labels
-from ..cluster import compute, persist
+from ..cluster import compute, n_workers_of, persist, resolve_scheduler
 from ..io._read import as_dask
 from ._results import results_anndata, scanpy_uns
 
@@ -54,6 +54,35 @@ def _control_from_blocks(blocks):
     from ..kernels.wilcoxon import control_statistics
 
     return control_statistics(sp.vstack([sp.csr_matrix(b) for b in blocks], format="csr"))
+
+
+def _join_controls(parts):
+    from ..kernels.wilcoxon import concat_control_statistics
+
+    return concat_control_statistics(parts)
+
+
+#: Fewest genes per task of the control summary.
+MIN_GENES_PER_CONTROL_TASK = 64
+
+
+def control_summary(x: da.Array, control_rows: np.ndarray, *, n_parts: int = 1):
+    """Lazy frozen control summary, computed over ``n_parts`` gene ranges.
+
+    Each task sees the control cells of one range of genes only, so no task
+    holds the whole control matrix and the ranges are summarised in
+    parallel; the parts are joined into one summary (one object, for one
+    broadcast).
+    """
+    ctrl = x[control_rows]
+    n_genes = x.shape[1]
+    n_parts = max(1, min(n_parts, n_genes // MIN_GENES_PER_CONTROL_TASK))
+    bounds = np.linspace(0, n_genes, n_parts + 1).astype(int)
+    parts = [
+        dask.delayed(_control_from_blocks, pure=True)(ctrl[:, a:b].to_delayed().ravel().tolist())
+        for a, b in zip(bounds[:-1], bounds[1:], strict=True)
+    ]
+    return parts[0] if n_parts == 1 else dask.delayed(_join_controls, pure=True)(parts)
 
 
 def _wilcoxon_chunk(block, codes, control, tie_correct, use_continuity, corr_method):
@@ -244,10 +273,9 @@ def rank_genes_groups(
 
     x = _matrix(adata, layer)
     n_genes = x.shape[1]
-    control_rows = np.flatnonzero(control_mask)
-    ctrl_blocks = x[control_rows].to_delayed().ravel().tolist()
+    scheduler = resolve_scheduler(scheduler)
     control = persist(
-        dask.delayed(_control_from_blocks, pure=True)(ctrl_blocks),
+        control_summary(x, np.flatnonzero(control_mask), n_parts=2 * n_workers_of(scheduler)),
         scheduler=scheduler,
         progress=progress,
         desc="control statistics",
