@@ -83,12 +83,14 @@ def simulate_screen(
     ValueError
         If the sizes do not allow the design.
     """
-    if n_perturbations < 1 or n_perturbations > n_genes:
-        raise ValueError("n_perturbations must be between 1 and n_genes (each targets its own gene)")
+    n_mito = min(13, n_genes // 50) if n_mito is None else n_mito
+    if n_perturbations < 1 or n_perturbations > n_genes - n_mito:
+        raise ValueError(
+            "n_perturbations must be between 1 and the number of non-mitochondrial genes (each targets its own gene)"
+        )
     if not 0 < control_fraction < 1:
         raise ValueError("control_fraction must be between 0 and 1")
     rng = np.random.default_rng(seed)
-    n_mito = min(13, n_genes // 50) if n_mito is None else n_mito
     genes = [f"MT-G{i:02d}" for i in range(n_mito)] + [f"GENE{i:05d}" for i in range(n_genes - n_mito)]
     share = rng.lognormal(mean=0.0, sigma=1.6, size=n_genes)
     share /= share.sum()
