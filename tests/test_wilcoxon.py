@@ -215,3 +215,20 @@ def test_larger_screen_chunk_and_scheduler_invariance(tmp_path, cluster_client):
     )
     defined = ~np.isnan(r.pvalue)
     assert_close(runs[0][g].layers["pvals"][0][defined], r.pvalue[defined], rtol=1e-10)
+
+
+def test_contiguous_groups_in_any_order_are_sliced_not_shuffled(sim_adata, tmp_path, monkeypatch):
+    labels = sim_adata.obs["perturbation"].astype(str).to_numpy()
+    # storage order: groups in reverse label order, control in the middle
+    names = sorted(set(labels) - {"control"}, reverse=True)
+    names.insert(len(names) // 2, "control")
+    order = np.concatenate([np.flatnonzero(labels == n) for n in names])
+    path = tmp_path / "blocks.h5ad"
+    sim_adata[order].copy().write_h5ad(path)
+    with monkeypatch.context() as m:
+        m.setattr(da.Array, "shuffle", lambda *a, **k: pytest.fail("contiguous groups must not be shuffled"))
+        a = _run(_prepared(path, chunk_size=450))
+    b = _run(_prepared(sim_adata.copy()))
+    assert list(a.obs_names) == list(b.obs_names)  # results in label order, not storage order
+    for layer in LAYERS:
+        np.testing.assert_array_equal(a.layers[layer], b.layers[layer], err_msg=layer)

@@ -100,40 +100,59 @@ def _wilcoxon_chunk(block, codes, control, tie_correct, use_continuity, corr_met
     )
 
 
-def group_aligned(x: da.Array, rows_per_group: list[np.ndarray]) -> tuple[da.Array, np.ndarray, tuple[int, ...]]:
+def group_aligned(
+    x: da.Array, rows_per_group: list[np.ndarray]
+) -> tuple[da.Array, np.ndarray, tuple[int, ...], np.ndarray]:
     """Reorder rows so every block holds whole groups.
+
+    When every group's rows are already one contiguous run (a store sorted by
+    perturbation, in any group order, control anywhere), the runs are sliced
+    and re-blocked at group boundaries: no data moves between workers.
+    Otherwise the rows are reordered by ``dask.array.shuffle``.
 
     Parameters
     ----------
     x
         ``(n_obs, n_vars)`` Dask array of row blocks.
     rows_per_group
-        Row positions of each group, in the order the groups should appear.
+        Row positions of each group.
 
     Returns
     -------
     tuple
-        The reordered array (full-width row blocks), the group index of each
-        of its rows, and the number of groups in each block.
+        The reordered array (full-width row blocks); the position, in
+        ``rows_per_group``, of the group of each of its rows; the number of
+        groups in each block; and ``order``, the groups in the order they
+        appear in the array.
     """
-    indexer = [np.asarray(r, dtype=np.int64).tolist() for r in rows_per_group]
-    sizes = np.array([len(r) for r in indexer], dtype=np.int64)
-    flat = np.concatenate([np.asarray(r, dtype=np.int64) for r in rows_per_group])
-    if np.array_equal(flat, np.arange(flat[0], flat[0] + flat.size)):
-        # groups already contiguous and in order (a perturbation-sorted store):
-        # slice, then cut blocks at group boundaries
-        y = x[int(flat[0]) : int(flat[-1]) + 1].rechunk((_block_rows(sizes, max(x.chunks[0])), -1))
+    rows_per_group = [np.asarray(r, dtype=np.int64) for r in rows_per_group]
+    contiguous = all(r.size and r[-1] - r[0] + 1 == r.size for r in rows_per_group)
+    if contiguous:
+        order = np.argsort([r[0] for r in rows_per_group], kind="stable")
     else:
-        y = x.shuffle(indexer, axis=0)
+        order = np.arange(len(rows_per_group))
+    ordered = [rows_per_group[i] for i in order]
+    sizes = np.array([r.size for r in ordered], dtype=np.int64)
+    if contiguous:
+        flat = np.concatenate(ordered)
+        runs = np.split(flat, np.flatnonzero(np.diff(flat) != 1) + 1)
+        pieces = [x[int(r[0]) : int(r[-1]) + 1] for r in runs]
+        y = pieces[0] if len(pieces) == 1 else da.concatenate(pieces, axis=0)
+        y = y.rechunk((_block_rows(sizes, max(x.chunks[0])), -1))
+    else:
+        y = x.shuffle([r.tolist() for r in ordered], axis=0)
         if y.numblocks[1] != 1:
             y = y.rechunk({1: -1})
-    codes = np.repeat(np.arange(len(sizes)), sizes)
+    codes = np.repeat(order, sizes)
     bounds = np.cumsum((0,) + y.chunks[0])
     group_starts = np.concatenate([[0], np.cumsum(sizes)])
-    if not np.isin(bounds, group_starts).all():  # pragma: no cover - shuffle guarantees it
+    if not np.isin(bounds, group_starts).all():  # pragma: no cover - both paths cut at group boundaries
         raise RuntimeError("internal error: a row block splits a perturbation group")
-    per_block = tuple(int(np.unique(codes[a:b]).size) for a, b in zip(bounds[:-1], bounds[1:], strict=False))
-    return y, codes, per_block
+    per_block = tuple(
+        int(np.searchsorted(group_starts, b) - np.searchsorted(group_starts, a))
+        for a, b in zip(bounds[:-1], bounds[1:], strict=True)
+    )
+    return y, codes, per_block, order
 
 
 def _block_rows(sizes: np.ndarray, budget: int) -> tuple[int, ...]:
@@ -283,7 +302,7 @@ def rank_genes_groups(
 
     label_values = labels.to_numpy()
     rows_per_group = [np.flatnonzero(label_values == g) for g in groups]
-    y, codes, per_block = group_aligned(x, rows_per_group)
+    y, codes, per_block, order = group_aligned(x, rows_per_group)
     codes_da = da.from_array(codes, chunks=(y.chunks[0],))
     out = da.blockwise(
         _wilcoxon_chunk,
@@ -307,6 +326,7 @@ def rank_genes_groups(
         meta=np.empty((0, 0, 0), dtype=np.float64),
     )
     (stats,) = compute(out, scheduler=scheduler, progress=progress, desc="wilcoxon")
+    stats[order] = stats.copy()  # rows in the order of `groups`
     settings = {
         "method": method,
         "perturbation_column": perturbation_column,
