@@ -207,18 +207,20 @@ def _wait(persisted, progress: bool, desc: str | None) -> None:
     from distributed import as_completed, futures_of
 
     futures = futures_of(persisted)
-    if not progress:
-        from distributed import wait
+    try:
+        if not progress:
+            for f in as_completed(futures):
+                if f.status == "error":
+                    f.result()  # raises the task's exception here
+            return
+        from tqdm.auto import tqdm
 
-        wait(futures)
-        for f in futures:
-            if f.status == "error":
-                f.result()  # raises the task's exception here
-        return
-    from tqdm.auto import tqdm
-
-    with tqdm(total=len(futures), desc=desc, leave=False, unit="chunk") as bar:
-        for f in as_completed(futures):
-            if f.status == "error":
-                f.result()
-            bar.update(1)
+        with tqdm(total=len(futures), desc=desc, leave=False, unit="chunk") as bar:
+            for f in as_completed(futures):
+                if f.status == "error":
+                    f.result()
+                bar.update(1)
+    except BaseException:
+        for f in futures:  # stop the rest of a failed or interrupted computation
+            f.cancel()
+        raise
