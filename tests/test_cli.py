@@ -31,6 +31,11 @@ def _readme_main_job() -> list[str]:
     return shlex.split(match.group(0))[1:]
 
 
+def _invoke(path, out, *extra):
+    args = ["run", str(path), "--perturbation-column", "perturbation", "--control-label", "control"]
+    return CliRunner().invoke(main, [*args, "--out", str(out), "--scheduler", "synchronous", *extra])
+
+
 @pytest.mark.cluster
 def test_readme_main_job_on_real_screen(tmp_path):
     path = real_path("papalexi")
@@ -68,26 +73,8 @@ def test_readme_main_job_on_real_screen(tmp_path):
 def test_cli_synchronous_and_skipped_perturbations(sim_adata, sim_h5ad, tmp_path):
     counts = sim_adata.obs["perturbation"].value_counts().drop("control")
     cutoff = int(counts.median())
-    runner = CliRunner()
-    result = runner.invoke(
-        main,
-        [
-            "run",
-            str(sim_h5ad),
-            "--perturbation-column",
-            "perturbation",
-            "--control-label",
-            "control",
-            "--out",
-            str(tmp_path / "o"),
-            "--scheduler",
-            "synchronous",
-            "--min-cells-per-perturbation",
-            str(cutoff),
-            "--no-progress",
-            "--chunk-size",
-            "500",
-        ],
+    result = _invoke(
+        sim_h5ad, tmp_path / "o", "--min-cells-per-perturbation", str(cutoff), "--no-progress", "--chunk-size", "500"
     )
     assert result.exit_code == 0, result.output
     qc = pd.read_csv(tmp_path / "o" / "qc.csv").set_index("perturbation")
@@ -149,27 +136,8 @@ def test_negative_counts_fail_cleanly(sim_adata, tmp_path):
     bad.X = bad.X.astype(np.float32)
     bad.X.data[5] = -2
     bad.write_h5ad(tmp_path / "bad.h5ad")
-    result = CliRunner().invoke(
-        main,
-        [
-            "run",
-            str(tmp_path / "bad.h5ad"),
-            "--perturbation-column",
-            "perturbation",
-            "--control-label",
-            "control",
-            "--out",
-            str(tmp_path / "o"),
-            "--scheduler",
-            "synchronous",
-        ],
-    )
+    result = _invoke(tmp_path / "bad.h5ad", tmp_path / "o")
     assert result.exit_code != 0 and "negative values" in result.output
-
-
-def _invoke(path, out, *extra):
-    args = ["run", str(path), "--perturbation-column", "perturbation", "--control-label", "control"]
-    return CliRunner().invoke(main, [*args, "--out", str(out), "--scheduler", "synchronous", *extra])
 
 
 def test_refuses_to_overwrite_the_input(sim_adata, tmp_path):

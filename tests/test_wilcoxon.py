@@ -96,33 +96,38 @@ def _run(adata, scheduler="synchronous", **kw):
     return ps.tl.rank_genes_groups(adata, "perturbation", "control", scheduler=scheduler, **kw)
 
 
+def _assert_same(a, b):
+    assert list(a.obs_names) == list(b.obs_names)
+    for layer in LAYERS:
+        np.testing.assert_array_equal(a.layers[layer], b.layers[layer], err_msg=layer)
+
+
+def _run_without_shuffle(path, chunk_size, monkeypatch):
+    with monkeypatch.context() as m:
+        m.setattr(da.Array, "shuffle", lambda *a, **k: pytest.fail("contiguous groups must not be shuffled"))
+        return _run(_prepared(path, chunk_size=chunk_size))
+
+
 @pytest.mark.parametrize("chunk_size", [97, 1_000, 3_000])
 def test_results_do_not_depend_on_chunking(sim_h5ad, chunk_size):
     base = _run(_prepared(sim_h5ad, chunk_size=2_999))
     res = _run(_prepared(sim_h5ad, chunk_size=chunk_size))
     assert list(res.obs_names) == list(base.obs_names)
-    for layer in LAYERS:
-        np.testing.assert_array_equal(res.layers[layer], base.layers[layer], err_msg=layer)
+    _assert_same(res, base)
 
 
 def test_sorted_input_takes_the_slice_path_and_agrees(sim_adata, tmp_path, monkeypatch):
     order = np.argsort(sim_adata.obs["perturbation"].cat.codes.to_numpy(), kind="stable")
     sorted_path = tmp_path / "sorted.h5ad"
     sim_adata[order].copy().write_h5ad(sorted_path)
-    with monkeypatch.context() as m:
-        m.setattr(da.Array, "shuffle", lambda *a, **k: pytest.fail("sorted input must not be shuffled"))
-        a = _run(_prepared(sorted_path, chunk_size=500))
-    b = _run(_prepared(sim_adata.copy()))
-    for layer in LAYERS:
-        np.testing.assert_array_equal(a.layers[layer], b.layers[layer], err_msg=layer)
+    _assert_same(_run_without_shuffle(sorted_path, 500, monkeypatch), _run(_prepared(sim_adata.copy())))
 
 
 @pytest.mark.cluster
 def test_distributed_equals_synchronous(sim_h5ad, cluster_client):
     sync = _run(_prepared(sim_h5ad, chunk_size=700))
     dist = _run(_prepared(sim_h5ad, chunk_size=700), scheduler=cluster_client)
-    for layer in LAYERS:
-        np.testing.assert_array_equal(dist.layers[layer], sync.layers[layer], err_msg=layer)
+    _assert_same(dist, sync)
 
 
 def test_threads_and_in_memory_input_agree(sim_adata):
@@ -131,8 +136,7 @@ def test_threads_and_in_memory_input_agree(sim_adata):
     sc.pp.normalize_total(mem, target_sum=1e4)
     sc.pp.log1p(mem)
     eager = _run(mem)
-    for layer in LAYERS:
-        np.testing.assert_array_equal(lazy.layers[layer], eager.layers[layer], err_msg=layer)
+    _assert_same(lazy, eager)
 
 
 def test_results_anndata_round_trip_and_scanpy_view(sim_adata, tmp_path):
@@ -204,8 +208,7 @@ def test_larger_screen_chunk_and_scheduler_invariance(tmp_path, cluster_client):
         _run(_prepared(path, chunk_size=60_000), scheduler="threads"),
     ]
     for other in runs[1:]:
-        for layer in LAYERS:
-            np.testing.assert_array_equal(other.layers[layer], runs[0].layers[layer], err_msg=layer)
+        _assert_same(other, runs[0])
     x = _prepared(path, chunk_size=60_000).X.compute()
     labels = ps.read(path).obs["perturbation"].astype(str).to_numpy()
     control = x[labels == "control"].toarray().astype(np.float64)
@@ -225,10 +228,5 @@ def test_contiguous_groups_in_any_order_are_sliced_not_shuffled(sim_adata, tmp_p
     order = np.concatenate([np.flatnonzero(labels == n) for n in names])
     path = tmp_path / "blocks.h5ad"
     sim_adata[order].copy().write_h5ad(path)
-    with monkeypatch.context() as m:
-        m.setattr(da.Array, "shuffle", lambda *a, **k: pytest.fail("contiguous groups must not be shuffled"))
-        a = _run(_prepared(path, chunk_size=450))
-    b = _run(_prepared(sim_adata.copy()))
-    assert list(a.obs_names) == list(b.obs_names)  # results in label order, not storage order
-    for layer in LAYERS:
-        np.testing.assert_array_equal(a.layers[layer], b.layers[layer], err_msg=layer)
+    # results come in label order, not storage order
+    _assert_same(_run_without_shuffle(path, 450, monkeypatch), _run(_prepared(sim_adata.copy())))
