@@ -10,7 +10,6 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import anndata as ad
 import numpy as np
 import pandas as pd
 
@@ -238,8 +237,3 @@ def _write_csv(df: pd.DataFrame, path: Path) -> None:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
-
-
-def read_results(path: str | Path) -> ad.AnnData:
-    """Read a results AnnData written by :func:`run`."""
-    return ad.read_h5ad(path) if Path(path).suffix != ".zarr" else ad.read_zarr(path)
