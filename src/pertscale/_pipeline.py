@@ -142,7 +142,13 @@ def run(
         if not keep.all():
             adata._inplace_subset_obs(np.flatnonzero(keep))
     small = pp.filter_perturbations(adata, perturbation_column, control_label, min_cells=min_cells_per_perturbation)
-    n_control_left = int((perturbation_labels(adata.obs, perturbation_column) == str(control_label)).sum())
+    left = perturbation_labels(adata.obs, perturbation_column)
+    n_control_left = int((left == str(control_label)).sum())
+    if n_control_left == left.size:
+        raise ValueError(
+            f"no perturbation has at least {min_cells_per_perturbation} cells after filtering; "
+            "lower --min-cells-per-perturbation or --min-genes"
+        )
     if n_control_left < 2:
         raise ValueError(
             f"{n_control_left} control cell(s) left after filtering (of {int(before[str(control_label)])}); "
