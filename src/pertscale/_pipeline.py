@@ -144,7 +144,7 @@ def run(
     small = pp.filter_perturbations(adata, perturbation_column, control_label, min_cells=min_cells_per_perturbation)
     left = perturbation_labels(adata.obs, perturbation_column)
     n_control_left = int((left == str(control_label)).sum())
-    if n_control_left == left.size:
+    if 0 < n_control_left == left.size:
         raise ValueError(
             f"no perturbation has at least {min_cells_per_perturbation} cells after filtering; "
             "lower --min-cells-per-perturbation or --min-genes"
