@@ -14,6 +14,25 @@ def _listing(values) -> str:
     return shown + (f", ... ({len(values)} in all)" if len(values) > _SHOW else "")
 
 
+def get_matrix(adata, layer: str | None):
+    """``adata.X`` or ``adata.layers[layer]``.
+
+    Raises
+    ------
+    KeyError
+        If the layer is missing; the message lists the layers there are.
+    ValueError
+        If ``X`` is empty.
+    """
+    if layer is None:
+        if adata.X is None:
+            raise ValueError("adata.X is empty; pass layer= to use a layer")
+        return adata.X
+    if layer not in adata.layers:
+        raise KeyError(f"layer {layer!r} not found; layers present: {list(adata.layers)}")
+    return adata.layers[layer]
+
+
 def perturbation_labels(obs: pd.DataFrame, perturbation_column: str) -> pd.Series:
     """The perturbation column of ``obs`` as strings.
 

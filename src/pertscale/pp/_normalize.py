@@ -6,16 +6,9 @@ import anndata as ad
 import numpy as np
 import scipy.sparse as sp
 
+from .._validation import get_matrix
 from ..io._read import as_dask
 from ..kernels.qc import log1p_values, normalize_rows
-
-
-def _get(adata: ad.AnnData, layer: str | None):
-    if layer is None:
-        return adata.X
-    if layer not in adata.layers:
-        raise KeyError(f"layer {layer!r} not found; layers present: {list(adata.layers)}")
-    return adata.layers[layer]
 
 
 def _set(adata: ad.AnnData, layer: str | None, x) -> None:
@@ -66,7 +59,7 @@ def normalize_total(
     ValueError
         If ``target_sum`` is not positive.
     """
-    x = as_dask(_get(adata, layer))
+    x = as_dask(get_matrix(adata, layer))
     if target_sum is None:
         from ..cluster import compute
         from ..kernels.qc import cell_stats
@@ -101,7 +94,7 @@ def log1p(adata: ad.AnnData, *, layer: str | None = None) -> None:
     KeyError
         If the layer is missing.
     """
-    x = as_dask(_get(adata, layer))
+    x = as_dask(get_matrix(adata, layer))
     dtype = _float_dtype(x.dtype)
     _set(adata, layer, x.map_blocks(log1p_values, dtype=dtype, meta=sp.csr_matrix((0, 0), dtype=dtype)))
     adata.uns["log1p"] = {"base": None}

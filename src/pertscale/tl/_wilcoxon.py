@@ -28,7 +28,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from .._validation import check_control, perturbation_labels
+from .._validation import check_control, get_matrix, perturbation_labels
 from ..cluster import compute, n_workers_of, persist, resolve_scheduler
 from ..io._read import as_dask
 from ._results import results_anndata, scanpy_uns
@@ -36,18 +36,6 @@ from ._results import results_anndata, scanpy_uns
 logger = logging.getLogger(__name__)
 
 METHODS = ("wilcoxon",)
-
-
-def _matrix(adata: ad.AnnData, layer: str | None) -> da.Array:
-    if layer is None:
-        x = adata.X
-        if x is None:
-            raise ValueError("adata.X is empty; pass layer= to test a layer")
-    else:
-        if layer not in adata.layers:
-            raise KeyError(f"layer {layer!r} not found; layers present: {list(adata.layers)}")
-        x = adata.layers[layer]
-    return as_dask(x)
 
 
 def _control_from_blocks(blocks):
@@ -290,7 +278,7 @@ def rank_genes_groups(
             f"no perturbation in obs[{perturbation_column!r}] has at least {min_cells} cells; nothing to test"
         )
 
-    x = _matrix(adata, layer)
+    x = as_dask(get_matrix(adata, layer))
     n_genes = x.shape[1]
     scheduler = resolve_scheduler(scheduler)
     control = persist(
