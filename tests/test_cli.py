@@ -160,6 +160,6 @@ def test_normalized_input_is_rejected(sim_adata, tmp_path):
 
 def test_filters_that_remove_the_controls_are_named(sim_h5ad, tmp_path):
     result = _invoke(sim_h5ad, tmp_path / "o", "--exclude-labels", "control")
-    assert result.exit_code != 0 and "control cell(s) left after filtering" in result.output
+    assert result.exit_code != 0 and "--exclude-labels includes the control label" in result.output
     result = _invoke(sim_h5ad, tmp_path / "o", "--min-cells-per-perturbation", "100000")
     assert result.exit_code != 0 and "lower --min-cells-per-perturbation" in result.output

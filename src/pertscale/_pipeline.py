@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import tempfile
 import time
 from collections.abc import Iterable
@@ -14,8 +15,16 @@ import numpy as np
 import pandas as pd
 
 from . import pp, tl
-from ._validation import check_control, perturbation_labels
+from ._validation import (
+    check_control,
+    check_number,
+    check_shape,
+    check_writable_labels,
+    label_list,
+    perturbation_labels,
+)
 from .io import read, write
+from .io._write import check_not_input, overlap
 
 logger = logging.getLogger(__name__)
 
@@ -57,15 +66,125 @@ class RunSummary:
         return out
 
 
-def _check_output_dir(out: Path) -> None:
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=out, prefix=".pertscale-write-test-"):
-            pass
-    except OSError as err:
-        raise PermissionError(
-            f"cannot write to output directory {str(out)!r} ({err.strerror or err}); choose a writable --out"
-        ) from err
+#: The files the main job writes in its output directory.
+OUTPUT_FILES = {
+    "results": "de_wilcoxon.h5ad",
+    "significant": "de_wilcoxon_significant.csv",
+    "qc": "qc.csv",
+}
+
+
+class OutputDir:
+    """The main job's output directory: checked first, filled all at once or not at all.
+
+    Files are written into a hidden staging directory inside ``out`` and
+    moved into place only when every one of them is written, so a failed or
+    interrupted run leaves no partial results (and the results of an earlier
+    run, if it was allowed to replace them, untouched). Directories this run
+    created are removed again if it fails.
+    """
+
+    def __init__(self, out: Path, *, inputs: list[Path], overwrite: bool) -> None:
+        self.out = Path(out)
+        self.inputs = inputs
+        self.overwrite = overwrite
+        self.created: list[Path] = []
+        self.staging: Path | None = None
+
+    def __enter__(self) -> OutputDir:
+        out = self.out
+        if out.exists() and not out.is_dir():
+            raise ValueError(f"--out {str(out)!r} is a file, not a directory; choose a directory")
+        for source in self.inputs:
+            check_not_input(out, [source], what="--out", replaces=False)
+            for name in OUTPUT_FILES.values():
+                if overlap(out / name, source):
+                    raise ValueError(
+                        f"--out {str(out)!r} would overwrite the input {str(source)!r} (the job writes {name} "
+                        "there); inputs are never modified: choose another --out"
+                    )
+        earlier = [name for name in OUTPUT_FILES.values() if (out / name).exists()]
+        if earlier and not self.overwrite:
+            raise FileExistsError(
+                f"--out {str(out)!r} already holds results of an earlier run ({', '.join(earlier)}); "
+                "pass --overwrite (overwrite=True) to replace them, or choose another --out"
+            )
+        missing = [d for d in (out, *out.parents) if not d.exists()]
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            self.created = missing  # deepest first
+            self.staging = Path(tempfile.mkdtemp(prefix=".pertscale-run-", dir=out))
+        except OSError as err:
+            self._remove_created()
+            raise PermissionError(
+                f"cannot write to output directory {str(out)!r} ({err.strerror or err}); choose a writable --out"
+            ) from err
+        return self
+
+    def path(self, key: str) -> Path:
+        """Where to write output ``key`` now (inside the staging directory)."""
+        assert self.staging is not None
+        return self.staging / OUTPUT_FILES[key]
+
+    def final(self, key: str) -> Path:
+        """Where output ``key`` ends up."""
+        return self.out / OUTPUT_FILES[key]
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        assert self.staging is not None
+        try:
+            if exc_type is None:
+                for key in OUTPUT_FILES:
+                    os.replace(self.path(key), self.final(key))
+        finally:
+            shutil.rmtree(self.staging, ignore_errors=True)
+            if exc_type is not None:
+                self._remove_created()
+
+    def _remove_created(self) -> None:
+        for d in self.created:
+            try:
+                d.rmdir()  # only if empty: never remove what someone else put there meanwhile
+            except OSError:
+                break
+
+
+def _check_labels_before_passes(
+    labels: pd.Series,
+    *,
+    perturbation_column: str,
+    control_label: str,
+    exclude_labels: list[str],
+    min_cells_per_perturbation: int,
+) -> None:
+    """What ``obs`` alone can tell: raise before any pass over the matrix."""
+    control_label = str(control_label)
+    check_control(labels, control_label, perturbation_column)
+    if control_label in exclude_labels:
+        raise ValueError(
+            f"--exclude-labels includes the control label {control_label!r}: no control cell would be left; "
+            "remove it from --exclude-labels"
+        )
+    counts = labels[~labels.isin(exclude_labels)].value_counts()
+    n_control = int(counts.get(control_label, 0))
+    candidates = counts.drop(control_label)
+    if candidates.empty:
+        raise ValueError(
+            f"every cell in obs[{perturbation_column!r}] is labelled {control_label!r} (control) or has an "
+            f"excluded label ({', '.join(exclude_labels) or 'none'}): there is no perturbation to test; "
+            "check --perturbation-column and --exclude-labels"
+        )
+    if n_control < 2:
+        raise ValueError(
+            f"only {n_control} control cell(s) labelled {control_label!r}; at least 2 are needed to test "
+            "against control"
+        )
+    if candidates.max() < min_cells_per_perturbation:
+        raise ValueError(
+            f"no perturbation has {min_cells_per_perturbation} cells even before filtering (the largest, "
+            f"{candidates.index[0]!r}, has {int(candidates.iloc[0])}); lower --min-cells-per-perturbation"
+        )
+    check_writable_labels(candidates.index, perturbation_column)
 
 
 def run(
@@ -80,10 +199,12 @@ def run(
     exclude_labels: Iterable[str] = pp.DEFAULT_EXCLUDE,
     target_sum: float = 1e4,
     layer: str | None = None,
+    use_raw: bool = False,
     chunk_size: int | None = None,
     tie_correct: bool = True,
     use_continuity: bool = False,
     corr_method: str = "benjamini-hochberg",
+    overwrite: bool = False,
     scheduler=None,
     progress: bool | None = None,
 ) -> RunSummary:
@@ -99,8 +220,38 @@ def run(
     Writes, in ``out``: ``de_wilcoxon.h5ad`` (results AnnData with Scanpy's
     ``uns['rank_genes_groups']``), ``de_wilcoxon_significant.csv`` (rows with
     ``pval_adj < 0.05``) and ``qc.csv`` (cells per perturbation before and
-    after filtering, and why a perturbation was dropped). The input is only
-    read.
+    after filtering, and why a perturbation was dropped). The three files
+    appear together when the run succeeds; a failed or interrupted run
+    leaves none of them (and removes ``out`` if it created it). The input is
+    only read.
+
+    Parameters
+    ----------
+    path
+        ``.h5ad`` file or ``.zarr`` store of raw UMI counts.
+    out
+        Output directory, created if missing; it must not be, or lie inside,
+        the input.
+    perturbation_column, control_label
+        The ``obs`` column of perturbation labels and the label of the
+        control cells.
+    min_genes, min_cells, min_cells_per_perturbation
+        Filters (whole numbers >= 0; ``min_cells_per_perturbation`` >= 2).
+    exclude_labels
+        Labels whose cells are dropped; a single string is one label.
+    target_sum
+        Counts per cell after ``normalize_total``; finite and > 0.
+    layer, use_raw
+        Read ``layers[layer]`` or ``raw.X`` instead of ``X``.
+    chunk_size
+        Rows per block (>= 1); default from available memory.
+    tie_correct, use_continuity, corr_method
+        Options of :func:`pertscale.tl.rank_genes_groups`.
+    overwrite
+        Replace results of an earlier run found in ``out``; without it such
+        an ``out`` is refused before any work.
+    scheduler, progress
+        Where to compute and whether to show progress bars.
 
     Returns
     -------
@@ -109,32 +260,112 @@ def run(
     Raises
     ------
     FileNotFoundError, ValueError, KeyError
-        For a missing or unreadable input, a missing column, an unknown
-        control label, too few control cells or bad values.
+        For a missing, unreadable or damaged input, a missing column, an
+        unknown control label, too few control cells, labels that cannot be
+        written, an option out of range or bad values. Everything that
+        ``obs``, ``var`` and the file's metadata can show is checked before
+        the first pass over the matrix.
+    FileExistsError
+        If ``out`` holds results of an earlier run and ``overwrite`` is off.
     PermissionError
         If ``out`` cannot be written (checked before any computation).
     """
     t0 = time.perf_counter()
     seconds: dict[str, float] = {}
-    out = Path(out)
-    adata = read(path, layer=layer, chunk_size=chunk_size)
+    min_genes = check_number(min_genes, "min_genes", integer=True, minimum=0, flag="--min-genes")
+    min_cells = check_number(min_cells, "min_cells", integer=True, minimum=0, flag="--min-cells")
+    min_cells_per_perturbation = check_number(
+        min_cells_per_perturbation,
+        "min_cells_per_perturbation",
+        integer=True,
+        minimum=2,
+        flag="--min-cells-per-perturbation",
+    )
+    target_sum = check_number(target_sum, "target_sum", minimum=0, min_open=True, flag="--target-sum")
+    exclude_labels = label_list(exclude_labels, "exclude_labels")
+    adata = read(path, layer=layer, use_raw=use_raw, chunk_size=chunk_size)
+    check_shape(adata, f"the matrix in {str(path)!r}")
     labels = perturbation_labels(adata.obs, perturbation_column)
-    check_control(labels, control_label, perturbation_column)
-    _check_output_dir(out)
-    targets = [out / "de_wilcoxon.h5ad", out / "de_wilcoxon_significant.csv", out / "qc.csv"]
-    if any(t.resolve() == Path(path).resolve() for t in targets):
-        raise ValueError(f"--out {str(out)!r} would overwrite the input {str(path)!r}; choose another directory")
-    n_obs_input, n_vars_input = adata.shape
-    before = labels.value_counts()
+    _check_labels_before_passes(
+        labels,
+        perturbation_column=perturbation_column,
+        control_label=control_label,
+        exclude_labels=exclude_labels,
+        min_cells_per_perturbation=min_cells_per_perturbation,
+    )
+    with OutputDir(Path(out), inputs=[Path(path)], overwrite=overwrite) as output:
+        res, qc, dropped = _compute(
+            adata,
+            labels,
+            perturbation_column=perturbation_column,
+            control_label=control_label,
+            min_genes=min_genes,
+            min_cells=min_cells,
+            min_cells_per_perturbation=min_cells_per_perturbation,
+            exclude_labels=exclude_labels,
+            target_sum=target_sum,
+            layer=layer,
+            use_raw=use_raw,
+            tie_correct=tie_correct,
+            use_continuity=use_continuity,
+            corr_method=corr_method,
+            scheduler=scheduler,
+            progress=progress,
+            seconds=seconds,
+            t0=t0,
+        )
+        res.uns["pertscale"]["settings"]["input"] = str(Path(path).resolve())
+        write(res, output.path("results"))
+        _write_csv(tl.tidy(res, max_pval_adj=FDR), output.path("significant"))
+        _write_csv(qc.reset_index(), output.path("qc"))
+    de_genes = pd.Series((res.layers["pvals_adj"] < FDR).sum(axis=1), index=res.obs_names, name="n_de_genes")
+    seconds["total"] = time.perf_counter() - t0
+    return RunSummary(
+        n_obs_input=int(qc["n_cells_before"].sum()),
+        n_vars_input=int(res.uns["pertscale"]["settings"]["n_vars_input"]),
+        n_obs_kept=int(qc["n_cells_after"].sum()),
+        n_vars_kept=res.n_vars,
+        n_control_cells=int(res.uns["pertscale"]["settings"]["n_control_cells"]),
+        perturbations_tested=list(res.obs_names),
+        perturbations_dropped=dropped,
+        de_genes=de_genes,
+        files={key: output.final(key) for key in OUTPUT_FILES},
+        seconds=seconds,
+    )
 
+
+def _compute(
+    adata,
+    labels: pd.Series,
+    *,
+    perturbation_column: str,
+    control_label: str,
+    min_genes: int,
+    min_cells: int,
+    min_cells_per_perturbation: int,
+    exclude_labels: list[str],
+    target_sum: float,
+    layer: str | None,
+    use_raw: bool,
+    tie_correct: bool,
+    use_continuity: bool,
+    corr_method: str,
+    scheduler,
+    progress,
+    seconds: dict[str, float],
+    t0: float,
+):
+    """The passes of the main job; returns the results AnnData, the QC table and the dropped labels."""
+    n_vars_input = adata.n_vars
+    before = labels.value_counts()
     pp.calculate_qc_metrics(adata, perturbation_column=perturbation_column, scheduler=scheduler, progress=progress)
     seconds["qc"] = time.perf_counter() - t0
     n_fractional = adata.uns["pertscale"]["n_noninteger_values"]
     if n_fractional:
-        where = f"layers[{layer!r}]" if layer else "X"
+        where = f"layers[{layer!r}]" if layer else ("raw.X" if use_raw else "X")
         raise ValueError(
             f"{where} has {n_fractional:,} non-integer values: it looks normalized already, and this job "
-            "normalizes raw UMI counts itself; pass the raw counts (e.g. --layer counts)"
+            "normalizes raw UMI counts itself; pass the raw counts (e.g. --layer counts or --use-raw)"
         )
     excluded = pp.filter_perturbations(adata, perturbation_column, control_label, exclude_labels=exclude_labels)
     if min_genes:
@@ -178,14 +409,15 @@ def run(
     seconds["wilcoxon"] = time.perf_counter() - t
     res.uns["pertscale"]["settings"].update(
         {
-            "input": str(Path(path).resolve()),
             "min_genes": int(min_genes),
             "min_cells": int(min_cells),
             "min_cells_per_perturbation": int(min_cells_per_perturbation),
             "exclude_labels": np.asarray([str(e) for e in exclude_labels], dtype=object),
             "target_sum": float(target_sum),
+            "n_vars_input": int(n_vars_input),
         }
     )
+    res.uns["pertscale"]["settings"]["input_matrix"] = f"layers/{layer}" if layer else ("raw/X" if use_raw else "X")
 
     after = perturbation_labels(adata.obs, perturbation_column).value_counts()
     qc = pd.DataFrame({"n_cells_before": before, "n_cells_after": after.reindex(before.index, fill_value=0)})
@@ -196,30 +428,7 @@ def run(
     ]
     dropped = {name: status for name, status in qc["status"].items() if status not in ("tested", "control")}
     qc = qc.sort_values(["status", "n_cells_before"], ascending=[True, False])
-
-    files = {
-        "results": out / "de_wilcoxon.h5ad",
-        "significant": out / "de_wilcoxon_significant.csv",
-        "qc": out / "qc.csv",
-    }
-    write(res, files["results"])
-    sig = tl.tidy(res, max_pval_adj=FDR)
-    _write_csv(sig, files["significant"])
-    _write_csv(qc.reset_index(), files["qc"])
-    de_genes = pd.Series((res.layers["pvals_adj"] < FDR).sum(axis=1), index=res.obs_names, name="n_de_genes")
-    seconds["total"] = time.perf_counter() - t0
-    return RunSummary(
-        n_obs_input=n_obs_input,
-        n_vars_input=n_vars_input,
-        n_obs_kept=adata.n_obs,
-        n_vars_kept=adata.n_vars,
-        n_control_cells=int(res.uns["pertscale"]["settings"]["n_control_cells"]),
-        perturbations_tested=list(res.obs_names),
-        perturbations_dropped=dropped,
-        de_genes=de_genes,
-        files=files,
-        seconds=seconds,
-    )
+    return res, qc, dropped
 
 
 def _status(name, control_label, excluded, small, after, tested, min_cells_per_perturbation) -> str:

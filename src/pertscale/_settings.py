@@ -26,13 +26,28 @@ class Settings:
         number of cores.
     memory_fraction
         Fraction of the available memory that the automatic chunk size may
-        plan for, spread over the workers.
+        plan for, spread over the workers; in ``(0, 1]``.
+
+    Setting a value out of range raises ``ValueError`` (``TypeError`` for
+    one of the wrong type) at once.
     """
 
     scheduler: str = "local"
     progress: bool = True
     n_workers: int | None = None
     memory_fraction: float = 0.5
+
+    def __setattr__(self, name: str, value) -> None:
+        """Validate as the value is set: a bad setting fails here, not in a later computation."""
+        from ._validation import check_number
+
+        if name == "n_workers":
+            value = check_number(value, "settings.n_workers", integer=True, minimum=1, allow_none=True)
+        elif name == "memory_fraction":
+            value = check_number(value, "settings.memory_fraction", minimum=0, min_open=True, maximum=1)
+        elif name == "progress" and not isinstance(value, bool):
+            raise TypeError(f"settings.progress must be True or False, got {value!r}")
+        super().__setattr__(name, value)
 
     @contextmanager
     def override(self, **changes) -> Iterator[Settings]:

@@ -1,6 +1,16 @@
-"""Input checks shared by the analyses: columns, labels, groups."""
+"""Input checks shared by the analyses: numbers, columns, labels, groups, shapes.
+
+Every public function validates its input here before it builds a graph, so
+that a bad argument fails at once, with a message that names the problem and
+the fix, and never after a pass over the matrix.
+"""
 
 from __future__ import annotations
+
+import math
+import numbers
+import warnings
+from collections.abc import Iterable
 
 import numpy as np
 import pandas as pd
@@ -12,6 +22,136 @@ def _listing(values) -> str:
     values = [str(v) for v in values]
     shown = ", ".join(repr(v) for v in values[:_SHOW])
     return shown + (f", ... ({len(values)} in all)" if len(values) > _SHOW else "")
+
+
+def check_number(
+    value,
+    name: str,
+    *,
+    integer: bool = False,
+    minimum: float | None = None,
+    maximum: float | None = None,
+    min_open: bool = False,
+    allow_none: bool = False,
+    flag: str | None = None,
+):
+    """A finite number within bounds, or an error that names it.
+
+    Parameters
+    ----------
+    value
+        The number to check.
+    name
+        The parameter's name in the Python API.
+    integer
+        Require an integer (``2.0`` is accepted as ``2``; ``2.5`` and
+        booleans are not).
+    minimum, maximum
+        Inclusive bounds.
+    min_open
+        Make the lower bound exclusive (``value > minimum``).
+    allow_none
+        Accept ``None`` (returned as it is).
+    flag
+        The command-line flag of the same option, named in the message.
+
+    Returns
+    -------
+    int or float or None
+        ``value`` as a Python ``int`` (``integer=True``) or ``float``.
+
+    Raises
+    ------
+    TypeError
+        If ``value`` is not a real number (or ``None`` where not allowed).
+    ValueError
+        If it is NaN, infinite, not an integer where one is needed, or out
+        of bounds.
+    """
+    label = f"{name} ({flag})" if flag else name
+    if value is None:
+        if allow_none:
+            return None
+        raise TypeError(f"{label} must be a number, got None")
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{label} must be a number, got {value!r} ({type(value).__name__})")
+    if not math.isfinite(value):
+        raise ValueError(f"{label} must be a finite number, got {value!r}")
+    if integer:
+        if float(value) != int(value):
+            raise ValueError(f"{label} must be a whole number, got {value!r}")
+        value = int(value)
+    else:
+        value = float(value)
+    below = value <= minimum if (minimum is not None and min_open) else minimum is not None and value < minimum
+    if below or (maximum is not None and value > maximum):
+        low = "" if minimum is None else (f"> {minimum}" if min_open else f">= {minimum}")
+        high = "" if maximum is None else f"<= {maximum}"
+        raise ValueError(f"{label} must be {' and '.join(b for b in (low, high) if b)}, got {value!r}")
+    return value
+
+
+def label_list(values, name: str) -> list[str]:
+    """Labels given as one string or an iterable of them, as a list of strings.
+
+    A plain string is one label, not a sequence of one-letter labels.
+
+    Raises
+    ------
+    TypeError
+        If ``values`` is neither a string nor an iterable.
+    """
+    if values is None:
+        return []
+    if isinstance(values, (str, bytes, numbers.Number)):
+        return [str(values)]
+    if not isinstance(values, Iterable):
+        raise TypeError(f"{name} must be a label or a list of labels, got {values!r}")
+    return [str(v) for v in values]
+
+
+def check_shape(adata, what: str = "the matrix") -> None:
+    """Refuse a matrix without cells or without genes.
+
+    Raises
+    ------
+    ValueError
+        If ``n_obs`` or ``n_vars`` is zero.
+    """
+    n_obs, n_vars = adata.shape
+    if n_obs == 0:
+        raise ValueError(f"{what} has no cells (n_obs = 0, n_vars = {n_vars}); there is nothing to analyse")
+    if n_vars == 0:
+        raise ValueError(f"{what} has no genes (n_vars = 0, n_obs = {n_obs}); there is nothing to analyse")
+
+
+def unique_var_names(var: pd.DataFrame, *, column: str = "original_var_name") -> pd.DataFrame:
+    """``var`` with unique names: repeats get ``-1``, ``-2``, ... as anndata's ``var_names_make_unique``.
+
+    The original names are kept in ``var[column]`` and a warning says how
+    many names repeated. ``var`` is returned unchanged when its names are
+    already unique.
+    """
+    names = var.index.astype(str)
+    if names.is_unique:
+        return var
+    import anndata as ad
+
+    repeated = names[names.duplicated(keep=False)].value_counts()
+    made = ad.utils.make_index_unique(pd.Index(names))
+    out = var.copy()
+    out.index = made
+    if column not in out.columns:
+        out[column] = np.asarray(names, dtype=object)
+    examples = ", ".join(f"{k!r} x{v}" for k, v in repeated.head(5).items())
+    warnings.warn(
+        f"{len(repeated)} gene name(s) occur more than once ({examples}); they were made unique by "
+        f"appending '-1', '-2', ... (anndata's var_names_make_unique) and the original names are in "
+        f"var[{column!r}]",
+        UserWarning,
+        stacklevel=3,
+    )
+    return out
 
 
 def get_matrix(adata, layer: str | None):
@@ -53,7 +193,60 @@ def perturbation_labels(obs: pd.DataFrame, perturbation_column: str) -> pd.Serie
             f"obs[{perturbation_column!r}] has {int(labels.isna().sum())} missing labels; "
             "label them (e.g. 'unassigned') and exclude them, or drop those cells"
         )
-    return labels.astype(str)
+    as_str = labels.astype(str)
+    _check_distinct_as_strings(labels, as_str, perturbation_column)
+    return as_str
+
+
+def _check_distinct_as_strings(labels: pd.Series, as_str: pd.Series, perturbation_column: str) -> None:
+    """Refuse labels that become one label as strings (the integer 1 and the string '1')."""
+    if isinstance(labels.dtype, pd.CategoricalDtype):
+        originals = pd.Series(labels.cat.categories)
+    elif labels.dtype == object:
+        originals = pd.Series(pd.unique(labels.to_numpy()))
+    else:
+        return  # one numeric or string dtype: distinct values stay distinct as strings
+    keyed = pd.DataFrame({"label": originals.astype(str), "value": [(_kind(v), v) for v in originals]})
+    clashes = keyed.groupby("label")["value"].nunique()
+    clashes = clashes[clashes > 1]
+    if len(clashes):
+        shown = "; ".join(
+            " and ".join(f"{v!r} ({t})" for t, v in keyed.loc[keyed["label"] == lab, "value"]) for lab in clashes.index
+        )
+        raise ValueError(
+            f"obs[{perturbation_column!r}] holds labels that are different values but the same text: {shown}; "
+            "they would be merged into one group. Convert the column to strings yourself so each label is "
+            f"what you mean, e.g. adata.obs[{perturbation_column!r}] = adata.obs[{perturbation_column!r}].map(str) "
+            "after renaming one of them"
+        )
+
+
+def _kind(value) -> str:
+    if isinstance(value, (bool, np.bool_)):
+        return "bool"
+    if isinstance(value, numbers.Integral):
+        return "int"
+    if isinstance(value, numbers.Real):
+        return "float"
+    return "str" if isinstance(value, str) else type(value).__name__
+
+
+def check_writable_labels(labels: Iterable[str], perturbation_column: str) -> None:
+    """Refuse perturbation labels that no results file can hold.
+
+    Raises
+    ------
+    ValueError
+        For an empty (or whitespace-only) label, or one with a NUL character
+        (HDF5 strings cannot hold it).
+    """
+    bad = [lab for lab in labels if not lab.strip() or "\x00" in lab]
+    if bad:
+        raise ValueError(
+            f"obs[{perturbation_column!r}] has label(s) that cannot name a result: {_listing(bad)} "
+            "(empty, blank or containing a NUL character); rename them (e.g. to 'unassigned', "
+            "then exclude them with exclude_labels / --exclude-labels if they are not perturbations)"
+        )
 
 
 def check_control(labels: pd.Series, control_label: str, perturbation_column: str, *, min_cells: int = 2) -> np.ndarray:

@@ -22,8 +22,24 @@ def main(verbose: int) -> None:
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     import distributed  # noqa: F401  (configures its loggers on import; quiet them after)
 
+    # distributed warns about lost workers and slow closes when a run stops on an error or Ctrl-C;
+    # the run's own message says what happened, so theirs only show with -v
     for noisy in ("distributed", "bokeh", "tornado"):
-        logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
+        logging.getLogger(noisy).setLevel(logging.ERROR if verbose == 0 else max(level, logging.WARNING))
+
+
+def _finite(name: str, **bounds):
+    """A click callback: the option is a finite number within bounds (one message for CLI and API)."""
+
+    def callback(ctx, param, value):
+        from ._validation import check_number
+
+        try:
+            return check_number(value, name, allow_none=True, **bounds)
+        except (TypeError, ValueError) as err:
+            raise click.BadParameter(str(err).replace(f"{name} ", "", 1)) from err
+
+    return callback
 
 
 @main.command()
@@ -31,7 +47,14 @@ def main(verbose: int) -> None:
 @click.option("--perturbation-column", required=True, help="obs column naming each cell's perturbation.")
 @click.option("--control-label", required=True, help="Label of the control cells (e.g. non-targeting).")
 @click.option("--out", "out_dir", required=True, type=click.Path(path_type=str), help="Output directory (created).")
-@click.option("--layer", default=None, help="Test this layer of raw counts instead of X.")
+@click.option("--layer", default=None, help="Read this layer of raw counts instead of X.")
+@click.option("--use-raw", is_flag=True, default=False, help="Read raw.X (raw counts kept in .raw) instead of X.")
+@click.option(
+    "--overwrite",
+    is_flag=True,
+    default=False,
+    help="Replace results of an earlier run in --out (refused without it).",
+)
 @click.option(
     "--min-genes",
     default=20,
@@ -63,8 +86,9 @@ def main(verbose: int) -> None:
     "--target-sum",
     default=1e4,
     show_default=True,
-    type=click.FloatRange(min=0, min_open=True),
-    help="Counts per cell after normalize_total, before log1p.",
+    type=float,
+    callback=_finite("target_sum", minimum=0, min_open=True),
+    help="Counts per cell after normalize_total, before log1p (finite, > 0).",
 )
 @click.option(
     "--chunk-size",
@@ -98,6 +122,8 @@ def run(
     control_label,
     out_dir,
     layer,
+    use_raw,
+    overwrite,
     min_genes,
     min_cells,
     min_cells_per_perturbation,
@@ -115,7 +141,10 @@ def run(
     --out: de_wilcoxon.h5ad (perturbations x genes; layers scores, pvals,
     pvals_adj, logfoldchanges (log2), pts, pts_rest, u_statistic),
     de_wilcoxon_significant.csv (pval_adj < 0.05) and qc.csv (cells per
-    perturbation before and after filtering). The input is never modified.
+    perturbation before and after filtering). The three files appear
+    together when the run succeeds; a failed or interrupted run (Ctrl-C:
+    exit code 130) leaves none. The input is never modified, and an --out
+    holding earlier results is refused unless --overwrite is given.
 
     Example:
         pertscale run screen.h5ad --perturbation-column perturbation
@@ -140,15 +169,20 @@ def run(
                 exclude_labels=labels,
                 target_sum=target_sum,
                 layer=layer,
+                use_raw=use_raw,
+                overwrite=overwrite,
                 chunk_size=chunk_size,
                 use_continuity=continuity,
                 corr_method=corr_method,
                 scheduler=scheduler,
                 progress=progress,
             )
-        except (FileNotFoundError, PermissionError, ValueError, KeyError) as err:
+        except (FileNotFoundError, FileExistsError, PermissionError, ValueError, KeyError) as err:
             message = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
             raise click.ClickException(str(message)) from err
+        except KeyboardInterrupt:
+            click.echo("\ninterrupted: nothing was written", err=True)
+            raise click.exceptions.Exit(130) from None
     for w in caught:
         if issubclass(w.category, UserWarning) and "pertscale" in str(w.filename):
             click.echo(f"warning: {w.message}", err=True)

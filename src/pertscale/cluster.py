@@ -12,7 +12,9 @@ from __future__ import annotations
 import atexit
 import logging
 import os
+import signal
 import threading
+from contextlib import contextmanager
 from typing import Any
 
 import dask
@@ -64,17 +66,40 @@ def local_client(n_workers: int | None = None):
         if client is not None and client.status == "running":
             return client
         logger.info("starting a LocalCluster with %d single-threaded worker processes", n_workers)
-        cluster = LocalCluster(
-            n_workers=n_workers,
-            threads_per_worker=1,
-            processes=True,
-            dashboard_address=":0",
-            silence_logs=logging.ERROR,
-        )
+        # Worker logs: a task's error reaches the caller as its exception, with the message that names
+        # the problem; the workers' own tracebacks of it are only shown when debugging (-vv).
+        quiet = logging.ERROR if logging.getLogger("pertscale").isEnabledFor(logging.DEBUG) else logging.CRITICAL
+        with _workers_ignore_sigint():
+            cluster = LocalCluster(
+                n_workers=n_workers,
+                threads_per_worker=1,
+                processes=True,
+                dashboard_address=":0",
+                silence_logs=quiet,
+            )
         client = Client(cluster, set_as_default=False)
         logger.info("Dask dashboard: %s", client.dashboard_link)
         _clients[key] = client
         return client
+
+
+@contextmanager
+def _workers_ignore_sigint():
+    """Start worker processes that ignore SIGINT.
+
+    Ctrl-C in a terminal reaches the whole process group: the workers would
+    die with tracebacks of their own while the client shuts them down
+    cleanly anyway. A process started while SIGINT is ignored keeps ignoring
+    it (Python installs its handler only where the parent left the default).
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _address_client(address: str):

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+from functools import partial
 from pathlib import Path
 
 import anndata as ad
@@ -13,7 +15,9 @@ import psutil
 import scipy.sparse as sp
 
 from .._settings import settings
+from .._validation import check_number, unique_var_names
 from ..cluster import n_cores
+from ._blocks import SPARSE, DamagedStoreError, StoredMatrix, read_block
 
 logger = logging.getLogger(__name__)
 
@@ -21,10 +25,22 @@ logger = logging.getLogger(__name__)
 MIN_CHUNK_ROWS = 1_000
 
 
+#: Resolved paths of the stores opened by :func:`read` in this process. Their lazy matrices read
+#: from them until the end, so :func:`pertscale.write` refuses to write over or into any of them.
+OPENED_INPUTS: set[Path] = set()
+
+
 def _not_anndata(path: Path, why: str) -> ValueError:
     return ValueError(
         f"{str(path)!r} is not an AnnData store ({why}); pass an .h5ad file or a .zarr "
         "directory written by anndata (anndata.AnnData.write_h5ad / write_zarr)"
+    )
+
+
+def _damaged(path: Path, err: BaseException) -> DamagedStoreError:
+    return DamagedStoreError(
+        f"{str(path)!r} is truncated or damaged and cannot be read ({type(err).__name__}: {err}); "
+        "copy or write it again"
     )
 
 
@@ -39,9 +55,78 @@ def _open(path: Path):
         except Exception as err:  # zarr raises several types for a non-store
             raise _not_anndata(path, f"a directory but not a zarr group: {err}") from err
         return group, "zarr"
+    if not os.access(path, os.R_OK):
+        raise PermissionError(f"cannot read {str(path)!r}: permission denied")
     if not h5py.is_hdf5(path):
         raise _not_anndata(path, "not an HDF5 file")
-    return h5py.File(path, "r"), "h5ad"
+    try:
+        return h5py.File(path, "r"), "h5ad"
+    except OSError as err:  # a truncated file has a valid signature but cannot be opened
+        raise _damaged(path, err) from err
+
+
+def _matrix_key(store, path: Path, layer: str | None, use_raw: bool) -> str:
+    """The key of the matrix to read, or an error that says where the matrix is."""
+    for key in ("obs", "var"):
+        if key not in store:
+            raise _not_anndata(path, f"it has no {key!r} group")
+    layers = sorted(store["layers"].keys()) if "layers" in store else []
+    has_raw = "raw" in store and "X" in store["raw"]
+    elsewhere = [f"layers[{name!r}] (--layer {name}, or layer={name!r})" for name in layers]
+    if has_raw:
+        elsewhere.append("raw.X (--use-raw, or use_raw=True)")
+    if use_raw:
+        if layer is not None:
+            raise ValueError("give either layer= (--layer) or use_raw=True (--use-raw), not both")
+        if not has_raw:
+            raise ValueError(f"{str(path)!r} has no raw matrix (raw/X); read X (omit --use-raw) or a layer {layers}")
+        return "raw/X"
+    if layer is not None:
+        if layer not in layers:
+            extra = " and raw.X (--use-raw)" if has_raw else ""
+            raise ValueError(
+                f"layer {layer!r} not found in {str(path)!r}; layers present: {layers}{extra}"
+                + ("; X is present (omit --layer to read it)" if "X" in store else "")
+            )
+        return f"layers/{layer}"
+    if "X" not in store or _is_empty_x(store["X"]):
+        if elsewhere:
+            raise ValueError(
+                f"{str(path)!r} stores no X; its matrix is in " + " or in ".join(elsewhere) + ": read that one"
+            )
+        raise _not_anndata(path, "it has no 'X', no layers and no raw matrix")
+    return "X"
+
+
+def _is_empty_x(elem) -> bool:
+    # anndata writes X=None as an absent key; some tools write a 0-d placeholder
+    return getattr(elem, "ndim", 2) == 0
+
+
+def _describe(elem, key: str, path: Path, n_obs: int, n_vars: int) -> tuple[str, np.dtype, float]:
+    """Encoding, dtype and in-memory bytes per row of the stored matrix; shapes checked."""
+    encoding = elem.attrs.get("encoding-type", "array")
+    if encoding in SPARSE:
+        shape = tuple(int(n) for n in elem.attrs["shape"])
+        dtype = elem["data"].dtype
+        itemsize = dtype.itemsize + elem["indices"].dtype.itemsize
+        bytes_per_row = elem["data"].shape[0] / max(n_obs, 1) * itemsize + 8
+    elif encoding == "array":
+        shape = tuple(elem.shape)
+        dtype = elem.dtype
+        bytes_per_row = n_vars * dtype.itemsize
+    else:
+        raise ValueError(f"{str(path)!r}: {key} has encoding {encoding!r}, which pertscale cannot read")
+    if len(shape) != 2:
+        raise ValueError(f"{str(path)!r}: {key} has {len(shape)} dimensions, not 2 (cells x genes)")
+    if shape != (n_obs, n_vars):
+        raise DamagedStoreError(
+            f"{str(path)!r}: {key} is {shape[0]:,} x {shape[1]:,} but obs has {n_obs:,} rows and var "
+            f"{n_vars:,}; the store is inconsistent (damaged, or edited by hand): write it again"
+        )
+    if not (np.issubdtype(dtype, np.number) or dtype == np.bool_):
+        raise ValueError(f"{str(path)!r}: {key} holds {dtype} values, not numbers")
+    return encoding, np.dtype(dtype), bytes_per_row
 
 
 def auto_chunk_size(
@@ -90,89 +175,102 @@ def read(
     path: str | Path,
     *,
     layer: str | None = None,
+    use_raw: bool = False,
     chunk_size: int | None = None,
 ) -> ad.AnnData:
-    """Open an AnnData store lazily.
+    """Open an AnnData store lazily, after checking that it is whole.
 
     ``obs`` and ``var`` are read into memory; the matrix becomes a
     ``dask.array.Array`` of ``scipy.sparse.csr_matrix`` row blocks. The graph
-    carries only the path and row slices: each task opens the file itself,
+    carries only the path and row ranges: each task opens the file itself,
     so it runs in other processes and on other machines that see the path.
+    Each block is checked as it is read (row pointer, column indices), and a
+    failed read names the store, the rows and the chunks.
 
     Parameters
     ----------
     path
         An ``.h5ad`` file or a ``.zarr`` directory.
     layer
-        Read ``layers[layer]`` as ``X`` instead of ``X``.
+        Read ``layers[layer]`` instead of ``X``.
+    use_raw
+        Read ``raw.X`` (with ``raw.var`` as ``var``) instead of ``X``.
     chunk_size
-        Rows per block. Default: computed from available memory by
-        :func:`auto_chunk_size` (large blocks: a column sum over 2 M cells
+        Rows per block, at least 1. Default: computed from available memory
+        by :func:`auto_chunk_size` (large blocks: a column sum over 2 M cells
         took 15 s with 1,000-row blocks and 0.3 s with 100,000-row blocks).
 
     Returns
     -------
     anndata.AnnData
         ``n_obs x n_vars``, ``X`` lazy (CSR blocks, the stored dtype: raw
-        counts stay integers). ``uns['pertscale']['source']`` records the path
-        and layer.
+        counts stay integers). Repeated gene names are made unique (with a
+        warning; the originals in ``var['original_var_name']``).
+        ``uns['pertscale']['source']`` records the path and the matrix read.
 
     Raises
     ------
     FileNotFoundError
         If ``path`` does not exist.
+    PermissionError
+        If it cannot be read.
     ValueError
-        If ``path`` is not an AnnData store, the layer is missing, or
-        ``chunk_size`` is not positive.
+        If ``path`` is not an AnnData store, the matrix asked for is not
+        there (the message says where the matrix is and which option reads
+        it), or ``chunk_size`` is not a positive whole number.
+    pertscale.io.DamagedStoreError
+        (a ``ValueError``) If the file is truncated or damaged, or a chunk of
+        a sparse matrix is missing (zarr would read it as zeros).
     """
     path = Path(path)
+    chunk_size = check_number(chunk_size, "chunk_size", integer=True, minimum=1, allow_none=True, flag="--chunk-size")
     store, fmt = _open(path)
     try:
-        for key in ("obs", "var"):
-            if key not in store:
-                raise _not_anndata(path, f"it has no {key!r} group")
-        if layer is None:
-            if "X" not in store:
-                raise _not_anndata(path, "it has no 'X'")
-            elem = store["X"]
-        else:
-            layers = list(store["layers"].keys()) if "layers" in store else []
-            if layer not in layers:
-                raise ValueError(f"layer {layer!r} not found in {str(path)!r}; layers present: {layers}")
-            elem = store["layers"][layer]
-        obs = ad.io.read_elem(store["obs"])
-        var = ad.io.read_elem(store["var"])
-        encoding = elem.attrs.get("encoding-type", "array")
-        n_obs, n_vars = len(obs), len(var)
-        if encoding in ("csr_matrix", "csc_matrix"):
-            nnz = elem["data"].shape[0]
-            itemsize = elem["data"].dtype.itemsize + elem["indices"].dtype.itemsize
-            bytes_per_row = nnz / max(n_obs, 1) * itemsize + 8
-        elif encoding == "array":
-            bytes_per_row = n_vars * elem.dtype.itemsize
-        else:
-            raise ValueError(f"{str(path)!r}: matrix encoding {encoding!r} is not supported")
-        if chunk_size is None:
-            chunk_size = auto_chunk_size(n_obs, bytes_per_row)
-        elif int(chunk_size) < 1:
-            raise ValueError(f"chunk_size must be a positive number of rows, got {chunk_size}")
-        chunk_size = int(min(chunk_size, max(n_obs, 1)))
-        if encoding == "csc_matrix":
-            # column-major on disk: read column blocks lazily, then re-block by rows
-            x = ad.experimental.read_elem_lazy(elem)
-            x = x.map_blocks(_csr_block, dtype=x.dtype, meta=sp.csr_matrix((0, 0), dtype=x.dtype))
-            x = x.rechunk((chunk_size, -1))
-        else:
-            x = ad.experimental.read_elem_lazy(elem, chunks=(chunk_size, n_vars))
-        if encoding == "array":
-            x = x.map_blocks(_csr_block, dtype=x.dtype, meta=sp.csr_matrix((0, 0), dtype=x.dtype))
+        key = _matrix_key(store, path, layer, use_raw)
+        try:
+            obs = ad.io.read_elem(store["obs"])
+            var = ad.io.read_elem(store["raw/var" if use_raw else "var"])
+            elem = store[key]
+            encoding, dtype, bytes_per_row = _describe(elem, key, path, len(obs), len(var))
+        except (ValueError, PermissionError):
+            raise
+        except Exception as err:  # h5py/zarr/codec errors of a damaged file
+            raise _damaged(path, err) from err
+        stored = StoredMatrix(str(path.resolve()), fmt, key, encoding, (len(obs), len(var)), dtype)
+        stored.check_complete(elem, path)
     finally:
         if fmt == "h5ad":
             store.close()
-    adata = ad.AnnData(X=x, obs=obs, var=var)
-    adata.uns["pertscale"] = {"source": {"path": str(path.resolve()), "layer": layer or "X", "format": fmt}}
-    logger.info("opened %s lazily: %d x %d, row chunks of %d", path, n_obs, n_vars, chunk_size)
+    n_obs, n_vars = stored.shape
+    if chunk_size is None:
+        chunk_size = auto_chunk_size(n_obs, bytes_per_row)
+    chunk_size = int(min(chunk_size, max(n_obs, 1)))
+    meta = sp.csr_matrix((0, 0), dtype=dtype)
+    if encoding == "csc_matrix":
+        # column-major on disk: read column blocks, then re-block by rows
+        x = da.map_blocks(
+            partial(read_block, stored), dtype=dtype, chunks=(_layout(n_obs, n_obs), _layout(1_000, n_vars)), meta=meta
+        )
+        x = x.map_blocks(_csr_block, dtype=dtype, meta=meta).rechunk((chunk_size, -1))
+    else:
+        x = da.map_blocks(
+            partial(read_block, stored), dtype=dtype, chunks=(_layout(chunk_size, n_obs), (n_vars,)), meta=meta
+        )
+    adata = ad.AnnData(X=x, obs=obs, var=unique_var_names(var))
+    OPENED_INPUTS.add(Path(stored.path))
+    adata.uns["pertscale"] = {
+        "source": {"path": stored.path, "layer": layer or ("raw" if use_raw else "X"), "format": fmt}
+    }
+    logger.info("opened %s lazily: %s (%d x %d), row chunks of %d", path, key, n_obs, n_vars, chunk_size)
     return adata
+
+
+def _layout(step: int, size: int) -> tuple[int, ...]:
+    """Chunks of ``step`` along an axis of ``size`` (one empty chunk for an empty axis)."""
+    if size == 0:
+        return (0,)
+    step = max(1, min(step, size))
+    return (step,) * (size // step) + ((size % step,) if size % step else ())
 
 
 def as_dask(x, *, chunk_size: int | None = None) -> da.Array:

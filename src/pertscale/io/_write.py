@@ -15,6 +15,49 @@ def _sibling(path: Path, tag: str) -> Path:
     return path.with_name(f".{path.name}.{tag}-{uuid.uuid4().hex[:8]}")
 
 
+def overlap(target: str | Path, source: str | Path, *, replaces: bool = True) -> str | None:
+    """How writing ``target`` would touch ``source``, or ``None`` if it would not.
+
+    Paths are resolved (symbolic links followed) before they are compared.
+
+    Parameters
+    ----------
+    target
+        A file or directory about to be written.
+    source
+        An input file or store.
+    replaces
+        ``target`` is replaced as a whole (a file or store written by
+        :func:`write`), so a ``source`` inside it would be deleted too;
+        ``False`` for an output directory that only receives new files.
+    """
+    t, s = Path(target).resolve(), Path(source).resolve()
+    if t == s:
+        return "would overwrite the input"
+    if s in t.parents:
+        return "lies inside the input"
+    if replaces and t in s.parents:
+        return "would replace the directory that holds the input"
+    return None
+
+
+def check_not_input(target: str | Path, sources, *, what: str, replaces: bool = True) -> None:
+    """Refuse to write ``target`` where it would modify any of ``sources``.
+
+    Raises
+    ------
+    ValueError
+        Naming the input and the fix.
+    """
+    for source in sources:
+        how = overlap(target, source, replaces=replaces)
+        if how:
+            raise ValueError(
+                f"{what} {str(target)!r} {how} {str(source)!r}; inputs are never modified: "
+                "choose a path outside the input"
+            )
+
+
 def write(adata: ad.AnnData, path: str | Path) -> Path:
     """Write AnnData atomically as ``.h5ad``, or ``.zarr`` when the path ends so.
 
@@ -39,8 +82,16 @@ def write(adata: ad.AnnData, path: str | Path) -> Path:
     ------
     PermissionError, FileNotFoundError
         If the directory cannot be written.
+    ValueError
+        If ``path`` is, is inside, or holds a store that :func:`pertscale.read`
+        opened in this process (its lazy matrices still read from it) or the
+        source recorded in ``adata.uns['pertscale']['source']``.
     """
+    from ._read import OPENED_INPUTS
+
     path = Path(path)
+    source = ((adata.uns.get("pertscale") or {}).get("source") or {}).get("path")
+    check_not_input(path, [*OPENED_INPUTS, *([source] if source else [])], what="cannot write")
     parent = path.parent if str(path.parent) else Path(".")
     if not parent.is_dir():
         raise FileNotFoundError(f"cannot write {str(path)!r}: directory {str(parent)!r} does not exist")
@@ -55,7 +106,15 @@ def write(adata: ad.AnnData, path: str | Path) -> Path:
                 # scanpy's uns['rank_genes_groups'] holds record arrays, which zarr v3 has no spec for yet;
                 # the layers are the canonical results, the record arrays a convenience view
                 warnings.filterwarnings("ignore", message="The data type", category=Warning)
-                adata.write_zarr(tmp)
+                try:
+                    adata.write_zarr(tmp)
+                except ValueError as err:
+                    if "slash" not in str(err).lower():
+                        raise
+                    raise ValueError(
+                        f"cannot write {str(path)!r}: zarr does not allow '/' in names ({err}); a perturbation "
+                        "label or column name holds one. Write .h5ad instead, or rename it"
+                    ) from err
             if path.exists():
                 # a directory cannot be renamed over another: move the old one aside first,
                 # and put it back if the new one cannot take its place

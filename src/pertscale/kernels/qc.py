@@ -8,7 +8,7 @@ import scipy.sparse as sp
 #: Per-cell statistics of :func:`cell_stats`, in column order.
 CELL_STATS = ("total_counts", "n_genes_by_counts", "total_counts_mt")
 #: Per-gene partial sums of :func:`gene_stats`, in row order.
-GENE_STATS = ("n_cells_by_counts", "total_counts", "n_negative", "n_nan", "n_noninteger")
+GENE_STATS = ("n_cells_by_counts", "total_counts", "n_negative", "n_nan", "n_noninteger", "n_infinite")
 
 
 def cell_stats(block: sp.csr_matrix, mt_mask: np.ndarray | None = None) -> np.ndarray:
@@ -47,8 +47,10 @@ def gene_stats(block: sp.csr_matrix) -> np.ndarray:
     Returns
     -------
     numpy.ndarray
-        ``(1, 5, n_genes)`` float64: cells with a non-zero value, sum of
-        values, and counts of negative, NaN and non-integer values.
+        ``(1, len(GENE_STATS), n_genes)`` float64, in the order of
+        ``GENE_STATS``: cells with a non-zero value, sum of the finite
+        values, and counts of negative, NaN, non-integer (finite) and
+        infinite values.
     """
     block = sp.csr_matrix(block)
     n_genes = block.shape[1]
@@ -56,13 +58,17 @@ def gene_stats(block: sp.csr_matrix) -> np.ndarray:
     idx = block.indices
     out = np.zeros((1, len(GENE_STATS), n_genes), dtype=np.float64)
     nan = np.isnan(data)
-    out[0, 0] = np.bincount(idx, weights=(data != 0) & ~nan, minlength=n_genes)
-    out[0, 1] = np.bincount(idx, weights=np.where(nan, 0.0, data), minlength=n_genes)
-    out[0, 2] = np.bincount(idx, weights=data < 0, minlength=n_genes)
-    out[0, 3] = np.bincount(idx, weights=nan, minlength=n_genes)
+    finite = np.isfinite(data)
+    stat = {name: i for i, name in enumerate(GENE_STATS)}
+    out[0, stat["n_cells_by_counts"]] = np.bincount(idx, weights=(data != 0) & ~nan, minlength=n_genes)
+    out[0, stat["total_counts"]] = np.bincount(idx, weights=np.where(finite, data, 0.0), minlength=n_genes)
+    out[0, stat["n_negative"]] = np.bincount(idx, weights=data < 0, minlength=n_genes)
+    out[0, stat["n_nan"]] = np.bincount(idx, weights=nan, minlength=n_genes)
+    out[0, stat["n_infinite"]] = np.bincount(idx, weights=np.isinf(data), minlength=n_genes)
     if np.issubdtype(block.dtype, np.floating):
         with np.errstate(invalid="ignore"):
-            out[0, 4] = np.bincount(idx, weights=(data != np.floor(data)) & ~nan, minlength=n_genes)
+            noninteger = (data != np.floor(data)) & finite
+        out[0, stat["n_noninteger"]] = np.bincount(idx, weights=noninteger, minlength=n_genes)
     return out
 
 

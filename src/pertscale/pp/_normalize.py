@@ -6,7 +6,7 @@ import anndata as ad
 import numpy as np
 import scipy.sparse as sp
 
-from .._validation import get_matrix
+from .._validation import check_number, get_matrix
 from ..io._read import as_dask
 from ..kernels.qc import log1p_values, normalize_rows
 
@@ -57,12 +57,16 @@ def normalize_total(
     KeyError
         If the layer is missing.
     ValueError
-        If ``target_sum`` is not positive.
+        If ``target_sum`` is not a finite number above 0 (``inf`` would
+        silently skip the scaling).
+    TypeError
+        If ``target_sum`` is not a number.
     """
+    target_sum = check_number(target_sum, "target_sum", minimum=0, min_open=True, allow_none=True, flag="--target-sum")
     x = as_dask(get_matrix(adata, layer))
     if target_sum is None:
         from ..cluster import compute
-        from ..kernels.qc import cell_stats
+        from ..kernels.qc import CELL_STATS, cell_stats
 
         (cells,) = compute(
             x.map_blocks(cell_stats, dtype=np.float64, chunks=(x.chunks[0], (3,))),
@@ -70,10 +74,8 @@ def normalize_total(
             progress=progress,
             desc="cell totals",
         )
-        totals = cells[:, 0]
+        totals = cells[:, CELL_STATS.index("total_counts")]
         target_sum = float(np.median(totals[totals > 0])) if (totals > 0).any() else 1.0
-    if not target_sum > 0:
-        raise ValueError(f"target_sum must be positive, got {target_sum}")
     dtype = _float_dtype(x.dtype)
     _set(
         adata,

@@ -10,7 +10,7 @@ import dask.array as da
 import numpy as np
 import pandas as pd
 
-from .._validation import perturbation_labels
+from .._validation import check_number, label_list, perturbation_labels
 from ..cluster import compute
 from ..io._read import as_dask
 from ..kernels.qc import CELL_STATS, GENE_STATS, cell_stats, gene_stats
@@ -36,13 +36,26 @@ def _stats_graphs(x: da.Array, mt_mask: np.ndarray | None):
     return cells, genes
 
 
+def _gene_stat(genes: np.ndarray, name: str) -> np.ndarray:
+    return genes[GENE_STATS.index(name)]
+
+
+def _cell_stat(cells: np.ndarray, name: str) -> np.ndarray:
+    return cells[:, CELL_STATS.index(name)]
+
+
 def _check_gene_stats(genes: np.ndarray) -> None:
-    if genes[3].sum() > 0:
-        raise ValueError(f"the matrix contains {int(genes[3].sum())} NaN values; remove or impute them before analysis")
-    if genes[2].sum() > 0:
+    n_nan, n_inf = int(_gene_stat(genes, "n_nan").sum()), int(_gene_stat(genes, "n_infinite").sum())
+    if n_nan or n_inf:
         raise ValueError(
-            f"the matrix contains {int(genes[2].sum())} negative values; pertscale expects raw UMI counts "
-            "(non-negative integers) here"
+            f"the matrix contains {n_nan:,} NaN and {n_inf:,} infinite values; "
+            "remove or impute them before analysis (raw UMI counts are finite)"
+        )
+    n_negative = int(_gene_stat(genes, "n_negative").sum())
+    if n_negative:
+        raise ValueError(
+            f"the matrix contains {n_negative:,} negative values; pertscale expects raw UMI counts "
+            "(non-negative integers) here: pass the raw counts (e.g. --layer counts), not scaled data"
         )
 
 
@@ -120,23 +133,23 @@ def calculate_qc_metrics(
         adata, mt_mask=mt if has_mt else None, scheduler=scheduler, progress=progress, desc="QC metrics"
     )
     obs = pd.DataFrame(index=adata.obs_names)
-    obs["n_genes_by_counts"] = cells[:, 1].astype(np.int64)
-    obs["log1p_n_genes_by_counts"] = np.log1p(cells[:, 1])
-    obs["total_counts"] = cells[:, 0]
-    obs["log1p_total_counts"] = np.log1p(cells[:, 0])
+    obs["n_genes_by_counts"] = _cell_stat(cells, "n_genes_by_counts").astype(np.int64)
+    obs["log1p_n_genes_by_counts"] = np.log1p(_cell_stat(cells, "n_genes_by_counts"))
+    obs["total_counts"] = _cell_stat(cells, "total_counts")
+    obs["log1p_total_counts"] = np.log1p(_cell_stat(cells, "total_counts"))
     if has_mt:
-        obs["total_counts_mt"] = cells[:, 2]
-        obs["log1p_total_counts_mt"] = np.log1p(cells[:, 2])
+        obs["total_counts_mt"] = _cell_stat(cells, "total_counts_mt")
+        obs["log1p_total_counts_mt"] = np.log1p(_cell_stat(cells, "total_counts_mt"))
         with np.errstate(divide="ignore", invalid="ignore"):
-            obs["pct_counts_mt"] = cells[:, 2] / cells[:, 0] * 100
+            obs["pct_counts_mt"] = _cell_stat(cells, "total_counts_mt") / _cell_stat(cells, "total_counts") * 100
     var = pd.DataFrame(index=adata.var_names)
     n_obs = adata.n_obs
-    var["n_cells_by_counts"] = genes[0].astype(np.int64)
-    var["mean_counts"] = genes[1] / n_obs
+    var["n_cells_by_counts"] = _gene_stat(genes, "n_cells_by_counts").astype(np.int64)
+    var["mean_counts"] = _gene_stat(genes, "total_counts") / n_obs
     var["log1p_mean_counts"] = np.log1p(var["mean_counts"])
-    var["pct_dropout_by_counts"] = (1 - genes[0] / n_obs) * 100
-    var["total_counts"] = genes[1]
-    var["log1p_total_counts"] = np.log1p(genes[1])
+    var["pct_dropout_by_counts"] = (1 - _gene_stat(genes, "n_cells_by_counts") / n_obs) * 100
+    var["total_counts"] = _gene_stat(genes, "total_counts")
+    var["log1p_total_counts"] = np.log1p(_gene_stat(genes, "total_counts"))
     if not inplace:
         return obs, var
     for col in obs.columns:
@@ -145,7 +158,7 @@ def calculate_qc_metrics(
         adata.var[col] = var[col].to_numpy()
     if has_mt and "mt" not in adata.var.columns:
         adata.var["mt"] = mt
-    adata.uns.setdefault("pertscale", {})["n_noninteger_values"] = int(genes[4].sum())
+    adata.uns.setdefault("pertscale", {})["n_noninteger_values"] = int(_gene_stat(genes, "n_noninteger").sum())
     if perturbation_column is not None:
         labels = perturbation_labels(adata.obs, perturbation_column)
         counts = labels.value_counts().rename_axis("perturbation").rename("n_cells").to_frame()
@@ -167,6 +180,17 @@ def _bounds_mask(values, low, high) -> np.ndarray:
     if high is not None:
         mask &= values <= high
     return mask
+
+
+def _check_bounds(**bounds) -> tuple:
+    """Exactly one bound, a finite number >= 0 (whole for cell and gene numbers), as scanpy takes them."""
+    given = [name for name, value in bounds.items() if value is not None]
+    if len(given) != 1:
+        raise ValueError(f"give exactly one of {', '.join(bounds)} (as scanpy); got {given or 'none'}")
+    return tuple(
+        check_number(value, name, integer="counts" not in name, minimum=0, allow_none=True)
+        for name, value in bounds.items()
+    )
 
 
 def filter_cells(
@@ -210,14 +234,15 @@ def filter_cells(
     Raises
     ------
     ValueError
-        If no bound is given, or the matrix holds NaN or negative values.
+        If not exactly one bound is given, the bound is not a finite number
+        >= 0 (a whole number of genes), or the matrix holds NaN, infinite or
+        negative values.
     """
-    bounds = (min_genes, min_counts, max_genes, max_counts)
-    if sum(b is not None for b in bounds) != 1:
-        raise ValueError("give exactly one of min_genes, min_counts, max_genes, max_counts (as scanpy)")
+    bounds = _check_bounds(min_genes=min_genes, min_counts=min_counts, max_genes=max_genes, max_counts=max_counts)
+    min_genes, min_counts, max_genes, max_counts = bounds
     cells, _ = _matrix_stats(adata, scheduler=scheduler, progress=progress, desc="filter cells")
     by_genes = min_genes is not None or max_genes is not None
-    numbers = cells[:, 1].astype(np.int64) if by_genes else cells[:, 0]
+    numbers = _cell_stat(cells, "n_genes_by_counts").astype(np.int64) if by_genes else _cell_stat(cells, "total_counts")
     mask = _bounds_mask(numbers, min_genes if by_genes else min_counts, max_genes if by_genes else max_counts)
     logger.info("filter_cells: %d of %d cells kept", int(mask.sum()), mask.size)
     if not inplace:
@@ -261,14 +286,15 @@ def filter_genes(
     Raises
     ------
     ValueError
-        If no bound is given, or the matrix holds NaN or negative values.
+        If not exactly one bound is given, the bound is not a finite number
+        >= 0 (a whole number of cells), or the matrix holds NaN, infinite or
+        negative values.
     """
-    bounds = (min_cells, min_counts, max_cells, max_counts)
-    if sum(b is not None for b in bounds) != 1:
-        raise ValueError("give exactly one of min_cells, min_counts, max_cells, max_counts (as scanpy)")
+    bounds = _check_bounds(min_cells=min_cells, min_counts=min_counts, max_cells=max_cells, max_counts=max_counts)
+    min_cells, min_counts, max_cells, max_counts = bounds
     _, genes = _matrix_stats(adata, scheduler=scheduler, progress=progress, desc="filter genes")
     by_cells = min_cells is not None or max_cells is not None
-    numbers = genes[0].astype(np.int64) if by_cells else genes[1]
+    numbers = _gene_stat(genes, "n_cells_by_counts").astype(np.int64) if by_cells else _gene_stat(genes, "total_counts")
     mask = _bounds_mask(numbers, min_cells if by_cells else min_counts, max_cells if by_cells else max_counts)
     logger.info("filter_genes: %d of %d genes kept", int(mask.sum()), mask.size)
     if not inplace:
@@ -302,7 +328,8 @@ def filter_perturbations(
     min_cells
         Perturbations with fewer cells are dropped.
     exclude_labels
-        Labels whose cells are dropped, e.g. ``("multiple", "unassigned")``.
+        Labels whose cells are dropped, e.g. ``("multiple", "unassigned")``;
+        a single string is one label.
     inplace
         Subset ``adata`` (default) or leave it as it is.
 
@@ -316,10 +343,14 @@ def filter_perturbations(
     ------
     KeyError
         If the column is missing.
+    ValueError
+        If ``min_cells`` is not a whole number >= 0, or labels are missing
+        or collide as text.
     """
+    min_cells = check_number(min_cells, "min_cells", integer=True, minimum=0, allow_none=True)
     labels = perturbation_labels(adata.obs, perturbation_column)
     before = labels.value_counts()
-    exclude = {str(e) for e in exclude_labels}
+    exclude = set(label_list(exclude_labels, "exclude_labels"))
     reason = pd.Series("", index=before.index, dtype=object)
     reason[before.index.isin(exclude)] = "excluded"
     if min_cells is not None:

@@ -8,6 +8,8 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 
+from .._validation import unique_var_names
+
 
 def clean_settings(settings: dict[str, Any]) -> dict[str, Any]:
     """Settings made safe for ``uns`` in h5ad and zarr (no ``None``, plain types)."""
@@ -50,7 +52,7 @@ def results_anndata(
         Stored in ``uns['pertscale']['settings']``.
     """
     obs = pd.DataFrame({"n_cells": np.asarray(n_cells, dtype=np.int64)}, index=pd.Index(groups, name="perturbation"))
-    var = pd.DataFrame(index=var.index.copy())
+    var = unique_var_names(var[[c for c in ("original_var_name",) if c in var.columns]].copy())
     var.index.name = "gene"
     layers = {name: np.ascontiguousarray(stats[:, i, :]) for i, name in enumerate(stat_names)}
     res = ad.AnnData(obs=obs, var=var, layers=layers)

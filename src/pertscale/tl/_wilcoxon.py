@@ -28,7 +28,15 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from .._validation import check_control, get_matrix, perturbation_labels
+from .._validation import (
+    check_control,
+    check_number,
+    check_shape,
+    check_writable_labels,
+    get_matrix,
+    label_list,
+    perturbation_labels,
+)
 from ..cluster import compute, n_workers_of, persist, resolve_scheduler
 from ..io._read import as_dask
 from ._results import results_anndata, scanpy_uns
@@ -128,6 +136,11 @@ def group_aligned(
         y = pieces[0] if len(pieces) == 1 else da.concatenate(pieces, axis=0)
         y = y.rechunk((_block_rows(sizes, max(x.chunks[0])), -1))
     else:
+        # dask's shuffle splits the columns when a group is longer than the row chunks, which fails on
+        # sparse blocks; our blocks hold whole groups anyway, so make the row chunks that long first
+        longest = int(sizes.max())
+        if longest > max(x.chunks[0]):
+            x = x.rechunk({0: longest})
         y = x.shuffle([r.tolist() for r in ordered], axis=0)
         if y.numblocks[1] != 1:
             y = y.rechunk({1: -1})
@@ -155,6 +168,38 @@ def _block_rows(sizes: np.ndarray, budget: int) -> tuple[int, ...]:
     if current:
         blocks.append(current)
     return tuple(blocks)
+
+
+def _warn_if_counts(adata: ad.AnnData, x: da.Array, layer: str | None, scheduler) -> None:
+    """Warn when the matrix holds raw counts where log1p values are expected.
+
+    Integer dtypes are counts for certain. A float matrix that
+    :func:`pertscale.pp.log1p` (or scanpy's) has not marked in
+    ``uns['log1p']`` is looked at in its first row block: whole numbers
+    above 1 throughout are counts, not logarithms.
+    """
+    where = f"layers[{layer!r}]" if layer else "X"
+    if np.issubdtype(x.dtype, np.floating) and "log1p" not in adata.uns and x.shape[0]:
+        from ..cluster import compute
+
+        (first,) = compute(x.blocks[0], scheduler=scheduler, progress=False)
+        values = sp.csr_matrix(first).data[:100_000]
+        counts_like = (
+            values.size > 0
+            and values.min() >= 0
+            and values.max() > 1
+            and bool((values == np.round(values)).all())
+        )
+    else:
+        counts_like = np.issubdtype(x.dtype, np.integer)
+    if counts_like:
+        warnings.warn(
+            f"{where} looks like raw counts (whole numbers), but rank_genes_groups expects log1p-normalized "
+            "values: the test runs, but logfoldchanges would be wrong (they undo log1p). Run "
+            "ps.pp.normalize_total(adata) and ps.pp.log1p(adata) first",
+            UserWarning,
+            stacklevel=3,
+        )
 
 
 def rank_genes_groups(
@@ -230,8 +275,18 @@ def rank_genes_groups(
         If ``perturbation_column`` or ``layer`` is missing.
     ValueError
         If ``control_label`` is unknown, fewer than two control cells remain,
-        no perturbation can be tested, an option is not supported, or the
-        matrix holds NaN or negative values.
+        every cell is a control cell, no perturbation can be tested, a label
+        is empty or two labels are the same text (the integer ``1`` and the
+        string ``"1"``), an option is not supported or out of range, the
+        matrix has no cells or genes, or it holds NaN or negative values.
+        All but the last are raised before any pass over the matrix.
+
+    Warns
+    -----
+    UserWarning
+        If the matrix looks like raw counts (an integer dtype, or whole
+        numbers in a float matrix not marked by ``log1p``): fold changes
+        assume log1p values. Also when gene names repeat (made unique).
 
     Notes
     -----
@@ -248,9 +303,16 @@ def rank_genes_groups(
         raise ValueError(f"method {method!r} is not available; choose one of {METHODS}")
     if corr_method not in CORR_METHODS:
         raise ValueError(f"corr_method {corr_method!r} is not supported; choose one of {CORR_METHODS}")
+    min_cells = check_number(min_cells, "min_cells", integer=True, minimum=1)
+    check_shape(adata)
     labels = perturbation_labels(adata.obs, perturbation_column)
     control_mask = check_control(labels, control_label, perturbation_column)
     counts = labels[~control_mask].value_counts()
+    if counts.empty:
+        raise ValueError(
+            f"every cell in obs[{perturbation_column!r}] is labelled {control_label!r} (control): "
+            "there is no perturbation to test"
+        )
     if perturbations is None:
         if isinstance(adata.obs[perturbation_column].dtype, pd.CategoricalDtype):
             order = [str(c) for c in adata.obs[perturbation_column].cat.categories]
@@ -258,7 +320,7 @@ def rank_genes_groups(
             order = sorted(counts.index)
         candidates = [g for g in order if g in counts.index]
     else:
-        candidates = list(dict.fromkeys(str(p) for p in perturbations))  # unique, order kept
+        candidates = list(dict.fromkeys(label_list(perturbations, "perturbations")))  # unique, order kept
         missing = [p for p in candidates if p not in counts.index]
         if missing:
             raise ValueError(
@@ -277,8 +339,10 @@ def rank_genes_groups(
         raise ValueError(
             f"no perturbation in obs[{perturbation_column!r}] has at least {min_cells} cells; nothing to test"
         )
+    check_writable_labels(groups, perturbation_column)
 
     x = as_dask(get_matrix(adata, layer))
+    _warn_if_counts(adata, x, layer, scheduler)
     n_genes = x.shape[1]
     scheduler = resolve_scheduler(scheduler)
     control = persist(

@@ -1,0 +1,233 @@
+"""Stored matrices: completeness checks and checked block reads.
+
+A lazy read must never turn a damaged store into data. zarr reads a chunk
+that is not there as its fill value (zero), and so does anndata's reader,
+so a store copied or written only in part would silently give different
+cells and different results. This module therefore
+
+- checks, before any computation, that every chunk of a sparse matrix's
+  ``data`` and ``indices`` is stored (zarr: the chunk keys against the
+  array's shape; HDF5: the allocated chunks), and that ``indptr`` is a
+  valid row pointer (non-decreasing, from 0 to ``nnz``);
+- reads row blocks itself (each task opens the file, so the graph carries
+  only a path and a key), checks each block's structure, and turns any read
+  error into one that names the store, the element, the rows and the chunks.
+
+A dense zarr matrix cannot be checked for missing chunks: zarr leaves out
+chunks that hold only zeros by design, so a missing chunk there is
+legitimately all zero.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import scipy.sparse as sp
+
+SPARSE = ("csr_matrix", "csc_matrix")
+
+
+class DamagedStoreError(ValueError):
+    """A stored matrix is incomplete or unreadable."""
+
+
+@dataclass(frozen=True)
+class StoredMatrix:
+    """Where a matrix lives and how it is stored; what a read task needs.
+
+    Attributes
+    ----------
+    path
+        Resolved path of the ``.h5ad`` file or ``.zarr`` directory.
+    fmt
+        ``"h5ad"`` or ``"zarr"``.
+    key
+        The element inside the store: ``"X"``, ``"layers/NAME"`` or ``"raw/X"``.
+    encoding
+        anndata encoding: ``"csr_matrix"``, ``"csc_matrix"`` or ``"array"``.
+    shape
+        ``(n_obs, n_vars)``.
+    dtype
+        dtype of the stored values.
+    """
+
+    path: str
+    fmt: str
+    key: str
+    encoding: str
+    shape: tuple[int, int]
+    dtype: np.dtype
+
+    @property
+    def major_axis(self) -> int:
+        """The axis that ``indptr`` runs along: 1 for CSC, else 0."""
+        return 1 if self.encoding == "csc_matrix" else 0
+
+    @property
+    def where(self) -> str:
+        return f"{self.key} in {self.path!r}"
+
+    def open(self):
+        """The element, opened read-only; close ``handle`` after use.
+
+        Returns
+        -------
+        tuple
+            ``(element, handle)``; ``handle`` is the h5py file or ``None``.
+        """
+        if self.fmt == "h5ad":
+            import h5py
+
+            f = h5py.File(self.path, "r")
+            return f[self.key], f
+        import zarr
+
+        return zarr.open_group(self.path, mode="r")[self.key], None
+
+    def read_major(self, start: int, stop: int):
+        """Rows ``start:stop`` (columns for CSC) as a scipy matrix or numpy array.
+
+        Raises
+        ------
+        DamagedStoreError
+            If the read fails or the block is not a valid sparse matrix;
+            the message names the store, the element, the range and the
+            chunks involved.
+        """
+        what = "columns" if self.encoding == "csc_matrix" else "rows"
+        span = ""
+        handle = None
+        try:
+            elem, handle = self.open()
+            if self.encoding == "array":
+                span = _chunk_names(elem, self.fmt, start, stop)
+                return elem[start:stop]
+            indptr = np.asarray(elem["indptr"][start : stop + 1], dtype=np.int64)
+            lo, hi = int(indptr[0]), int(indptr[-1])
+            span = _chunk_names(elem["data"], self.fmt, lo, hi)
+            _check_pointer(indptr, elem["data"].shape[0])
+            data = elem["data"][lo:hi]
+            indices = elem["indices"][lo:hi]
+            n_minor = self.shape[1 - self.major_axis]
+            if indices.size and (indices.min() < 0 or indices.max() >= n_minor):
+                raise ValueError(f"index values outside 0..{n_minor - 1}")
+            shape = (stop - start, n_minor)
+            if self.encoding == "csc_matrix":
+                return sp.csc_matrix((data, indices, indptr - lo), shape=shape[::-1])
+            return sp.csr_matrix((data, indices, indptr - lo), shape=shape)
+        except (MemoryError, DamagedStoreError):
+            raise
+        except Exception as err:  # any failure to read is reported as a damaged store, with where
+            raise DamagedStoreError(
+                f"cannot read {what} {start:,}-{stop - 1:,} of {self.where}{span}: {type(err).__name__}: {err}. "
+                "The store is damaged or incomplete; write or copy it again"
+            ) from err
+        finally:
+            if handle is not None:
+                handle.close()
+
+    def check_complete(self, elem, root: Path) -> None:
+        """Refuse a store whose matrix is missing chunks or has a broken row pointer.
+
+        Parameters
+        ----------
+        elem
+            The opened element (h5py group/dataset or zarr group/array).
+        root
+            The store's path (for zarr, the directory the chunk keys live in).
+
+        Raises
+        ------
+        DamagedStoreError
+            Naming the missing chunks and the fix.
+        """
+        if self.encoding == "array":
+            if self.fmt == "h5ad":
+                self._refuse_missing("the matrix", _missing_h5_chunks(elem))
+            return  # zarr omits all-zero dense chunks by design: nothing to tell apart
+        n_minor = self.shape[1 - self.major_axis]
+        for name in ("data", "indices"):
+            if name == "indices" and n_minor == 1:
+                continue  # every index is 0, the fill value: zarr may legitimately omit all of them
+            arr = elem[name]
+            missing = _missing_h5_chunks(arr) if self.fmt == "h5ad" else _missing_zarr_chunks(arr, root)
+            self._refuse_missing(name, missing)
+        try:
+            indptr = np.asarray(elem["indptr"][:], dtype=np.int64)
+            _check_pointer(indptr, elem["data"].shape[0], full=True)
+        except Exception as err:
+            raise DamagedStoreError(
+                f"{self.where} has a broken row pointer (indptr: {err}); a missing or damaged chunk of "
+                "indptr would be read as zeros. The store is damaged or incomplete; write or copy it again"
+            ) from err
+
+    def _refuse_missing(self, name: str, missing: list[str]) -> None:
+        if not missing:
+            return
+        shown = ", ".join(repr(m) for m in missing[:5]) + (f", ... ({len(missing)} in all)" if len(missing) > 5 else "")
+        raise DamagedStoreError(
+            f"{self.where} is incomplete: chunk(s) {shown} of {name} are missing, and would be read as zeros. "
+            "The store was probably written or copied only in part; write or copy it again"
+        )
+
+
+def _check_pointer(indptr: np.ndarray, nnz: int, *, full: bool = False) -> None:
+    if indptr.size == 0:
+        raise ValueError("empty")
+    if (np.diff(indptr) < 0).any():
+        raise ValueError("values decrease")
+    if indptr[0] < 0 or indptr[-1] > nnz or (full and (indptr[0] != 0 or indptr[-1] != nnz)):
+        raise ValueError(f"runs from {int(indptr[0])} to {int(indptr[-1])}, outside 0..{nnz}")
+
+
+def _chunk_names(arr, fmt: str, lo: int, hi: int) -> str:
+    """`` (data chunks 'c/3'-'c/4')``: the stored chunks that hold entries ``lo:hi``."""
+    try:
+        size = (arr.shards or arr.chunks)[0] if fmt == "zarr" else (arr.chunks or arr.shape)[0]
+        first, last = lo // max(size, 1), max(lo, hi - 1) // max(size, 1)
+        name = arr.path.rsplit("/", 1)[-1] if fmt == "zarr" else arr.name.rsplit("/", 1)[-1]
+        if fmt == "zarr":
+            rest = (0,) * (len(arr.shape) - 1)
+            a, b = (repr(arr.metadata.encode_chunk_key((i, *rest))) for i in (first, last))
+        else:
+            a, b = str(first), str(last)
+        return f" ({name} chunk{'' if first == last else 's'} {a}{'' if first == last else '-' + b})"
+    except Exception:  # naming is a courtesy; never hide the real error behind it
+        return ""
+
+
+def _missing_zarr_chunks(arr, root: Path) -> list[str]:
+    if arr.size == 0 or arr.nchunks_initialized >= arr.nchunks:
+        return []
+    size = arr.shards or arr.chunks
+    grid = [math.ceil(s / c) for s, c in zip(arr.shape, size, strict=True)]
+    base = Path(root) / arr.path
+    keys = (arr.metadata.encode_chunk_key(c) for c in itertools.product(*map(range, grid)))
+    missing = [f"{arr.path}/{k}" for k in keys if not (base / k).exists()]
+    return missing or [f"{arr.nchunks - arr.nchunks_initialized} chunk(s) inside the shards of {arr.path}"]
+
+
+def _missing_h5_chunks(ds) -> list[str]:
+    if ds.chunks is None or ds.size == 0:
+        return []
+    grid = [math.ceil(s / c) for s, c in zip(ds.shape, ds.chunks, strict=True)]
+    expected = math.prod(grid)
+    stored = ds.id.get_num_chunks()
+    if stored >= expected:
+        return []
+    have = {tuple(ds.id.get_chunk_info(i).chunk_offset) for i in range(stored)}
+    offsets = itertools.product(*(range(0, s, c) for s, c in zip(ds.shape, ds.chunks, strict=True)))
+    return [f"{ds.name} at offset {o[0] if len(o) == 1 else o}" for o in offsets if o not in have]
+
+
+def read_block(stored: StoredMatrix, block_info=None):
+    """Dask task: the block at ``block_info``'s location, read along the major axis."""
+    (r0, r1), (c0, c1) = block_info[None]["array-location"]
+    if stored.major_axis == 1:
+        return stored.read_major(c0, c1)
+    block = stored.read_major(r0, r1)
+    return sp.csr_matrix(block) if stored.encoding == "array" else block
