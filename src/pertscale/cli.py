@@ -37,7 +37,7 @@ def _finite(name: str, **bounds):
         try:
             return check_number(value, name, allow_none=True, **bounds)
         except (TypeError, ValueError) as err:
-            raise click.BadParameter(str(err).replace(f"{name} ", "", 1)) from err
+            raise click.UsageError(str(err), ctx) from err
 
     return callback
 

@@ -122,10 +122,40 @@ class StoredMatrix:
         except (MemoryError, DamagedStoreError):
             raise
         except Exception as err:  # any failure to read is reported as a damaged store, with where
+            span = self._unreadable_chunks(start, stop) or span
             raise DamagedStoreError(
                 f"cannot read {what} {start:,}-{stop - 1:,} of {self.where}{span}: {type(err).__name__}: {err}. "
                 "The store is damaged or incomplete; write or copy it again"
             ) from err
+        finally:
+            if handle is not None:
+                handle.close()
+
+    def _unreadable_chunks(self, start: int, stop: int) -> str:
+        """After a failed read: `` (data chunk 'c/2')``, the chunks that fail when read one by one."""
+        handle = None
+        try:
+            elem, handle = self.open()
+            if self.encoding == "array":
+                spans = [(elem, start, stop)]
+            else:
+                spans = [(elem["indptr"], start, stop + 1)]
+                try:
+                    lo, hi = int(elem["indptr"][start]), int(elem["indptr"][stop])
+                    spans += [(elem["data"], lo, hi), (elem["indices"], lo, hi)]
+                except Exception:
+                    pass  # the row pointer itself is unreadable: its chunks are named below
+            bad = []
+            for arr, a, b in spans:
+                size = _chunk_length(arr, self.fmt)
+                for first in range(a - a % size, b, size):
+                    try:
+                        arr[first : min(first + size, arr.shape[0])]
+                    except Exception:
+                        bad.append(_chunk_names(arr, self.fmt, first, first + 1).strip(" ()"))
+            return f" ({', '.join(bad)})" if bad else ""
+        except Exception:  # naming is a courtesy; never hide the real error behind it
+            return ""
         finally:
             if handle is not None:
                 handle.close()
@@ -187,8 +217,8 @@ def _check_pointer(indptr: np.ndarray, nnz: int, *, full: bool = False) -> None:
 def _chunk_names(arr, fmt: str, lo: int, hi: int) -> str:
     """`` (data chunks 'c/3'-'c/4')``: the stored chunks that hold entries ``lo:hi``."""
     try:
-        size = (arr.shards or arr.chunks)[0] if fmt == "zarr" else (arr.chunks or arr.shape)[0]
-        first, last = lo // max(size, 1), max(lo, hi - 1) // max(size, 1)
+        size = _chunk_length(arr, fmt)
+        first, last = lo // size, max(lo, hi - 1) // size
         name = arr.path.rsplit("/", 1)[-1] if fmt == "zarr" else arr.name.rsplit("/", 1)[-1]
         if fmt == "zarr":
             rest = (0,) * (len(arr.shape) - 1)
@@ -198,6 +228,12 @@ def _chunk_names(arr, fmt: str, lo: int, hi: int) -> str:
         return f" ({name} chunk{'' if first == last else 's'} {a}{'' if first == last else '-' + b})"
     except Exception:  # naming is a courtesy; never hide the real error behind it
         return ""
+
+
+def _chunk_length(arr, fmt: str) -> int:
+    """Length along the first axis of one stored chunk (a shard, for sharded zarr)."""
+    size = (arr.shards or arr.chunks)[0] if fmt == "zarr" else (arr.chunks or arr.shape)[0]
+    return max(int(size), 1)
 
 
 def _missing_zarr_chunks(arr, root: Path) -> list[str]:

@@ -185,10 +185,7 @@ def _warn_if_counts(adata: ad.AnnData, x: da.Array, layer: str | None, scheduler
         (first,) = compute(x.blocks[0], scheduler=scheduler, progress=False)
         values = sp.csr_matrix(first).data[:100_000]
         counts_like = (
-            values.size > 0
-            and values.min() >= 0
-            and values.max() > 1
-            and bool((values == np.round(values)).all())
+            values.size > 0 and values.min() >= 0 and values.max() > 1 and bool((values == np.round(values)).all())
         )
     else:
         counts_like = np.issubdtype(x.dtype, np.integer)
