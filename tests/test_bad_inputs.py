@@ -179,6 +179,13 @@ def _zarr_missing(name: str, key: str):
     return build
 
 
+def _zarr_sharded_missing_shard(tmp, tiny):
+    group = zarr.open_group(str(tmp / "in.zarr"), mode="w", zarr_format=3)
+    ad.io.write_elem(group, "/", tiny, dataset_kwargs={"chunks": (1_000,), "shards": (4_000,)})
+    os.remove(tmp / "in.zarr" / "X" / "data" / "c" / "1")
+    return tmp / "in.zarr", [], tmp / "out"
+
+
 def _zarr_v2_missing_data(tmp, tiny):
     store = write_zarr(tiny, tmp / "in.zarr", fmt=2)
     os.remove(store / "X" / "data" / "3")
@@ -383,6 +390,12 @@ CASES = {
     ),
     "zarr-v3-missing-indptr-chunk": Case(
         _zarr_missing("indptr", "c/2"), 1, r"broken row pointer.*write or copy it again", early=True
+    ),
+    "zarr-v3-sharded-missing-shard": Case(
+        _zarr_sharded_missing_shard,
+        1,
+        r"incomplete: 1 chunk\(s\) of its data array are missing \('X/data/c/1'\)",
+        early=True,
     ),
     "zarr-v2-missing-data-chunk": Case(_zarr_v2_missing_data, 1, r"incomplete.*'X/data/3'", early=True),
     "zarr-corrupt-chunk": Case(

@@ -200,8 +200,9 @@ class StoredMatrix:
             return
         shown = ", ".join(repr(m) for m in missing[:5]) + (f", ... ({len(missing)} in all)" if len(missing) > 5 else "")
         raise DamagedStoreError(
-            f"{self.where} is incomplete: chunk(s) {shown} of {name} are missing, and would be read as zeros. "
-            "The store was probably written or copied only in part; write or copy it again"
+            f"{self.where} is incomplete: {len(missing)} chunk(s) of its {name} array are missing ({shown}) "
+            "and would be read as zeros. The store was probably written or copied only in part: write or "
+            "copy it again"
         )
 
 

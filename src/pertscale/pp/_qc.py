@@ -10,7 +10,7 @@ import dask.array as da
 import numpy as np
 import pandas as pd
 
-from .._validation import check_number, label_list, perturbation_labels
+from .._validation import check_number, check_shape, label_list, perturbation_labels
 from ..cluster import compute
 from ..io._read import as_dask
 from ..kernels.qc import CELL_STATS, GENE_STATS, cell_stats, gene_stats
@@ -125,8 +125,10 @@ def calculate_qc_metrics(
     Raises
     ------
     ValueError
-        If the matrix holds NaN or negative values.
+        If the matrix has no cells or no genes, or holds NaN, infinite or
+        negative values.
     """
+    check_shape(adata)
     mt = mitochondrial_genes(adata.var)
     has_mt = bool(mt.any())
     cells, genes = _matrix_stats(
