@@ -165,6 +165,24 @@ def _out_has_results_overwrite(tmp, tiny):
     return path, ["--overwrite"], out
 
 
+def _dangling_out(tmp, tiny):
+    (tmp / "gone").symlink_to(tmp / "nowhere")
+    return h5ad(tiny, tmp / "in.h5ad"), [], tmp / "gone"
+
+
+def _out_locked(tmp, tiny):
+    import fcntl
+
+    (tmp / "out").mkdir()
+    lock = open(tmp / "out" / ".pertscale.lock", "a")  # noqa: SIM115 - held for the test's lifetime
+    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    _HELD.append(lock)
+    return h5ad(tiny, tmp / "in.h5ad"), [], tmp / "out"
+
+
+_HELD: list = []  # locks held by another "run" during a test
+
+
 def _out_unwritable(tmp, tiny):
     (tmp / "blocker").write_text("x")
     return h5ad(tiny, tmp / "in.h5ad"), [], tmp / "blocker" / "sub"
@@ -487,6 +505,13 @@ CASES = {
     ),
     "empty-label": Case(_labels({"P0001": ""}), 1, r"cannot name a result.*''.*rename them", early=True),
     "blank-label": Case(_labels({"P0001": "   "}), 1, r"cannot name a result.*'   '", early=True),
+    "label-dtype": Case(
+        _labels({"P0001": "dtype"}), 1, r"cannot be written to \.h5ad: 'dtype'.*Rename them", early=True
+    ),
+    "label-reserved-index": Case(_labels({"P0001": "_index"}), 1, r"cannot be written.*'_index'", early=True),
+    "label-with-slash": Case(_labels({"P0001": "P0000/P0002"}), 1, r"'P0000/P0002' \('/' separates groups", early=True),
+    "dangling-symlink-out": Case(_dangling_out, 1, r"symbolic link to a missing path", early=True),
+    "out-locked-by-another-run": Case(_out_locked, 1, r"another pertscale run is writing to --out", early=True),
     "relabelled-and-excluded": Case(_labels({"P0001": "unassigned"}), 0, r"perturbations tested: 3"),
     # values
     "nan-value": Case(_value(np.nan), 1, r"1 NaN and 0 infinite values.*remove or impute"),
@@ -521,8 +546,12 @@ def test_cli_bad_input(name, tiny, tmp_path, monkeypatch):
     out_existed = out.exists()
     if case.early:
         _forbid_passes(monkeypatch)
-    result = CliRunner().invoke(main, _args(path, out, *extra))
-    monkeypatch.undo()
+    try:
+        result = CliRunner().invoke(main, _args(path, out, *extra))
+    finally:
+        monkeypatch.undo()
+        while _HELD:
+            _HELD.pop().close()
     assert result.exit_code == case.exit_code, f"{result.output}\n{result.exception!r}"
     assert re.search(case.message, result.output, flags=re.DOTALL), result.output
     assert "Traceback" not in result.output
@@ -774,6 +803,91 @@ def test_api_many_blocks_warn(tmp_path):
         ps.read(path, chunk_size=1)
 
 
+def test_api_legitimately_omitted_chunks_are_read(tmp_path):
+    # zarr leaves out chunks that hold only the fill value: here every column index is 0
+    x = sp.csr_matrix(np.c_[np.ones((40, 1)), np.zeros((40, 19))].astype(np.float32))
+    for fmt in (2, 3):
+        path = write_zarr(ad.AnnData(x), tmp_path / f"col0-v{fmt}.zarr", chunks=None, fmt=fmt)
+        assert not any((path / "X" / "indices").rglob("0"))  # the chunk really is absent
+        got = ps.read(path).X.compute(scheduler="synchronous")
+        assert (got != x).nnz == 0
+
+
+def test_api_explicit_zero_chunk_is_refused_with_the_fix(tmp_path):
+    x = sp.csr_matrix((np.zeros(40, dtype=np.float32), np.arange(40) % 20, np.arange(41)), shape=(40, 20))
+    path = write_zarr(ad.AnnData(x), tmp_path / "zeros.zarr", chunks=None)
+    with pytest.raises(ps.io.DamagedStoreError, match=r"data array are missing.*X\.eliminate_zeros\(\)"):
+        ps.read(path)
+
+
+def test_api_h5ad_written_element_by_element_is_read(tiny, tmp_path):
+    # ad.io.write_elem stores raw=None as a "null" placeholder dataset
+    path = tmp_path / "elem.h5ad"
+    with h5py.File(path, "w") as f:
+        ad.io.write_elem(f, "/", tiny)
+    a = ps.read(path)
+    assert (a.X.compute(scheduler="synchronous") != tiny.X).nnz == 0
+    with h5py.File(path, "a") as f:
+        del f["X"]
+    with pytest.raises(ValueError, match=r"not an AnnData store.*no 'X', no layers and no raw"):
+        ps.read(path)
+
+
+def test_api_tidy_threshold_is_checked(tiny):
+    res = _rank(_prepared(tiny))
+    with pytest.raises(ValueError, match=r"max_pval_adj must be a finite number"):
+        ps.tl.tidy(res, max_pval_adj=float("nan"))
+    with pytest.raises(ValueError, match=r"max_pval_adj must be >= 0 and <= 1"):
+        ps.tl.tidy(res, max_pval_adj=5)
+
+
+def test_more_perturbations_than_scanpy_uns_holds(tmp_path):
+    # scanpy's record arrays stop fitting an HDF5 object header past ~1,100 perturbations: the main job
+    # says so before any pass and writes every statistic in the layers
+    a = ps.datasets.simulate_screen(4_000, 20, 4, control_fraction=0.1, seed=2, n_affected=0)
+    del a.uns["simulation"]
+    labels = a.obs["perturbation"].astype(str).to_numpy()
+    others = np.flatnonzero(labels != "control")
+    labels[others] = [f"G{i % 1_300:04d}" for i in range(others.size)]  # 1,300 groups of 2-3 cells
+    a.obs["perturbation"] = labels
+    path = h5ad(a, tmp_path / "wide.h5ad")
+    extra = ["--min-cells-per-perturbation", "2", "--min-genes", "0", "--min-cells", "0"]
+    result = CliRunner().invoke(main, _args(path, tmp_path / "out", *extra))
+    assert result.exit_code == 0, result.output
+    assert "more than scanpy's uns['rank_genes_groups'] record arrays hold" in result.output
+    res = ad.read_h5ad(tmp_path / "out" / "de_wilcoxon.h5ad")
+    tested = (a.obs["perturbation"].value_counts().drop("control") >= 2).sum()
+    assert res.n_obs == tested > 1_100 and "rank_genes_groups" not in res.uns
+    assert np.isfinite(res.layers["pvals"]).any()
+
+
+def test_commit_restores_earlier_results_when_a_move_fails(tiny, tmp_path, monkeypatch):
+    path, _, out = _out_has_results(tmp_path, tiny)
+    real_replace = os.replace
+    calls = []
+
+    def failing_replace(src, dst):
+        calls.append(dst)
+        if str(dst).endswith("qc.csv"):
+            raise OSError("disk went away")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", failing_replace)
+    with pytest.raises(OSError, match="disk went away"):
+        ps.run(
+            path,
+            out,
+            perturbation_column="perturbation",
+            control_label="control",
+            overwrite=True,
+            scheduler="synchronous",
+        )
+    monkeypatch.undo()
+    assert any(str(c).endswith("de_wilcoxon.h5ad") for c in calls)  # the first move had happened
+    assert (out / "de_wilcoxon.h5ad").read_text() == "earlier results"  # and was undone
+    assert sorted(p.name for p in out.iterdir()) == ["de_wilcoxon.h5ad"]
+
+
 # ---------------------------------------------------------------- whole processes: Ctrl-C and worker errors
 
 
@@ -819,6 +933,21 @@ def test_ctrl_c_ends_quietly_with_130_and_no_output(tmp_path):
     assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr
     assert not out.exists()
     assert checksum(path) == before
+
+
+@pytest.mark.cluster
+def test_ctrl_c_while_the_cluster_starts(tiny, tmp_path):
+    path = h5ad(tiny, tmp_path / "in.h5ad")
+    out = tmp_path / "out"
+    proc = _subprocess_run(path, out, start_new_session=True)
+    deadline = time.monotonic() + 60
+    while not (out.exists() and any(out.glob(".pertscale-run-*"))) and time.monotonic() < deadline:
+        time.sleep(0.01)  # the staging directory appears just before the first pass starts the cluster
+    os.killpg(proc.pid, signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr
+    assert stderr.strip() == "interrupted: nothing was written", stderr
+    assert not out.exists()
 
 
 @pytest.mark.cluster

@@ -4,18 +4,40 @@
 >>> adata = ps.read("screen.h5ad")                      # lazy
 >>> ps.pp.normalize_total(adata); ps.pp.log1p(adata)    # lazy, blockwise
 >>> de = ps.tl.rank_genes_groups(adata, "perturbation", "control")
+
+Submodules and functions are imported on first use, so ``import pertscale``
+(and ``pertscale --help``) does not wait for anndata, dask and numba.
 """
 
+from importlib import import_module
 from importlib.metadata import PackageNotFoundError, version
-
-from . import datasets, pp, tl
-from ._pipeline import run
-from ._settings import settings
-from .io import read, write
+from typing import TYPE_CHECKING
 
 try:
     __version__ = version("pertscale")
 except PackageNotFoundError:  # pragma: no cover - not installed
     __version__ = "0+unknown"
 
-__all__ = ["__version__", "datasets", "pp", "read", "run", "settings", "tl", "write"]
+_SUBMODULES = ("cluster", "datasets", "io", "pp", "tl")
+_FUNCTIONS = {"read": ".io", "write": ".io", "run": "._pipeline", "settings": "._settings"}
+
+__all__ = ["__version__", "cluster", "datasets", "io", "pp", "read", "run", "settings", "tl", "write"]
+
+
+def __getattr__(name: str):
+    if name in _SUBMODULES:
+        return import_module(f".{name}", __name__)
+    if name in _FUNCTIONS:
+        return getattr(import_module(_FUNCTIONS[name], __name__), name)
+    raise AttributeError(f"module 'pertscale' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_SUBMODULES, *_FUNCTIONS})
+
+
+if TYPE_CHECKING:  # pragma: no cover
+    from . import cluster, datasets, io, pp, tl
+    from ._pipeline import run
+    from ._settings import settings
+    from .io import read, write

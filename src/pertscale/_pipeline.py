@@ -7,6 +7,7 @@ import os
 import shutil
 import tempfile
 import time
+import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +26,7 @@ from ._validation import (
 )
 from .io import read, write
 from .io._write import check_not_input, overlap
+from .tl._results import check_results_writable
 
 logger = logging.getLogger(__name__)
 
@@ -79,10 +81,14 @@ class OutputDir:
 
     Files are written into a hidden staging directory inside ``out`` and
     moved into place only when every one of them is written, so a failed or
-    interrupted run leaves no partial results (and the results of an earlier
-    run, if it was allowed to replace them, untouched). Directories this run
-    created are removed again if it fails.
+    interrupted run leaves no partial results. Results of an earlier run are
+    replaced only with ``overwrite``, and restored if the move of the new
+    ones fails half-way. A lock file keeps two runs from writing into the
+    same ``out`` at once. Directories this run created are removed again if
+    it fails.
     """
+
+    LOCK = ".pertscale.lock"
 
     def __init__(self, out: Path, *, inputs: list[Path], overwrite: bool) -> None:
         self.out = Path(out)
@@ -90,9 +96,12 @@ class OutputDir:
         self.overwrite = overwrite
         self.created: list[Path] = []
         self.staging: Path | None = None
+        self._lock = None
 
     def __enter__(self) -> OutputDir:
         out = self.out
+        if out.is_symlink() and not out.exists():
+            raise ValueError(f"--out {str(out)!r} is a symbolic link to a missing path; choose an existing directory")
         if out.exists() and not out.is_dir():
             raise ValueError(f"--out {str(out)!r} is a file, not a directory; choose a directory")
         for source in self.inputs:
@@ -103,23 +112,47 @@ class OutputDir:
                         f"--out {str(out)!r} would overwrite the input {str(source)!r} (the job writes {name} "
                         "there); inputs are never modified: choose another --out"
                     )
-        earlier = [name for name in OUTPUT_FILES.values() if (out / name).exists()]
-        if earlier and not self.overwrite:
-            raise FileExistsError(
-                f"--out {str(out)!r} already holds results of an earlier run ({', '.join(earlier)}); "
-                "pass --overwrite (overwrite=True) to replace them, or choose another --out"
-            )
-        missing = [d for d in (out, *out.parents) if not d.exists()]
+        missing = [d for d in (out, *out.parents) if not d.exists()]  # deepest first
         try:
-            out.mkdir(parents=True, exist_ok=True)
-            self.created = missing  # deepest first
+            try:
+                out.mkdir(parents=True, exist_ok=True)
+            finally:
+                self.created = [d for d in missing if d.exists()]
+            self._take_lock()
+            earlier = [name for name in OUTPUT_FILES.values() if (out / name).exists()]
+            if earlier and not self.overwrite:
+                raise FileExistsError(
+                    f"--out {str(out)!r} already holds results of an earlier run ({', '.join(earlier)}); "
+                    "pass --overwrite (overwrite=True) to replace them, or choose another --out"
+                )
             self.staging = Path(tempfile.mkdtemp(prefix=".pertscale-run-", dir=out))
         except OSError as err:
-            self._remove_created()
+            self._release()
+            if isinstance(err, FileExistsError):
+                raise
             raise PermissionError(
                 f"cannot write to output directory {str(out)!r} ({err.strerror or err}); choose a writable --out"
             ) from err
+        except BaseException:
+            self._release()
+            raise
         return self
+
+    def _take_lock(self) -> None:
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - not POSIX: no lock
+            return
+        self._lock = open(self.out / self.LOCK, "a")  # noqa: SIM115 - held until _release
+        try:
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._lock.close()
+            self._lock = None
+            raise ValueError(
+                f"another pertscale run is writing to --out {str(self.out)!r} (it holds {self.LOCK}); "
+                "wait for it to finish or choose another --out"
+            ) from None
 
     def path(self, key: str) -> Path:
         """Where to write output ``key`` now (inside the staging directory)."""
@@ -131,22 +164,50 @@ class OutputDir:
         return self.out / OUTPUT_FILES[key]
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        assert self.staging is not None
         try:
             if exc_type is None:
-                for key in OUTPUT_FILES:
-                    os.replace(self.path(key), self.final(key))
+                self._commit()
         finally:
-            shutil.rmtree(self.staging, ignore_errors=True)
-            if exc_type is not None:
-                self._remove_created()
+            self._release(failed=exc_type is not None)
 
-    def _remove_created(self) -> None:
-        for d in self.created:
+    def _commit(self) -> None:
+        """Move every output into place, or none: earlier files are kept (hard links) until all moved."""
+        assert self.staging is not None
+        previous = self.staging / "previous"
+        previous.mkdir()
+        existed = {key for key in OUTPUT_FILES if self.final(key).exists()}
+        kept, moved = set(), []
+        for key in existed:
             try:
-                d.rmdir()  # only if empty: never remove what someone else put there meanwhile
-            except OSError:
-                break
+                os.link(self.final(key), previous / OUTPUT_FILES[key])
+                kept.add(key)
+            except OSError:  # no hard links on this file system: that file cannot be restored
+                pass
+        try:
+            for key in OUTPUT_FILES:
+                os.replace(self.path(key), self.final(key))
+                moved.append(key)
+        except BaseException:
+            for key in moved:
+                if key in kept:
+                    os.replace(previous / OUTPUT_FILES[key], self.final(key))
+                elif key not in existed:
+                    self.final(key).unlink(missing_ok=True)
+            raise
+
+    def _release(self, *, failed: bool = True) -> None:
+        if self.staging is not None:
+            shutil.rmtree(self.staging, ignore_errors=True)
+        if self._lock is not None:
+            (self.out / self.LOCK).unlink(missing_ok=True)
+            self._lock.close()
+            self._lock = None
+        if failed:
+            for d in self.created:
+                try:
+                    d.rmdir()  # only if empty: never remove what someone else put there meanwhile
+                except OSError:
+                    break
 
 
 def _check_labels_before_passes(
@@ -156,8 +217,12 @@ def _check_labels_before_passes(
     control_label: str,
     exclude_labels: list[str],
     min_cells_per_perturbation: int,
-) -> None:
-    """What ``obs`` alone can tell: raise before any pass over the matrix."""
+) -> bool:
+    """What ``obs`` alone can tell: raise before any pass over the matrix.
+
+    Returns whether scanpy's ``uns['rank_genes_groups']`` fits in the
+    results file (see :func:`pertscale.tl._results.check_results_writable`).
+    """
     control_label = str(control_label)
     check_control(labels, control_label, perturbation_column)
     if control_label in exclude_labels:
@@ -184,7 +249,11 @@ def _check_labels_before_passes(
             f"no perturbation has {min_cells_per_perturbation} cells even before filtering (the largest, "
             f"{candidates.index[0]!r}, has {int(candidates.iloc[0])}); lower --min-cells-per-perturbation"
         )
-    check_writable_labels(candidates.index, perturbation_column)
+    testable = [str(g) for g in candidates.index[candidates >= min_cells_per_perturbation]]
+    check_writable_labels(testable, perturbation_column)
+    from .kernels.wilcoxon import WILCOXON_STATS
+
+    return check_results_writable(testable, WILCOXON_STATS, perturbation_column=perturbation_column)
 
 
 def run(
@@ -286,7 +355,7 @@ def run(
     adata = read(path, layer=layer, use_raw=use_raw, chunk_size=chunk_size)
     check_shape(adata, f"the matrix in {str(path)!r}")
     labels = perturbation_labels(adata.obs, perturbation_column)
-    _check_labels_before_passes(
+    scanpy_format = _check_labels_before_passes(
         labels,
         perturbation_column=perturbation_column,
         control_label=control_label,
@@ -309,6 +378,7 @@ def run(
             tie_correct=tie_correct,
             use_continuity=use_continuity,
             corr_method=corr_method,
+            scanpy_format=scanpy_format,
             scheduler=scheduler,
             progress=progress,
             seconds=seconds,
@@ -350,6 +420,7 @@ def _compute(
     tie_correct: bool,
     use_continuity: bool,
     corr_method: str,
+    scanpy_format: bool,
     scheduler,
     progress,
     seconds: dict[str, float],
@@ -402,11 +473,19 @@ def _compute(
         tie_correct=tie_correct,
         use_continuity=use_continuity,
         corr_method=corr_method,
-        scanpy_format=True,
+        scanpy_format=scanpy_format,
         scheduler=scheduler,
         progress=progress,
     )
     seconds["wilcoxon"] = time.perf_counter() - t
+    if not scanpy_format:
+        warnings.warn(
+            f"{res.n_obs:,} perturbations are more than scanpy's uns['rank_genes_groups'] record arrays hold in "
+            "an .h5ad file; de_wilcoxon.h5ad has every statistic in its layers but not that view "
+            "(scanpy.get.rank_genes_groups_df will not work on it; ps.tl.tidy does)",
+            UserWarning,
+            stacklevel=3,
+        )
     res.uns["pertscale"]["settings"].update(
         {
             "min_genes": int(min_genes),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 
 import click
@@ -13,19 +14,46 @@ from . import __version__
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="pertscale")
 @click.option("-v", "--verbose", count=True, help="More log messages (-v info, -vv debug).")
-def main(verbose: int) -> None:
+@click.pass_context
+def main(ctx: click.Context, verbose: int) -> None:
     """pertscale: out-of-core analysis of single-cell CRISPR screens on Dask.
 
     Run `pertscale run --help` for the main job.
     """
     level = logging.WARNING - 10 * min(verbose, 2)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
-    import distributed  # noqa: F401  (configures its loggers on import; quiet them after)
+    ctx.obj = {"verbose": verbose}
 
-    # distributed warns about lost workers and slow closes when a run stops on an error or Ctrl-C;
-    # the run's own message says what happened, so theirs only show with -v
+
+def _quiet_libraries(verbose: int) -> None:
+    """Quiet distributed's loggers unless asked (-v).
+
+    distributed warns about lost workers and slow closes when a run stops on
+    an error or Ctrl-C; the run's own message says what happened.
+    """
+    import distributed  # noqa: F401  (configures its loggers on import; set their levels after)
+
+    level = logging.WARNING - 10 * min(verbose, 2)
     for noisy in ("distributed", "bokeh", "tornado"):
         logging.getLogger(noisy).setLevel(logging.ERROR if verbose == 0 else max(level, logging.WARNING))
+
+
+def _silence_exit_handlers() -> None:
+    """Send what exit handlers print to /dev/null: the run has said why it stopped.
+
+    The outputs are cleaned up by then; what remains is shutting the cluster
+    down, and distributed's own exit handler raises (and prints a traceback)
+    on a cluster that Ctrl-C caught while it was starting.
+    """
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+            fd = stream.fileno()
+        except (AttributeError, OSError, ValueError):  # not a real file (e.g. click's test runner)
+            continue
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, fd)
+        os.close(devnull)
 
 
 def _finite(name: str, **bounds):
@@ -152,12 +180,13 @@ def run(
     """
     import warnings
 
-    from ._pipeline import run as run_pipeline
-
     labels = tuple(s.strip() for s in exclude_labels.split(",") if s.strip())
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", UserWarning)
         try:
+            _quiet_libraries(click.get_current_context().find_root().obj["verbose"])
+            from ._pipeline import run as run_pipeline
+
             summary = run_pipeline(
                 input_path,
                 out_dir,
@@ -182,6 +211,7 @@ def run(
             raise click.ClickException(str(message)) from err
         except KeyboardInterrupt:
             click.echo("\ninterrupted: nothing was written", err=True)
+            _silence_exit_handlers()
             raise click.exceptions.Exit(130) from None
     for w in caught:
         if issubclass(w.category, UserWarning) and "pertscale" in str(w.filename):
@@ -192,5 +222,18 @@ def run(
         click.echo(line)
 
 
+def entry() -> None:
+    """The console script: ``main`` with Ctrl-C at any moment ending in exit code 130, quietly."""
+    try:
+        code = main.main(standalone_mode=False)
+    except click.exceptions.Abort:  # click's wrapping of a KeyboardInterrupt outside the run itself
+        click.echo("\ninterrupted: nothing was written", err=True)
+        code = 130
+    except click.ClickException as err:
+        err.show()
+        code = err.exit_code
+    sys.exit(code if isinstance(code, int) else 0)
+
+
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    entry()

@@ -12,7 +12,6 @@ from __future__ import annotations
 import atexit
 import logging
 import os
-import signal
 import threading
 from contextlib import contextmanager
 from typing import Any
@@ -85,21 +84,29 @@ def local_client(n_workers: int | None = None):
 
 @contextmanager
 def _workers_ignore_sigint():
-    """Start worker processes that ignore SIGINT.
+    """Start worker processes that ignore SIGINT, without ever ignoring the caller's Ctrl-C.
 
     Ctrl-C in a terminal reaches the whole process group: the workers would
     die with tracebacks of their own while the client shuts them down
-    cleanly anyway. A process started while SIGINT is ignored keeps ignoring
-    it (Python installs its handler only where the parent left the default).
+    cleanly anyway. The workers are therefore forked from a multiprocessing
+    fork server whose first import, :mod:`pertscale._ignore_sigint`, makes
+    it ignore SIGINT; the fork server hands that setting on to every process
+    it forks (it restores, in each child, the handlers it had before serving)
+    and Python and asyncio leave an ignored SIGINT ignored. This process's
+    own handling of SIGINT is never touched. Where there is no fork server
+    (Windows), or one was already running, the workers start as usual.
     """
-    if threading.current_thread() is not threading.main_thread():
+    import multiprocessing
+    from multiprocessing import forkserver
+
+    if "forkserver" not in multiprocessing.get_all_start_methods():
         yield
         return
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
+    # distributed preloads itself in the fork server too, which makes workers start faster
+    forkserver.set_forkserver_preload(["pertscale._ignore_sigint", "distributed"])
+    forkserver.ensure_running()
+    with dask.config.set({"distributed.worker.multiprocessing-method": "forkserver"}):
         yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
 
 
 def _address_client(address: str):

@@ -177,15 +177,8 @@ class StoredMatrix:
         """
         if self.encoding == "array":
             if self.fmt == "h5ad":
-                self._refuse_missing("the matrix", _missing_h5_chunks(elem))
+                self._refuse_missing("the matrix", [m[0] for m in _missing_h5_chunks(elem)])
             return  # zarr omits all-zero dense chunks by design: nothing to tell apart
-        n_minor = self.shape[1 - self.major_axis]
-        for name in ("data", "indices"):
-            if name == "indices" and n_minor == 1:
-                continue  # every index is 0, the fill value: zarr may legitimately omit all of them
-            arr = elem[name]
-            missing = _missing_h5_chunks(arr) if self.fmt == "h5ad" else _missing_zarr_chunks(arr, root)
-            self._refuse_missing(name, missing)
         try:
             indptr = np.asarray(elem["indptr"][:], dtype=np.int64)
             _check_pointer(indptr, elem["data"].shape[0], full=True)
@@ -194,16 +187,39 @@ class StoredMatrix:
                 f"{self.where} has a broken row pointer (indptr: {err}); a missing or damaged chunk of "
                 "indptr would be read as zeros. The store is damaged or incomplete; write or copy it again"
             ) from err
+        for name in ("indices", "data"):
+            arr = elem[name]
+            missing = _missing_h5_chunks(arr) if self.fmt == "h5ad" else _missing_zarr_chunks(arr, root)
+            if name == "indices":
+                # zarr leaves out a chunk that holds only zeros: legitimate for column indices when no row
+                # has two entries in it (each such row's one entry is in column 0); otherwise damage
+                missing = [m for m in missing if m[1] is None or _crowded(indptr, m[1], m[2])]
+            self._refuse_missing(name, [m[0] for m in missing])
 
     def _refuse_missing(self, name: str, missing: list[str]) -> None:
         if not missing:
             return
         shown = ", ".join(repr(m) for m in missing[:5]) + (f", ... ({len(missing)} in all)" if len(missing) > 5 else "")
+        hint = (
+            " (If the matrix does store explicit zeros there, zarr leaves such a chunk out: drop them with "
+            "X.eliminate_zeros() and write the store again.)"
+            if name == "data" and self.fmt == "zarr"
+            else ""
+        )
         raise DamagedStoreError(
             f"{self.where} is incomplete: {len(missing)} chunk(s) of its {name} array are missing ({shown}) "
             "and would be read as zeros. The store was probably written or copied only in part: write or "
-            "copy it again"
+            f"copy it again.{hint}"
         )
+
+
+def _crowded(indptr: np.ndarray, lo: int, hi: int) -> bool:
+    """Whether some row has two or more entries among entries ``lo:hi``."""
+    first = max(int(np.searchsorted(indptr, lo, side="right")) - 1, 0)
+    last = int(np.searchsorted(indptr, hi, side="left"))
+    starts = np.maximum(indptr[first:last], lo)
+    stops = np.minimum(indptr[first + 1 : last + 1], hi)
+    return bool(((stops - starts) >= 2).any())
 
 
 def _check_pointer(indptr: np.ndarray, nnz: int, *, full: bool = False) -> None:
@@ -237,28 +253,44 @@ def _chunk_length(arr, fmt: str) -> int:
     return max(int(size), 1)
 
 
-def _missing_zarr_chunks(arr, root: Path) -> list[str]:
-    if arr.size == 0 or arr.nchunks_initialized >= arr.nchunks:
+def _missing_zarr_chunks(arr, root: Path) -> list[tuple[str, int | None, int | None]]:
+    """Stored chunks (shards) of a zarr array that are not on disk: ``(key, first entry, stop)``."""
+    if arr.size == 0:
         return []
     size = arr.shards or arr.chunks
     grid = [math.ceil(s / c) for s, c in zip(arr.shape, size, strict=True)]
     base = Path(root) / arr.path
-    keys = (arr.metadata.encode_chunk_key(c) for c in itertools.product(*map(range, grid)))
-    missing = [f"{arr.path}/{k}" for k in keys if not (base / k).exists()]
-    return missing or [f"{arr.nchunks - arr.nchunks_initialized} chunk(s) inside the shards of {arr.path}"]
+    present = {p.relative_to(base).as_posix() for p in base.rglob("*") if p.is_file()}
+    missing = []
+    for coords in itertools.product(*map(range, grid)):
+        key = arr.metadata.encode_chunk_key(coords)
+        if key not in present:
+            lo = coords[0] * size[0]
+            missing.append((f"{arr.path}/{key}", lo, min(lo + size[0], arr.shape[0])))
+    if (
+        not missing
+        and arr.shards
+        and arr.nchunks_initialized < math.prod(math.ceil(s / c) for s, c in zip(arr.shape, arr.chunks, strict=True))
+    ):
+        missing.append((f"chunk(s) inside the shards of {arr.path}", None, None))
+    return missing
 
 
-def _missing_h5_chunks(ds) -> list[str]:
+def _missing_h5_chunks(ds) -> list[tuple[str, int | None, int | None]]:
+    """Chunks of a chunked HDF5 dataset that were never written: ``(name, first entry, stop)``."""
     if ds.chunks is None or ds.size == 0:
         return []
     grid = [math.ceil(s / c) for s, c in zip(ds.shape, ds.chunks, strict=True)]
-    expected = math.prod(grid)
     stored = ds.id.get_num_chunks()
-    if stored >= expected:
+    if stored >= math.prod(grid):
         return []
     have = {tuple(ds.id.get_chunk_info(i).chunk_offset) for i in range(stored)}
     offsets = itertools.product(*(range(0, s, c) for s, c in zip(ds.shape, ds.chunks, strict=True)))
-    return [f"{ds.name} at offset {o[0] if len(o) == 1 else o}" for o in offsets if o not in have]
+    return [
+        (f"{ds.name} at offset {o[0] if len(o) == 1 else o}", o[0], min(o[0] + ds.chunks[0], ds.shape[0]))
+        for o in offsets
+        if o not in have
+    ]
 
 
 def read_block(stored: StoredMatrix, block_info=None):

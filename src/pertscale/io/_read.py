@@ -73,8 +73,8 @@ def _matrix_key(store, path: Path, layer: str | None, use_raw: bool) -> str:
     for key in ("obs", "var"):
         if key not in store:
             raise _not_anndata(path, f"it has no {key!r} group")
-    layers = sorted(store["layers"].keys()) if "layers" in store else []
-    has_raw = "raw" in store and "X" in store["raw"]
+    layers = sorted(store["layers"].keys()) if _has(store, "layers") and hasattr(store["layers"], "keys") else []
+    has_raw = _has(store, "raw") and hasattr(store["raw"], "keys") and _has(store["raw"], "X")
     elsewhere = [f"layers[{name!r}] (--layer {name}, or layer={name!r})" for name in layers]
     if has_raw:
         elsewhere.append("raw.X (--use-raw, or use_raw=True)")
@@ -89,10 +89,10 @@ def _matrix_key(store, path: Path, layer: str | None, use_raw: bool) -> str:
             extra = " and raw.X (--use-raw)" if has_raw else ""
             raise ValueError(
                 f"layer {layer!r} not found in {str(path)!r}; layers present: {layers}{extra}"
-                + ("; X is present (omit --layer to read it)" if "X" in store else "")
+                + ("; X is present (omit --layer to read it)" if _has(store, "X") else "")
             )
         return f"layers/{layer}"
-    if "X" not in store or _is_empty_x(store["X"]):
+    if not _has(store, "X") or getattr(store["X"], "ndim", 2) == 0:  # absent, None, or a 0-d placeholder
         if elsewhere:
             raise ValueError(
                 f"{str(path)!r} stores no X; its matrix is in " + " or in ".join(elsewhere) + ": read that one"
@@ -101,9 +101,9 @@ def _matrix_key(store, path: Path, layer: str | None, use_raw: bool) -> str:
     return "X"
 
 
-def _is_empty_x(elem) -> bool:
-    # anndata writes X=None as an absent key; some tools write a 0-d placeholder
-    return getattr(elem, "ndim", 2) == 0
+def _has(group, key: str) -> bool:
+    """``key`` is stored in ``group`` and is not anndata's placeholder for ``None`` (encoding "null")."""
+    return key in group and group[key].attrs.get("encoding-type") != "null"
 
 
 def _describe(elem, key: str, path: Path, n_obs: int, n_vars: int) -> tuple[str, np.dtype, float]:

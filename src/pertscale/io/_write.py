@@ -129,7 +129,16 @@ def write(adata: ad.AnnData, path: str | Path) -> Path:
             else:
                 os.replace(tmp, path)
         else:
-            adata.write_h5ad(tmp)
+            try:
+                adata.write_h5ad(tmp)
+            except ValueError as err:
+                if "object header message is too large" not in str(err):
+                    raise
+                raise ValueError(
+                    f"cannot write {str(path)!r}: a record array in uns has more fields than an HDF5 object header "
+                    f"holds ({err}); scanpy's uns['rank_genes_groups'] does this past about 1,100 perturbations. "
+                    "The layers hold every statistic: del adata.uns['rank_genes_groups'] and write again"
+                ) from err
             os.replace(tmp, path)
     finally:
         if tmp.exists():

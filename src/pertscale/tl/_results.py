@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import io
 from typing import Any
 
 import anndata as ad
+import h5py
 import numpy as np
 import pandas as pd
 
-from .._validation import unique_var_names
+from .._validation import check_number, unique_var_names
 
 
 def clean_settings(settings: dict[str, Any]) -> dict[str, Any]:
@@ -100,7 +102,13 @@ def tidy(results: ad.AnnData, *, max_pval_adj: float | None = None) -> pd.DataFr
     Columns ``perturbation, gene, logfoldchange, score, pval, pval_adj``,
     sorted by perturbation then adjusted p-value. ``max_pval_adj`` keeps
     rows with ``pval_adj < max_pval_adj``.
+
+    Raises
+    ------
+    ValueError
+        If ``max_pval_adj`` is not a number in ``[0, 1]``.
     """
+    max_pval_adj = check_number(max_pval_adj, "max_pval_adj", minimum=0, maximum=1, allow_none=True)
     n_groups, n_genes = results.shape
     df = pd.DataFrame(
         {
@@ -115,3 +123,98 @@ def tidy(results: ad.AnnData, *, max_pval_adj: float | None = None) -> pd.DataFr
     if max_pval_adj is not None:
         df = df[df["pval_adj"] < max_pval_adj]
     return df.sort_values(["perturbation", "pval_adj", "gene"], kind="stable").reset_index(drop=True)
+
+
+#: h5py's words when a record array has more fields than an HDF5 object header holds.
+TOO_MANY_FIELDS = "object header message is too large"
+
+
+def _skeleton(groups: list[str], stat_names: tuple[str, ...], *, scanpy_format: bool) -> ad.AnnData:
+    settings = {"method": "-", "perturbation_column": "-", "control_label": "-", "corr_method": "-"}
+    stats = np.zeros((len(groups), len(stat_names), 1))
+    res = results_anndata(
+        stats,
+        stat_names,
+        groups=groups,
+        var=pd.DataFrame(index=["gene"]),
+        n_cells=np.ones(len(groups)),
+        settings=settings,
+    )
+    if scanpy_format:
+        scanpy_uns(res)
+    return res
+
+
+def _write_in_memory(adata: ad.AnnData) -> None:
+    with h5py.File(io.BytesIO(), "w") as f:
+        ad.io.write_elem(f, "/", adata)
+
+
+def check_results_writable(groups: list[str], stat_names: tuple[str, ...], *, perturbation_column: str) -> bool:
+    """Write an empty results file for these perturbation labels, in memory, before any pass.
+
+    A label can be fine as text and still not fit the file: ``'dtype'`` or
+    ``'_index'`` clash with anndata's layout of scanpy's
+    ``uns['rank_genes_groups']``, a ``'/'`` opens an HDF5 group, and more
+    than about 1,100 perturbations do not fit scanpy's record arrays in one
+    HDF5 object header. This writes the results' layout (one gene) to an
+    in-memory HDF5 file, as the real write would, so such problems show up
+    before the computation instead of after it.
+
+    Parameters
+    ----------
+    groups
+        The perturbation labels that will be tested.
+    stat_names
+        The statistics (layers) of the results.
+    perturbation_column
+        Named in the message.
+
+    Returns
+    -------
+    bool
+        Whether scanpy's ``uns['rank_genes_groups']`` fits; ``False`` when
+        there are too many perturbations for its record arrays (the layers
+        hold every statistic either way).
+
+    Raises
+    ------
+    ValueError
+        Naming the labels that cannot be written, and the fix.
+    """
+    slashed = [f"{g!r} ('/' separates groups in HDF5 and zarr)" for g in groups if "/" in g]
+    if not slashed:
+        try:
+            _write_in_memory(_skeleton(groups, stat_names, scanpy_format=True))
+            return True
+        except Exception as err:  # anndata and h5py raise several types for a layout they cannot write
+            first_error = err
+    else:
+        first_error = None
+    scanpy_fits = first_error is None or TOO_MANY_FIELDS not in str(first_error)
+    if not scanpy_fits:  # too many perturbations for scanpy's record arrays: the layers alone must fit
+        try:
+            _write_in_memory(_skeleton(groups, stat_names, scanpy_format=False))
+            return False
+        except Exception as err:
+            first_error = err
+    bad = list(slashed)
+    for g in groups:
+        if "/" in g:
+            continue
+        try:
+            _write_in_memory(_skeleton([g], stat_names, scanpy_format=scanpy_fits))
+        except Exception as err:
+            bad.append(f"{g!r} ({type(err).__name__}: {str(err).splitlines()[0][:80]})")
+    if bad:
+        raise ValueError(
+            f"obs[{perturbation_column!r}] has label(s) whose results cannot be written to .h5ad: "
+            f"{', '.join(bad[:10])}{' ...' if len(bad) > 10 else ''}; names such as 'dtype' and '_index', or "
+            "with a '/', clash with the file's layout. Rename them"
+        )
+    if first_error is not None:  # no label fails alone; together they do
+        raise ValueError(
+            f"the results of the labels in obs[{perturbation_column!r}] cannot be written to .h5ad "
+            f"({type(first_error).__name__}: {first_error}); rename the labels"
+        ) from first_error
+    return scanpy_fits
