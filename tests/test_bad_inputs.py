@@ -671,21 +671,17 @@ API_CASES = {
         r"perturbations not found.*'P0009'",
     ),
     "run-target-sum-inf": (
-        lambda t, p: ps.run(
-            p, t_out(p), perturbation_column="perturbation", control_label="control", target_sum=float("inf")
-        ),
+        lambda t, p: _run(p, target_sum=float("inf")),
         ValueError,
         r"target_sum \(--target-sum\) must be a finite number",
     ),
     "run-min-genes-negative": (
-        lambda t, p: ps.run(p, t_out(p), perturbation_column="perturbation", control_label="control", min_genes=-1),
+        lambda t, p: _run(p, min_genes=-1),
         ValueError,
         r"min_genes \(--min-genes\) must be >= 0",
     ),
     "run-chunk-size-nan": (
-        lambda t, p: ps.run(
-            p, t_out(p), perturbation_column="perturbation", control_label="control", chunk_size=float("nan")
-        ),
+        lambda t, p: _run(p, chunk_size=float("nan")),
         ValueError,
         r"chunk_size \(--chunk-size\) must be a finite",
     ),
@@ -711,6 +707,10 @@ API_CASES = {
 
 def t_out(path: Path) -> Path:
     return path.parent / "out"
+
+
+def _run(path: Path, **options):
+    return ps.run(path, t_out(path), perturbation_column="perturbation", control_label="control", **options)
 
 
 @pytest.mark.parametrize("name", sorted(API_CASES))
