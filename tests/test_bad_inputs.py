@@ -443,7 +443,12 @@ CASES = {
     "zero-cells": Case(_zero(0), 1, r"has no cells \(n_obs = 0", early=True),
     "zero-genes": Case(_zero(1), 1, r"has no genes \(n_vars = 0", early=True),
     # numbers
-    "target-sum-inf": Case(lambda t, a: _plain(t, a, "--target-sum", "inf"), 2, r"must be a finite number", early=True),
+    "target-sum-inf": Case(
+        lambda t, a: _plain(t, a, "--target-sum", "inf"),
+        2,
+        r"target_sum \(--target-sum\) must be a finite number",
+        early=True,
+    ),
     "target-sum-nan": Case(lambda t, a: _plain(t, a, "--target-sum", "nan"), 2, r"must be a finite number", early=True),
     "target-sum-zero": Case(lambda t, a: _plain(t, a, "--target-sum", "0"), 2, r"must be > 0", early=True),
     "target-sum-negative": Case(lambda t, a: _plain(t, a, "--target-sum", "-5"), 2, r"must be > 0", early=True),

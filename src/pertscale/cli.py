@@ -63,7 +63,7 @@ def _finite(name: str, **bounds):
         from ._validation import check_number
 
         try:
-            return check_number(value, name, allow_none=True, **bounds)
+            return check_number(value, name, allow_none=True, flag=param.opts[0], **bounds)
         except (TypeError, ValueError) as err:
             raise click.UsageError(str(err), ctx) from err
 

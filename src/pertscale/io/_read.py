@@ -82,7 +82,8 @@ def _matrix_key(store, path: Path, layer: str | None, use_raw: bool) -> str:
         if layer is not None:
             raise ValueError("give either layer= (--layer) or use_raw=True (--use-raw), not both")
         if not has_raw:
-            raise ValueError(f"{str(path)!r} has no raw matrix (raw/X); read X (omit --use-raw) or a layer {layers}")
+            others = "X (omit --use-raw)" + (f" or a layer (--layer NAME; present: {layers})" if layers else "")
+            raise ValueError(f"{str(path)!r} has no raw matrix (raw/X); read {others}")
         return "raw/X"
     if layer is not None:
         if layer not in layers:
