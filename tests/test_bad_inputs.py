@@ -586,7 +586,7 @@ def _prepared(adata):
 
 
 def _rank(adata, **kwargs):
-    return ps.tl.rank_genes_groups(adata, "perturbation", "control", scheduler="synchronous", **kwargs)
+    return ps.compute(ps.tl.rank_genes_groups(adata, "perturbation", "control", **kwargs), scheduler="synchronous")
 
 
 def _mixed_int_and_str(tiny):
@@ -749,7 +749,7 @@ def test_api_labels_of_one_kind_are_not_collisions(tiny):
     codes = {"control": 0, "P0000": 1, "P0001": 2, "P0002": 3, "P0003": 4}
     labels = [codes[v] for v in a.obs["perturbation"].astype(str)]
     a.obs["perturbation"] = np.array([np.int64(v) if i % 2 else v for i, v in enumerate(labels)], dtype=object)
-    res = ps.tl.rank_genes_groups(a, "perturbation", 0, scheduler="synchronous")
+    res = ps.tl.rank_genes_groups(a, "perturbation", 0)
     assert list(res.obs_names) == ["1", "2", "3", "4"]
 
 
@@ -764,11 +764,11 @@ def test_api_single_string_is_one_label(tiny, tiny_h5ad):
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # expm1 of raw counts overflows: the wrong fold changes warned of
 def test_api_raw_counts_warn(tiny):
-    with pytest.warns(UserWarning, match=r"looks like raw counts.*ps\.pp\.normalize_total.*ps\.pp\.log1p"):
+    with pytest.warns(UserWarning, match=r"holds integers: raw counts.*ps\.pp\.normalize_total.*ps\.pp\.log1p"):
         _rank(tiny.copy())
     floats = tiny.copy()
     floats.X = floats.X.astype(np.float32)
-    with pytest.warns(UserWarning, match=r"looks like raw counts"):
+    with pytest.warns(UserWarning, match=r"not marked as log1p data.*uns\['log1p'\]"):
         _rank(floats)
     with warnings.catch_warnings():
         warnings.simplefilter("error")

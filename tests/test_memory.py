@@ -34,7 +34,7 @@ def test_qc_and_sorted_wilcoxon_memory_does_not_grow_with_cells(tmp_path):
             a = ps.read(path, chunk_size=2_000)
             ps.pp.normalize_total(a)
             ps.pp.log1p(a)
-            ps.tl.rank_genes_groups(a, "perturbation", "control", scheduler="synchronous")
+            ps.compute(ps.tl.rank_genes_groups(a, "perturbation", "control"), scheduler="synchronous")
 
         peaks[n_cells] = (_peak_mb(qc), _peak_mb(wilcoxon))
     print("peak traced MB (qc, wilcoxon) by cells:", peaks)

@@ -18,10 +18,16 @@ try:
 except PackageNotFoundError:  # pragma: no cover - not installed
     __version__ = "0+unknown"
 
-_SUBMODULES = ("cluster", "datasets", "io", "pp", "tl")
-_FUNCTIONS = {"read": ".io", "write": ".io", "run": "._pipeline", "settings": "._settings"}
+_SUBMODULES = ("cluster", "datasets", "get", "io", "pp", "tl")
+_FUNCTIONS = {
+    "compute": "._compute",
+    "read": ".io",
+    "write": ".io",
+    "run": "._pipeline",
+    "settings": "._settings",
+}
 
-__all__ = ["__version__", "cluster", "datasets", "io", "pp", "read", "run", "settings", "tl", "write"]
+__all__ = ["__version__", "cluster", "compute", "datasets", "get", "io", "pp", "read", "run", "settings", "tl", "write"]
 
 
 def __getattr__(name: str):
@@ -37,7 +43,8 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # pragma: no cover
-    from . import cluster, datasets, io, pp, tl
+    from . import cluster, datasets, get, io, pp, tl
+    from ._compute import compute
     from ._pipeline import run
     from ._settings import settings
     from .io import read, write

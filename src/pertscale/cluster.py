@@ -204,9 +204,12 @@ def compute(*collections, scheduler=None, progress: bool | None = None, desc: st
     progress = settings.progress if progress is None else progress
     if is_distributed(sched):
         with sched.as_current():
+            broadcast = _replicate_summaries(sched, collections, progress)
             persisted = sched.persist(list(collections))
             _wait(persisted, progress, desc)
-            return tuple(dask.compute(*persisted, scheduler=sched))
+            result = tuple(dask.compute(*persisted, scheduler=sched))
+            del broadcast
+            return result
     if progress:
         from tqdm.dask import TqdmCallback
 
@@ -215,23 +218,30 @@ def compute(*collections, scheduler=None, progress: bool | None = None, desc: st
     return dask.compute(*collections, scheduler=sched)
 
 
-def persist(collection, *, scheduler=None, progress: bool | None = None, desc: str | None = None):
-    """Compute a collection once and keep it where later graphs can use it.
+def _replicate_summaries(client, collections, progress: bool) -> list:
+    """Compute the control summaries in ``collections`` first and copy them to every worker.
 
-    On a distributed client the result stays on a worker (later tasks refer
-    to its key and each worker fetches it once); on local schedulers it is
-    computed into this process and wrapped as a single ``Delayed`` so that a
-    graph holds one copy, not one per task.
+    A summary is needed by every block task. Left to the scheduler, each
+    worker would fetch it from the one worker that made it; replicated,
+    every worker holds its own copy before the pass starts. Later graphs
+    that contain the same keys use these results instead of recomputing
+    them, for as long as the returned futures are held.
     """
-    sched = resolve_scheduler(scheduler)
-    progress = settings.progress if progress is None else progress
-    if is_distributed(sched):
-        with sched.as_current():
-            (persisted,) = sched.persist([collection])
-            _wait([persisted], progress, desc)
-        return persisted
-    (value,) = compute(collection, scheduler=sched, progress=progress, desc=desc)
-    return dask.delayed(value, pure=True, traverse=False)
+    from dask.delayed import Delayed
+
+    from .tl._engine import SUMMARY_PREFIX
+
+    keys = []
+    for c in collections:
+        graph = c.__dask_graph__()
+        keys.extend((k, graph) for k in graph.keys() if isinstance(k, str) and k.startswith(SUMMARY_PREFIX))
+    if not keys:
+        return []
+    futures = client.compute([Delayed(k, g) for k, g in keys])
+    _wait(futures, progress, "control summary")
+    if len(client.scheduler_info().get("workers", {})) > 1:
+        client.replicate(futures)
+    return futures
 
 
 def _wait(persisted, progress: bool, desc: str | None) -> None:

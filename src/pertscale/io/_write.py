@@ -10,6 +10,8 @@ from pathlib import Path
 
 import anndata as ad
 
+from .._compute import compute, lazy_elements, write_zarr_lazy
+
 
 def _sibling(path: Path, tag: str) -> Path:
     return path.with_name(f".{path.name}.{tag}-{uuid.uuid4().hex[:8]}")
@@ -58,7 +60,7 @@ def check_not_input(target: str | Path, sources, *, what: str, replaces: bool = 
             )
 
 
-def write(adata: ad.AnnData, path: str | Path) -> Path:
+def write(adata: ad.AnnData, path: str | Path, *, scheduler=None, progress: bool | None = None) -> Path:
     """Write AnnData atomically as ``.h5ad``, or ``.zarr`` when the path ends so.
 
     The data go to a temporary sibling first and are renamed into place, so
@@ -66,12 +68,19 @@ def write(adata: ad.AnnData, path: str | Path) -> Path:
     one. (Replacing an existing ``.zarr`` directory takes two renames; in
     between, the old store sits beside it as ``.NAME.old-*``.)
 
+    Lazy (Dask) arrays are computed here, all in one graph. To ``.zarr``
+    their blocks go straight from the workers into the store, never
+    gathered in one process (what results of genome-wide screens need); to
+    ``.h5ad`` they are computed into memory first.
+
     Parameters
     ----------
     adata
-        What to write (a lazy ``X`` is written block by block by anndata).
+        What to write.
     path
         Target path; its parent directory must exist and be writable.
+    scheduler, progress
+        Where lazy arrays are computed, and whether to show a progress bar.
 
     Returns
     -------
@@ -107,7 +116,7 @@ def write(adata: ad.AnnData, path: str | Path) -> Path:
                 # the layers are the canonical results, the record arrays a convenience view
                 warnings.filterwarnings("ignore", message="The data type", category=Warning)
                 try:
-                    adata.write_zarr(tmp)
+                    write_zarr_lazy(adata, tmp, scheduler=scheduler, progress=progress)
                 except ValueError as err:
                     if "slash" not in str(err).lower():
                         raise
@@ -129,6 +138,8 @@ def write(adata: ad.AnnData, path: str | Path) -> Path:
             else:
                 os.replace(tmp, path)
         else:
+            if lazy_elements(adata):
+                adata = compute(adata, scheduler=scheduler, progress=progress, desc=f"computing {path.name}")
             try:
                 adata.write_h5ad(tmp)
             except ValueError as err:

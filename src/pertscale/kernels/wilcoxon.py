@@ -17,6 +17,7 @@ sorted once and merged with the control's, then split into groups.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -55,9 +56,9 @@ class ControlStatistics:
         Sorted distinct non-zero control values of each gene, concatenated,
         in the dtype of the expression matrix (ties are decided in it).
     counts
-        ``float64`` multiplicity of each distinct value.
+        ``int32`` multiplicity of each distinct value.
     below
-        ``float64`` number of non-zero control values strictly below each
+        ``int32`` number of non-zero control values strictly below each
         distinct value (within its gene).
     n_zero
         ``(n_genes,)`` float64 number of control cells with value zero.
@@ -170,26 +171,26 @@ def _summarise_control(ptr, values, n_genes):
         n_distinct[j + 1] = n_distinct[j] + d
     total = n_distinct[n_genes]
     uniq = np.empty(total, dtype=values.dtype)
-    counts = np.empty(total, dtype=np.float64)
-    below = np.empty(total, dtype=np.float64)
+    counts = np.empty(total, dtype=np.int32)
+    below = np.empty(total, dtype=np.int32)
     tie_term = np.zeros(n_genes, dtype=np.float64)
     sums = np.zeros(n_genes, dtype=np.float64)
     for j in range(n_genes):
         seg = values[ptr[j] : ptr[j + 1]]
         pos = n_distinct[j] - 1
-        seen = 0.0
+        seen = 0
         for i in range(seg.shape[0]):
             x = seg[i]
             sums[j] += x
             if i == 0 or x != seg[i - 1]:
                 pos += 1
                 uniq[pos] = x
-                counts[pos] = 0.0
+                counts[pos] = 0
                 below[pos] = seen
-            counts[pos] += 1.0
-            seen += 1.0
+            counts[pos] += 1
+            seen += 1
         for q in range(n_distinct[j], n_distinct[j + 1]):
-            t = counts[q]
+            t = float(counts[q])
             tie_term[j] += t * t * t - t
     return n_distinct, uniq, counts, below, tie_term, sums
 
@@ -365,7 +366,7 @@ def _rank_sums(
                 fill[groups[i]] = p + 1
         seg_all = tmp_keys[:n].view(vals_dtype_probe.dtype)
         n_zero = c_zero[j]
-        n_ctrl_nz = c_below[hi - 1] + c_counts[hi - 1] if hi > lo else 0.0
+        n_ctrl_nz = float(c_below[hi - 1] + c_counts[hi - 1]) if hi > lo else 0.0
         for g in range(n_groups):
             m = float(group_ptr[g + 1] - group_ptr[g])
             s0 = group_start[g]
@@ -383,11 +384,11 @@ def _rank_sums(
                     b += 1
                 a = tmp_pos[i]
                 if a >= 0:
-                    less = n_zero + c_below[a]
-                    eq = c_counts[a]
+                    less = n_zero + float(c_below[a])
+                    eq = float(c_counts[a])
                 else:
                     a = -a - 1
-                    less = n_zero + (c_below[a] if a < hi else n_ctrl_nz)
+                    less = n_zero + (float(c_below[a]) if a < hi else n_ctrl_nz)
                     eq = 0.0
                 fb = float(b)
                 u += fb * (less + 0.5 * eq)
@@ -456,7 +457,8 @@ def log2_fold_change(mean_group: np.ndarray, mean_rest: np.ndarray) -> np.ndarra
 def wilcoxon_block(
     block: sp.csr_matrix | np.ndarray,
     group_sizes: np.ndarray,
-    control: ControlStatistics,
+    control: ControlStatistics | Sequence[ControlStatistics],
+    bounds: Sequence[int] | None = None,
     *,
     tie_correct: bool = True,
     use_continuity: bool = False,
@@ -473,7 +475,10 @@ def wilcoxon_block(
         ``(n_groups,)`` number of rows of each group, in row order; sums to
         ``n_rows``.
     control
-        The frozen control summary from :func:`control_statistics`.
+        The frozen control summary from :func:`control_statistics`, or its
+        parts over consecutive ranges of genes.
+    bounds
+        With parts: the ``(n_parts + 1,)`` gene bounds they cover.
     tie_correct
         Correct the variance of U for ties (zeros included), as
         ``scipy.stats.mannwhitneyu`` always does and scanpy with
@@ -501,13 +506,21 @@ def wilcoxon_block(
     ------
     ValueError
         If the block has NaN or negative values, or ``group_sizes`` does not
-        add up to its rows.
+        add up to its rows, or the summary does not match the block.
 
     Notes
     -----
     Mann & Whitney (1947); the normal approximation with tie correction
     follows ``scipy.stats.mannwhitneyu(method="asymptotic")``.
     """
+    parts = [control] if isinstance(control, ControlStatistics) else list(control)
+    n_genes = block.shape[1]
+    bounds = np.asarray([0, n_genes] if bounds is None else bounds, dtype=np.int64)
+    if len(bounds) != len(parts) + 1 or bounds[-1] != n_genes or len({p.n_cells for p in parts}) != 1:
+        raise ValueError("the control summary parts do not cover the block's genes")
+    for p, a, b in zip(parts, bounds[:-1], bounds[1:], strict=True):
+        if p.n_genes != b - a:
+            raise ValueError(f"block has {n_genes} genes but the control summary covers {bounds[-1]} ({p.n_genes})")
     block = canonical_csr(block)
     check_values(block)
     group_sizes = np.asarray(group_sizes, dtype=np.int64)
@@ -515,15 +528,13 @@ def wilcoxon_block(
         raise ValueError("every group needs at least one row; group_sizes has sizes below 1")
     if group_sizes.sum() != block.shape[0]:
         raise ValueError(f"group_sizes add up to {group_sizes.sum()} rows but the block has {block.shape[0]}")
-    n_genes = block.shape[1]
-    if n_genes != control.n_genes:
-        raise ValueError(f"block has {n_genes} genes but the control summary {control.n_genes}")
-    if block.data.dtype != control.values.dtype:
-        if control.values.dtype == np.float32 and block.dtype.itemsize < 4:
+    dtype = parts[0].values.dtype
+    if block.data.dtype != dtype:
+        if dtype == np.float32 and block.dtype.itemsize < 4:
             block = block.astype(np.float32)  # small integer types were summarised as float32
         else:
             raise ValueError(
-                f"the block has dtype {block.dtype} but the control summary {control.values.dtype}; "
+                f"the block has dtype {block.dtype} but the control summary {dtype}; "
                 "summarise the control from the same matrix (casting could merge or split tied values)"
             )
     group_ptr = np.concatenate([[0], np.cumsum(group_sizes)]).astype(np.int64)
@@ -531,27 +542,37 @@ def wilcoxon_block(
     csc.sort_indices()
     if (csc.data == 0).any():
         csc.eliminate_zeros()  # stored zeros are zeros
-    cptr, rows, vals = csc.indptr.astype(np.int64), csc.indices, csc.data
-    keys = vals.view(_KEY_TYPES[vals.dtype.itemsize])  # non-negative floats: bit order is value order
-    u, tie, total, nnz = _rank_sums(
-        cptr,
-        rows,
-        keys,
-        vals[:1].copy() if vals.size else np.zeros(1, dtype=vals.dtype),
-        8 * vals.dtype.itemsize,
-        group_ptr,
-        control.ptr,
-        control.values,
-        control.counts,
-        control.below,
-        control.n_zero,
-        control.tie_term,
-    )
+    n_groups = group_sizes.shape[0]
+    sums = {k: np.empty((n_groups, n_genes)) for k in ("u", "tie", "total", "nnz")}
+    for p, a, b in zip(parts, bounds[:-1], bounds[1:], strict=True):
+        cptr = csc.indptr[a : b + 1].astype(np.int64)
+        lo, hi = int(cptr[0]), int(cptr[-1])
+        vals = csc.data[lo:hi]
+        keys = vals.view(_KEY_TYPES[vals.dtype.itemsize])  # non-negative floats: bit order is value order
+        u, tie, total, nnz = _rank_sums(
+            cptr - lo,
+            csc.indices[lo:hi],
+            keys,
+            vals[:1].copy() if vals.size else np.zeros(1, dtype=vals.dtype),
+            8 * vals.dtype.itemsize,
+            group_ptr,
+            p.ptr,
+            p.values,
+            p.counts,
+            p.below,
+            p.n_zero,
+            p.tie_term,
+        )
+        for k, v in zip(("u", "tie", "total", "nnz"), (u, tie, total, nnz), strict=True):
+            sums[k][:, a:b] = v
+    control_mean = np.concatenate([p.mean for p in parts])
+    control_pts = np.concatenate([p.pts for p in parts])
     m = group_sizes.astype(np.float64)[:, None]
-    n = float(control.n_cells)
+    n = float(parts[0].n_cells)
     big_n = m + n
+    u = sums["u"]
     if tie_correct:
-        var = m * n / 12.0 * ((big_n + 1.0) - tie / (big_n * (big_n - 1.0)))
+        var = m * n / 12.0 * ((big_n + 1.0) - sums["tie"] / (big_n * (big_n - 1.0)))
     else:
         var = np.broadcast_to(m * n * (big_n + 1.0) / 12.0, u.shape)
     diff = u - m * n / 2.0
@@ -561,12 +582,13 @@ def wilcoxon_block(
         scores = diff / np.sqrt(var)
     scores[~np.isfinite(scores)] = 0.0
     pvals = 2.0 * stats.norm.sf(np.abs(scores))
-    out = np.empty((u.shape[0], len(WILCOXON_STATS), n_genes), dtype=np.float64)
-    out[:, 0] = scores
-    out[:, 1] = pvals
-    out[:, 2] = adjust_pvalues(pvals, corr_method)
-    out[:, 3] = log2_fold_change(total / m, control.mean[None, :])
-    out[:, 4] = nnz / m
-    out[:, 5] = control.pts[None, :]
-    out[:, 6] = u
+    stat = {name: i for i, name in enumerate(WILCOXON_STATS)}
+    out = np.empty((n_groups, len(WILCOXON_STATS), n_genes), dtype=np.float64)
+    out[:, stat["scores"]] = scores
+    out[:, stat["pvals"]] = pvals
+    out[:, stat["pvals_adj"]] = adjust_pvalues(pvals, corr_method)
+    out[:, stat["logfoldchanges"]] = log2_fold_change(sums["total"] / m, control_mean[None, :])
+    out[:, stat["pts"]] = sums["nnz"] / m
+    out[:, stat["pts_rest"]] = control_pts[None, :]
+    out[:, stat["u_statistic"]] = u
     return out

@@ -27,8 +27,8 @@ def clean_settings(settings: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def results_anndata(
-    stats: np.ndarray,
+def lazy_results(
+    stats,
     stat_names: tuple[str, ...],
     *,
     groups: list[str],
@@ -36,12 +36,13 @@ def results_anndata(
     n_cells: np.ndarray,
     settings: dict[str, Any],
 ) -> ad.AnnData:
-    """Assemble the ``n_perturbations x n_genes`` results AnnData.
+    """Assemble the ``n_perturbations x n_genes`` results AnnData, lazily when ``stats`` is lazy.
 
     Parameters
     ----------
     stats
-        ``(n_groups, len(stat_names), n_genes)`` float64.
+        ``(n_groups, len(stat_names), n_genes)`` float64, a Dask or numpy
+        array. Each layer is a view of it: nothing is copied or computed.
     stat_names
         Layer name of each statistic.
     groups
@@ -56,18 +57,27 @@ def results_anndata(
     obs = pd.DataFrame({"n_cells": np.asarray(n_cells, dtype=np.int64)}, index=pd.Index(groups, name="perturbation"))
     var = unique_var_names(var[[c for c in ("original_var_name",) if c in var.columns]].copy())
     var.index.name = "gene"
-    layers = {name: np.ascontiguousarray(stats[:, i, :]) for i, name in enumerate(stat_names)}
+    layers = {name: stats[:, i, :] for i, name in enumerate(stat_names)}
     res = ad.AnnData(obs=obs, var=var, layers=layers)
     res.uns["pertscale"] = {"settings": clean_settings(settings)}
     return res
 
 
 def scanpy_uns(results: ad.AnnData, *, key: str = "rank_genes_groups") -> None:
-    """Add Scanpy's ``uns['rank_genes_groups']`` to a results AnnData.
+    """Add Scanpy's ``uns['rank_genes_groups']`` to a results AnnData in memory.
 
     Afterwards ``scanpy.get.rank_genes_groups_df(results, group)`` works on it.
     Genes are ranked per perturbation by descending score, as scanpy does.
+    Scanpy's record arrays have one field per perturbation: an ``.h5ad``
+    file holds them up to about 1,100 perturbations.
+
+    Raises
+    ------
+    ValueError
+        If the layers are lazy: compute them first (:func:`pertscale.compute`).
     """
+    if any(not isinstance(results.layers[k], np.ndarray) for k in results.layers):
+        raise ValueError("the results are lazy; compute them first: results = ps.compute(results)")
     s = results.uns["pertscale"]["settings"]
     groups = list(results.obs_names)
     genes = np.asarray(results.var_names)
@@ -132,7 +142,7 @@ TOO_MANY_FIELDS = "object header message is too large"
 def _skeleton(groups: list[str], stat_names: tuple[str, ...], *, scanpy_format: bool) -> ad.AnnData:
     settings = {"method": "-", "perturbation_column": "-", "control_label": "-", "corr_method": "-"}
     stats = np.zeros((len(groups), len(stat_names), 1))
-    res = results_anndata(
+    res = lazy_results(
         stats,
         stat_names,
         groups=groups,

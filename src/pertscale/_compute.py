@@ -1,0 +1,123 @@
+"""The face of lazy analyses: compute an AnnData's lazy arrays at once, or write them block by block.
+
+Analyses return AnnData objects whose large arrays are Dask arrays. Nothing
+is computed until one of these runs; each runs every lazy array of the
+object in one graph, so work they share (a pass over the matrix, the
+control summary) is done once.
+"""
+
+from __future__ import annotations
+
+import math
+
+import anndata as ad
+import dask.array as da
+import numpy as np
+import scipy.sparse as sp
+
+from .cluster import compute as compute_collections
+
+#: Target size of one stored chunk of a dense result array, in bytes.
+CHUNK_BYTES = 16 * 2**20
+
+
+def lazy_elements(adata: ad.AnnData) -> dict[tuple[str, str | None], da.Array]:
+    """The Dask arrays of ``X``, ``layers``, ``obsm`` and ``varm``, keyed by ``(attribute, key)``."""
+    found: dict[tuple[str, str | None], da.Array] = {}
+    if isinstance(adata.X, da.Array):
+        found[("X", None)] = adata.X
+    for attr in ("layers", "obsm", "varm"):
+        for key, value in getattr(adata, attr).items():
+            if isinstance(value, da.Array):
+                found[(attr, key)] = value
+    return found
+
+
+def _assign(adata: ad.AnnData, where: tuple[str, str | None], value) -> None:
+    attr, key = where
+    if key is None:
+        adata.X = value
+    else:
+        getattr(adata, attr)[key] = value
+
+
+def compute(adata: ad.AnnData, *, scheduler=None, progress: bool | None = None, desc: str | None = None) -> ad.AnnData:
+    """An in-memory copy of ``adata``: every lazy array computed, in one graph.
+
+    Parameters
+    ----------
+    adata
+        An AnnData whose ``X``, ``layers``, ``obsm`` or ``varm`` may hold Dask
+        arrays (the results of :func:`pertscale.tl.rank_genes_groups`, a
+        normalized lazy matrix, ...).
+    scheduler
+        Where to compute; see :func:`pertscale.cluster.resolve_scheduler`.
+    progress
+        Show a progress bar; default ``pertscale.settings.progress``.
+    desc
+        Label of the progress bar.
+
+    Returns
+    -------
+    anndata.AnnData
+        A new object; ``adata`` itself is left lazy. Sparse Dask arrays
+        become ``scipy.sparse.csr_matrix``.
+    """
+    lazy = lazy_elements(adata)
+    out = adata.copy()
+    if not lazy:
+        return out
+    values = compute_collections(*lazy.values(), scheduler=scheduler, progress=progress, desc=desc)
+    for where, value in zip(lazy, values, strict=True):
+        _assign(out, where, sp.csr_matrix(value) if sp.issparse(value) else value)
+    return out
+
+
+def _is_dense(x: da.Array) -> bool:
+    return isinstance(x._meta, np.ndarray)
+
+
+def write_zarr_lazy(adata: ad.AnnData, path, *, scheduler=None, progress: bool | None = None) -> None:
+    """Write ``adata`` as a zarr AnnData store, its dense Dask arrays block by block.
+
+    Everything else is written by anndata first; then every dense lazy
+    array goes straight from the workers into its zarr array (chunks of
+    about :data:`CHUNK_BYTES`, whole rows), all in one computation, never
+    gathered in one process. Sparse Dask arrays are left to anndata.
+
+    Parameters
+    ----------
+    adata
+        The object to write.
+    path
+        A new ``.zarr`` directory.
+    scheduler, progress
+        Where to compute and whether to show a progress bar.
+    """
+    import zarr
+
+    lazy = {k: v for k, v in lazy_elements(adata).items() if _is_dense(v)}
+    shallow = adata.copy() if lazy else adata
+    for attr, key in lazy:
+        if key is None:
+            shallow.X = None
+        else:
+            del getattr(shallow, attr)[key]
+    with ad.settings.override(zarr_write_format=3, auto_shard_zarr_v3=False):
+        shallow.write_zarr(path)
+    if not lazy:
+        return
+    group = zarr.open_group(str(path), mode="a")
+    sources, targets = [], []
+    for (attr, key), x in lazy.items():
+        row_bytes = max(1, math.prod(x.shape[1:]) * x.dtype.itemsize)
+        rows = int(max(1, min(x.shape[0], CHUNK_BYTES // row_bytes)))
+        target = group.create_array(
+            attr if key is None else f"{attr}/{key}", shape=x.shape, dtype=x.dtype, chunks=(rows, *x.shape[1:])
+        )
+        target.attrs.update({"encoding-type": "array", "encoding-version": "0.2.0"})
+        sources.append(x.rechunk({0: rows, **{i: -1 for i in range(1, x.ndim)}}))
+        targets.append(target)
+    stored = da.store(sources, targets, lock=False, compute=False)
+    compute_collections(stored, scheduler=scheduler, progress=progress, desc=f"writing {path.name}")
+    zarr.consolidate_metadata(str(path))

@@ -1,0 +1,335 @@
+"""The engine of every test against control: a frozen control summary, one pass of block kernels.
+
+A method is declared, not orchestrated (:class:`Method`): a kernel that
+summarises the control cells of one range of genes, a kernel that maps one
+block of whole perturbation groups plus the summary to the groups'
+statistics, and the names of those statistics. This module builds the Dask
+graph around them and returns the statistics lazily; nothing here computes.
+
+1. Groups are found in one linear pass over the labels
+   (:func:`find_groups`): a categorical code per cell, no scan per group.
+2. The tested rows are arranged so that every block holds whole groups
+   (:func:`aligned`): slices when each group is one contiguous run of rows
+   (the perturbation-sorted working store of :func:`pertscale.io.prepare`,
+   or any input stored by group), a ``dask.array.shuffle`` otherwise.
+3. The control summary is a list of parts, one per range of genes, each
+   made by its own task from the control rows of that range. The parts are
+   never joined into one object: the block kernel walks them range by
+   range. Their keys start with :data:`SUMMARY_PREFIX`, so that the face
+   that computes (:func:`pertscale.cluster.compute`) can replicate them to
+   every worker once before the pass.
+4. One ``blockwise`` pass maps each block to a
+   ``(groups in block, statistics, genes)`` array; the statistics stay a
+   Dask array, chunked by block, and are written block by block.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import dask
+import dask.array as da
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+from dask.base import tokenize
+
+#: Key prefix of the control summary parts in a graph.
+SUMMARY_PREFIX = "control-summary-"
+
+#: Fewest genes per control summary part.
+MIN_GENES_PER_PART = 64
+
+
+@dataclass(frozen=True)
+class Method:
+    """A differential test of every perturbation against control, as the engine runs it.
+
+    Attributes
+    ----------
+    name
+        The ``method=`` value that selects it.
+    statistics
+        Names of the statistics, in the order of axis 1 of ``block``'s output;
+        they become the layers of the results.
+    summarise
+        ``summarise(control)``: the frozen summary of the control cells for
+        one range of genes, from a ``(n_control, genes in range)`` CSR matrix.
+    block
+        ``block(x, group_sizes, summaries, bounds, **options)``: the
+        statistics of the groups of one block, ``(n_groups, len(statistics),
+        n_genes)`` float64. ``x`` is ``(n_rows, n_genes)`` CSR whose rows are
+        whole groups one after another, ``group_sizes`` their row counts,
+        ``summaries`` the summary parts and ``bounds`` the gene ranges they
+        cover (``bounds[i]:bounds[i + 1]``).
+    """
+
+    name: str
+    statistics: tuple[str, ...]
+    summarise: Callable[[sp.csr_matrix], Any]
+    block: Callable[..., np.ndarray]
+
+
+@dataclass(frozen=True)
+class Groups:
+    """The cells of each tested perturbation and of the control, from one pass over the labels.
+
+    Attributes
+    ----------
+    names
+        Tested perturbations, in results order.
+    codes
+        ``(n_obs,)`` int32: each cell's position in ``names``; -1 for cells
+        not tested (the control and any other label).
+    sizes
+        ``(n_groups,)`` int64 cells per tested perturbation.
+    control_rows
+        ``(n_control,)`` int64 rows of the control cells, ascending.
+    """
+
+    names: list[str]
+    codes: np.ndarray
+    sizes: np.ndarray
+    control_rows: np.ndarray
+
+
+def find_groups(labels: pd.Series, names: Sequence[str], control_label: str) -> Groups:
+    """Codes of the tested perturbations and rows of the control, linear in cells.
+
+    Parameters
+    ----------
+    labels
+        ``(n_obs,)`` perturbation labels as strings.
+    names
+        The perturbations to test, in results order.
+    control_label
+        The control's label.
+    """
+    values = labels.to_numpy()
+    codes = pd.Categorical(values, categories=list(names)).codes.astype(np.int32)
+    sizes = np.bincount(codes[codes >= 0], minlength=len(names)).astype(np.int64)
+    return Groups(
+        names=list(names),
+        codes=codes,
+        sizes=sizes,
+        control_rows=np.flatnonzero(values == str(control_label)).astype(np.int64),
+    )
+
+
+@dataclass(frozen=True)
+class Aligned:
+    """Tested rows arranged so that every block holds whole groups.
+
+    Attributes
+    ----------
+    x
+        ``(tested cells, n_genes)`` row blocks, each of whole groups.
+    codes
+        ``(tested cells,)`` int32 group of each row of ``x`` (positions in
+        :attr:`Groups.names`).
+    groups_per_block
+        Number of groups in each block of ``x``.
+    order
+        The groups (positions in :attr:`Groups.names`) in the order they
+        appear in ``x``.
+    sliced
+        Whether the rows were sliced (groups stored contiguously) rather
+        than shuffled.
+    """
+
+    x: da.Array
+    codes: np.ndarray
+    groups_per_block: tuple[int, ...]
+    order: np.ndarray
+    sliced: bool
+
+
+def aligned(x: da.Array, groups: Groups, *, budget: int | None = None) -> Aligned:
+    """Arrange the tested rows of ``x`` in blocks of whole groups.
+
+    When every group's rows are one contiguous run (in any order of the
+    groups), the runs are sliced and re-blocked at group boundaries: no data
+    moves between workers. Otherwise the rows are reordered by
+    ``dask.array.shuffle``. Blocks hold about ``budget`` rows (default: the
+    largest chunk of ``x``); a group longer than that is a block of its own.
+
+    Parameters
+    ----------
+    x
+        ``(n_obs, n_genes)`` Dask array of row blocks.
+    groups
+        From :func:`find_groups`.
+    budget
+        Rows per block to aim for.
+    """
+    budget = int(budget or max(x.chunks[0]))
+    codes = groups.codes
+    n_untested = int((codes < 0).sum())
+    rows = np.argsort(codes, kind="stable")[n_untested:]  # tested rows, by group, ascending within a group
+    ends = np.cumsum(groups.sizes)
+    starts = ends - groups.sizes
+    first, last = rows[starts], rows[ends - 1]
+    contiguous = bool((last - first + 1 == groups.sizes).all())
+    if contiguous:
+        order = np.argsort(first, kind="stable")  # groups in storage order
+        sizes = groups.sizes[order]
+        lo, hi = first[order], last[order] + 1
+        # adjacent runs become one slice
+        breaks = np.flatnonzero(lo[1:] != hi[:-1]) + 1
+        pieces = [x[int(lo[a]) : int(hi[b - 1])] for a, b in zip(np.r_[0, breaks], np.r_[breaks, len(lo)], strict=True)]
+        y = pieces[0] if len(pieces) == 1 else da.concatenate(pieces, axis=0)
+        blocks = pack_groups(sizes, budget)
+        if y.chunks[0] != blocks:
+            y = y.rechunk({0: blocks, 1: -1})
+    else:
+        order = np.arange(len(groups.names))
+        sizes = groups.sizes
+        longest = int(sizes.max())
+        if longest > max(x.chunks[0]):
+            # dask's shuffle splits the columns when a group is longer than the row chunks, which fails on
+            # sparse blocks; our blocks hold whole groups anyway, so make the row chunks that long first
+            x = x.rechunk({0: longest})
+        y = x.shuffle([r.tolist() for r in np.split(rows, ends[:-1])], axis=0)
+        if y.numblocks[1] != 1:
+            y = y.rechunk({1: -1})
+    bounds = np.cumsum((0,) + y.chunks[0])
+    group_starts = np.concatenate([[0], np.cumsum(sizes)])
+    if not np.isin(bounds, group_starts).all():  # pragma: no cover - both paths cut at group boundaries
+        raise RuntimeError("internal error: a row block splits a perturbation group")
+    per_block = tuple(
+        int(np.searchsorted(group_starts, b) - np.searchsorted(group_starts, a))
+        for a, b in zip(bounds[:-1], bounds[1:], strict=True)
+    )
+    return Aligned(
+        x=y,
+        codes=np.repeat(order, sizes).astype(np.int32),
+        groups_per_block=per_block,
+        order=order,
+        sliced=contiguous,
+    )
+
+
+def pack_groups(sizes: np.ndarray, budget: int) -> tuple[int, ...]:
+    """Rows per block when consecutive groups of ``sizes`` are packed into blocks of about ``budget``."""
+    blocks: list[int] = []
+    current = 0
+    for s in np.asarray(sizes).tolist():
+        if current and current + s > budget:
+            blocks.append(current)
+            current = 0
+        current += s
+    if current or not blocks:
+        blocks.append(current)
+    return tuple(blocks)
+
+
+def _summarise_part(blocks, summarise):
+    return summarise(sp.vstack([sp.csr_matrix(b) for b in blocks], format="csr"))
+
+
+def control_summary(x: da.Array, control_rows: np.ndarray, method: Method, *, n_parts: int) -> tuple[list, np.ndarray]:
+    """The frozen control summary, lazily: one part per range of genes.
+
+    Each part's task reads the control rows of its genes only, so no task
+    holds the whole control matrix, and the parts are summarised in
+    parallel. A sorted store makes the control rows one slice.
+
+    Returns
+    -------
+    tuple
+        ``(parts, bounds)``: the parts as ``Delayed`` objects whose keys start
+        with :data:`SUMMARY_PREFIX`, and the ``(n_parts + 1,)`` gene bounds.
+    """
+    control_rows = np.asarray(control_rows, dtype=np.int64)
+    if control_rows.size and control_rows[-1] - control_rows[0] + 1 == control_rows.size:
+        ctrl = x[int(control_rows[0]) : int(control_rows[-1]) + 1]
+    else:
+        ctrl = x[control_rows]
+    n_genes = x.shape[1]
+    n_parts = max(1, min(n_parts, n_genes // MIN_GENES_PER_PART))
+    bounds = np.linspace(0, n_genes, n_parts + 1).astype(np.int64)
+    token = tokenize(x.name, control_rows, method.name, n_parts)
+    parts = [
+        dask.delayed(_summarise_part, pure=True)(
+            ctrl[:, a:b].to_delayed().ravel().tolist(),
+            method.summarise,
+            dask_key_name=f"{SUMMARY_PREFIX}{token}-{i}",
+        )
+        for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:], strict=True))
+    ]
+    return parts, bounds
+
+
+def _block_task(block, codes, method, bounds, options, *summaries):
+    n_genes = block.shape[1]
+    if codes.shape[0] == 0:
+        return np.empty((0, len(method.statistics), n_genes), dtype=np.float64)
+    starts = np.flatnonzero(np.r_[True, codes[1:] != codes[:-1]])
+    sizes = np.diff(np.r_[starts, codes.shape[0]])
+    return method.block(sp.csr_matrix(block), sizes, list(summaries), bounds, **options)
+
+
+def test_against_control(
+    x: da.Array,
+    groups: Groups,
+    method: Method,
+    *,
+    n_parts: int = 4,
+    budget: int | None = None,
+    options: dict | None = None,
+) -> tuple[da.Array, Aligned]:
+    """Every tested perturbation against the control, lazily.
+
+    Parameters
+    ----------
+    x
+        ``(n_obs, n_genes)`` Dask array of CSR row blocks, in the units the
+        method expects.
+    groups
+        From :func:`find_groups`.
+    method
+        The test.
+    n_parts
+        Ranges of genes the control summary is made in.
+    budget
+        Rows per block (default: the largest chunk of ``x``).
+    options
+        Keyword arguments of ``method.block``.
+
+    Returns
+    -------
+    tuple
+        ``(statistics, aligned)``: a ``(n_groups, len(method.statistics),
+        n_genes)`` float64 Dask array whose rows follow ``groups.names``, one
+        chunk of rows per block; and the row arrangement used.
+    """
+    parts, bounds = control_summary(x, groups.control_rows, method, n_parts=n_parts)
+    lay = aligned(x, groups, budget=budget)
+    codes = da.from_array(lay.codes, chunks=(lay.x.chunks[0],))
+    # the parts go to each block task as separate arguments: each is one key, replicated on its own
+    part_args = [a for part in parts for a in (part, None)]
+    stats = da.blockwise(
+        _block_task,
+        "isj",
+        lay.x,
+        "ik",
+        codes,
+        "i",
+        method,
+        None,
+        bounds,
+        None,
+        options or {},
+        None,
+        *part_args,
+        new_axes={"s": len(method.statistics), "j": x.shape[1]},
+        adjust_chunks={"i": lay.groups_per_block},
+        concatenate=True,
+        dtype=np.float64,
+        meta=np.empty((0, 0, 0), dtype=np.float64),
+    )
+    if not np.array_equal(lay.order, np.arange(len(lay.order))):
+        stats = stats[np.argsort(lay.order)]  # rows in the order of groups.names
+    return stats, lay
