@@ -1,7 +1,8 @@
-"""Reading and writing AnnData stores."""
+"""Reading and writing AnnData stores, and the perturbation-sorted working store."""
 
 from ._blocks import DamagedStoreError
+from ._prepare import open_prepared, prepare
 from ._read import auto_chunk_size, read
 from ._write import write
 
-__all__ = ["DamagedStoreError", "auto_chunk_size", "read", "write"]
+__all__ = ["DamagedStoreError", "auto_chunk_size", "open_prepared", "prepare", "read", "write"]

@@ -180,9 +180,12 @@ def aligned(x: da.Array, groups: Groups, *, budget: int | None = None) -> Aligne
         breaks = np.flatnonzero(lo[1:] != hi[:-1]) + 1
         pieces = [x[int(lo[a]) : int(hi[b - 1])] for a, b in zip(np.r_[0, breaks], np.r_[breaks, len(lo)], strict=True)]
         y = pieces[0] if len(pieces) == 1 else da.concatenate(pieces, axis=0)
-        blocks = pack_groups(sizes, budget)
-        if y.chunks[0] != blocks:
-            y = y.rechunk({0: blocks, 1: -1})
+        group_starts = np.concatenate([[0], np.cumsum(sizes)])
+        cuts = np.cumsum((0,) + y.chunks[0])
+        if not (np.isin(cuts, group_starts).all() and max(y.chunks[0]) <= max(budget, int(sizes.max()))):
+            y = y.rechunk({0: pack_groups(sizes, budget), 1: -1})  # keep blocks that already hold whole groups
+        elif y.numblocks[1] != 1:
+            y = y.rechunk({1: -1})
     else:
         order = np.arange(len(groups.names))
         sizes = groups.sizes
