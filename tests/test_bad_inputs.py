@@ -373,7 +373,9 @@ def _results_equal_to_default(kind: str):
 
 def _overwritten(tmp, out):
     assert ad.read_h5ad(out / "de_wilcoxon.h5ad").n_obs == 4
-    assert sorted(p.name for p in out.iterdir()) == ["de_wilcoxon.h5ad", "de_wilcoxon_significant.csv", "qc.csv"]
+    assert ad.read_zarr(out / "de_wilcoxon.zarr").n_obs == 4
+    expected = ["de_wilcoxon.h5ad", "de_wilcoxon.zarr", "de_wilcoxon_significant.csv", "qc.csv", "working_store.zarr"]
+    assert sorted(p.name for p in out.iterdir()) == expected
 
 
 def _unique_genes(tmp, out):
@@ -859,8 +861,9 @@ def test_more_perturbations_than_scanpy_uns_holds(tmp_path):
     extra = ["--min-cells-per-perturbation", "2", "--min-genes", "0", "--min-cells", "0"]
     result = CliRunner().invoke(main, _args(path, tmp_path / "out", *extra))
     assert result.exit_code == 0, result.output
-    assert "more than scanpy's uns['rank_genes_groups'] record arrays hold" in result.output
-    res = ad.read_h5ad(tmp_path / "out" / "de_wilcoxon.h5ad")
+    assert "de_wilcoxon.h5ad is not written" in result.output and "about 1,100" in result.output
+    assert not (tmp_path / "out" / "de_wilcoxon.h5ad").exists()
+    res = ad.read_zarr(tmp_path / "out" / "de_wilcoxon.zarr")
     tested = (a.obs["perturbation"].value_counts().drop("control") >= 2).sum()
     assert res.n_obs == tested > 1_100 and "rank_genes_groups" not in res.uns
     assert np.isfinite(res.layers["pvals"]).any()
@@ -934,10 +937,15 @@ def test_ctrl_c_ends_quietly_with_130_and_no_output(tmp_path):
     reader.join(10)
     stderr = "".join(lines)
     assert proc.returncode == 130, stderr
-    assert "interrupted: nothing was written" in stderr
+    assert "interrupted: no results were written" in stderr
     assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr
-    assert not out.exists()
+    assert not list(out.glob("de_wilcoxon*")) and not (out / "qc.csv").exists()
     assert checksum(path) == before
+    # the run can be run again: the working store is resumed or reused, not trusted when incomplete
+    again = _subprocess_run(path, out, "--chunk-size", "500")
+    _, stderr = again.communicate(timeout=300)
+    assert again.returncode == 0, stderr
+    assert ad.read_zarr(out / "de_wilcoxon.zarr").n_obs == 60
 
 
 @pytest.mark.cluster
@@ -951,8 +959,8 @@ def test_ctrl_c_while_the_cluster_starts(tiny, tmp_path):
     os.killpg(proc.pid, signal.SIGINT)
     stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 130, stderr
-    assert stderr.strip() == "interrupted: nothing was written", stderr
-    assert not out.exists()
+    assert stderr.strip() == "interrupted: no results were written", stderr
+    assert not list(out.glob("de_wilcoxon*")) if out.exists() else True
 
 
 @pytest.mark.cluster

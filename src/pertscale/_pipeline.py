@@ -1,4 +1,13 @@
-"""The main job: QC, normalization and Wilcoxon of every perturbation, to files."""
+"""The main job: QC, normalization and Wilcoxon of every perturbation, to files.
+
+One read of the labels decides everything ``obs`` can tell (bad labels,
+empty groups, the plan); then, at most: one pass that sorts an unsorted
+input into the working store, one pass for QC metrics and both filters, and
+one pass that tests every perturbation and writes the results block by
+block into ``de_wilcoxon.zarr``. The significant table, the counts per
+perturbation and (where scanpy's view fits) ``de_wilcoxon.h5ad`` are made
+from that store, never from results gathered whole.
+"""
 
 from __future__ import annotations
 
@@ -16,6 +25,8 @@ import numpy as np
 import pandas as pd
 
 from . import pp, tl
+from ._plan import Plan, make_plan
+from ._settings import settings
 from ._validation import (
     check_control,
     check_number,
@@ -24,14 +35,19 @@ from ._validation import (
     label_list,
     perturbation_labels,
 )
+from .cluster import active_client
 from .io import read, write
+from .io._prepare import is_sorted, prepare
+from .io._read import row_nonzeros
 from .io._write import check_not_input, overlap
-from .tl._results import check_results_writable
+from .tl._results import check_results_writable, scanpy_uns, write_significant
 
 logger = logging.getLogger(__name__)
 
 #: Significance threshold of the tidy table and of the summary.
 FDR = 0.05
+#: Perturbations listed by name in the summary.
+SHOWN = 20
 
 
 @dataclass
@@ -47,33 +63,46 @@ class RunSummary:
     perturbations_dropped: dict[str, str]
     de_genes: pd.Series
     files: dict[str, Path]
+    plan: Plan | None = None
+    working_store: Path | None = None
     seconds: dict[str, float] = field(default_factory=dict)
 
     def lines(self) -> list[str]:
-        """Human-readable summary, one line per item."""
+        """Human-readable summary, one line per item (the perturbations with most DE genes by name)."""
         out = [
             f"cells kept: {self.n_obs_kept:,} of {self.n_obs_input:,} ({self.n_control_cells:,} control)",
             f"genes kept: {self.n_vars_kept:,} of {self.n_vars_input:,}",
             f"perturbations tested: {len(self.perturbations_tested)}",
         ]
         if self.perturbations_dropped:
-            dropped = ", ".join(f"{k} ({v})" for k, v in sorted(self.perturbations_dropped.items()))
-            out.append(f"not tested: {dropped}")
-        counts = self.de_genes.sort_values(ascending=False)
+            items = sorted(self.perturbations_dropped.items())
+            dropped = ", ".join(f"{k} ({v})" for k, v in items[:SHOWN])
+            more = f", ... ({len(items)} in all; see qc.csv)" if len(items) > SHOWN else ""
+            out.append(f"not tested: {dropped}{more}")
+        counts = self.de_genes.sort_values(ascending=False, kind="stable")
         out.append(f"DE genes at FDR {FDR} per perturbation (median {int(np.median(counts)) if len(counts) else 0}):")
-        out.extend(f"  {name:<20} {int(n)}" for name, n in counts.items())
+        out.extend(f"  {name:<20} {int(n)}" for name, n in counts.head(SHOWN).items())
+        if len(counts) > SHOWN:
+            out.append(f"  ... {len(counts) - SHOWN:,} more (de_wilcoxon_significant.csv)")
         out.append("time: " + ", ".join(f"{k} {v:.1f} s" for k, v in self.seconds.items()))
         out.append("files:")
         out.extend(f"  {k:<12} {v}" for k, v in self.files.items())
+        if self.working_store is not None:
+            out.append(
+                f"  {'working':<12} {self.working_store} (sorted by perturbation; reused while the input is unchanged)"
+            )
         return out
 
 
-#: The files the main job writes in its output directory.
+#: The outputs the main job writes in its output directory (``h5ad`` only where scanpy's view fits).
 OUTPUT_FILES = {
-    "results": "de_wilcoxon.h5ad",
+    "results": "de_wilcoxon.zarr",
+    "h5ad": "de_wilcoxon.h5ad",
     "significant": "de_wilcoxon_significant.csv",
     "qc": "qc.csv",
 }
+#: The working store's name inside the output directory, unless given.
+WORKING_STORE = "working_store.zarr"
 
 
 class OutputDir:
@@ -91,6 +120,7 @@ class OutputDir:
     LOCK = ".pertscale.lock"
 
     def __init__(self, out: Path, *, inputs: list[Path], overwrite: bool) -> None:
+        """Nothing is checked or created before ``with``."""
         self.out = Path(out)
         self.inputs = inputs
         self.overwrite = overwrite
@@ -171,28 +201,31 @@ class OutputDir:
             self._release(failed=exc_type is not None)
 
     def _commit(self) -> None:
-        """Move every output into place, or none: earlier files are kept (hard links) until all moved."""
+        """Move every staged output into place, or none.
+
+        Earlier outputs (all of them, also those this run does not write,
+        so that no result of an earlier run is mixed with the new ones) are
+        moved aside first and put back if a move fails.
+        """
         assert self.staging is not None
         previous = self.staging / "previous"
         previous.mkdir()
-        existed = {key for key in OUTPUT_FILES if self.final(key).exists()}
-        kept, moved = set(), []
-        for key in existed:
-            try:
-                os.link(self.final(key), previous / OUTPUT_FILES[key])
-                kept.add(key)
-            except OSError:  # no hard links on this file system: that file cannot be restored
-                pass
+        aside, moved = [], []
         try:
             for key in OUTPUT_FILES:
-                os.replace(self.path(key), self.final(key))
-                moved.append(key)
+                if self.final(key).exists():
+                    os.replace(self.final(key), previous / OUTPUT_FILES[key])
+                    aside.append(key)
+            for key in OUTPUT_FILES:
+                if self.path(key).exists():
+                    os.replace(self.path(key), self.final(key))
+                    moved.append(key)
         except BaseException:
             for key in moved:
-                if key in kept:
-                    os.replace(previous / OUTPUT_FILES[key], self.final(key))
-                elif key not in existed:
-                    self.final(key).unlink(missing_ok=True)
+                target = self.final(key)
+                shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
+            for key in aside:
+                os.replace(previous / OUTPUT_FILES[key], self.final(key))
             raise
 
     def _release(self, *, failed: bool = True) -> None:
@@ -217,11 +250,12 @@ def _check_labels_before_passes(
     control_label: str,
     exclude_labels: list[str],
     min_cells_per_perturbation: int,
-) -> bool:
+) -> tuple[bool, list[str]]:
     """What ``obs`` alone can tell: raise before any pass over the matrix.
 
     Returns whether scanpy's ``uns['rank_genes_groups']`` fits in the
-    results file (see :func:`pertscale.tl._results.check_results_writable`).
+    results file (see :func:`pertscale.tl._results.check_results_writable`)
+    and the perturbations large enough to be tested, at most.
     """
     control_label = str(control_label)
     check_control(labels, control_label, perturbation_column)
@@ -253,7 +287,7 @@ def _check_labels_before_passes(
     check_writable_labels(testable, perturbation_column)
     from .kernels.wilcoxon import WILCOXON_STATS
 
-    return check_results_writable(testable, WILCOXON_STATS, perturbation_column=perturbation_column)
+    return check_results_writable(testable, WILCOXON_STATS, perturbation_column=perturbation_column), testable
 
 
 def run(
@@ -274,25 +308,32 @@ def run(
     use_continuity: bool = False,
     corr_method: str = "benjamini-hochberg",
     overwrite: bool = False,
+    working_store: str | Path | None = None,
+    memory_limit: int | None = None,
+    dry_run: bool = False,
     scheduler=None,
     progress: bool | None = None,
-) -> RunSummary:
+) -> RunSummary | Plan:
     """Run QC, normalization and the Wilcoxon test, and write the results.
 
-    Steps: QC metrics (one pass); drop ``exclude_labels``; keep cells with at
-    least ``min_genes`` detected genes; drop perturbations with fewer than
-    ``min_cells_per_perturbation`` cells; keep genes detected in at least
-    ``min_cells`` of the remaining cells (one pass); ``normalize_total`` to
-    ``target_sum`` and ``log1p`` (lazy); Wilcoxon rank-sum of every
-    perturbation against control (:func:`pertscale.tl.rank_genes_groups`).
+    Steps: the label checks and the plan (from ``obs`` and the file's
+    metadata); if the cells are not stored by perturbation, the working store
+    (:func:`pertscale.io.prepare`, one pass; reused while the input is
+    unchanged); QC metrics and both filters in one pass: drop
+    ``exclude_labels``, keep cells with at least ``min_genes`` detected genes,
+    drop perturbations with fewer than ``min_cells_per_perturbation`` cells,
+    keep genes detected in at least ``min_cells`` of the remaining cells;
+    ``normalize_total`` to ``target_sum`` and ``log1p`` (lazy); the Wilcoxon
+    rank-sum of every perturbation against control, written block by block.
 
-    Writes, in ``out``: ``de_wilcoxon.h5ad`` (results AnnData with Scanpy's
-    ``uns['rank_genes_groups']``), ``de_wilcoxon_significant.csv`` (rows with
-    ``pval_adj < 0.05``) and ``qc.csv`` (cells per perturbation before and
-    after filtering, and why a perturbation was dropped). The three files
-    appear together when the run succeeds; a failed or interrupted run
-    leaves none of them (and removes ``out`` if it created it). The input is
-    only read.
+    Writes, in ``out``: ``de_wilcoxon.zarr`` (results AnnData, always),
+    ``de_wilcoxon.h5ad`` (the same with Scanpy's ``uns['rank_genes_groups']``,
+    only where its record arrays fit: about 1,100 perturbations),
+    ``de_wilcoxon_significant.csv`` (rows with ``pval_adj < 0.05``) and
+    ``qc.csv`` (cells per perturbation before and after filtering, and why a
+    perturbation was dropped). They appear together when the run succeeds;
+    a failed or interrupted run leaves none of them (and removes ``out`` if
+    it created it and nothing else is in it). The input is only read.
 
     Parameters
     ----------
@@ -313,18 +354,32 @@ def run(
     layer, use_raw
         Read ``layers[layer]`` or ``raw.X`` instead of ``X``.
     chunk_size
-        Rows per block (>= 1); default from available memory.
+        Cells per block; default from the memory plan.
     tie_correct, use_continuity, corr_method
         Options of :func:`pertscale.tl.rank_genes_groups`.
     overwrite
         Replace results of an earlier run found in ``out``; without it such
         an ``out`` is refused before any work.
+    working_store
+        Where the perturbation-sorted working store goes when the input is
+        not sorted; default ``out/working_store.zarr``. It is kept (and reused
+        by later runs on the same input) after a success or an interruption,
+        and removed after a failure of a run that created it.
+    memory_limit
+        Bytes of memory per worker to plan for; default the workers' limit
+        or this machine's available memory.
+    dry_run
+        Only make the plan and return it: nothing is read but the labels and
+        the row pointer, nothing is written.
     scheduler, progress
-        Where to compute and whether to show progress bars.
+        Where to compute (default: chosen by the plan: threads in this process
+        for matrices under 2 GiB in memory, else the local process cluster or
+        an active ``distributed.Client``) and whether to show progress bars.
 
     Returns
     -------
-    RunSummary
+    RunSummary or Plan
+        The plan with ``dry_run``.
 
     Raises
     ------
@@ -334,6 +389,9 @@ def run(
         written, an option out of range or bad values. Everything that
         ``obs``, ``var`` and the file's metadata can show is checked before
         the first pass over the matrix.
+    MemoryError
+        If the plan does not fit the workers' memory or the disk (before any
+        pass).
     FileExistsError
         If ``out`` holds results of an earlier run and ``overwrite`` is off.
     PermissionError
@@ -351,62 +409,99 @@ def run(
         flag="--min-cells-per-perturbation",
     )
     target_sum = check_number(target_sum, "target_sum", minimum=0, min_open=True, flag="--target-sum")
+    memory_limit = check_number(memory_limit, "memory_limit", minimum=2**20, allow_none=True, flag="--memory-limit")
     exclude_labels = label_list(exclude_labels, "exclude_labels")
+    path, out = Path(path), Path(out)
     adata = read(path, layer=layer, use_raw=use_raw, chunk_size=chunk_size)
     check_shape(adata, f"the matrix in {str(path)!r}")
     labels = perturbation_labels(adata.obs, perturbation_column)
-    scanpy_format = _check_labels_before_passes(
+    scanpy_format, testable = _check_labels_before_passes(
         labels,
         perturbation_column=perturbation_column,
         control_label=control_label,
         exclude_labels=exclude_labels,
         min_cells_per_perturbation=min_cells_per_perturbation,
     )
-    with OutputDir(Path(out), inputs=[Path(path)], overwrite=overwrite) as output:
-        res, qc, dropped = _compute(
-            adata,
-            labels,
-            perturbation_column=perturbation_column,
-            control_label=control_label,
-            min_genes=min_genes,
-            min_cells=min_cells,
-            min_cells_per_perturbation=min_cells_per_perturbation,
-            exclude_labels=exclude_labels,
-            target_sum=target_sum,
-            layer=layer,
-            use_raw=use_raw,
-            tie_correct=tie_correct,
-            use_continuity=use_continuity,
-            corr_method=corr_method,
-            scanpy_format=scanpy_format,
-            scheduler=scheduler,
-            progress=progress,
-            seconds=seconds,
-            t0=t0,
-        )
-        res.uns["pertscale"]["settings"]["input"] = str(Path(path).resolve())
-        write(res, output.path("results"))
-        _write_csv(tl.tidy(res, max_pval_adj=FDR), output.path("significant"))
-        _write_csv(qc.reset_index(), output.path("qc"))
-    de_genes = pd.Series((res.layers["pvals_adj"] < FDR).sum(axis=1), index=res.obs_names, name="n_de_genes")
+    if scheduler is None and settings.scheduler != "local":
+        scheduler = settings.scheduler  # asked for in ps.settings
+    elif scheduler is None and active_client() is not None:
+        scheduler = "local"  # the active distributed.Client
+    needs_sort = not is_sorted(labels, control_label, exclude_labels)
+    kept = ~labels.isin(exclude_labels).to_numpy()
+    plan = make_plan(
+        adata,
+        kept=kept,
+        control=(labels == str(control_label)).to_numpy(),
+        group_sizes=labels[kept & (labels != str(control_label)).to_numpy()].value_counts().to_numpy(),
+        needs_sort=needs_sort,
+        out=Path(working_store).parent if working_store else out,
+        scheduler=scheduler if isinstance(scheduler, str) or scheduler is None else "distributed",  # a Client
+        memory_limit=memory_limit,
+        chunk_size=chunk_size,
+        n_groups_tested=len(testable),
+        row_nnz=row_nonzeros(path, layer=layer, use_raw=use_raw),
+    )
+    if dry_run:
+        return plan
+    plan.check()
+    if scheduler is None and plan.scheduler == "threads":
+        scheduler = "threads"
+    store_path = Path(working_store) if working_store else out / WORKING_STORE
+    store_existed = store_path.exists()
+    with OutputDir(out, inputs=[path], overwrite=overwrite) as output:
+        if not isinstance(working_store, type(None)):
+            check_not_input(store_path, [path], what="--working-store")
+        try:
+            res, qc, dropped, n_kept = _passes(
+                path,
+                adata,
+                plan,
+                store_path if needs_sort else None,
+                output,
+                perturbation_column=perturbation_column,
+                control_label=str(control_label),
+                min_genes=min_genes,
+                min_cells=min_cells,
+                min_cells_per_perturbation=min_cells_per_perturbation,
+                exclude_labels=exclude_labels,
+                target_sum=target_sum,
+                layer=layer,
+                use_raw=use_raw,
+                tie_correct=tie_correct,
+                use_continuity=use_continuity,
+                corr_method=corr_method,
+                scanpy_format=scanpy_format,
+                scheduler=scheduler,
+                progress=progress,
+                seconds=seconds,
+            )
+        except Exception:
+            if needs_sort and not store_existed:
+                shutil.rmtree(store_path, ignore_errors=True)  # of no use after a failure; kept after Ctrl-C
+            raise
     seconds["total"] = time.perf_counter() - t0
     return RunSummary(
         n_obs_input=int(qc["n_cells_before"].sum()),
-        n_vars_input=int(res.uns["pertscale"]["settings"]["n_vars_input"]),
-        n_obs_kept=int(qc["n_cells_after"].sum()),
-        n_vars_kept=res.n_vars,
-        n_control_cells=int(res.uns["pertscale"]["settings"]["n_control_cells"]),
-        perturbations_tested=list(res.obs_names),
+        n_vars_input=adata.n_vars,
+        n_obs_kept=n_kept,
+        n_vars_kept=res["n_vars"],
+        n_control_cells=res["n_control_cells"],
+        perturbations_tested=res["tested"],
         perturbations_dropped=dropped,
-        de_genes=de_genes,
-        files={key: output.final(key) for key in OUTPUT_FILES},
+        de_genes=res["de_genes"],
+        files={key: output.final(key) for key in OUTPUT_FILES if res["written"].get(key)},
+        plan=plan,
+        working_store=store_path if needs_sort else None,
         seconds=seconds,
     )
 
 
-def _compute(
+def _passes(
+    path: Path,
     adata,
-    labels: pd.Series,
+    plan: Plan,
+    store_path: Path | None,
+    output: OutputDir,
     *,
     perturbation_column: str,
     control_label: str,
@@ -424,104 +519,146 @@ def _compute(
     scheduler,
     progress,
     seconds: dict[str, float],
-    t0: float,
 ):
-    """The passes of the main job; returns the results AnnData, the QC table and the dropped labels."""
-    n_vars_input = adata.n_vars
-    before = labels.value_counts()
-    pp.calculate_qc_metrics(adata, perturbation_column=perturbation_column, scheduler=scheduler, progress=progress)
-    seconds["qc"] = time.perf_counter() - t0
-    n_fractional = adata.uns["pertscale"]["n_noninteger_values"]
+    """The passes of the main job and the writing of its outputs into the staging directory."""
+    before = perturbation_labels(adata.obs, perturbation_column).value_counts()
+    if store_path is not None:
+        t = time.perf_counter()
+        logger.info("the cells are not stored by perturbation: sorting them into %s (once)", store_path)
+        adata = prepare(
+            path,
+            perturbation_column,
+            control_label,
+            out=store_path,
+            layer=layer,
+            use_raw=use_raw,
+            exclude_labels=exclude_labels,
+            chunk_size=plan.block_rows,
+            scheduler=scheduler,
+            progress=progress,
+        )
+        seconds["sort"] = time.perf_counter() - t
+    elif max(adata.X.chunks[0]) != plan.block_rows:
+        adata = read(path, layer=layer, use_raw=use_raw, chunk_size=plan.block_rows)
+
+    # one pass: QC metrics, value checks, and per-group gene detection for both filters
+    t = time.perf_counter()
+    labels = perturbation_labels(adata.obs, perturbation_column)
+    names = [control_label] + [g for g in before.index if g != control_label and g not in set(exclude_labels)]
+    codes = pd.Categorical(labels.to_numpy(), categories=names).codes.astype(np.int64)
+    qc_pass = pp.qc_pass(adata, codes, len(names), min_genes=min_genes, scheduler=scheduler, progress=progress)
+    seconds["qc and filters"] = time.perf_counter() - t
+    n_fractional = int(qc_pass.gene("n_noninteger").sum())
     if n_fractional:
         where = f"layers[{layer!r}]" if layer else ("raw.X" if use_raw else "X")
         raise ValueError(
             f"{where} has {n_fractional:,} non-integer values: it looks normalized already, and this job "
             "normalizes raw UMI counts itself; pass the raw counts (e.g. --layer counts or --use-raw)"
         )
-    excluded = pp.filter_perturbations(adata, perturbation_column, control_label, exclude_labels=exclude_labels)
-    if min_genes:
-        keep = adata.obs["n_genes_by_counts"].to_numpy() >= min_genes  # same numbers filter_cells would compute
-        if not keep.all():
-            adata._inplace_subset_obs(np.flatnonzero(keep))
-    small = pp.filter_perturbations(adata, perturbation_column, control_label, min_cells=min_cells_per_perturbation)
-    left = perturbation_labels(adata.obs, perturbation_column)
-    n_control_left = int((left == str(control_label)).sum())
-    if 0 < n_control_left == left.size:
+    n_genes = qc_pass.cell("n_genes_by_counts")
+    cell_ok = (codes >= 0) & (n_genes >= min_genes)
+    after_cells = np.bincount(codes[cell_ok], minlength=len(names))
+    group_ok = after_cells >= min_cells_per_perturbation
+    group_ok[0] = True  # the control is never dropped for its size
+    n_control_left = int(after_cells[0])
+    if n_control_left < 2:  # said first: without controls nothing can be tested
+        raise ValueError(
+            f"{n_control_left} control cell(s) left after filtering (of {int(before[control_label])}); "
+            "lower --min-genes or check --exclude-labels"
+        )
+    if not group_ok[1:].any() or after_cells[1:][group_ok[1:]].sum() == 0:
         raise ValueError(
             f"no perturbation has at least {min_cells_per_perturbation} cells after filtering; "
             "lower --min-cells-per-perturbation or --min-genes"
         )
-    if n_control_left < 2:
-        raise ValueError(
-            f"{n_control_left} control cell(s) left after filtering (of {int(before[str(control_label)])}); "
-            "lower --min-genes or check --exclude-labels"
-        )
-    if min_cells:
-        t = time.perf_counter()
-        pp.filter_genes(adata, min_cells=min_cells, scheduler=scheduler, progress=progress)
-        seconds["filter genes"] = time.perf_counter() - t
-    if adata.n_vars == 0:
+    keep_cells = cell_ok & group_ok[np.maximum(codes, 0)]
+    gene_cells = qc_pass.detection[group_ok].sum(axis=0)
+    keep_genes = gene_cells >= min_cells
+    if not keep_genes.any():
         raise ValueError(f"no gene is detected in at least {min_cells} cells; lower --min-cells")
+    filtered = adata[keep_cells, keep_genes].copy()
 
-    pp.normalize_total(adata, target_sum=target_sum)
-    pp.log1p(adata)
-    t = time.perf_counter()
+    pp.normalize_total(filtered, target_sum=target_sum)
+    pp.log1p(filtered)
     res = tl.rank_genes_groups(
-        adata,
+        filtered,
         perturbation_column,
         control_label,
         tie_correct=tie_correct,
         use_continuity=use_continuity,
         corr_method=corr_method,
-        scanpy_format=scanpy_format,
-        scheduler=scheduler,
-        progress=progress,
     )
-    seconds["wilcoxon"] = time.perf_counter() - t
-    if not scanpy_format:
-        warnings.warn(
-            f"{res.n_obs:,} perturbations are more than scanpy's uns['rank_genes_groups'] record arrays hold in "
-            "an .h5ad file; de_wilcoxon.h5ad has every statistic in its layers but not that view "
-            "(scanpy.get.rank_genes_groups_df will not work on it; ps.tl.tidy does)",
-            UserWarning,
-            stacklevel=3,
-        )
     res.uns["pertscale"]["settings"].update(
         {
+            "input": str(path.resolve()),
+            "input_matrix": f"layers/{layer}" if layer else ("raw/X" if use_raw else "X"),
             "min_genes": int(min_genes),
             "min_cells": int(min_cells),
             "min_cells_per_perturbation": int(min_cells_per_perturbation),
             "exclude_labels": np.asarray([str(e) for e in exclude_labels], dtype=object),
             "target_sum": float(target_sum),
-            "n_vars_input": int(n_vars_input),
         }
     )
-    res.uns["pertscale"]["settings"]["input_matrix"] = f"layers/{layer}" if layer else ("raw/X" if use_raw else "X")
+    t = time.perf_counter()
+    write(res, output.path("results"), scheduler=scheduler, progress=progress)
+    seconds["test and write"] = time.perf_counter() - t
 
-    after = perturbation_labels(adata.obs, perturbation_column).value_counts()
+    t = time.perf_counter()
+    de_genes = write_significant(output.path("results"), output.path("significant"), max_pval_adj=FDR)
+    written = {"results": True, "significant": True, "qc": True}
+    if scanpy_format:
+        import anndata as ad
+
+        small = ad.read_zarr(output.path("results"))
+        scanpy_uns(small)
+        write(small, output.path("h5ad"))
+        written["h5ad"] = True
+    else:
+        warnings.warn(
+            f"de_wilcoxon.h5ad is not written: {res.n_obs:,} perturbations are more than scanpy's "
+            "uns['rank_genes_groups'] record arrays hold in an .h5ad file (about 1,100). Every statistic is in "
+            "de_wilcoxon.zarr (anndata.read_zarr, ps.get.dataset). For scanpy's view of some perturbations: "
+            "r = anndata.read_zarr('de_wilcoxon.zarr')[perturbations].copy(); ps.tl.scanpy_uns(r); "
+            "r.write_h5ad('subset.h5ad')",
+            UserWarning,
+            stacklevel=3,
+        )
+    seconds["tables"] = time.perf_counter() - t
+
+    tested = list(res.obs_names)
+    after = pd.Series(np.bincount(codes[keep_cells], minlength=len(names)), index=names)
     qc = pd.DataFrame({"n_cells_before": before, "n_cells_after": after.reindex(before.index, fill_value=0)})
     qc.index.name = "perturbation"
+    excluded = set(exclude_labels)
+    cells_after_min_genes = pd.Series(after_cells, index=names)
     qc["status"] = [
-        _status(name, control_label, excluded, small, after, res.obs_names, min_cells_per_perturbation)
+        _status(name, control_label, excluded, cells_after_min_genes, tested, min_cells_per_perturbation)
         for name in qc.index
     ]
     dropped = {name: status for name, status in qc["status"].items() if status not in ("tested", "control")}
     qc = qc.sort_values(["status", "n_cells_before"], ascending=[True, False])
-    return res, qc, dropped
+    _write_csv(qc.reset_index(), output.path("qc"))
+    summary = {
+        "tested": tested,
+        "de_genes": de_genes,
+        "n_vars": int(keep_genes.sum()),
+        "n_control_cells": n_control_left,
+        "written": written,
+    }
+    return summary, qc, dropped, int(keep_cells.sum())
 
 
-def _status(name, control_label, excluded, small, after, tested, min_cells_per_perturbation) -> str:
-    if name == str(control_label):
+def _status(name, control_label, excluded, cells_after_min_genes, tested, min_cells_per_perturbation) -> str:
+    if name == control_label:
         return "control"
-    if excluded.loc[name, "reason"] == "excluded":
+    if name in excluded:
         return "excluded label"
-    if name not in small.index:
+    n = int(cells_after_min_genes.get(name, 0))
+    if n == 0:
         return "no cells left after min_genes"
-    if small.loc[name, "reason"] == "min_cells":
+    if n < min_cells_per_perturbation:
         return f"fewer than {min_cells_per_perturbation} cells"
-    if name in tested:
-        return "tested"
-    return "fewer than 2 cells" if name in after.index else "no cells left"
+    return "tested" if name in set(tested) else "not tested"
 
 
 def _write_csv(df: pd.DataFrame, path: Path) -> None:

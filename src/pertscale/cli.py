@@ -56,6 +56,18 @@ def _silence_exit_handlers() -> None:
         os.close(devnull)
 
 
+def _bytes(text: str | None) -> int | None:
+    """``8GB``, ``512MiB`` or a number of bytes, as dask writes memory limits."""
+    if text is None:
+        return None
+    from dask.utils import parse_bytes
+
+    try:
+        return int(parse_bytes(text))
+    except (ValueError, TypeError) as err:
+        raise click.BadParameter(f"{text!r} is not a size such as 8GB or 512MiB", param_hint="--memory-limit") from err
+
+
 def _finite(name: str, **bounds):
     """A click callback: the option is a finite number within bounds (one message for CLI and API)."""
 
@@ -126,10 +138,22 @@ def _finite(name: str, **bounds):
 )
 @click.option(
     "--scheduler",
-    default="local",
-    show_default=True,
-    help="local (LocalCluster, one process per core), synchronous, threads, processes, or an address.",
+    default=None,
+    help="local (LocalCluster, one process per core), synchronous, threads, processes, or an address "
+    "(default: chosen by the plan: threads for matrices under 2 GiB in memory, else local).",
 )
+@click.option(
+    "--memory-limit",
+    default=None,
+    help="Memory per worker to plan for, e.g. 8GB (default: the workers' limit or the available memory).",
+)
+@click.option(
+    "--working-store",
+    default=None,
+    type=click.Path(path_type=str),
+    help="Where to write the perturbation-sorted copy of an unsorted input (default: OUT/working_store.zarr).",
+)
+@click.option("--dry-run", is_flag=True, default=False, help="Print the plan (memory, disk, passes) and stop.")
 @click.option(
     "--continuity/--no-continuity",
     default=False,
@@ -159,6 +183,9 @@ def run(
     target_sum,
     chunk_size,
     scheduler,
+    memory_limit,
+    working_store,
+    dry_run,
     continuity,
     corr_method,
     progress,
@@ -201,16 +228,19 @@ def run(
                 use_raw=use_raw,
                 overwrite=overwrite,
                 chunk_size=chunk_size,
+                memory_limit=_bytes(memory_limit),
+                working_store=working_store,
+                dry_run=dry_run,
                 use_continuity=continuity,
                 corr_method=corr_method,
                 scheduler=scheduler,
                 progress=progress,
             )
-        except (FileNotFoundError, FileExistsError, PermissionError, ValueError, KeyError) as err:
+        except (FileNotFoundError, FileExistsError, PermissionError, ValueError, KeyError, MemoryError) as err:
             message = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
             raise click.ClickException(str(message)) from err
         except KeyboardInterrupt:
-            click.echo("\ninterrupted: nothing was written", err=True)
+            click.echo("\ninterrupted: no results were written", err=True)
             _silence_exit_handlers()
             raise click.exceptions.Exit(130) from None
     for w in caught:
@@ -220,6 +250,8 @@ def run(
             warnings.showwarning(w.message, w.category, w.filename, w.lineno)
     for line in summary.lines():
         click.echo(line)
+    if dry_run and getattr(summary, "problems", None):
+        raise click.exceptions.Exit(1)
 
 
 def entry() -> None:
@@ -227,7 +259,7 @@ def entry() -> None:
     try:
         code = main.main(standalone_mode=False)
     except click.exceptions.Abort:  # click's wrapping of a KeyboardInterrupt outside the run itself
-        click.echo("\ninterrupted: nothing was written", err=True)
+        click.echo("\ninterrupted: no results were written", err=True)
         code = 130
     except click.ClickException as err:
         err.show()

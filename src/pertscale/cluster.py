@@ -36,7 +36,8 @@ def n_cores() -> int:
         return os.cpu_count() or 1
 
 
-def _active_client():
+def active_client():
+    """The active ``distributed.Client``, if there is one."""
     try:
         from distributed import get_client
     except ImportError:  # pragma: no cover
@@ -158,7 +159,7 @@ def resolve_scheduler(scheduler: str | Any | None = None):
     if not isinstance(scheduler, str):
         return scheduler  # a Client
     if scheduler == "local":
-        return _active_client() or local_client()
+        return active_client() or local_client()
     if scheduler in LOCAL_SCHEDULERS:
         return scheduler
     if "://" in scheduler or ":" in scheduler:
@@ -204,8 +205,10 @@ def compute(*collections, scheduler=None, progress: bool | None = None, desc: st
     progress = settings.progress if progress is None else progress
     if is_distributed(sched):
         with sched.as_current():
+            # optimize once: the summaries are computed from the same graph the pass then runs
+            collections = dask.optimize(*collections)
             broadcast = _replicate_summaries(sched, collections, progress)
-            persisted = sched.persist(list(collections))
+            persisted = sched.persist(list(collections), optimize_graph=False)
             _wait(persisted, progress, desc)
             result = tuple(dask.compute(*persisted, scheduler=sched))
             del broadcast
@@ -234,10 +237,13 @@ def _replicate_summaries(client, collections, progress: bool) -> list:
     keys = []
     for c in collections:
         graph = c.__dask_graph__()
-        keys.extend((k, graph) for k in graph.keys() if isinstance(k, str) and k.startswith(SUMMARY_PREFIX))
+        found = [k for k in graph.keys() if isinstance(k, str) and k.startswith(SUMMARY_PREFIX)]
+        if found:
+            tasks = dict(graph)
+            keys.extend((k, tasks) for k in found)
     if not keys:
         return []
-    futures = client.compute([Delayed(k, g) for k, g in keys])
+    futures = client.compute([Delayed(k, g) for k, g in keys], optimize_graph=False)
     _wait(futures, progress, "control summary")
     if len(client.scheduler_info().get("workers", {})) > 1:
         client.replicate(futures)

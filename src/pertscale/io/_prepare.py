@@ -122,31 +122,14 @@ def sort_plan(labels: pd.Series, control_label: str, *, exclude: list[str], budg
 
 
 # --------------------------------------------------------------------------- spill files
+#
+# One spill file per input block: the zstd-compressed arrays of every piece, one after another, and an
+# index (output block, array name, dtype, length, offset, bytes). A gather task reads its pieces from each
+# file by offset: one file written per input block, one small read per (input block, output block).
 
-
-def _pack(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    import numcodecs
-
-    zstd = numcodecs.Zstd(level=1)
-    out = {}
-    for name, a in arrays.items():
-        a = np.ascontiguousarray(a)
-        out[name] = np.frombuffer(zstd.encode(a), dtype=np.uint8)
-        out[f"{name}.meta"] = np.asarray([a.dtype.str, str(a.shape[0])])
-    return out
-
-
-def _unpack(npz) -> dict[str, np.ndarray]:
-    import numcodecs
-
-    zstd = numcodecs.Zstd(level=1)
-    out = {}
-    for name in npz.files:
-        if name.endswith(".meta"):
-            continue
-        dtype, n = npz[f"{name}.meta"]
-        out[name] = np.frombuffer(zstd.decode(npz[name].tobytes()), dtype=np.dtype(str(dtype)))[: int(n)]
-    return out
+SPILL_INDEX = np.dtype(
+    [("dest", "<i8"), ("name", "S8"), ("dtype", "S8"), ("n", "<i8"), ("offset", "<i8"), ("nbytes", "<i8")]
+)
 
 
 def _small(a: np.ndarray) -> np.ndarray:
@@ -159,37 +142,66 @@ def _small(a: np.ndarray) -> np.ndarray:
 
 
 def _scatter(block, pos, rows_in, bounds, spill: str, done: frozenset):
-    """Scatter task: write the rows of an input block (input rows ``rows_in``) to the spill of each output block."""
+    """Scatter task: write the rows of an input block (input rows ``rows_in``) to the spill, by output block."""
+    import numcodecs
+
+    zstd = numcodecs.Zstd(level=1)
     r0 = int(rows_in[0]) if rows_in.size else 0
     block = sp.csr_matrix(block)
     kept = np.flatnonzero(pos >= 0)
     dest = np.searchsorted(bounds, pos[kept], side="right") - 1
     by_dest = np.argsort(dest * (bounds[-1] + 1) + pos[kept], kind="stable")  # by block, then sorted position
     kept, dest = kept[by_dest], dest[by_dest]
-    n = 0
+    index, buffers, offset = [], [], 0
     for d in np.unique(dest):
         if int(d) in done:
             continue
         rows = kept[dest == d]
         part = block[rows]
-        folder = Path(spill) / str(int(d))
-        folder.mkdir(parents=True, exist_ok=True)
-        target = folder / f"{r0}.npz"
-        tmp = folder / f".{r0}.{uuid.uuid4().hex[:8]}.npz"
-        np.savez(
-            tmp,
-            **_pack(
-                {
-                    "position": pos[rows],
-                    "indptr": part.indptr.astype(np.int64),
-                    "indices": _small(part.indices),
-                    "data": _small(part.data),
-                }
-            ),
-        )
-        os.replace(tmp, target)
-        n += rows.size
-    return np.array([n], dtype=np.int64)
+        arrays = {
+            "position": pos[rows],
+            "indptr": part.indptr.astype(np.int64),
+            "indices": _small(part.indices),
+            "data": _small(part.data),
+        }
+        for name, a in arrays.items():
+            a = np.ascontiguousarray(a)
+            raw = zstd.encode(a) if a.size else b""
+            index.append((int(d), name, a.dtype.str, a.size, offset, len(raw)))
+            buffers.append(raw)
+            offset += len(raw)
+    folder = Path(spill)
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / f".{r0}.{uuid.uuid4().hex[:8]}"
+    with open(tmp, "wb") as f:
+        for raw in buffers:
+            f.write(raw)
+    np.save(folder / f"{r0}.idx.npy", np.array(index, dtype=SPILL_INDEX))
+    os.replace(tmp, folder / f"{r0}.bin")  # the data file last: its presence marks the piece complete
+    return np.array([offset], dtype=np.int64)
+
+
+def _read_pieces(spill: Path, k: int) -> list[dict[str, np.ndarray]]:
+    """The pieces of output block ``k``, one per input block that holds some of its rows."""
+    import numcodecs
+
+    zstd = numcodecs.Zstd(level=1)
+    pieces = []
+    for data_file in sorted(spill.glob("*.bin"), key=lambda p: int(p.stem)):
+        index = np.load(spill / f"{data_file.stem}.idx.npy")
+        mine = index[index["dest"] == k]
+        if not mine.size:
+            continue
+        piece = {}
+        with open(data_file, "rb") as f:
+            for entry in mine:
+                f.seek(int(entry["offset"]))
+                raw = zstd.decode(f.read(int(entry["nbytes"]))) if entry["n"] else b""
+                piece[entry["name"].decode()] = np.frombuffer(raw, dtype=np.dtype(entry["dtype"].decode()))[
+                    : entry["n"]
+                ]
+        pieces.append(piece)
+    return pieces
 
 
 def _gather(k: int, bounds: np.ndarray, n_vars: int, dtype: str, spill: str, store: str) -> int:
@@ -200,11 +212,7 @@ def _gather(k: int, bounds: np.ndarray, n_vars: int, dtype: str, spill: str, sto
     if (final / "zarr.json").exists():
         return 0  # written by an earlier, interrupted run
     lo, hi = int(bounds[k]), int(bounds[k + 1])
-    folder = Path(spill) / str(k)
-    pieces = []
-    for f in sorted(folder.glob("[0-9]*.npz"), key=lambda p: int(p.stem)):
-        with np.load(f) as npz:
-            pieces.append(_unpack(npz))
+    pieces = _read_pieces(Path(spill), k)
     positions = np.concatenate([p["position"] for p in pieces]) if pieces else np.empty(0, np.int64)
     if positions.size != hi - lo or not np.array_equal(np.sort(positions), np.arange(lo, hi)):
         raise DamagedStoreError(
@@ -226,7 +234,6 @@ def _gather(k: int, bounds: np.ndarray, n_vars: int, dtype: str, spill: str, sto
     ):
         group.create_array(name, data=a, chunks=(max(1, min(a.shape[0], CHUNK_ENTRIES)),))
     os.replace(tmp, final)
-    shutil.rmtree(folder, ignore_errors=True)
     return hi - lo
 
 
@@ -439,7 +446,9 @@ def prepare(
             dtype=np.int64,
             meta=np.empty((0,), dtype=np.int64),
         )
-        barrier = scattered.sum()
+        # one Delayed for the end of the scatter: a dask array passed to each gather task separately would be
+        # optimized, and computed, once per task
+        barrier = scattered.sum().to_delayed().item()
         import dask
 
         gathered = [

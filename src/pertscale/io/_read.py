@@ -277,6 +277,23 @@ def read(
     return adata
 
 
+def row_nonzeros(path: str | Path, *, layer: str | None = None, use_raw: bool = False) -> np.ndarray | None:
+    """Non-zeros per row of a stored CSR matrix, from its row pointer (no values read).
+
+    Returns ``None`` for dense or CSC storage, where that would need a pass.
+    """
+    path = Path(path)
+    store, fmt = _open(path)
+    try:
+        elem = store[_matrix_key(store, path, layer, use_raw)]
+        if elem.attrs.get("encoding-type") != "csr_matrix":
+            return None
+        return np.diff(np.asarray(elem["indptr"][:], dtype=np.int64))
+    finally:
+        if fmt == "h5ad":
+            store.close()
+
+
 def _layout(step: int, size: int) -> tuple[int, ...]:
     """Chunks of ``step`` along an axis of ``size`` (one empty chunk for an empty axis)."""
     if size == 0:

@@ -72,6 +72,38 @@ def gene_stats(block: sp.csr_matrix) -> np.ndarray:
     return out
 
 
+def detection_by_group(block: sp.csr_matrix, codes: np.ndarray, keep: np.ndarray, present: np.ndarray) -> np.ndarray:
+    """Per group, the number of kept cells in which each gene is detected.
+
+    Parameters
+    ----------
+    block
+        ``(n_rows, n_genes)`` CSR counts.
+    codes
+        ``(n_rows,)`` int group code of each row (-1: not counted).
+    keep
+        ``(n_rows,)`` bool: rows to count (e.g. cells with enough genes).
+    present
+        The codes to report, in this order (each row's code must be among
+        them or be -1).
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(len(present), n_genes)`` int32 counts of non-zero entries.
+    """
+    block = sp.csr_matrix(block)
+    n_genes = block.shape[1]
+    n_present = present.shape[0]
+    slot = np.full(int(present.max()) + 2 if n_present else 1, -1, dtype=np.int64)
+    slot[present] = np.arange(n_present)
+    row_slot = np.where((codes >= 0) & keep, slot[np.maximum(codes, 0)], -1)
+    rows = np.repeat(row_slot, np.diff(block.indptr))
+    counted = (rows >= 0) & (block.data != 0)
+    flat = rows[counted] * n_genes + block.indices[counted]
+    return np.bincount(flat, minlength=n_present * n_genes).reshape(n_present, n_genes).astype(np.int32)
+
+
 def normalize_rows(block: sp.csr_matrix, target_sum: float) -> sp.csr_matrix:
     """Scale each row to sum to ``target_sum``, in float32, as scanpy does.
 

@@ -8,6 +8,7 @@ from ._qc import (
     filter_genes,
     filter_perturbations,
     mitochondrial_genes,
+    qc_pass,
 )
 
 __all__ = [
@@ -19,4 +20,5 @@ __all__ = [
     "log1p",
     "mitochondrial_genes",
     "normalize_total",
+    "qc_pass",
 ]

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 import anndata as ad
 import dask.array as da
 import numpy as np
 import pandas as pd
+import scipy.sparse as sp
 
 from .._validation import check_number, check_shape, label_list, perturbation_labels
 from ..cluster import compute
@@ -66,6 +68,98 @@ def _matrix_stats(adata: ad.AnnData, *, mt_mask=None, scheduler=None, progress=N
     cells, genes = compute(cells, genes, scheduler=scheduler, progress=progress, desc=desc)
     _check_gene_stats(genes)
     return cells, genes
+
+
+def _detection_chunk(block, codes, min_genes):
+    from ..kernels.qc import detection_by_group
+
+    block = sp.csr_matrix(block)
+    keep = _cell_stat(cell_stats(block), "n_genes_by_counts") >= min_genes
+    return detection_by_group(block, codes, keep, np.unique(codes[codes >= 0]))
+
+
+@dataclass(frozen=True)
+class QCPass:
+    """What one pass over the matrix tells the main job.
+
+    Attributes
+    ----------
+    cells
+        ``(n_obs, len(CELL_STATS))`` float64 per-cell statistics.
+    genes
+        ``(len(GENE_STATS), n_vars)`` float64 per-gene sums (value checks included).
+    detection
+        ``(n_codes, n_vars)`` int64: per group code, the cells with at least
+        ``min_genes`` detected genes in which each gene is detected.
+    """
+
+    cells: np.ndarray
+    genes: np.ndarray
+    detection: np.ndarray
+
+    def cell(self, name: str) -> np.ndarray:
+        """A per-cell statistic by name."""
+        return _cell_stat(self.cells, name)
+
+    def gene(self, name: str) -> np.ndarray:
+        """A per-gene sum by name."""
+        return _gene_stat(self.genes, name)
+
+
+def qc_pass(
+    adata: ad.AnnData, codes: np.ndarray, n_codes: int, *, min_genes: int, scheduler=None, progress=None
+) -> QCPass:
+    """QC metrics, value checks and per-group gene detection, in one pass over the matrix.
+
+    The gene filter of the main job counts, per gene, the cells that pass
+    the cell filter and belong to a perturbation that is kept; which
+    perturbations are kept depends on the cell filter. So the pass returns
+    the detection counts per group, and the filter adds those of the kept
+    groups: the filters need no second pass.
+
+    Parameters
+    ----------
+    adata
+        Raw counts.
+    codes
+        ``(n_obs,)`` group code of each cell (-1: not counted).
+    n_codes
+        Number of codes.
+    min_genes
+        Cells with fewer detected genes are not counted in ``detection``.
+    scheduler, progress
+        Where to compute and whether to show a progress bar.
+
+    Raises
+    ------
+    ValueError
+        If the matrix holds NaN, infinite or negative values.
+    """
+    x = as_dask(adata.X)
+    mt = mitochondrial_genes(adata.var)
+    cells, genes = _stats_graphs(x, mt if mt.any() else None)
+    codes = np.asarray(codes, dtype=np.int64)
+    bounds = np.cumsum((0,) + x.chunks[0])
+    present = [np.unique(codes[a:b][codes[a:b] >= 0]) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+    detection = da.blockwise(
+        _detection_chunk,
+        "ij",
+        x,
+        "ij",
+        da.from_array(codes, chunks=(x.chunks[0],)),
+        "i",
+        int(min_genes),
+        None,
+        adjust_chunks={"i": tuple(len(p) for p in present)},
+        concatenate=True,
+        dtype=np.int32,
+        meta=np.empty((0, 0), dtype=np.int32),
+    )
+    cells, genes, rows = compute(cells, genes, detection, scheduler=scheduler, progress=progress, desc="QC")
+    _check_gene_stats(genes)
+    total = np.zeros((n_codes, x.shape[1]), dtype=np.int64)
+    np.add.at(total, np.concatenate(present) if present else np.empty(0, np.int64), rows)
+    return QCPass(cells=cells, genes=genes, detection=total)
 
 
 def mitochondrial_genes(var: pd.DataFrame) -> np.ndarray:

@@ -228,3 +228,54 @@ def check_results_writable(groups: list[str], stat_names: tuple[str, ...], *, pe
             f"({type(first_error).__name__}: {first_error}); rename the labels"
         ) from first_error
     return scanpy_fits
+
+
+#: Columns of the tidy table: its name, and the layer it comes from.
+TIDY_COLUMNS = {"logfoldchange": "logfoldchanges", "score": "scores", "pval": "pvals", "pval_adj": "pvals_adj"}
+
+
+def write_significant(results, path, *, max_pval_adj: float = 0.05, rows_per_block: int = 256) -> pd.Series:
+    """Write the tidy table of significant (perturbation, gene) pairs from a results store, block by block.
+
+    Parameters
+    ----------
+    results
+        Path of a results ``.zarr`` store (as :func:`pertscale.write` writes one).
+    path
+        The ``.csv`` to write: columns ``perturbation, gene, logfoldchange
+        (log2), score, pval, pval_adj``; the perturbations in results order,
+        each one's genes by adjusted p-value, then name.
+    max_pval_adj
+        Rows with ``pval_adj < max_pval_adj`` are written.
+    rows_per_block
+        Perturbations read at a time: memory is bounded by this many rows of
+        the statistics, whatever the number of perturbations.
+
+    Returns
+    -------
+    pandas.Series
+        Significant genes per perturbation.
+    """
+    import zarr
+
+    max_pval_adj = check_number(max_pval_adj, "max_pval_adj", minimum=0, maximum=1)
+    group = zarr.open_group(str(results), mode="r")
+    obs_names = np.asarray(ad.io.read_elem(group["obs"]).index)
+    var_names = np.asarray(ad.io.read_elem(group["var"]).index)
+    layers = {col: group["layers"][layer] for col, layer in TIDY_COLUMNS.items()}
+    counts = np.zeros(obs_names.size, dtype=np.int64)
+    with open(path, "w", newline="") as handle:
+        pd.DataFrame(columns=["perturbation", "gene", *TIDY_COLUMNS]).to_csv(handle, index=False)
+        for a in range(0, obs_names.size, rows_per_block):
+            b = min(a + rows_per_block, obs_names.size)
+            values = {col: arr[a:b] for col, arr in layers.items()}
+            hit = values["pval_adj"] < max_pval_adj
+            counts[a:b] = hit.sum(axis=1)
+            g, j = np.nonzero(hit)
+            block = pd.DataFrame(
+                {"perturbation": obs_names[a:b][g], "gene": var_names[j], **{c: v[g, j] for c, v in values.items()}}
+            )
+            block = block.sort_values(["pval_adj", "gene"], kind="stable")
+            block = block.iloc[np.argsort(g[block.index.to_numpy()], kind="stable")]
+            block.to_csv(handle, index=False, header=False)
+    return pd.Series(counts, index=pd.Index(obs_names, name="perturbation"), name="n_de_genes")
