@@ -43,7 +43,9 @@ def _simulate(n_cells: int, n_genes: int, density: float, seed: int = 0):
         x.data = rng.poisson(3, x.data.size).astype(np.int32) + 1
         blocks.append(x.astype(np.int32))
     obs = pd.DataFrame({"perturbation": rng.choice(["control", "A", "B"], n_cells)}, index=map(str, range(n_cells)))
-    return ad.AnnData(sp.vstack(blocks, format="csr"), obs=obs, var=pd.DataFrame(index=[f"g{i}" for i in range(n_genes)]))
+    return ad.AnnData(
+        sp.vstack(blocks, format="csr"), obs=obs, var=pd.DataFrame(index=[f"g{i}" for i in range(n_genes)])
+    )
 
 
 def _best(fn, repeat: int = 3) -> float:
@@ -76,7 +78,10 @@ def main() -> None:
         paths = {"h5ad": tmp / "screen.h5ad", "zarr": tmp / "screen.zarr"}
         adata.write_h5ad(paths["h5ad"])
         adata.write_zarr(paths["zarr"])
-        print(f"{args.n_cells:,} cells x {args.n_genes} genes, {adata.X.nnz:,} non-zeros, row blocks of {args.chunk_size:,}")
+        print(
+            f"{args.n_cells:,} cells x {args.n_genes} genes, {adata.X.nnz:,} non-zeros, "
+            f"row blocks of {args.chunk_size:,}"
+        )
         del adata
 
         def anndata_open(path, fmt):
@@ -87,8 +92,10 @@ def main() -> None:
             return x, store
 
         def column_sum(x):
-            return x.map_blocks(lambda b: np.asarray(b.sum(axis=0)), chunks=(1, x.shape[1])).sum(axis=0).compute(
-                scheduler="synchronous"
+            return (
+                x.map_blocks(lambda b: np.asarray(b.sum(axis=0)), chunks=(1, x.shape[1]))
+                .sum(axis=0)
+                .compute(scheduler="synchronous")
             )
 
         print(f"{'format':<6} {'step':<5} {'pertscale s':>12} {'anndata s':>10} {'ratio':>6}")

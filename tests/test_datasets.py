@@ -47,7 +47,14 @@ def test_simulation_writes_files(tmp_path):
 
 def test_simulation_rejects_impossible_designs():
     with pytest.raises(ValueError, match="n_perturbations"):
-        ps.datasets.simulate_screen(100, 5, 10)
+        ps.datasets.simulate_screen(100, 5, 0)
+
+
+def test_more_perturbations_than_genes_share_targets():
+    a = ps.datasets.simulate_screen(400, 20, 30, seed=1, n_affected=2)
+    targets = a.uns["simulation"]["targets"]
+    assert len(targets) == 30 and len(set(targets)) < 30  # 20 genes cannot give 30 distinct targets
+    assert a.obs["perturbation"].nunique() == 31
     with pytest.raises(ValueError, match="control_fraction"):
         ps.datasets.simulate_screen(100, 50, 3, control_fraction=1.5)
 

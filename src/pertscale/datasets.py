@@ -356,7 +356,8 @@ def simulate_screen(
     Parameters
     ----------
     n_cells, n_genes, n_perturbations
-        Size of the screen; perturbations target distinct genes.
+        Size of the screen; perturbations target distinct genes while there
+        are enough non-mitochondrial genes, and share targets beyond that.
     control_fraction
         Fraction of cells carrying the control label; the rest are spread
         evenly (multinomially) over the perturbations.
@@ -420,10 +421,8 @@ def simulate_screen(
     from ._validation import check_number
 
     n_mito = min(13, n_genes // 50) if n_mito is None else n_mito
-    if n_perturbations < 1 or n_perturbations > n_genes - n_mito:
-        raise ValueError(
-            "n_perturbations must be between 1 and the number of non-mitochondrial genes (each targets its own gene)"
-        )
+    if n_perturbations < 1 or n_genes - n_mito < 1:
+        raise ValueError("n_perturbations must be at least 1, and some genes must not be mitochondrial (targets)")
     if not 0 < control_fraction < 1:
         raise ValueError("control_fraction must be between 0 and 1")
     block_size = _check_block_size(block_size)
@@ -447,7 +446,8 @@ def simulate_screen(
     # targets: well-expressed genes, so knock-downs are detectable
     order = np.argsort(-base_mean[n_mito:]) + n_mito
     pool = order[: max(n_perturbations, len(order) // 2)]
-    targets = rng.choice(pool, size=n_perturbations, replace=False)
+    # distinct targets while there are enough genes; beyond that, genes targeted by several perturbations
+    targets = rng.choice(pool, size=n_perturbations, replace=n_perturbations > pool.size)
     k = min(n_affected, n_genes - 1)
     effect_genes = np.empty((n_perturbations, k + 1), dtype=np.int64)
     effect_log2 = np.empty((n_perturbations, k + 1), dtype=np.float32)
@@ -473,11 +473,12 @@ def simulate_screen(
         effect_fold=np.exp2(effect_log2).astype(np.float64),
         entropy=root_seed.entropy,
     )
-    target_names = [genes[t] for t in targets]
+    target_names = np.asarray([genes[t] for t in targets], dtype=object)
+    names, target_codes = np.unique(np.r_[[""], target_names], return_inverse=True)  # targets may repeat
     obs = pd.DataFrame(
         {
             perturbation_column: pd.Categorical.from_codes(codes + 1, categories=[control_label, *perts]),
-            "target_gene": pd.Categorical.from_codes(codes + 1, categories=["", *target_names]),
+            "target_gene": pd.Categorical.from_codes(target_codes[codes + 1], categories=names),
         },
         index=pd.Index([f"cell{i:07d}" for i in range(n_cells)]),
     )

@@ -1,6 +1,7 @@
 """Wilcoxon rank-sum kernels: pure functions of one in-memory block.
 
-Nothing here knows about Dask. :func:`control_statistics` reduces the control
+Nothing here knows about Dask. The numba kernels release the GIL, so
+blocks run in parallel on the threaded scheduler too. :func:`control_statistics` reduces the control
 cells to the frozen per-gene summary that every comparison needs, and
 :func:`wilcoxon_block` turns one CSR block holding whole perturbation groups
 into their finished statistics against that summary.
@@ -138,7 +139,7 @@ def _columns_of(block: sp.csr_matrix, row_start: int, row_stop: int, n_genes: in
     return _gather_by_gene(block.indptr, block.indices, block.data, row_start, row_stop, n_genes)
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _gather_by_gene(indptr, indices, data, row_start, row_stop, n_genes):
     # Counting sort of the rows' non-zero entries by column; stored zeros dropped.
     ptr = np.zeros(n_genes + 1, dtype=np.int64)
@@ -157,7 +158,7 @@ def _gather_by_gene(indptr, indices, data, row_start, row_stop, n_genes):
     return ptr, out
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _summarise_control(ptr, values, n_genes):
     # Sort each gene's non-zero control values, then run-length encode them.
     n_distinct = np.zeros(n_genes + 1, dtype=np.int64)
@@ -239,7 +240,7 @@ def control_statistics(control: sp.csr_matrix | sp.spmatrix | np.ndarray) -> Con
 RADIX_BITS = 11
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _radix_sort(keys, groups, key_bits, tmp_keys, tmp_groups, count):
     """Stable LSD radix sort of ``keys`` (unsigned bit patterns of non-negative
     values, so integer order is value order), carrying ``groups`` along.
@@ -294,7 +295,7 @@ def concat_control_statistics(parts: list[ControlStatistics]) -> ControlStatisti
     )
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _rank_sums(
     cptr, rows, keys_all, vals_dtype_probe, key_bits, group_ptr, c_ptr, c_values, c_counts, c_below, c_zero, c_tie
 ):
