@@ -165,8 +165,8 @@ def _role(p, root) -> str:
     if p.pid == root.pid:
         return "main"
     cmd = " ".join(p.cmdline())
-    if "forkserver" in cmd:
-        return "forkserver"
+    if "forkserver" in cmd and p.ppid() == root.pid:
+        return "forkserver"  # the processes it forks share its command line: those are the workers
     if "resource_tracker" in cmd:
         return "tracker"
     return "worker"

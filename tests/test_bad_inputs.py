@@ -757,9 +757,10 @@ def test_api_labels_of_one_kind_are_not_collisions(tiny):
 
 def test_api_single_string_is_one_label(tiny, tiny_h5ad):
     a = ps.read(tiny_h5ad)
-    table = ps.pp.filter_perturbations(a, "perturbation", "control", exclude_labels="P0001")
+    kept = ps.pp.filter_perturbations(a, "perturbation", "control", exclude_labels="P0001")
+    table = kept.uns["pertscale"]["perturbation_filter"]
     assert table.loc["P0001", "reason"] == "excluded" and (table["reason"] == "excluded").sum() == 1
-    assert "P0001" not in set(a.obs["perturbation"].astype(str))
+    assert "P0001" not in set(kept.obs["perturbation"].astype(str))
     res = _rank(_prepared(tiny), perturbations="P0002")
     assert list(res.obs_names) == ["P0002"]
 

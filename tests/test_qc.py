@@ -48,9 +48,9 @@ def test_qc_metrics_with_mitochondrial_genes(sim_adata):
 @pytest.mark.parametrize("chunk_size", [997, 4_000, 50_000])
 def test_filters_equal_scanpy(real_screen, chunk_size):
     adata = ps.read(real_screen, chunk_size=chunk_size)
-    ps.pp.filter_perturbations(adata, "perturbation", "control", exclude_labels=("multiple", "unassigned"))
-    ps.pp.filter_cells(adata, min_genes=40, scheduler="synchronous")
-    ps.pp.filter_genes(adata, min_cells=200, scheduler="synchronous")
+    adata = ps.pp.filter_perturbations(adata, "perturbation", "control", exclude_labels=("multiple", "unassigned"))
+    adata = ps.pp.filter_cells(adata, min_genes=40, scheduler="synchronous")
+    adata = ps.pp.filter_genes(adata, min_cells=200, scheduler="synchronous")
     ref = ad.read_h5ad(real_screen)
     ref = ref[~ref.obs["perturbation"].isin(["multiple", "unassigned"])].copy()
     sc.pp.filter_cells(ref, min_genes=40)
@@ -61,14 +61,15 @@ def test_filters_equal_scanpy(real_screen, chunk_size):
     assert (adata.var["n_cells"].to_numpy() == ref.var["n_cells"].to_numpy()).all()
 
 
-def test_filter_counts_bounds_and_not_inplace(sim_adata):
+def test_filter_counts_bounds_return_new_objects(sim_adata):
     adata = sim_adata.copy()
-    mask, numbers = ps.pp.filter_cells(adata, max_counts=2_000, inplace=False, scheduler="synchronous")
-    assert adata.n_obs == sim_adata.n_obs  # untouched
+    kept = ps.pp.filter_cells(adata, max_counts=2_000, scheduler="synchronous")
+    assert adata.n_obs == sim_adata.n_obs and "n_counts" not in adata.obs  # untouched
     totals = np.asarray(sim_adata.X.sum(axis=1)).ravel()
-    assert (numbers == totals).all() and (mask == (totals <= 2_000)).all()
-    gmask, gnum = ps.pp.filter_genes(adata, min_counts=100, inplace=False, scheduler="synchronous")
-    assert (gmask == (np.asarray(sim_adata.X.sum(axis=0)).ravel() >= 100)).all()
+    assert list(kept.obs_names) == list(sim_adata.obs_names[totals <= 2_000])
+    assert (kept.obs["n_counts"].to_numpy() == totals[totals <= 2_000]).all()
+    genes = ps.pp.filter_genes(adata, min_counts=100, scheduler="synchronous")
+    assert list(genes.var_names) == list(sim_adata.var_names[np.asarray(sim_adata.X.sum(axis=0)).ravel() >= 100])
     with pytest.raises(ValueError, match="exactly one"):
         ps.pp.filter_cells(adata, min_genes=1, min_counts=1)
 
@@ -80,12 +81,13 @@ def test_filter_perturbations(sim_adata):
     adata.obs["perturbation"] = labels
     counts = adata.obs["perturbation"].value_counts()
     cutoff = int(counts.drop(["control", "multiple"]).median())
-    table = ps.pp.filter_perturbations(adata, "perturbation", "control", min_cells=cutoff, exclude_labels=["multiple"])
+    kept = ps.pp.filter_perturbations(adata, "perturbation", "control", min_cells=cutoff, exclude_labels=["multiple"])
+    table = kept.uns["pertscale"]["perturbation_filter"]
     assert table.loc["multiple", "reason"] == "excluded"
     small = counts[(counts < cutoff) & ~counts.index.isin(["control", "multiple"])].index
     assert set(table.index[table["reason"] == "min_cells"]) == set(small)
-    assert set(adata.obs["perturbation"]) == set(counts.index) - set(small) - {"multiple"}
-    assert adata.n_obs == table["n_cells_after"].sum()
+    assert set(kept.obs["perturbation"]) == set(counts.index) - set(small) - {"multiple"}
+    assert kept.n_obs == table["n_cells_after"].sum()
     with pytest.raises(KeyError, match="perturbation_column 'guide' not found.*'perturbation'"):
         ps.pp.filter_perturbations(adata, "guide")
 

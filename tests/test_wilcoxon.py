@@ -24,7 +24,7 @@ def _prepared(path_or_adata, *, chunk_size=None, exclude=("multiple", "unassigne
     adata = (
         ps.read(path_or_adata, chunk_size=chunk_size) if not isinstance(path_or_adata, ad.AnnData) else path_or_adata
     )
-    ps.pp.filter_perturbations(adata, "perturbation", "control", exclude_labels=exclude)
+    adata = ps.pp.filter_perturbations(adata, "perturbation", "control", exclude_labels=exclude)
     ps.pp.normalize_total(adata, target_sum=1e4)
     ps.pp.log1p(adata)
     return adata

@@ -40,6 +40,8 @@ STORE_BYTES_PER_NONZERO = 3.0
 THREADS_BELOW_BYTES = 2 * 2**30
 #: Rows per block, at least.
 MIN_BLOCK_ROWS = 1_000
+#: Blocks per worker, at least, when memory allows larger blocks.
+BLOCKS_PER_WORKER = 4
 
 
 def _gib(n: float) -> str:
@@ -171,7 +173,8 @@ def make_plan(
     largest = int(group_sizes.max()) if group_sizes.size else 0
     if chunk_size is None:
         rows = int(max(room, 0) / tasks_per_budget // per_row)
-        rows = max(MIN_BLOCK_ROWS, min(rows, -(-int(kept.sum()) // max(n_workers, 1))))
+        # at least BLOCKS_PER_WORKER blocks per worker, so that the work balances and reading overlaps computing
+        rows = max(MIN_BLOCK_ROWS, min(rows, -(-int(kept.sum()) // max(BLOCKS_PER_WORKER * n_workers, 1))))
     else:
         rows = int(chunk_size)
     rows = max(rows, 1)

@@ -169,6 +169,7 @@ def _finite(name: str, **bounds):
 )
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bars.")
 def run(
+    *,
     input_path,
     perturbation_column,
     control_label,

@@ -207,9 +207,9 @@ def compute(*collections, scheduler=None, progress: bool | None = None, desc: st
         with sched.as_current():
             # optimize once: the summaries are computed from the same graph the pass then runs
             collections = dask.optimize(*collections)
-            broadcast = _replicate_summaries(sched, collections, progress)
+            broadcast = _replicate_summaries(sched, collections, progress=progress)
             persisted = sched.persist(list(collections), optimize_graph=False)
-            _wait(persisted, progress, desc)
+            _wait(persisted, progress=progress, desc=desc)
             result = tuple(dask.compute(*persisted, scheduler=sched))
             del broadcast
             return result
@@ -221,7 +221,7 @@ def compute(*collections, scheduler=None, progress: bool | None = None, desc: st
     return dask.compute(*collections, scheduler=sched)
 
 
-def _replicate_summaries(client, collections, progress: bool) -> list:
+def _replicate_summaries(client, collections, *, progress: bool) -> list:
     """Compute the control summaries in ``collections`` first and copy them to every worker.
 
     A summary is needed by every block task. Left to the scheduler, each
@@ -244,13 +244,13 @@ def _replicate_summaries(client, collections, progress: bool) -> list:
     if not keys:
         return []
     futures = client.compute([Delayed(k, g) for k, g in keys], optimize_graph=False)
-    _wait(futures, progress, "control summary")
+    _wait(futures, progress=progress, desc="control summary")
     if len(client.scheduler_info().get("workers", {})) > 1:
         client.replicate(futures)
     return futures
 
 
-def _wait(persisted, progress: bool, desc: str | None) -> None:
+def _wait(persisted, *, progress: bool, desc: str | None) -> None:
     """Wait for persisted collections, with a bar over their output chunks."""
     from distributed import as_completed, futures_of
 

@@ -68,7 +68,7 @@ def _open(path: Path):
         raise _damaged(path, err) from err
 
 
-def _matrix_key(store, path: Path, layer: str | None, use_raw: bool) -> str:
+def _matrix_key(store, path: Path, layer: str | None, *, use_raw: bool) -> str:
     """The key of the matrix to read, or an error that says where the matrix is."""
     for key in ("obs", "var"):
         if key not in store:
@@ -175,6 +175,17 @@ def _csr_block(block):
     return sp.csr_matrix(block)
 
 
+def map_csr(x: da.Array, func, *args, dtype=None) -> da.Array:
+    """``x.map_blocks(func, *args)`` for a function that returns a CSR block of each block.
+
+    The one place that tells Dask the blocks are ``scipy.sparse.csr_matrix``
+    (its ``meta``) and of which dtype, so that no function is called on an
+    empty block to find out.
+    """
+    dtype = np.dtype(dtype or x.dtype)
+    return x.map_blocks(func, *args, dtype=dtype, meta=sp.csr_matrix((0, 0), dtype=dtype))
+
+
 def read(
     path: str | Path,
     *,
@@ -230,7 +241,7 @@ def read(
     chunk_size = check_number(chunk_size, "chunk_size", integer=True, minimum=1, allow_none=True, flag="--chunk-size")
     store, fmt = _open(path)
     try:
-        key = _matrix_key(store, path, layer, use_raw)
+        key = _matrix_key(store, path, layer, use_raw=use_raw)
         try:
             obs = ad.io.read_elem(store["obs"])
             var = ad.io.read_elem(store["raw/var" if use_raw else "var"])
@@ -263,7 +274,7 @@ def read(
         x = da.map_blocks(
             partial(read_block, stored), dtype=dtype, chunks=(_layout(n_obs, n_obs), _layout(1_000, n_vars)), meta=meta
         )
-        x = x.map_blocks(_csr_block, dtype=dtype, meta=meta).rechunk((chunk_size, -1))
+        x = map_csr(x, _csr_block).rechunk((chunk_size, -1))
     else:
         x = da.map_blocks(
             partial(read_block, stored), dtype=dtype, chunks=(_layout(chunk_size, n_obs), (n_vars,)), meta=meta
@@ -285,7 +296,7 @@ def row_nonzeros(path: str | Path, *, layer: str | None = None, use_raw: bool = 
     path = Path(path)
     store, fmt = _open(path)
     try:
-        elem = store[_matrix_key(store, path, layer, use_raw)]
+        elem = store[_matrix_key(store, path, layer, use_raw=use_raw)]
         if elem.attrs.get("encoding-type") != "csr_matrix":
             return None
         return np.diff(np.asarray(elem["indptr"][:], dtype=np.int64))
@@ -312,7 +323,7 @@ def as_dask(x, *, chunk_size: int | None = None) -> da.Array:
         if x.numblocks[1] != 1:
             x = x.rechunk({1: -1})
         if not sp.issparse(x._meta):
-            x = x.map_blocks(_csr_block, dtype=x.dtype, meta=sp.csr_matrix((0, 0), dtype=x.dtype))
+            x = map_csr(x, _csr_block)
         return x
     if hasattr(x, "to_memory"):  # anndata backed sparse dataset
         x = x.to_memory()
@@ -323,5 +334,5 @@ def as_dask(x, *, chunk_size: int | None = None) -> da.Array:
         chunk_size = auto_chunk_size(n_obs, nnz / max(n_obs, 1) * (x.dtype.itemsize + 4) + 8)
     out = da.from_array(x, chunks=(min(chunk_size, max(n_obs, 1)), -1), asarray=False)
     if not sp.issparse(x):
-        out = out.map_blocks(_csr_block, dtype=x.dtype, meta=sp.csr_matrix((0, 0), dtype=x.dtype))
+        out = map_csr(out, _csr_block)
     return out

@@ -1,9 +1,15 @@
-"""Quality-control and normalization kernels on one CSR row block."""
+"""Quality-control and normalization kernels on one CSR row block.
+
+The sums are numba loops over the non-zeros (they release the GIL and need no
+temporary the size of the block); normalization repeats scanpy's float32
+arithmetic so that its values are bit-identical to scanpy's.
+"""
 
 from __future__ import annotations
 
 import numpy as np
 import scipy.sparse as sp
+from numba import njit
 
 #: Per-cell statistics of :func:`cell_stats`, in column order.
 CELL_STATS = ("total_counts", "n_genes_by_counts", "total_counts_mt")
@@ -11,8 +17,70 @@ CELL_STATS = ("total_counts", "n_genes_by_counts", "total_counts_mt")
 GENE_STATS = ("n_cells_by_counts", "total_counts", "n_negative", "n_nan", "n_noninteger", "n_infinite")
 
 
+@njit(cache=True, nogil=True)
+def _rows(indptr, indices, data, mt):
+    """Per row: sum of values, non-zero entries, sum over the genes flagged in ``mt``."""
+    n = indptr.shape[0] - 1
+    out = np.zeros((n, 3), dtype=np.float64)
+    for r in range(n):
+        total = 0.0
+        nonzero = 0.0
+        in_mt = 0.0
+        for k in range(indptr[r], indptr[r + 1]):
+            x = data[k]
+            total += x
+            if x != 0:
+                nonzero += 1.0
+            if mt[indices[k]]:
+                in_mt += x
+        out[r, 0] = total
+        out[r, 1] = nonzero
+        out[r, 2] = in_mt
+    return out
+
+
+@njit(cache=True, nogil=True)
+def _genes(indices, data, n_genes, is_float):
+    """Per gene: non-zero cells, sum of finite values, and counts of negative, NaN, non-integer, infinite values."""
+    out = np.zeros((6, n_genes), dtype=np.float64)
+    for k in range(indices.shape[0]):
+        j = indices[k]
+        x = data[k]
+        if is_float:
+            if x != x:
+                out[3, j] += 1.0  # NaN
+                continue
+            if x == np.inf or x == -np.inf:
+                out[5, j] += 1.0
+                if x < 0:
+                    out[2, j] += 1.0
+                continue
+            if x != np.floor(x):
+                out[4, j] += 1.0
+        if x != 0:
+            out[0, j] += 1.0
+        if x < 0:
+            out[2, j] += 1.0
+        out[1, j] += x
+    return out
+
+
+@njit(cache=True, nogil=True)
+def _detect(indptr, indices, data, row_slot, n_slots, n_genes):
+    """Per slot, the rows of that slot in which each gene is non-zero."""
+    out = np.zeros((n_slots, n_genes), dtype=np.int32)
+    for r in range(indptr.shape[0] - 1):
+        s = row_slot[r]
+        if s < 0:
+            continue
+        for k in range(indptr[r], indptr[r + 1]):
+            if data[k] != 0:
+                out[s, indices[k]] += 1
+    return out
+
+
 def cell_stats(block: sp.csr_matrix, mt_mask: np.ndarray | None = None) -> np.ndarray:
-    """Per-cell totals of a block.
+    """Per-cell totals of a block, in one loop over its non-zeros (no temporary of their size).
 
     Parameters
     ----------
@@ -24,25 +92,17 @@ def cell_stats(block: sp.csr_matrix, mt_mask: np.ndarray | None = None) -> np.nd
     Returns
     -------
     numpy.ndarray
-        ``(n_rows, 3)`` float64: ``total_counts`` (sum of the row),
-        ``n_genes_by_counts`` (non-zero entries; stored zeros do not count)
-        and ``total_counts_mt``.
+        ``(n_rows, len(CELL_STATS))`` float64: ``total_counts`` (sum of the
+        row), ``n_genes_by_counts`` (non-zero entries; stored zeros do not
+        count) and ``total_counts_mt``.
     """
     block = sp.csr_matrix(block)
-    data = block.data.astype(np.float64, copy=False)
-    rows = np.repeat(np.arange(block.shape[0]), np.diff(block.indptr))
-    n = block.shape[0]
-    out = np.zeros((n, 3), dtype=np.float64)
-    out[:, 0] = np.bincount(rows, weights=data, minlength=n)
-    out[:, 1] = np.bincount(rows, weights=(data != 0), minlength=n)
-    if mt_mask is not None and mt_mask.any():
-        keep = mt_mask[block.indices]
-        out[:, 2] = np.bincount(rows[keep], weights=data[keep], minlength=n)
-    return out
+    mt = np.zeros(block.shape[1], dtype=np.bool_) if mt_mask is None else np.asarray(mt_mask, dtype=np.bool_)
+    return _rows(block.indptr, block.indices, block.data, mt)
 
 
 def gene_stats(block: sp.csr_matrix) -> np.ndarray:
-    """Per-gene partial sums of a block, to be added across blocks.
+    """Per-gene partial sums of a block, to be added across blocks; one loop over its non-zeros.
 
     Returns
     -------
@@ -53,23 +113,8 @@ def gene_stats(block: sp.csr_matrix) -> np.ndarray:
         infinite values.
     """
     block = sp.csr_matrix(block)
-    n_genes = block.shape[1]
-    data = block.data.astype(np.float64, copy=False)
-    idx = block.indices
-    out = np.zeros((1, len(GENE_STATS), n_genes), dtype=np.float64)
-    nan = np.isnan(data)
-    finite = np.isfinite(data)
-    stat = {name: i for i, name in enumerate(GENE_STATS)}
-    out[0, stat["n_cells_by_counts"]] = np.bincount(idx, weights=(data != 0) & ~nan, minlength=n_genes)
-    out[0, stat["total_counts"]] = np.bincount(idx, weights=np.where(finite, data, 0.0), minlength=n_genes)
-    out[0, stat["n_negative"]] = np.bincount(idx, weights=data < 0, minlength=n_genes)
-    out[0, stat["n_nan"]] = np.bincount(idx, weights=nan, minlength=n_genes)
-    out[0, stat["n_infinite"]] = np.bincount(idx, weights=np.isinf(data), minlength=n_genes)
-    if np.issubdtype(block.dtype, np.floating):
-        with np.errstate(invalid="ignore"):
-            noninteger = (data != np.floor(data)) & finite
-        out[0, stat["n_noninteger"]] = np.bincount(idx, weights=noninteger, minlength=n_genes)
-    return out
+    is_float = bool(np.issubdtype(block.dtype, np.floating))
+    return _genes(block.indices, block.data, block.shape[1], is_float)[None]
 
 
 def detection_by_group(block: sp.csr_matrix, codes: np.ndarray, keep: np.ndarray, present: np.ndarray) -> np.ndarray:
@@ -93,15 +138,11 @@ def detection_by_group(block: sp.csr_matrix, codes: np.ndarray, keep: np.ndarray
         ``(len(present), n_genes)`` int32 counts of non-zero entries.
     """
     block = sp.csr_matrix(block)
-    n_genes = block.shape[1]
     n_present = present.shape[0]
     slot = np.full(int(present.max()) + 2 if n_present else 1, -1, dtype=np.int64)
     slot[present] = np.arange(n_present)
-    row_slot = np.where((codes >= 0) & keep, slot[np.maximum(codes, 0)], -1)
-    rows = np.repeat(row_slot, np.diff(block.indptr))
-    counted = (rows >= 0) & (block.data != 0)
-    flat = rows[counted] * n_genes + block.indices[counted]
-    return np.bincount(flat, minlength=n_present * n_genes).reshape(n_present, n_genes).astype(np.int32)
+    row_slot = np.where((codes >= 0) & keep, slot[np.maximum(codes, 0)], -1).astype(np.int64)
+    return _detect(block.indptr, block.indices, block.data, row_slot, n_present, block.shape[1])
 
 
 def normalize_rows(block: sp.csr_matrix, target_sum: float) -> sp.csr_matrix:
@@ -126,24 +167,18 @@ def normalize_rows(block: sp.csr_matrix, target_sum: float) -> sp.csr_matrix:
         transformed.
     """
     block = sp.csr_matrix(block)
-    if np.issubdtype(block.dtype, np.integer) or block.dtype == np.bool_:
-        block = block.astype(np.float32)
-    else:
-        block = block.copy()
-    dtype = block.dtype
-    lengths = np.diff(block.indptr)
-    rows = np.repeat(np.arange(block.shape[0]), lengths)
-    sums = np.bincount(rows, weights=block.data.astype(np.float64), minlength=block.shape[0])
+    sums = _rows(block.indptr, block.indices, block.data, np.zeros(block.shape[1], dtype=np.bool_))[:, 0]
+    dtype = np.dtype(np.float64) if block.dtype == np.float64 else np.dtype(np.float32)
     factors = sums.astype(dtype) / dtype.type(target_sum)
     factors = factors + (factors == 0)
-    block.data = block.data / np.repeat(factors, lengths)
-    return block
+    lengths = np.diff(block.indptr)
+    data = block.data.astype(dtype) / np.repeat(factors, lengths)
+    return sp.csr_matrix((data, block.indices, block.indptr), shape=block.shape)  # the index arrays are shared
 
 
 def log1p_values(block: sp.csr_matrix) -> sp.csr_matrix:
     """Natural ``log1p`` of the stored values (zeros stay zero), dtype kept."""
-    block = sp.csr_matrix(block, copy=True)
-    if np.issubdtype(block.dtype, np.integer):
-        block = block.astype(np.float32)
-    np.log1p(block.data, out=block.data)
-    return block
+    block = sp.csr_matrix(block)
+    dtype = block.dtype if np.issubdtype(block.dtype, np.floating) else np.dtype(np.float32)
+    data = np.log1p(block.data.astype(dtype, copy=True))
+    return sp.csr_matrix((data, block.indices, block.indptr), shape=block.shape)  # the index arrays are shared

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import anndata as ad
 import numpy as np
-import scipy.sparse as sp
 
 from .._validation import check_number, get_matrix
-from ..io._read import as_dask
+from ..io._read import as_dask, map_csr
 from ..kernels.qc import log1p_values, normalize_rows
 
 
@@ -80,7 +79,7 @@ def normalize_total(
     _set(
         adata,
         layer,
-        x.map_blocks(normalize_rows, float(target_sum), dtype=dtype, meta=sp.csr_matrix((0, 0), dtype=dtype)),
+        map_csr(x, normalize_rows, float(target_sum), dtype=dtype),
     )
     adata.uns.setdefault("pertscale", {})["normalize_total"] = {"target_sum": float(target_sum)}
 
@@ -98,5 +97,5 @@ def log1p(adata: ad.AnnData, *, layer: str | None = None) -> None:
     """
     x = as_dask(get_matrix(adata, layer))
     dtype = _float_dtype(x.dtype)
-    _set(adata, layer, x.map_blocks(log1p_values, dtype=dtype, meta=sp.csr_matrix((0, 0), dtype=dtype)))
+    _set(adata, layer, map_csr(x, log1p_values, dtype=dtype))
     adata.uns["log1p"] = {"base": None}

@@ -262,13 +262,6 @@ def calculate_qc_metrics(
     return None
 
 
-def _subset(adata: ad.AnnData, *, obs_mask=None, var_mask=None) -> None:
-    if obs_mask is not None and not obs_mask.all():
-        adata._inplace_subset_obs(np.flatnonzero(obs_mask))
-    if var_mask is not None and not var_mask.all():
-        adata._inplace_subset_var(np.flatnonzero(var_mask))
-
-
 def _bounds_mask(values, low, high) -> np.ndarray:
     mask = np.ones(values.shape[0], dtype=bool)
     if low is not None:
@@ -289,6 +282,30 @@ def _check_bounds(**bounds) -> tuple:
     )
 
 
+#: What each filter bounds: (axis, statistic of the detected-entries bound, column it adds for it).
+_FILTERS = {
+    "cells": ("obs", "n_genes_by_counts", "n_genes", "n_counts"),
+    "genes": ("var", "n_cells_by_counts", "n_cells", "n_counts"),
+}
+
+
+def _filter(adata: ad.AnnData, which: str, detected: tuple, counts: tuple, *, scheduler, progress):
+    """The one implementation of filter_cells and filter_genes: one pass, then a lazy subset."""
+    axis, detected_stat, detected_col, counts_col = _FILTERS[which]
+    cells, genes = _matrix_stats(adata, scheduler=scheduler, progress=progress, desc=f"filter {which}")
+    by_detected = any(b is not None for b in detected)
+    if axis == "obs":
+        numbers = _cell_stat(cells, detected_stat if by_detected else "total_counts")
+    else:
+        numbers = _gene_stat(genes, detected_stat if by_detected else "total_counts")
+    numbers = numbers.astype(np.int64) if by_detected else numbers
+    mask = _bounds_mask(numbers, *(detected if by_detected else counts))
+    logger.info("filter_%s: %d of %d kept", which, int(mask.sum()), mask.size)
+    out = adata[mask].copy() if axis == "obs" else adata[:, mask].copy()
+    getattr(out, axis)[detected_col if by_detected else counts_col] = numbers[mask]
+    return out
+
+
 def filter_cells(
     adata: ad.AnnData,
     *,
@@ -296,14 +313,15 @@ def filter_cells(
     min_counts: float | None = None,
     max_genes: int | None = None,
     max_counts: float | None = None,
-    inplace: bool = True,
     scheduler=None,
     progress: bool | None = None,
-) -> tuple[np.ndarray, np.ndarray] | None:
+) -> ad.AnnData:
     """Keep cells within bounds on detected genes or total counts.
 
-    Same semantics as ``scanpy.pp.filter_cells`` (bounds inclusive), lazily:
-    one pass computes the per-cell numbers, then ``adata`` is subset.
+    Same bounds as ``scanpy.pp.filter_cells`` (inclusive): one pass computes
+    the per-cell numbers, then the kept cells are returned as a new AnnData
+    whose matrix is a lazy slice (no copy of the data). ``adata`` is left as
+    it is: anndata has no public way to subset an object in place.
 
     Parameters
     ----------
@@ -313,9 +331,6 @@ def filter_cells(
         Bounds on genes with a non-zero count.
     min_counts, max_counts
         Bounds on total counts.
-    inplace
-        Subset ``adata`` and add ``obs['n_genes']`` / ``obs['n_counts']``
-        (default), or return ``(cell_mask, numbers)``.
     scheduler
         Where to compute; see :func:`pertscale.cluster.resolve_scheduler`.
     progress
@@ -323,9 +338,8 @@ def filter_cells(
 
     Returns
     -------
-    tuple or None
-        ``(cell_mask (n_obs,) bool, n_genes or n_counts (n_obs,))`` when not
-        inplace.
+    anndata.AnnData
+        The kept cells, with ``obs['n_genes']`` (or ``obs['n_counts']``).
 
     Raises
     ------
@@ -336,16 +350,9 @@ def filter_cells(
     """
     bounds = _check_bounds(min_genes=min_genes, min_counts=min_counts, max_genes=max_genes, max_counts=max_counts)
     min_genes, min_counts, max_genes, max_counts = bounds
-    cells, _ = _matrix_stats(adata, scheduler=scheduler, progress=progress, desc="filter cells")
-    by_genes = min_genes is not None or max_genes is not None
-    numbers = _cell_stat(cells, "n_genes_by_counts").astype(np.int64) if by_genes else _cell_stat(cells, "total_counts")
-    mask = _bounds_mask(numbers, min_genes if by_genes else min_counts, max_genes if by_genes else max_counts)
-    logger.info("filter_cells: %d of %d cells kept", int(mask.sum()), mask.size)
-    if not inplace:
-        return mask, numbers
-    adata.obs["n_genes" if by_genes else "n_counts"] = numbers
-    _subset(adata, obs_mask=mask)
-    return None
+    return _filter(
+        adata, "cells", (min_genes, max_genes), (min_counts, max_counts), scheduler=scheduler, progress=progress
+    )
 
 
 def filter_genes(
@@ -355,13 +362,13 @@ def filter_genes(
     min_counts: float | None = None,
     max_cells: int | None = None,
     max_counts: float | None = None,
-    inplace: bool = True,
     scheduler=None,
     progress: bool | None = None,
-) -> tuple[np.ndarray, np.ndarray] | None:
+) -> ad.AnnData:
     """Keep genes within bounds on expressing cells or total counts.
 
-    Same semantics as ``scanpy.pp.filter_genes``; one pass, then subset.
+    Same bounds as ``scanpy.pp.filter_genes``; one pass, then a new AnnData
+    with the kept genes (a lazy slice), as :func:`filter_cells`.
 
     Parameters
     ----------
@@ -371,13 +378,15 @@ def filter_genes(
         Bounds on cells with a non-zero count.
     min_counts, max_counts
         Bounds on total counts.
-    inplace
-        Subset ``adata`` and add ``var['n_cells']`` / ``var['n_counts']``
-        (default), or return ``(gene_mask, numbers)``.
     scheduler
         Where to compute; see :func:`pertscale.cluster.resolve_scheduler`.
     progress
         Show a progress bar.
+
+    Returns
+    -------
+    anndata.AnnData
+        The kept genes, with ``var['n_cells']`` (or ``var['n_counts']``).
 
     Raises
     ------
@@ -388,16 +397,9 @@ def filter_genes(
     """
     bounds = _check_bounds(min_cells=min_cells, min_counts=min_counts, max_cells=max_cells, max_counts=max_counts)
     min_cells, min_counts, max_cells, max_counts = bounds
-    _, genes = _matrix_stats(adata, scheduler=scheduler, progress=progress, desc="filter genes")
-    by_cells = min_cells is not None or max_cells is not None
-    numbers = _gene_stat(genes, "n_cells_by_counts").astype(np.int64) if by_cells else _gene_stat(genes, "total_counts")
-    mask = _bounds_mask(numbers, min_cells if by_cells else min_counts, max_cells if by_cells else max_counts)
-    logger.info("filter_genes: %d of %d genes kept", int(mask.sum()), mask.size)
-    if not inplace:
-        return mask, numbers
-    adata.var["n_cells" if by_cells else "n_counts"] = numbers
-    _subset(adata, var_mask=mask)
-    return None
+    return _filter(
+        adata, "genes", (min_cells, max_cells), (min_counts, max_counts), scheduler=scheduler, progress=progress
+    )
 
 
 def filter_perturbations(
@@ -407,11 +409,11 @@ def filter_perturbations(
     *,
     min_cells: int | None = None,
     exclude_labels: Iterable[str] = (),
-    inplace: bool = True,
-) -> pd.DataFrame:
+) -> ad.AnnData:
     """Drop cells by perturbation label: excluded labels and small groups.
 
-    Reads only ``obs``, no pass over the matrix.
+    Reads only ``obs``, no pass over the matrix; returns a new AnnData (a
+    lazy slice of the matrix), ``adata`` is left as it is.
 
     Parameters
     ----------
@@ -426,14 +428,14 @@ def filter_perturbations(
     exclude_labels
         Labels whose cells are dropped, e.g. ``("multiple", "unassigned")``;
         a single string is one label.
-    inplace
-        Subset ``adata`` (default) or leave it as it is.
 
     Returns
     -------
-    pandas.DataFrame
-        One row per label seen: ``n_cells_before``, ``n_cells_after``,
-        ``reason`` (``""``, ``"excluded"`` or ``"min_cells"``).
+    anndata.AnnData
+        The kept cells. ``uns['pertscale']['perturbation_filter']`` is a
+        table with one row per label seen: ``n_cells_before``,
+        ``n_cells_after``, ``reason`` (``""``, ``"excluded"`` or
+        ``"min_cells"``).
 
     Raises
     ------
@@ -456,6 +458,6 @@ def filter_perturbations(
     mask = labels.isin(keep_labels).to_numpy()
     table = pd.DataFrame({"n_cells_before": before, "n_cells_after": before.where(reason == "", 0), "reason": reason})
     table.index.name = perturbation_column
-    if inplace:
-        _subset(adata, obs_mask=mask)
-    return table
+    out = adata[mask].copy()
+    out.uns.setdefault("pertscale", {})["perturbation_filter"] = table
+    return out
