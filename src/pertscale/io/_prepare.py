@@ -10,7 +10,7 @@ How, out of core (memory is bounded by a block, never by the matrix):
 
 1. *Scatter.* One task per row block of the input reads it and, for each
    output block, writes the rows that belong there to a spill file
-   (zstd-compressed, indices and counts in the smallest integer type that
+   (lz4 with bit shuffling, indices and counts in the smallest integer type that
    holds them).
 2. *Gather.* One task per output block reads its spill pieces, puts the
    rows in sorted order and writes the block to ``blocks/<k>`` of the
@@ -123,13 +123,20 @@ def sort_plan(labels: pd.Series, control_label: str, *, exclude: list[str], budg
 
 # --------------------------------------------------------------------------- spill files
 #
-# One spill file per input block: the zstd-compressed arrays of every piece, one after another, and an
+# One spill file per input block: the compressed arrays of every piece, one after another, and an
 # index (output block, array name, dtype, length, offset, bytes). A gather task reads its pieces from each
 # file by offset: one file written per input block, one small read per (input block, output block).
 
 SPILL_INDEX = np.dtype(
     [("dest", "<i8"), ("name", "S8"), ("dtype", "S8"), ("n", "<i8"), ("offset", "<i8"), ("nbytes", "<i8")]
 )
+
+
+def _codec():
+    """lz4 with bit shuffling: small integers compress 2-3x at about 1 GB/s each way (zstd: 0.3 GB/s)."""
+    import numcodecs
+
+    return numcodecs.Blosc(cname="lz4", clevel=1, shuffle=numcodecs.Blosc.BITSHUFFLE)
 
 
 def _small(a: np.ndarray) -> np.ndarray:
@@ -143,9 +150,7 @@ def _small(a: np.ndarray) -> np.ndarray:
 
 def _scatter(block, pos, rows_in, bounds, spill: str, done: frozenset):
     """Scatter task: write the rows of an input block (input rows ``rows_in``) to the spill, by output block."""
-    import numcodecs
-
-    zstd = numcodecs.Zstd(level=1)
+    codec = _codec()
     r0 = int(rows_in[0]) if rows_in.size else 0
     block = sp.csr_matrix(block)
     kept = np.flatnonzero(pos >= 0)
@@ -166,7 +171,7 @@ def _scatter(block, pos, rows_in, bounds, spill: str, done: frozenset):
         }
         for name, a in arrays.items():
             a = np.ascontiguousarray(a)
-            raw = zstd.encode(a) if a.size else b""
+            raw = codec.encode(a) if a.size else b""
             index.append((int(d), name, a.dtype.str, a.size, offset, len(raw)))
             buffers.append(raw)
             offset += len(raw)
@@ -183,9 +188,7 @@ def _scatter(block, pos, rows_in, bounds, spill: str, done: frozenset):
 
 def _read_pieces(spill: Path, k: int) -> list[dict[str, np.ndarray]]:
     """The pieces of output block ``k``, one per input block that holds some of its rows."""
-    import numcodecs
-
-    zstd = numcodecs.Zstd(level=1)
+    codec = _codec()
     pieces = []
     for data_file in sorted(spill.glob("*.bin"), key=lambda p: int(p.stem)):
         index = np.load(spill / f"{data_file.stem}.idx.npy")
@@ -196,7 +199,7 @@ def _read_pieces(spill: Path, k: int) -> list[dict[str, np.ndarray]]:
         with open(data_file, "rb") as f:
             for entry in mine:
                 f.seek(int(entry["offset"]))
-                raw = zstd.decode(f.read(int(entry["nbytes"]))) if entry["n"] else b""
+                raw = codec.decode(f.read(int(entry["nbytes"]))) if entry["n"] else b""
                 piece[entry["name"].decode()] = np.frombuffer(raw, dtype=np.dtype(entry["dtype"].decode()))[
                     : entry["n"]
                 ]
@@ -232,7 +235,12 @@ def _gather(k: int, bounds: np.ndarray, n_vars: int, dtype: str, spill: str, sto
         ("indices", _small(block.indices)),
         ("data", _small(block.data)),
     ):
-        group.create_array(name, data=a, chunks=(max(1, min(a.shape[0], CHUNK_ENTRIES)),))
+        group.create_array(
+            name,
+            data=a,
+            chunks=(max(1, min(a.shape[0], CHUNK_ENTRIES)),),
+            compressors=zarr.codecs.BloscCodec(cname="lz4", clevel=1, shuffle="bitshuffle"),
+        )
     os.replace(tmp, final)
     return hi - lo
 
@@ -385,7 +393,7 @@ def prepare(
     -----
     One read of the input and, for the spill, one write and one read of the
     kept data, compressed; the working store takes about as much disk as a
-    zstd-compressed copy of the kept counts.
+    compressed copy of the kept counts.
     """
     from ..cluster import compute
     from ._read import read
