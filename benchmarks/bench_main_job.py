@@ -25,7 +25,9 @@ block by block with ``ps.datasets.simulate_screen(path=...)`` into
 - ``100k``, ``300k``, ``1m``: cells x 8,000 genes at 38 % non-zero, 2,000 perturbations;
 - ``genome``: 2,000,000 cells x 8,248 genes at 38 % non-zero, 10,000 perturbations, ~75,000 control cells.
 
-Append ``-zarr`` to a simulated name for the zarr copy (``1m-zarr``).
+Append ``-zarr`` to a simulated name for the zarr copy (``1m-zarr``), ``-lzf`` for an h5ad whose
+matrix is lzf-compressed (``genome-lzf``: the uncompressed genome-wide h5ad, 50 GB, does not fit
+this machine's disk beside its working store).
 
     python benchmarks/bench_main_job.py --datasets sim30k,papalexi --tools pertscale,illico
     python benchmarks/bench_main_job.py --datasets 100k,300k,1m --tools pertscale
@@ -111,14 +113,16 @@ def dataset(name: str, data_dir: Path) -> Path | None:
             return None
         return path
     base, _, fmt = name.partition("-")
-    path = data_dir / f"{base}.{fmt or 'h5ad'}"
+    path = data_dir / (f"{base}.zarr" if fmt == "zarr" else f"{base}{'.lzf' if fmt == 'lzf' else ''}.h5ad")
     if not path.exists():
         import pertscale as ps
 
         data_dir.mkdir(parents=True, exist_ok=True)
         t = time.perf_counter()
         print(f"simulating {name} into {path} ...", file=sys.stderr, flush=True)
-        ps.datasets.simulate_screen(**SIMULATED[base], seed=0, n_affected=10, path=path, n_jobs=2)
+        ps.datasets.simulate_screen(
+            **SIMULATED[base], seed=0, n_affected=10, path=path, n_jobs=2, compression="lzf" if fmt == "lzf" else None
+        )
         print(f"  {time.perf_counter() - t:.0f} s, {_size(path) / 2**30:.1f} GiB", file=sys.stderr, flush=True)
     return path
 

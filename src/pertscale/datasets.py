@@ -218,7 +218,7 @@ class _Growing:
 class _CsrWriter:
     """Appends CSR row blocks to ``group['X']``: data int32, indices int32, indptr int64."""
 
-    def __init__(self, group, shape: tuple[int, int], *, fmt: str):
+    def __init__(self, group, shape: tuple[int, int], *, fmt: str, compression: str | None = None):
         x = group.create_group("X")
         x.attrs.update({"encoding-type": "csr_matrix", "encoding-version": "0.1.0", "shape": list(shape)})
         self.shape, self.rows, self.nnz = shape, 0, 0
@@ -230,7 +230,9 @@ class _CsrWriter:
             if fmt == "zarr":
                 arr = x.create_array(name, shape=(0,), chunks=(chunk,), dtype=dtype)
             else:
-                arr = x.create_dataset(name, shape=(0,), maxshape=(None,), chunks=(chunk,), dtype=dtype)
+                arr = x.create_dataset(
+                    name, shape=(0,), maxshape=(None,), chunks=(chunk,), dtype=dtype, compression=compression
+                )
             self.arrays[name] = _Growing(arr, chunk)
         self.arrays["indptr"].append(np.zeros(1, dtype=np.int64))
 
@@ -255,7 +257,9 @@ def _check_block_size(block_size) -> int:
     return -(-block_size // STREAM_CELLS) * STREAM_CELLS
 
 
-def _write_streamed(path: Path, adata: ad.AnnData, blocks, n_cells: int, *, fmt: str, name: str) -> None:
+def _write_streamed(
+    path: Path, adata: ad.AnnData, blocks, n_cells: int, *, fmt: str, name: str, compression: str | None = None
+) -> None:
     """Write ``adata`` (``X`` left out) and the streamed ``blocks`` to a new ``fmt`` store at ``path``."""
     import anndata as ad
 
@@ -287,7 +291,7 @@ def _write_streamed(path: Path, adata: ad.AnnData, blocks, n_cells: int, *, fmt:
             for key in ("obsm", "varm", "obsp", "varp", "layers"):
                 ad.io.write_elem(root, key, {})
             ad.io.write_elem(root, "uns", dict(adata.uns))
-            x = _CsrWriter(root, (n_cells, adata.n_vars), fmt=fmt)
+            x = _CsrWriter(root, (n_cells, adata.n_vars), fmt=fmt, compression=compression)
             for pieces in blocks:
                 for piece in pieces:
                     x.append(piece)
@@ -334,6 +338,7 @@ def simulate_screen(
     path: str | Path | None = None,
     block_size: int = 5_000,
     n_jobs: int = 1,
+    compression: str | None = None,
 ) -> ad.AnnData | Path:
     """Simulate a Perturb-seq screen of negative-binomial UMI counts.
 
@@ -394,6 +399,10 @@ def simulate_screen(
         in worker processes (started with ``spawn``: a script must call this
         under ``if __name__ == "__main__":``) and collected or written in
         order by this one.
+    compression
+        HDF5 filter of the matrix in an ``.h5ad`` (``"lzf"``, ``"gzip"``);
+        default none, as ``anndata.AnnData.write_h5ad``. zarr stores use
+        zarr's default compressor.
 
     Returns
     -------
@@ -515,7 +524,7 @@ def simulate_screen(
     tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
     try:
         fmt = "zarr" if path.suffix == ".zarr" else "h5ad"
-        _write_streamed(tmp, adata, blocks, n_cells, fmt=fmt, name=path.name)
+        _write_streamed(tmp, adata, blocks, n_cells, fmt=fmt, name=path.name, compression=compression)
         _replace(tmp, path)
     finally:
         blocks.close()
