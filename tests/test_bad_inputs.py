@@ -950,6 +950,36 @@ def test_ctrl_c_ends_quietly_with_130_and_no_output(tmp_path):
 
 
 @pytest.mark.cluster
+def test_sigterm_cleans_up_exits_143_and_leaves_no_process(tmp_path):
+    import psutil
+
+    path = ps.datasets.simulate_screen(30_000, 800, 40, seed=6, path=tmp_path / "screen.h5ad")
+    out = tmp_path / "out"
+    proc = _subprocess_run(path, out, "--chunk-size", "1000", start_new_session=True)
+    deadline = time.monotonic() + 120
+    while not (out / "working_store.zarr" / "blocks").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)  # the sort has started: workers are running
+    time.sleep(0.5)
+    group = [p for p in psutil.process_iter(["pid"]) if _pgid(p.pid) == proc.pid]
+    assert len(group) >= 3, "expected the client, the fork server and workers"
+    os.killpg(proc.pid, signal.SIGTERM)  # as a batch system ending the job
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 143, stderr
+    assert "terminated: no results were written" in stderr and "Traceback" not in stderr, stderr
+    assert not list(out.glob("de_wilcoxon*")) and not list(out.glob(".pertscale-run-*"))
+    time.sleep(2)
+    left = [p for p in group if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    assert not left, f"processes left behind: {[p.cmdline() for p in left]}"
+
+
+def _pgid(pid: int) -> int | None:
+    try:
+        return os.getpgid(pid)
+    except OSError:
+        return None
+
+
+@pytest.mark.cluster
 def test_ctrl_c_while_the_cluster_starts(tiny, tmp_path):
     path = h5ad(tiny, tmp_path / "in.h5ad")
     out = tmp_path / "out"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 
 import click
@@ -36,6 +37,14 @@ def _quiet_libraries(verbose: int) -> None:
     level = logging.WARNING - 10 * min(verbose, 2)
     for noisy in ("distributed", "bokeh", "tornado"):
         logging.getLogger(noisy).setLevel(logging.ERROR if verbose == 0 else max(level, logging.WARNING))
+
+
+class Terminated(BaseException):
+    """SIGTERM arrived (a batch system ending the job): unwind, clean up, exit 143."""
+
+
+def _terminated(signum, frame) -> None:
+    raise Terminated
 
 
 def _silence_exit_handlers() -> None:
@@ -208,6 +217,7 @@ def run(
     """
     import warnings
 
+    signal.signal(signal.SIGTERM, _terminated)  # a batch system's kill: clean up as after Ctrl-C
     labels = tuple(s.strip() for s in exclude_labels.split(",") if s.strip())
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", UserWarning)
@@ -240,10 +250,11 @@ def run(
         except (FileNotFoundError, FileExistsError, PermissionError, ValueError, KeyError, MemoryError) as err:
             message = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
             raise click.ClickException(str(message)) from err
-        except KeyboardInterrupt:
-            click.echo("\ninterrupted: no results were written", err=True)
+        except (KeyboardInterrupt, Terminated) as stop:
+            term = isinstance(stop, Terminated)
+            click.echo(f"\n{'terminated' if term else 'interrupted'}: no results were written", err=True)
             _silence_exit_handlers()
-            raise click.exceptions.Exit(130) from None
+            raise click.exceptions.Exit(143 if term else 130) from None
     for w in caught:
         if issubclass(w.category, UserWarning) and "pertscale" in str(w.filename):
             click.echo(f"warning: {w.message}", err=True)
