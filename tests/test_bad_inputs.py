@@ -1003,3 +1003,35 @@ def test_worker_error_is_one_line_without_worker_tracebacks(tiny, tmp_path):
     lines = [line for line in stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("Error: cannot read rows"), stderr
     assert not out.exists()
+
+
+def test_ctrl_c_swallowed_by_a_finalizer_still_stops_the_run(tiny, tmp_path, monkeypatch):
+    # Python drops an exception raised while it runs a finalizer ("Exception ignored in ..."): a Ctrl-C that
+    # arrives then must still stop the run before its results are committed, and print nothing of it
+    import weakref
+
+    import pertscale._pipeline as pipeline
+
+    path = h5ad(tiny, tmp_path / "in.h5ad")
+    before = checksum(path)
+    original = pipeline.write_significant
+
+    def interrupted_in_a_finalizer(*args, **kwargs):
+        class Obj:
+            pass
+
+        obj = Obj()
+        ref = weakref.ref(obj, lambda _: os.kill(os.getpid(), signal.SIGINT) or sum(range(10_000)))
+        del obj  # the callback runs, the handler raises inside it, Python swallows the KeyboardInterrupt
+        assert ref() is None
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "write_significant", interrupted_in_a_finalizer)
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, _args(path, out, scheduler="synchronous"))
+    assert result.exit_code == 130, result.output
+    assert "interrupted: no results were written" in result.output
+    assert "Exception ignored" not in result.output
+    assert not list(out.glob("de_wilcoxon*")) and not (out / "qc.csv").exists() if out.exists() else True
+    assert checksum(path) == before
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the command's handlers are undone

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
 import sys
 
 import click
@@ -37,14 +36,6 @@ def _quiet_libraries(verbose: int) -> None:
     level = logging.WARNING - 10 * min(verbose, 2)
     for noisy in ("distributed", "bokeh", "tornado"):
         logging.getLogger(noisy).setLevel(logging.ERROR if verbose == 0 else max(level, logging.WARNING))
-
-
-class Terminated(BaseException):
-    """SIGTERM arrived (a batch system ending the job): unwind, clean up, exit 143."""
-
-
-def _terminated(signum, frame) -> None:
-    raise Terminated
 
 
 def _silence_exit_handlers() -> None:
@@ -217,9 +208,11 @@ def run(
     """
     import warnings
 
-    signal.signal(signal.SIGTERM, _terminated)  # a batch system's kill: clean up as after Ctrl-C
+    from ._signals import Terminated, recorded
+
     labels = tuple(s.strip() for s in exclude_labels.split(",") if s.strip())
-    with warnings.catch_warnings(record=True) as caught:
+    # Ctrl-C, and a batch system's SIGTERM, clean up and are never lost (see _signals)
+    with warnings.catch_warnings(record=True) as caught, recorded():
         warnings.simplefilter("always", UserWarning)
         try:
             _quiet_libraries(click.get_current_context().find_root().obj["verbose"])
