@@ -325,3 +325,57 @@ def test_plan_chooses_threads_for_small_inputs(wide):
         warnings.simplefilter("error")
         assert plan.block_rows >= plan.largest_group
     assert os.path.basename("unused") == "unused" and not os.path.exists("unused")
+
+
+def test_too_little_disk_is_refused_before_any_pass(wide, tmp_path, monkeypatch):
+    import shutil as shutil_module
+
+    _, path = wide
+    real = shutil_module.disk_usage
+    monkeypatch.setattr(shutil_module, "disk_usage", lambda p: real(p)._replace(free=1_000))
+    args = ["run", str(path), "--perturbation-column", "perturbation", "--control-label", "control"]
+    args += ["--out", str(tmp_path / "out"), "--min-cells-per-perturbation", "2", "--scheduler", "synchronous"]
+    monkeypatch.setattr(dask, "compute", lambda *a, **k: pytest.fail("a pass ran before the disk was checked"))
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 1 and "free but the working store and results need" in result.output
+    assert "on a larger disk" in result.output and not (tmp_path / "out").exists()
+
+
+def test_prepare_never_empties_a_directory_that_is_not_a_working_store(screen, tmp_path):
+    path = tmp_path / "s.h5ad"
+    screen.write_h5ad(path)
+    precious = tmp_path / "results"
+    precious.mkdir()
+    (precious / "thesis.txt").write_text("do not delete")
+    with pytest.raises(ValueError, match="is a directory that is not a working store.*never emptied"):
+        ps.io.prepare(path, "perturbation", "control", out=precious)
+    assert (precious / "thesis.txt").read_text() == "do not delete"
+
+
+def test_prepare_restarts_when_an_unfinished_store_has_other_blocks(screen, tmp_path):
+    path = tmp_path / "s.h5ad"
+    screen.write_h5ad(path)
+    store = tmp_path / "w.zarr"
+    ps.io.prepare(path, "perturbation", "control", out=store, chunk_size=300)
+    info = json.loads((store / "pertscale_working_store.json").read_text())
+    info["complete"] = False  # interrupted, then run again with another memory plan (other blocks)
+    (store / "pertscale_working_store.json").write_text(json.dumps(info))
+    again = ps.io.prepare(path, "perturbation", "control", out=store, chunk_size=700)
+    rows = again.obs["input_row"].to_numpy()
+    assert again.X.chunks[0] != tuple(np.diff(info["bounds"]))
+    assert (again.X.compute(scheduler="synchronous") != screen.X[rows]).nnz == 0
+
+
+def test_filters_keep_the_blocks_of_whole_groups(screen, tmp_path):
+    path = tmp_path / "s.h5ad"
+    screen.write_h5ad(path)
+    sorted_ = ps.io.prepare(path, "perturbation", "control", out=tmp_path / "w.zarr", chunk_size=300)
+    kept = ps.pp.filter_cells(sorted_, min_genes=95, scheduler="synchronous")  # drops about a third
+    assert kept.n_obs < sorted_.n_obs
+    assert kept.X.numblocks == sorted_.X.numblocks  # each block filtered where it is, not re-blocked
+    from pertscale.tl._engine import aligned, find_groups
+
+    labels = kept.obs["perturbation"].astype(str)
+    names = [g for g in pd.unique(labels.to_numpy()) if g != "control"]
+    lay = aligned(kept.X, find_groups(labels, names, "control"))
+    assert lay.sliced and all(c in kept.X.chunks[0] for c in lay.x.chunks[0])  # no data moved between blocks

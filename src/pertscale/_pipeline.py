@@ -24,8 +24,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from . import pp, tl
-from ._plan import Plan, make_plan
+from . import _signals, pp, tl
+from ._plan import BYTES_PER_NONZERO, THREADS_BELOW_BYTES, Plan, make_plan
 from ._settings import settings
 from ._validation import (
     check_control,
@@ -38,7 +38,7 @@ from ._validation import (
 from .cluster import active_client
 from .io import read, write
 from .io._prepare import is_sorted, prepare
-from .io._read import row_nonzeros
+from .io._read import row_nonzeros, subset
 from .io._write import check_not_input, overlap
 from .tl._results import check_results_writable, scanpy_uns, write_significant
 
@@ -208,6 +208,7 @@ class OutputDir:
         moved aside first and put back if a move fails.
         """
         assert self.staging is not None
+        _signals.check()  # a Ctrl-C swallowed by a finalizer during the run stops it here, before any move
         previous = self.staging / "previous"
         previous.mkdir()
         aside, moved = [], []
@@ -440,6 +441,7 @@ def run(
         chunk_size=chunk_size,
         n_groups_tested=len(testable),
         row_nnz=row_nonzeros(path, layer=layer, use_raw=use_raw),
+        workers=_client_workers(scheduler),
     )
     if dry_run:
         return plan
@@ -476,8 +478,11 @@ def run(
                 seconds=seconds,
             )
         except Exception:
-            if needs_sort and not store_existed:
-                shutil.rmtree(store_path, ignore_errors=True)  # of no use after a failure; kept after Ctrl-C
+            # kept after Ctrl-C (to resume), and after a failure once complete and costly to make again
+            # (out-of-core inputs: the user fixes an option and runs again); otherwise removed
+            costly = plan.kept_nnz * BYTES_PER_NONZERO >= THREADS_BELOW_BYTES and _store_complete(store_path)
+            if needs_sort and not store_existed and not costly:
+                shutil.rmtree(store_path, ignore_errors=True)
             raise
     seconds["total"] = time.perf_counter() - t0
     return RunSummary(
@@ -576,14 +581,17 @@ def _passes(
     keep_genes = gene_cells >= min_cells
     if not keep_genes.any():
         raise ValueError(f"no gene is detected in at least {min_cells} cells; lower --min-cells")
-    filtered = adata[keep_cells, keep_genes].copy()
+    filtered = subset(adata, obs_mask=keep_cells, var_mask=keep_genes)  # blocks keep whole groups
 
     pp.normalize_total(filtered, target_sum=target_sum)
     pp.log1p(filtered)
+    stored = perturbation_labels(filtered.obs, perturbation_column)
+    in_storage_order = [g for g in pd.unique(stored.to_numpy()) if g != control_label]
     res = tl.rank_genes_groups(
         filtered,
         perturbation_column,
         control_label,
+        perturbations=in_storage_order,  # results rows in storage order: written as they come, never reordered
         tie_correct=tie_correct,
         use_continuity=use_continuity,
         corr_method=corr_method,
@@ -606,6 +614,12 @@ def _passes(
     t = time.perf_counter()
     de_genes = write_significant(output.path("results"), output.path("significant"), max_pval_adj=FDR)
     written = {"results": True, "significant": True, "qc": True}
+    if not scanpy_format:  # decided on the perturbations before filtering: fewer are tested, it may fit now
+        from .kernels.wilcoxon import WILCOXON_STATS
+
+        scanpy_format = check_results_writable(
+            list(res.obs_names), WILCOXON_STATS, perturbation_column=perturbation_column
+        )
     if scanpy_format:
         import anndata as ad
 
@@ -646,6 +660,27 @@ def _passes(
         "written": written,
     }
     return summary, qc, dropped, int(keep_cells.sum())
+
+
+def _client_workers(scheduler) -> tuple[int, int] | None:
+    """Number and smallest memory limit of the workers of the distributed client the job will use, if any."""
+    client = active_client() if scheduler in (None, "local") else scheduler
+    if client is None or isinstance(client, str):
+        return None
+    workers = client.scheduler_info().get("workers", {})
+    limits = [w.get("memory_limit") or 0 for w in workers.values()]
+    return (len(workers), min(limits)) if workers else None
+
+
+def _store_complete(store: Path) -> bool:
+    import json
+
+    from .io._prepare import MARKER
+
+    try:
+        return bool(json.loads((store / MARKER).read_text()).get("complete"))
+    except (OSError, ValueError):
+        return False
 
 
 def _status(name, control_label, excluded, cells_after_min_genes, tested, min_cells_per_perturbation) -> str:

@@ -50,6 +50,8 @@ logger = logging.getLogger(__name__)
 FORMAT_VERSION = 1
 #: Entries per stored chunk of a block's arrays.
 CHUNK_ENTRIES = 4 * 2**20
+#: The file that makes a directory a working store: fingerprint, block bounds, completeness.
+MARKER = "pertscale_working_store.json"
 
 
 # --------------------------------------------------------------------------- fingerprint and plan
@@ -260,11 +262,14 @@ class StoredBlocks:
         Genes.
     dtype
         dtype of the input's values (the store may hold a smaller integer type).
+    rows
+        Rows of each block, as the store's layout records them.
     """
 
     path: str
     n_vars: int
     dtype: str
+    rows: tuple[int, ...]
 
     def read(self, k: int) -> sp.csr_matrix:
         """Block ``k`` as a CSR matrix in the input's dtype.
@@ -279,6 +284,8 @@ class StoredBlocks:
         try:
             g = zarr.open_group(str(Path(self.path) / "blocks" / str(k)), mode="r")
             indptr = g["indptr"][:]
+            if indptr.size - 1 != self.rows[k]:
+                raise ValueError(f"it holds {indptr.size - 1} rows where the store's layout has {self.rows[k]}")
             return sp.csr_matrix(
                 (g["data"][:].astype(self.dtype), g["indices"][:].astype(np.int32), indptr),
                 shape=(indptr.size - 1, self.n_vars),
@@ -296,7 +303,7 @@ def _read_block(stored: StoredBlocks, block_info=None):
 
 def _is_complete(store: Path, fp: dict) -> bool | None:
     """``True``: complete for this input; ``False``: started for it; ``None``: absent or for another input."""
-    meta = store / "pertscale_working_store.json"
+    meta = store / MARKER
     if not meta.exists():
         return None
     info = json.loads(meta.read_text())
@@ -314,7 +321,7 @@ def open_prepared(store: str | Path) -> ad.AnnData:
         If the store is incomplete.
     """
     store = Path(store)
-    meta = store / "pertscale_working_store.json"
+    meta = store / MARKER
     info = json.loads(meta.read_text()) if meta.exists() else {}
     if not info.get("complete"):
         raise DamagedStoreError(f"working store {str(store)!r} is incomplete; run ps.io.prepare again to finish it")
@@ -324,7 +331,7 @@ def open_prepared(store: str | Path) -> ad.AnnData:
     obs = ad.io.read_elem(group["obs"])
     var = ad.io.read_elem(group["var"])
     rows = tuple(int(n) for n in np.diff(info["bounds"]))
-    stored = StoredBlocks(str(store.resolve()), len(var), info["dtype"])
+    stored = StoredBlocks(str(store.resolve()), len(var), info["dtype"], rows)
     dtype = np.dtype(info["dtype"])
     x = da.map_blocks(
         partial(_read_block, stored),
@@ -415,16 +422,23 @@ def prepare(
     if state:
         logger.info("reusing the working store %s", store)
         return open_prepared(store)
-    if state is None and store.exists():
-        logger.info("the working store %s was made from another input or settings: rebuilding it", store)
-        shutil.rmtree(store)
+    if store.exists() and not (store / MARKER).exists() and any(store.iterdir()):
+        raise ValueError(
+            f"the working store path {str(store)!r} is a directory that is not a working store; "
+            "choose a new path (--working-store / out=), it is never emptied"
+        )
     budget = int(max(adata.X.chunks[0]))
     plan = sort_plan(labels, control_label, exclude=exclude, budget=budget)
+    if state is False and json.loads((store / MARKER).read_text()).get("bounds") != plan.bounds.tolist():
+        state = None  # started with other blocks (another memory plan): its blocks cannot be reused
+    if state is None and store.exists():
+        logger.info("the working store %s was made from another input, settings or blocks: rebuilding it", store)
+        shutil.rmtree(store)
     n_vars = adata.n_vars
     dtype = adata.X.dtype.str
     info = {"fingerprint": fp, "bounds": plan.bounds.tolist(), "dtype": dtype, "complete": False}
     (store / "blocks").mkdir(parents=True, exist_ok=True)
-    (store / "pertscale_working_store.json").write_text(json.dumps(info))
+    (store / MARKER).write_text(json.dumps(info))
     n_blocks = plan.bounds.size - 1
     done = frozenset(k for k in range(n_blocks) if (store / "blocks" / str(k) / "zarr.json").exists())
     spill = store / ".spill"
@@ -468,7 +482,7 @@ def prepare(
     shutil.rmtree(spill, ignore_errors=True)
     _write_annotations(store, adata, plan)
     info["complete"] = True
-    (store / "pertscale_working_store.json").write_text(json.dumps(info))
+    (store / MARKER).write_text(json.dumps(info))
     return open_prepared(store)
 
 

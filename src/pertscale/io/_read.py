@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import warnings
@@ -173,6 +174,69 @@ def auto_chunk_size(
 
 def _csr_block(block):
     return sp.csr_matrix(block)
+
+
+def _select_block(block, rows, cols):
+    block = block[rows]
+    return block if cols is None else block[:, cols]
+
+
+def select(x: da.Array, rows: np.ndarray | None = None, cols: np.ndarray | None = None) -> da.Array:
+    """Rows and columns of a Dask array of row blocks by boolean masks, each block filtered where it is.
+
+    Unlike ``x[rows][:, cols]`` (which re-blocks the rows evenly, moving
+    them between blocks), every block keeps its own rows: blocks that held
+    whole perturbation groups still do.
+
+    Parameters
+    ----------
+    x
+        ``(n_obs, n_vars)`` with one block along the columns.
+    rows, cols
+        Boolean masks; ``None`` keeps all.
+    """
+    if x.numblocks[1] != 1:
+        x = x.rechunk({1: -1})
+    row_mask = np.ones(x.shape[0], dtype=bool) if rows is None else np.asarray(rows, dtype=bool)
+    col_idx = None if cols is None else np.flatnonzero(cols)
+    bounds = np.cumsum((0,) + x.chunks[0])
+    kept = tuple(int(row_mask[a:b].sum()) for a, b in zip(bounds[:-1], bounds[1:], strict=True))
+    return da.blockwise(
+        _select_block,
+        "ij",
+        x,
+        "ij",
+        da.from_array(row_mask, chunks=(x.chunks[0],)),
+        "i",
+        col_idx,
+        None,
+        adjust_chunks={"i": kept, "j": x.shape[1] if col_idx is None else col_idx.size},
+        dtype=x.dtype,
+        meta=x._meta,
+    )
+
+
+def subset(adata: ad.AnnData, *, obs_mask: np.ndarray | None = None, var_mask: np.ndarray | None = None) -> ad.AnnData:
+    """A new AnnData of the kept cells and genes; lazy matrices keep their blocks (:func:`select`).
+
+    ``X`` and ``layers`` are subset (lazy ones blockwise), ``obs``/``var``
+    and ``uns`` carried over; ``adata`` is left as it is.
+    """
+    obs_mask = np.ones(adata.n_obs, dtype=bool) if obs_mask is None else np.asarray(obs_mask, dtype=bool)
+    var_mask = np.ones(adata.n_vars, dtype=bool) if var_mask is None else np.asarray(var_mask, dtype=bool)
+
+    def cut(m):
+        if isinstance(m, da.Array):
+            return select(m, obs_mask, var_mask)
+        return m[obs_mask][:, var_mask]
+
+    return ad.AnnData(
+        X=None if adata.X is None else cut(adata.X),
+        obs=adata.obs[obs_mask].copy(),
+        var=adata.var[var_mask].copy(),
+        layers={k: cut(v) for k, v in adata.layers.items()},
+        uns=copy.deepcopy(dict(adata.uns)),
+    )
 
 
 def map_csr(x: da.Array, func, *args, dtype=None) -> da.Array:

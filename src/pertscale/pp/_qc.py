@@ -14,7 +14,7 @@ import scipy.sparse as sp
 
 from .._validation import check_number, check_shape, label_list, perturbation_labels
 from ..cluster import compute
-from ..io._read import as_dask
+from ..io._read import as_dask, subset
 from ..kernels.qc import CELL_STATS, GENE_STATS, cell_stats, gene_stats
 
 logger = logging.getLogger(__name__)
@@ -89,8 +89,10 @@ class QCPass:
     genes
         ``(len(GENE_STATS), n_vars)`` float64 per-gene sums (value checks included).
     detection
-        ``(n_codes, n_vars)`` int64: per group code, the cells with at least
-        ``min_genes`` detected genes in which each gene is detected.
+        ``(n_codes, n_vars)`` int32: per group code, the cells with at least
+        ``min_genes`` detected genes in which each gene is detected (each
+        block returns the rows of its own groups; 330 MB at 10,000
+        perturbations x 8,248 genes, held by the client).
     """
 
     cells: np.ndarray
@@ -157,7 +159,7 @@ def qc_pass(
     )
     cells, genes, rows = compute(cells, genes, detection, scheduler=scheduler, progress=progress, desc="QC")
     _check_gene_stats(genes)
-    total = np.zeros((n_codes, x.shape[1]), dtype=np.int64)
+    total = np.zeros((n_codes, x.shape[1]), dtype=np.int32)  # 4 bytes per group and gene, in this process
     np.add.at(total, np.concatenate(present) if present else np.empty(0, np.int64), rows)
     return QCPass(cells=cells, genes=genes, detection=total)
 
@@ -301,7 +303,7 @@ def _filter(adata: ad.AnnData, which: str, detected: tuple, counts: tuple, *, sc
     numbers = numbers.astype(np.int64) if by_detected else numbers
     mask = _bounds_mask(numbers, *(detected if by_detected else counts))
     logger.info("filter_%s: %d of %d kept", which, int(mask.sum()), mask.size)
-    out = adata[mask].copy() if axis == "obs" else adata[:, mask].copy()
+    out = subset(adata, obs_mask=mask) if axis == "obs" else subset(adata, var_mask=mask)
     getattr(out, axis)[detected_col if by_detected else counts_col] = numbers[mask]
     return out
 
@@ -458,6 +460,6 @@ def filter_perturbations(
     mask = labels.isin(keep_labels).to_numpy()
     table = pd.DataFrame({"n_cells_before": before, "n_cells_after": before.where(reason == "", 0), "reason": reason})
     table.index.name = perturbation_column
-    out = adata[mask].copy()
+    out = subset(adata, obs_mask=mask)
     out.uns.setdefault("pertscale", {})["perturbation_filter"] = table
     return out
