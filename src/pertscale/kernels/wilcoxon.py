@@ -24,7 +24,15 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.sparse as sp
 from numba import njit
-from scipy import special
+
+from ._common import (  # noqa: F401  (re-exported: the Wilcoxon's public helpers before they were shared)
+    CORR_METHODS,
+    adjust_pvalues,
+    canonical_csr,
+    check_values,
+    log2_fold_change,
+    normal_pvalues,
+)
 
 #: Statistics returned by :func:`wilcoxon_block`, in this order along axis 1.
 WILCOXON_STATS: tuple[str, ...] = (
@@ -36,8 +44,6 @@ WILCOXON_STATS: tuple[str, ...] = (
     "pts_rest",
     "u_statistic",
 )
-
-CORR_METHODS = ("benjamini-hochberg", "bonferroni")
 
 # unsigned integer views of 4- and 8-byte values, for the radix sort
 _KEY_TYPES = {4: np.uint32, 8: np.uint64}
@@ -99,38 +105,6 @@ class ControlStatistics:
         """Memory held by the summary, in bytes."""
         return sum(
             a.nbytes for a in (self.ptr, self.values, self.counts, self.below, self.n_zero, self.tie_term, self.sum)
-        )
-
-
-def canonical_csr(x) -> sp.csr_matrix:
-    """CSR with duplicate entries summed (a copy when the input has any)."""
-    x = sp.csr_matrix(x)
-    if not x.has_canonical_format:
-        x = x.copy()
-        x.sum_duplicates()
-    return x
-
-
-def check_values(block: sp.csr_matrix) -> None:
-    """Raise ``ValueError`` if a block holds NaN, infinite or negative values.
-
-    Raises
-    ------
-    ValueError
-        Naming the problem and what to do about it.
-    """
-    data = block.data
-    if data.size == 0:
-        return
-    if np.issubdtype(data.dtype, np.floating) and not np.isfinite(data).all():
-        raise ValueError(
-            "the expression matrix contains NaN or infinite values; "
-            "remove or impute them before testing (rank statistics are undefined for NaN)"
-        )
-    if data.min() < 0:
-        raise ValueError(
-            "the expression matrix contains negative values; the Wilcoxon kernel expects "
-            "non-negative expression (raw counts or log1p-normalized counts), not scaled data"
         )
 
 
@@ -405,54 +379,6 @@ def _rank_sums(
     return out_u, out_tie, out_sum, out_nnz
 
 
-def adjust_pvalues(pvals: np.ndarray, method: str = "benjamini-hochberg") -> np.ndarray:
-    """Adjust p-values along the last axis (the genes of one perturbation).
-
-    Parameters
-    ----------
-    pvals
-        ``(..., n_genes)`` p-values; NaN entries are left out of the family
-        and stay NaN.
-    method
-        ``"benjamini-hochberg"`` (Benjamini & Hochberg 1995, step-up FDR) or
-        ``"bonferroni"``.
-
-    Returns
-    -------
-    numpy.ndarray
-        Adjusted p-values, same shape, clipped to ``[0, 1]``.
-
-    Raises
-    ------
-    ValueError
-        For an unknown method.
-    """
-    if method not in CORR_METHODS:
-        raise ValueError(f"corr_method {method!r} is not supported; choose one of {CORR_METHODS}")
-    pvals = np.asarray(pvals, dtype=np.float64)
-    flat = pvals.reshape(-1, pvals.shape[-1])
-    n = (~np.isnan(flat)).sum(axis=1, keepdims=True).astype(np.float64)  # family size of each row
-    if method == "bonferroni":
-        return np.minimum(flat * n, 1.0).reshape(pvals.shape)
-    # all rows at once: NaN sorts last, so each row's first n entries are its family, in order
-    order = np.argsort(flat, axis=1, kind="stable")
-    ranked = np.take_along_axis(flat, order, axis=1) * n / np.arange(1, flat.shape[1] + 1)
-    ranked = np.minimum.accumulate(np.where(np.isnan(ranked), np.inf, ranked)[:, ::-1], axis=1)[:, ::-1]
-    out = np.empty_like(flat)
-    np.put_along_axis(out, order, np.minimum(ranked, 1.0), axis=1)
-    out[np.isnan(flat)] = np.nan
-    return out.reshape(pvals.shape)
-
-
-def log2_fold_change(mean_group: np.ndarray, mean_rest: np.ndarray) -> np.ndarray:
-    """Scanpy's log2 fold change for log1p (natural log) data.
-
-    ``log2((expm1(mean_group) + 1e-9) / (expm1(mean_rest) + 1e-9))``, the means
-    taken of log1p values, as in ``scanpy.tl.rank_genes_groups``.
-    """
-    return np.log2((np.expm1(mean_group) + 1e-9) / (np.expm1(mean_rest) + 1e-9))
-
-
 def wilcoxon_block(
     block: sp.csr_matrix | np.ndarray,
     group_sizes: np.ndarray,
@@ -462,6 +388,7 @@ def wilcoxon_block(
     tie_correct: bool = True,
     use_continuity: bool = False,
     corr_method: str = "benjamini-hochberg",
+    alternative: str = "two-sided",
 ) -> np.ndarray:
     """Wilcoxon rank-sum of every group in a block against the frozen control.
 
@@ -489,17 +416,22 @@ def wilcoxon_block(
     corr_method
         ``"benjamini-hochberg"`` or ``"bonferroni"``, applied over the genes of
         each group.
+    alternative
+        ``"two-sided"``, ``"greater"`` (the group's values tend to be larger
+        than the control's) or ``"less"``, as ``scipy.stats.mannwhitneyu``
+        with the group as the first sample.
 
     Returns
     -------
     numpy.ndarray
         ``(n_groups, len(WILCOXON_STATS), n_genes)`` float64: z ``scores``
-        (positive when the group ranks above control), two-sided normal
-        ``pvals``, adjusted ``pvals_adj``, ``logfoldchanges`` (log2, scanpy's
+        (positive when the group ranks above control; the continuity
+        correction, if on, moves them towards 0), normal ``pvals`` for the
+        ``alternative``, adjusted ``pvals_adj``, ``logfoldchanges`` (log2, scanpy's
         definition on log1p data), ``pts`` and ``pts_rest`` (fractions of group
         and control cells with a non-zero value) and the group's
         ``u_statistic``. Where every value of a gene is tied (its variance is
-        zero) the score is 0 and the p-value 1, as in scanpy.
+        zero) the score is 0 and the p-value 1, as in scanpy (scipy: NaN).
 
     Raises
     ------
@@ -575,12 +507,18 @@ def wilcoxon_block(
     else:
         var = np.broadcast_to(m * n * (big_n + 1.0) / 12.0, u.shape)
     diff = u - m * n / 2.0
-    if use_continuity:
-        diff = np.sign(diff) * np.maximum(np.abs(diff) - 0.5, 0.0)
+    cc = 0.5 if use_continuity else 0.0
     with np.errstate(divide="ignore", invalid="ignore"):
-        scores = diff / np.sqrt(var)
-    scores[~np.isfinite(scores)] = 0.0
-    pvals = 2.0 * special.ndtr(-np.abs(scores))  # = scipy.stats.norm.sf(|z|), without its overhead
+        sd = np.sqrt(var)
+        scores = np.sign(diff) * np.maximum(np.abs(diff) - cc, 0.0) / sd
+        if alternative == "two-sided":
+            pvals = normal_pvalues(scores)
+        else:  # scipy: z of U1 ("greater") or of U2 = m n - U1 ("less"), each less the continuity correction
+            z = ((diff if alternative == "greater" else -diff) - cc) / sd
+            pvals = normal_pvalues(z, "greater")
+    tied = ~np.isfinite(scores)
+    scores[tied] = 0.0
+    pvals[tied | np.isnan(pvals)] = 1.0
     stat = {name: i for i, name in enumerate(WILCOXON_STATS)}
     out = np.empty((n_groups, len(WILCOXON_STATS), n_genes), dtype=np.float64)
     out[:, stat["scores"]] = scores

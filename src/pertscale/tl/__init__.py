@@ -1,6 +1,6 @@
 """Tools: differential expression of perturbations against control."""
 
+from ._rank_genes_groups import rank_genes_groups
 from ._results import scanpy_uns, tidy
-from ._wilcoxon import rank_genes_groups
 
 __all__ = ["rank_genes_groups", "scanpy_uns", "tidy"]

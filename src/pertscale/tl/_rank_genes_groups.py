@@ -1,8 +1,9 @@
-"""Differential expression of every perturbation against control: the public call and the Wilcoxon method.
+"""Differential expression of every perturbation against control: the public call and the declared methods.
 
-:func:`rank_genes_groups` checks its input, declares the test as an
+:func:`rank_genes_groups` checks its input, picks the test's
 :class:`~pertscale.tl._engine.Method` and lets :mod:`pertscale.tl._engine`
-build the graph; the arithmetic is in :mod:`pertscale.kernels.wilcoxon`.
+build the graph; the arithmetic is in :mod:`pertscale.kernels` (one module
+per test).
 """
 
 from __future__ import annotations
@@ -27,17 +28,21 @@ from .._validation import (
 )
 from ..cluster import n_cores
 from ..io._read import as_dask
-from ..kernels.wilcoxon import CORR_METHODS, WILCOXON_STATS, control_statistics, wilcoxon_block
+from ..kernels._common import ALTERNATIVES, CORR_METHODS
+from ..kernels.ttest import TTEST_STATS, control_moments, ttest_block
+from ..kernels.wilcoxon import WILCOXON_STATS, control_statistics, wilcoxon_block
 from ._engine import Method, find_groups, test_against_control
 from ._results import lazy_results, scanpy_uns
 
 logger = logging.getLogger(__name__)
 
 
-#: The tests against control, by ``method=`` name.
-METHODS = {
-    "wilcoxon": Method(name="wilcoxon", statistics=WILCOXON_STATS, summarise=control_statistics, block=wilcoxon_block),
-}
+WILCOXON = Method(name="wilcoxon", statistics=WILCOXON_STATS, summarise=control_statistics, block=wilcoxon_block)
+TTEST = Method(name="t-test", statistics=TTEST_STATS, summarise=control_moments, block=ttest_block)
+#: The tests against control, by ``method=`` name (scanpy's names).
+METHODS = {"wilcoxon": WILCOXON, "t-test": TTEST, "t-test_overestim_var": TTEST}
+#: What each method expects of the matrix.
+LOG1P_METHODS = ("wilcoxon", "t-test", "t-test_overestim_var")
 
 
 def _warn_if_counts(adata: ad.AnnData, dtype: np.dtype, layer: str | None) -> None:
@@ -69,6 +74,7 @@ def rank_genes_groups(
     tie_correct: bool = True,
     use_continuity: bool = False,
     corr_method: str = "benjamini-hochberg",
+    alternative: str = "two-sided",
     min_cells: int = 2,
     scanpy_format: bool = False,
     scheduler=None,
@@ -88,20 +94,28 @@ def rank_genes_groups(
     control_label
         Label of the control cells (e.g. non-targeting guides) in that column.
     method
-        ``"wilcoxon"``: Wilcoxon rank-sum (Mann-Whitney U) test.
+        ``"wilcoxon"``: Wilcoxon rank-sum (Mann-Whitney U) test;
+        ``"t-test"``: Welch's t-test; ``"t-test_overestim_var"``: scanpy's
+        variant of it that puts the group's cell count in place of the
+        control's (a larger control variance for small groups).
     perturbations
         Labels to test; default all labels other than ``control_label``.
     layer
         Test ``layers[layer]`` instead of ``X``.
     tie_correct
-        Tie-corrected variance of U (default, as scanpy ``tie_correct=True``
-        and scipy's ``mannwhitneyu``).
+        Wilcoxon: tie-corrected variance of U (default, as scanpy
+        ``tie_correct=True`` and scipy's ``mannwhitneyu``).
     use_continuity
-        Continuity correction of 0.5 on ``|U - m n / 2|`` (off by default, as
-        in scanpy; scipy's default is on).
+        Wilcoxon: continuity correction of 0.5 on ``|U - m n / 2|`` (off by
+        default, as in scanpy; scipy's default is on).
     corr_method
         ``"benjamini-hochberg"`` (default) or ``"bonferroni"``, over the genes
         of each perturbation.
+    alternative
+        ``"two-sided"`` (default), ``"greater"`` (expression higher in the
+        perturbation than in control) or ``"less"``: the perturbation is the
+        first sample, as in ``scipy.stats.mannwhitneyu`` and
+        ``scipy.stats.ttest_ind``. Scores keep their sign either way.
     min_cells
         Perturbations with fewer cells are skipped with a warning and listed
         in ``uns['pertscale']['skipped']``.
@@ -125,12 +139,14 @@ def rank_genes_groups(
         :func:`pertscale.write` (``.zarr``), or viewed with
         :func:`pertscale.get.dataset`.
         ``n_perturbations x n_vars`` results: ``obs_names`` the perturbation
-        labels, ``obs['n_cells']``; layers ``scores`` (z of U, positive when
-        the perturbation ranks above control), ``pvals`` (two-sided, normal
-        approximation), ``pvals_adj``, ``logfoldchanges`` (log2 of the ratio
-        of ``expm1`` of the mean log1p values, scanpy's definition),
-        ``pts``/``pts_rest`` (fraction of perturbed/control cells with a
-        non-zero value) and ``u_statistic``; the settings in
+        labels, ``obs['n_cells']``; layers ``scores`` (Wilcoxon: z of U;
+        t-test: Welch's t; positive when the perturbation is above control),
+        ``pvals`` (Wilcoxon: normal approximation; t-test: Student t with
+        Welch-Satterthwaite degrees of freedom; for ``alternative``),
+        ``pvals_adj``, ``logfoldchanges`` (log2 of the ratio of ``expm1`` of
+        the mean log1p values, scanpy's definition), ``pts``/``pts_rest``
+        (fraction of perturbed/control cells with a non-zero value) and, for
+        the Wilcoxon, ``u_statistic``; the settings in
         ``uns['pertscale']['settings']``.
 
     Raises
@@ -154,17 +170,21 @@ def rank_genes_groups(
 
     Notes
     -----
-    Equal, to floating point accuracy, to
+    Wilcoxon: equal, to floating point accuracy, to
     ``scipy.stats.mannwhitneyu(group, control, method="asymptotic")`` per
-    gene, and to ``scanpy.tl.rank_genes_groups(method="wilcoxon",
-    reference=control_label, tie_correct=True)``. Where every value of a
-    gene is tied in both groups (zero variance) the score is 0 and the
-    p-value 1, as in scanpy (scipy returns NaN there).
+    gene (Mann & Whitney 1947), and to
+    ``scanpy.tl.rank_genes_groups(method="wilcoxon", reference=control_label,
+    tie_correct=True)``. t-test: equal to ``scipy.stats.ttest_ind(group,
+    control, equal_var=False)`` (Welch 1947) and to scanpy's
+    ``method="t-test"``. Where a gene has no variance in either group the
+    score is 0 and the p-value 1, as in scanpy (scipy returns NaN there).
     """
     if method not in METHODS:
         raise ValueError(f"method {method!r} is not available; choose one of {tuple(METHODS)}")
     if corr_method not in CORR_METHODS:
         raise ValueError(f"corr_method {corr_method!r} is not supported; choose one of {CORR_METHODS}")
+    if alternative not in ALTERNATIVES:
+        raise ValueError(f"alternative {alternative!r} is not supported; choose one of {ALTERNATIVES}")
     min_cells = check_number(min_cells, "min_cells", integer=True, minimum=1)
     check_shape(adata)
     labels = perturbation_labels(adata.obs, perturbation_column)
@@ -207,13 +227,12 @@ def rank_genes_groups(
     _warn_if_counts(adata, x.dtype, layer)
     found = find_groups(labels, groups, control_label)
     test = METHODS[method]
-    stats, lay = test_against_control(
-        x,
-        found,
-        test,
-        n_parts=2 * (settings.n_workers or n_cores()),
-        options={"tie_correct": bool(tie_correct), "use_continuity": bool(use_continuity), "corr_method": corr_method},
-    )
+    options: dict = {"corr_method": corr_method, "alternative": alternative}
+    if test is WILCOXON:
+        options |= {"tie_correct": bool(tie_correct), "use_continuity": bool(use_continuity)}
+    else:
+        options["overestimate_variance"] = method == "t-test_overestim_var"
+    stats, lay = test_against_control(x, found, test, n_parts=2 * (settings.n_workers or n_cores()), options=options)
     logger.info(
         "%s: %d perturbations in %d blocks (%s)",
         method,
@@ -232,9 +251,7 @@ def rank_genes_groups(
             "perturbation_column": perturbation_column,
             "control_label": str(control_label),
             "layer": layer or "X",
-            "tie_correct": bool(tie_correct),
-            "use_continuity": bool(use_continuity),
-            "corr_method": corr_method,
+            **{k: v for k, v in options.items() if k != "overestimate_variance"},
             "min_cells": int(min_cells),
             "n_control_cells": int(control_mask.sum()),
             "logfoldchanges_base": "log2",

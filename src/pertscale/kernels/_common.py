@@ -1,0 +1,110 @@
+"""What every test against control shares: input checks, p-values, their adjustment, fold changes.
+
+Pure numpy/scipy; no Dask.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import scipy.sparse as sp
+from scipy import special
+
+#: Multiple-testing corrections over the genes of one perturbation.
+CORR_METHODS = ("benjamini-hochberg", "bonferroni")
+#: Alternative hypotheses, the perturbation being the first sample (as ``scipy.stats``).
+ALTERNATIVES = ("two-sided", "less", "greater")
+
+
+def canonical_csr(x) -> sp.csr_matrix:
+    """CSR with duplicate entries summed (a copy when the input has any)."""
+    x = sp.csr_matrix(x)
+    if not x.has_canonical_format:
+        x = x.copy()
+        x.sum_duplicates()
+    return x
+
+
+def check_values(block: sp.csr_matrix) -> None:
+    """Raise ``ValueError`` if a block holds NaN, infinite or negative values.
+
+    Raises
+    ------
+    ValueError
+        Naming the problem and what to do about it.
+    """
+    data = block.data
+    if data.size == 0:
+        return
+    if np.issubdtype(data.dtype, np.floating) and not np.isfinite(data).all():
+        raise ValueError(
+            "the expression matrix contains NaN or infinite values; "
+            "remove or impute them before testing (the test statistics are undefined for NaN)"
+        )
+    if data.min() < 0:
+        raise ValueError(
+            "the expression matrix contains negative values; the tests against control expect "
+            "non-negative expression (raw counts or log1p-normalized counts), not scaled data"
+        )
+
+
+def adjust_pvalues(pvals: np.ndarray, method: str = "benjamini-hochberg") -> np.ndarray:
+    """Adjust p-values along the last axis (the genes of one perturbation).
+
+    Parameters
+    ----------
+    pvals
+        ``(..., n_genes)`` p-values; NaN entries are left out of the family
+        and stay NaN.
+    method
+        ``"benjamini-hochberg"`` (Benjamini & Hochberg 1995, step-up FDR) or
+        ``"bonferroni"``.
+
+    Returns
+    -------
+    numpy.ndarray
+        Adjusted p-values, same shape, clipped to ``[0, 1]``.
+
+    Raises
+    ------
+    ValueError
+        For an unknown method.
+    """
+    if method not in CORR_METHODS:
+        raise ValueError(f"corr_method {method!r} is not supported; choose one of {CORR_METHODS}")
+    pvals = np.asarray(pvals, dtype=np.float64)
+    flat = pvals.reshape(-1, pvals.shape[-1])
+    n = (~np.isnan(flat)).sum(axis=1, keepdims=True).astype(np.float64)  # family size of each row
+    if method == "bonferroni":
+        return np.minimum(flat * n, 1.0).reshape(pvals.shape)
+    # all rows at once: NaN sorts last, so each row's first n entries are its family, in order
+    order = np.argsort(flat, axis=1, kind="stable")
+    ranked = np.take_along_axis(flat, order, axis=1) * n / np.arange(1, flat.shape[1] + 1)
+    ranked = np.minimum.accumulate(np.where(np.isnan(ranked), np.inf, ranked)[:, ::-1], axis=1)[:, ::-1]
+    out = np.empty_like(flat)
+    np.put_along_axis(out, order, np.minimum(ranked, 1.0), axis=1)
+    out[np.isnan(flat)] = np.nan
+    return out.reshape(pvals.shape)
+
+
+def log2_fold_change(mean_group: np.ndarray, mean_rest: np.ndarray) -> np.ndarray:
+    """Scanpy's log2 fold change for log1p (natural log) data.
+
+    ``log2((expm1(mean_group) + 1e-9) / (expm1(mean_rest) + 1e-9))``, the means
+    taken of log1p values, as in ``scanpy.tl.rank_genes_groups``.
+    """
+    return np.log2((np.expm1(mean_group) + 1e-9) / (np.expm1(mean_rest) + 1e-9))
+
+
+def normal_pvalues(z: np.ndarray, alternative: str = "two-sided") -> np.ndarray:
+    """P-values of standard normal statistics ``z`` (positive: the perturbation above control).
+
+    ``"two-sided"``: ``2 * P(Z > |z|)``; ``"greater"``: ``P(Z > z)``;
+    ``"less"``: ``P(Z < z)``. NaN statistics give NaN.
+    """
+    if alternative == "two-sided":
+        return 2.0 * special.ndtr(-np.abs(z))  # = scipy.stats.norm.sf(|z|), without its overhead
+    if alternative == "greater":
+        return special.ndtr(-z)
+    if alternative == "less":
+        return special.ndtr(z)
+    raise ValueError(f"alternative {alternative!r} is not supported; choose one of {ALTERNATIVES}")
