@@ -163,3 +163,50 @@ def test_filters_that_remove_the_controls_are_named(sim_h5ad, tmp_path):
     assert result.exit_code != 0 and "--exclude-labels includes the control label" in result.output
     result = _invoke(sim_h5ad, tmp_path / "o", "--min-cells-per-perturbation", "100000")
     assert result.exit_code != 0 and "lower --min-cells-per-perturbation" in result.output
+
+
+def test_several_methods_share_the_passes_and_equal_single_runs(sim_h5ad, tmp_path, monkeypatch):
+    from pertscale.io._prepare import StoredBlocks
+
+    reads = []
+    original = StoredBlocks.read
+    monkeypatch.setattr(StoredBlocks, "read", lambda self, k: reads.append(k) or original(self, k))
+    store = tmp_path / "store.zarr"
+    alone = {}
+    for method in ("wilcoxon", "t-test"):
+        result = _invoke(sim_h5ad, tmp_path / method, "--method", method, "--working-store", str(store))
+        assert result.exit_code == 0, result.output
+        alone[method] = len(reads)
+        reads.clear()
+    assert alone["wilcoxon"] == alone["t-test"] > 0
+    result = _invoke(sim_h5ad, tmp_path / "both", "--method", "wilcoxon,t-test", "--working-store", str(store))
+    assert result.exit_code == 0, result.output
+    assert len(reads) == alone["wilcoxon"]  # the second test reads no block again: one pass for both
+    assert "wilcoxon: DE genes" in result.output and "t-test: DE genes" in result.output
+    for method, stem in (("wilcoxon", "de_wilcoxon"), ("t-test", "de_t_test")):
+        both, single = (ad.read_zarr(tmp_path / d / f"{stem}.zarr") for d in ("both", method))
+        for layer in single.layers:
+            np.testing.assert_array_equal(both.layers[layer], single.layers[layer], err_msg=f"{method} {layer}")
+        assert both.uns["pertscale"]["settings"]["method"] == method
+        assert all((tmp_path / "both" / f"{stem}{end}").exists() for end in ("_significant.csv", ".h5ad"))
+
+
+def test_method_and_alternative_flags_are_checked(sim_h5ad, tmp_path):
+    result = _invoke(sim_h5ad, tmp_path / "out", "--method", "wilcoxon,deseq")
+    assert result.exit_code != 0 and "method 'deseq' is not available" in result.output and "t-test" in result.output
+    assert not (tmp_path / "out").exists()
+    result = _invoke(sim_h5ad, tmp_path / "out", "--alternative", "up")
+    assert result.exit_code == 2 and "'up' is not one of" in result.output
+
+
+def test_an_earlier_run_of_another_method_is_never_mixed_in(sim_h5ad, tmp_path):
+    out = tmp_path / "out"
+    assert _invoke(sim_h5ad, out, "--method", "t-test").exit_code == 0
+    refused = _invoke(sim_h5ad, out)
+    assert refused.exit_code == 1 and "de_t_test" in refused.output and "--overwrite" in refused.output
+    assert _invoke(sim_h5ad, out, "--overwrite").exit_code == 0
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith("de_")) == [
+        "de_wilcoxon.h5ad",
+        "de_wilcoxon.zarr",
+        "de_wilcoxon_significant.csv",
+    ]

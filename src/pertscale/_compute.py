@@ -9,6 +9,7 @@ control summary) is done once.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import anndata as ad
 import dask.array as da
@@ -77,59 +78,62 @@ def _is_dense(x: da.Array) -> bool:
     return isinstance(x._meta, np.ndarray)
 
 
-def write_zarr_lazy(adata: ad.AnnData, path, *, scheduler=None, progress: bool | None = None) -> None:
-    """Write ``adata`` as a zarr AnnData store, its dense Dask arrays block by block.
+def write_zarr_stores(items, *, scheduler=None, progress: bool | None = None) -> None:
+    """Write AnnData objects as zarr stores, their dense Dask arrays block by block, in one computation.
 
     Everything else is written by anndata first; then every dense lazy
     array goes straight from the workers into its zarr array (chunks of
-    about :data:`CHUNK_BYTES`, whole rows), all in one computation, never
-    gathered in one process. Sparse Dask arrays are left to anndata.
+    about :data:`CHUNK_BYTES`, whole rows), never gathered in one process.
+    All objects' arrays are computed in one graph, so work they share
+    (reading a block of the matrix, the control summary of the cells they
+    were tested on) is done once. Sparse Dask arrays are left to anndata.
 
     Parameters
     ----------
-    adata
-        The object to write.
-    path
-        A new ``.zarr`` directory.
+    items
+        ``(adata, path)`` pairs; each ``path`` a new ``.zarr`` directory.
     scheduler, progress
         Where to compute and whether to show a progress bar.
     """
     import zarr
 
-    lazy = {k: v for k, v in lazy_elements(adata).items() if _is_dense(v)}
-    shallow = adata.copy() if lazy else adata
-    for attr, key in lazy:
-        if key is None:
-            shallow.X = None
-        else:
-            del getattr(shallow, attr)[key]
-    with ad.settings.override(zarr_write_format=3, auto_shard_zarr_v3=False):
-        shallow.write_zarr(path)
-    if not lazy:
-        return
-    group = zarr.open_group(str(path), mode="a")
-    sources, targets = [], []
-    for (attr, key), x in lazy.items():
-        row_bytes = max(1, math.prod(x.shape[1:]) * x.dtype.itemsize)
-        rows = int(max(1, min(x.shape[0], CHUNK_BYTES // row_bytes)))
-        target = group.create_array(
-            attr if key is None else f"{attr}/{key}", shape=x.shape, dtype=x.dtype, chunks=(rows, *x.shape[1:])
-        )
-        target.attrs.update({"encoding-type": "array", "encoding-version": "0.2.0"})
-        sources.append(x.rechunk({0: rows, **{i: -1 for i in range(1, x.ndim)}}))
-        targets.append(target)
-    written = [
-        src.map_blocks(
-            _store_block,
-            target,
-            chunks=tuple((1,) * len(c) for c in src.chunks),
-            dtype=np.int64,
-            meta=np.empty((0,) * src.ndim, dtype=np.int64),
-        ).sum()
-        for src, target in zip(sources, targets, strict=True)
-    ]
-    compute_collections(da.stack(written).sum(), scheduler=scheduler, progress=progress, desc=f"writing {path.name}")
-    zarr.consolidate_metadata(str(path))
+    written, paths = [], []
+    for adata, path in items:
+        lazy = {k: v for k, v in lazy_elements(adata).items() if _is_dense(v)}
+        shallow = adata.copy() if lazy else adata
+        for attr, key in lazy:
+            if key is None:
+                shallow.X = None
+            else:
+                del getattr(shallow, attr)[key]
+        with ad.settings.override(zarr_write_format=3, auto_shard_zarr_v3=False):
+            shallow.write_zarr(path)
+        paths.append(path)
+        if not lazy:
+            continue
+        group = zarr.open_group(str(path), mode="a")
+        for (attr, key), x in lazy.items():
+            row_bytes = max(1, math.prod(x.shape[1:]) * x.dtype.itemsize)
+            rows = int(max(1, min(x.shape[0], CHUNK_BYTES // row_bytes)))
+            target = group.create_array(
+                attr if key is None else f"{attr}/{key}", shape=x.shape, dtype=x.dtype, chunks=(rows, *x.shape[1:])
+            )
+            target.attrs.update({"encoding-type": "array", "encoding-version": "0.2.0"})
+            src = x.rechunk({0: rows, **{i: -1 for i in range(1, x.ndim)}})
+            written.append(
+                src.map_blocks(
+                    _store_block,
+                    target,
+                    chunks=tuple((1,) * len(c) for c in src.chunks),
+                    dtype=np.int64,
+                    meta=np.empty((0,) * src.ndim, dtype=np.int64),
+                ).sum()
+            )
+    if written:
+        names = ", ".join(Path(p).name.split(".tmp-")[0].lstrip(".") for p in paths)
+        compute_collections(da.stack(written).sum(), scheduler=scheduler, progress=progress, desc=f"writing {names}")
+    for path in paths:
+        zarr.consolidate_metadata(str(path))
 
 
 def _store_block(block, target, block_info=None):

@@ -39,7 +39,8 @@ from .cluster import active_client
 from .io import read, write
 from .io._prepare import is_sorted, prepare
 from .io._read import row_nonzeros, subset
-from .io._write import check_not_input, overlap
+from .io._write import check_not_input, overlap, write_stores
+from .kernels._common import ALTERNATIVES
 from .tl._results import check_results_writable, scanpy_uns, write_significant
 
 logger = logging.getLogger(__name__)
@@ -61,7 +62,7 @@ class RunSummary:
     n_control_cells: int
     perturbations_tested: list[str]
     perturbations_dropped: dict[str, str]
-    de_genes: pd.Series
+    de_genes: dict[str, pd.Series]
     files: dict[str, Path]
     plan: Plan | None = None
     working_store: Path | None = None
@@ -79,28 +80,50 @@ class RunSummary:
             dropped = ", ".join(f"{k} ({v})" for k, v in items[:SHOWN])
             more = f", ... ({len(items)} in all; see qc.csv)" if len(items) > SHOWN else ""
             out.append(f"not tested: {dropped}{more}")
-        counts = self.de_genes.sort_values(ascending=False, kind="stable")
-        out.append(f"DE genes at FDR {FDR} per perturbation (median {int(np.median(counts)) if len(counts) else 0}):")
-        out.extend(f"  {name:<20} {int(n)}" for name, n in counts.head(SHOWN).items())
-        if len(counts) > SHOWN:
-            out.append(f"  ... {len(counts) - SHOWN:,} more (de_wilcoxon_significant.csv)")
+        for method, de in self.de_genes.items():
+            counts = de.sort_values(ascending=False, kind="stable")
+            median = int(np.median(counts)) if len(counts) else 0
+            out.append(f"{method}: DE genes at FDR {FDR} per perturbation (median {median}):")
+            out.extend(f"  {name:<20} {int(n)}" for name, n in counts.head(SHOWN).items())
+            if len(counts) > SHOWN:
+                stem = "de_" + method.replace("-", "_")
+                out.append(f"  ... {len(counts) - SHOWN:,} more ({stem}_significant.csv)")
         out.append("time: " + ", ".join(f"{k} {v:.1f} s" for k, v in self.seconds.items()))
         out.append("files:")
-        out.extend(f"  {k:<12} {v}" for k, v in self.files.items())
+        width = max(map(len, [*self.files, "working"]))
+        out.extend(f"  {k:<{width}} {v}" for k, v in self.files.items())
         if self.working_store is not None:
             out.append(
-                f"  {'working':<12} {self.working_store} (sorted by perturbation; reused while the input is unchanged)"
+                f"  {'working':<{width}} {self.working_store} "
+                "(sorted by perturbation; reused while the input is unchanged)"
             )
         return out
 
 
-#: The outputs the main job writes in its output directory (``h5ad`` only where scanpy's view fits).
-OUTPUT_FILES = {
-    "results": "de_wilcoxon.zarr",
-    "h5ad": "de_wilcoxon.h5ad",
-    "significant": "de_wilcoxon_significant.csv",
-    "qc": "qc.csv",
-}
+#: The tests the main job runs, by ``--method`` name.
+METHODS = ("wilcoxon", "t-test", "t-test_overestim_var")
+
+
+def output_files(methods: Iterable[str]) -> dict[str, str]:
+    """The files the main job writes for ``methods``, keyed ``results:METHOD``, ``h5ad:METHOD``, ...
+
+    Per method ``de_<method>.zarr`` (always), ``de_<method>.h5ad`` (where
+    scanpy's view fits) and ``de_<method>_significant.csv``, with ``-`` in
+    the method's name written ``_``; ``qc.csv`` once.
+    """
+    files = {}
+    for method in methods:
+        stem = "de_" + method.replace("-", "_")
+        files |= {
+            f"results:{method}": f"{stem}.zarr",
+            f"h5ad:{method}": f"{stem}.h5ad",
+            f"significant:{method}": f"{stem}_significant.csv",
+        }
+    return files | {"qc": "qc.csv"}
+
+
+#: Every output the main job can write (``de_*`` of any method, ``qc.csv``): results of an earlier run.
+EARLIER_OUTPUTS = ("de_*.zarr", "de_*.h5ad", "de_*_significant.csv", "qc.csv")
 #: The working store's name inside the output directory, unless given.
 WORKING_STORE = "working_store.zarr"
 
@@ -119,9 +142,10 @@ class OutputDir:
 
     LOCK = ".pertscale.lock"
 
-    def __init__(self, out: Path, *, inputs: list[Path], overwrite: bool) -> None:
-        """Nothing is checked or created before ``with``."""
+    def __init__(self, out: Path, *, files: dict[str, str], inputs: list[Path], overwrite: bool) -> None:
+        """Nothing is checked or created before ``with``; ``files`` as :func:`output_files` names them."""
         self.out = Path(out)
+        self.files = files
         self.inputs = inputs
         self.overwrite = overwrite
         self.created: list[Path] = []
@@ -136,7 +160,7 @@ class OutputDir:
             raise ValueError(f"--out {str(out)!r} is a file, not a directory; choose a directory")
         for source in self.inputs:
             check_not_input(out, [source], what="--out", replaces=False)
-            for name in OUTPUT_FILES.values():
+            for name in self.files.values():
                 if overlap(out / name, source):
                     raise ValueError(
                         f"--out {str(out)!r} would overwrite the input {str(source)!r} (the job writes {name} "
@@ -149,7 +173,7 @@ class OutputDir:
             finally:
                 self.created = [d for d in missing if d.exists()]
             self._take_lock()
-            earlier = [name for name in OUTPUT_FILES.values() if (out / name).exists()]
+            earlier = [p.name for p in self._earlier()]
             if earlier and not self.overwrite:
                 raise FileExistsError(
                     f"--out {str(out)!r} already holds results of an earlier run ({', '.join(earlier)}); "
@@ -184,14 +208,18 @@ class OutputDir:
                 "wait for it to finish or choose another --out"
             ) from None
 
+    def _earlier(self) -> list[Path]:
+        """Outputs of an earlier run in ``out``: of any method, also those this run does not write."""
+        return sorted({p for pattern in EARLIER_OUTPUTS for p in self.out.glob(pattern)})
+
     def path(self, key: str) -> Path:
         """Where to write output ``key`` now (inside the staging directory)."""
         assert self.staging is not None
-        return self.staging / OUTPUT_FILES[key]
+        return self.staging / self.files[key]
 
     def final(self, key: str) -> Path:
         """Where output ``key`` ends up."""
-        return self.out / OUTPUT_FILES[key]
+        return self.out / self.files[key]
 
     def __exit__(self, exc_type, exc, tb) -> None:
         try:
@@ -203,21 +231,21 @@ class OutputDir:
     def _commit(self) -> None:
         """Move every staged output into place, or none.
 
-        Earlier outputs (all of them, also those this run does not write,
-        so that no result of an earlier run is mixed with the new ones) are
-        moved aside first and put back if a move fails.
+        Earlier outputs (all of them, of any method, also those this run
+        does not write, so that no result of an earlier run is mixed with
+        the new ones) are moved aside first and put back if a move fails.
         """
         assert self.staging is not None
         _signals.check()  # a Ctrl-C swallowed by a finalizer during the run stops it here, before any move
         previous = self.staging / "previous"
         previous.mkdir()
-        aside, moved = [], []
+        aside: list[str] = []
+        moved: list[str] = []
         try:
-            for key in OUTPUT_FILES:
-                if self.final(key).exists():
-                    os.replace(self.final(key), previous / OUTPUT_FILES[key])
-                    aside.append(key)
-            for key in OUTPUT_FILES:
+            for earlier in self._earlier():
+                os.replace(earlier, previous / earlier.name)
+                aside.append(earlier.name)
+            for key in self.files:
                 if self.path(key).exists():
                     os.replace(self.path(key), self.final(key))
                     moved.append(key)
@@ -225,8 +253,8 @@ class OutputDir:
             for key in moved:
                 target = self.final(key)
                 shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
-            for key in aside:
-                os.replace(previous / OUTPUT_FILES[key], self.final(key))
+            for name in aside:
+                os.replace(previous / name, self.out / name)
             raise
 
     def _release(self, *, failed: bool = True) -> None:
@@ -305,9 +333,11 @@ def run(
     layer: str | None = None,
     use_raw: bool = False,
     chunk_size: int | None = None,
+    method: str | Iterable[str] = "wilcoxon",
     tie_correct: bool = True,
     use_continuity: bool = False,
     corr_method: str = "benjamini-hochberg",
+    alternative: str = "two-sided",
     overwrite: bool = False,
     working_store: str | Path | None = None,
     memory_limit: int | None = None,
@@ -315,7 +345,7 @@ def run(
     scheduler=None,
     progress: bool | None = None,
 ) -> RunSummary | Plan:
-    """Run QC, normalization and the Wilcoxon test, and write the results.
+    """Run QC, normalization and the tests against control, and write the results.
 
     Steps: the label checks and the plan (from ``obs`` and the file's
     metadata); if the cells are not stored by perturbation, the working store
@@ -324,13 +354,15 @@ def run(
     ``exclude_labels``, keep cells with at least ``min_genes`` detected genes,
     drop perturbations with fewer than ``min_cells_per_perturbation`` cells,
     keep genes detected in at least ``min_cells`` of the remaining cells;
-    ``normalize_total`` to ``target_sum`` and ``log1p`` (lazy); the Wilcoxon
-    rank-sum of every perturbation against control, written block by block.
+    ``normalize_total`` to ``target_sum`` and ``log1p`` (lazy); each test
+    of ``method`` of every perturbation against control, all written block by
+    block in one more pass.
 
-    Writes, in ``out``: ``de_wilcoxon.zarr`` (results AnnData, always),
-    ``de_wilcoxon.h5ad`` (the same with Scanpy's ``uns['rank_genes_groups']``,
-    only where its record arrays fit: about 1,100 perturbations),
-    ``de_wilcoxon_significant.csv`` (rows with ``pval_adj < 0.05``) and
+    Writes, in ``out``, per method (``de_wilcoxon``, ``de_t_test``, ...):
+    ``de_<method>.zarr`` (results AnnData, always), ``de_<method>.h5ad``
+    (the same with Scanpy's ``uns['rank_genes_groups']``, only where its
+    record arrays fit: about 1,100 perturbations),
+    ``de_<method>_significant.csv`` (rows with ``pval_adj < 0.05``); and
     ``qc.csv`` (cells per perturbation before and after filtering, and why a
     perturbation was dropped). They appear together when the run succeeds;
     a failed or interrupted run leaves none of them (and removes ``out`` if
@@ -356,7 +388,11 @@ def run(
         Read ``layers[layer]`` or ``raw.X`` instead of ``X``.
     chunk_size
         Cells per block; default from the memory plan.
-    tie_correct, use_continuity, corr_method
+    method
+        A test of :func:`pertscale.tl.rank_genes_groups` (``"wilcoxon"``,
+        ``"t-test"``, ``"t-test_overestim_var"``) or several; several share
+        the QC pass and read each block once.
+    tie_correct, use_continuity, corr_method, alternative
         Options of :func:`pertscale.tl.rank_genes_groups`.
     overwrite
         Replace results of an earlier run found in ``out``; without it such
@@ -412,6 +448,9 @@ def run(
     target_sum = check_number(target_sum, "target_sum", minimum=0, min_open=True, flag="--target-sum")
     memory_limit = check_number(memory_limit, "memory_limit", minimum=2**20, allow_none=True, flag="--memory-limit")
     exclude_labels = label_list(exclude_labels, "exclude_labels")
+    methods = _methods(method)
+    if alternative not in ALTERNATIVES:
+        raise ValueError(f"alternative {alternative!r} is not supported; choose one of {ALTERNATIVES} (--alternative)")
     path, out = Path(path), Path(out)
     adata = read(path, layer=layer, use_raw=use_raw, chunk_size=chunk_size)
     check_shape(adata, f"the matrix in {str(path)!r}")
@@ -450,7 +489,7 @@ def run(
         scheduler = "threads"
     store_path = Path(working_store) if working_store else out / WORKING_STORE
     store_existed = store_path.exists()
-    with OutputDir(out, inputs=[path], overwrite=overwrite) as output:
+    with OutputDir(out, files=output_files(methods), inputs=[path], overwrite=overwrite) as output:
         if not isinstance(working_store, type(None)):
             check_not_input(store_path, [path], what="--working-store")
         try:
@@ -469,9 +508,13 @@ def run(
                 target_sum=target_sum,
                 layer=layer,
                 use_raw=use_raw,
-                tie_correct=tie_correct,
-                use_continuity=use_continuity,
-                corr_method=corr_method,
+                methods=methods,
+                options={
+                    "tie_correct": tie_correct,
+                    "use_continuity": use_continuity,
+                    "corr_method": corr_method,
+                    "alternative": alternative,
+                },
                 scanpy_format=scanpy_format,
                 scheduler=scheduler,
                 progress=progress,
@@ -494,7 +537,7 @@ def run(
         perturbations_tested=res["tested"],
         perturbations_dropped=dropped,
         de_genes=res["de_genes"],
-        files={key: output.final(key) for key in OUTPUT_FILES if res["written"].get(key)},
+        files={key: output.final(key) for key in output.files if key in res["written"]},
         plan=plan,
         working_store=store_path if needs_sort else None,
         seconds=seconds,
@@ -517,9 +560,8 @@ def _passes(
     target_sum: float,
     layer: str | None,
     use_raw: bool,
-    tie_correct: bool,
-    use_continuity: bool,
-    corr_method: str,
+    methods: list[str],
+    options: dict,
     scanpy_format: bool,
     scheduler,
     progress,
@@ -587,56 +629,61 @@ def _passes(
     pp.log1p(filtered)
     stored = perturbation_labels(filtered.obs, perturbation_column)
     in_storage_order = [g for g in pd.unique(stored.to_numpy()) if g != control_label]
-    res = tl.rank_genes_groups(
-        filtered,
-        perturbation_column,
-        control_label,
-        perturbations=in_storage_order,  # results rows in storage order: written as they come, never reordered
-        tie_correct=tie_correct,
-        use_continuity=use_continuity,
-        corr_method=corr_method,
-    )
-    res.uns["pertscale"]["settings"].update(
-        {
-            "input": str(path.resolve()),
-            "input_matrix": f"layers/{layer}" if layer else ("raw/X" if use_raw else "X"),
-            "min_genes": int(min_genes),
-            "min_cells": int(min_cells),
-            "min_cells_per_perturbation": int(min_cells_per_perturbation),
-            "exclude_labels": np.asarray([str(e) for e in exclude_labels], dtype=object),
-            "target_sum": float(target_sum),
-        }
-    )
+    results = {}
+    for method in methods:
+        res = tl.rank_genes_groups(
+            filtered,
+            perturbation_column,
+            control_label,
+            method=method,
+            perturbations=in_storage_order,  # results rows in storage order: written as they come, never reordered
+            **options,
+        )
+        res.uns["pertscale"]["settings"].update(
+            {
+                "input": str(path.resolve()),
+                "input_matrix": f"layers/{layer}" if layer else ("raw/X" if use_raw else "X"),
+                "min_genes": int(min_genes),
+                "min_cells": int(min_cells),
+                "min_cells_per_perturbation": int(min_cells_per_perturbation),
+                "exclude_labels": np.asarray([str(e) for e in exclude_labels], dtype=object),
+                "target_sum": float(target_sum),
+            }
+        )
+        results[method] = res
     t = time.perf_counter()
-    write(res, output.path("results"), scheduler=scheduler, progress=progress)
+    # one computation for every method: each block is read (and normalized) once
+    write_stores({output.path(f"results:{m}"): r for m, r in results.items()}, scheduler=scheduler, progress=progress)
     seconds["test and write"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    de_genes = write_significant(output.path("results"), output.path("significant"), max_pval_adj=FDR)
-    written = {"results": True, "significant": True, "qc": True}
-    if not scanpy_format:  # decided on the perturbations before filtering: fewer are tested, it may fit now
-        from .kernels.wilcoxon import WILCOXON_STATS
-
-        scanpy_format = check_results_writable(
-            list(res.obs_names), WILCOXON_STATS, perturbation_column=perturbation_column
+    written = {"qc": True}
+    de_genes = {}
+    for method, res in results.items():
+        store = output.path(f"results:{method}")
+        de_genes[method] = write_significant(store, output.path(f"significant:{method}"), max_pval_adj=FDR)
+        written |= {f"results:{method}": True, f"significant:{method}": True}
+        fits = scanpy_format or check_results_writable(  # decided before filtering: fewer are tested, may fit now
+            list(res.obs_names), tuple(res.layers), perturbation_column=perturbation_column
         )
-    if scanpy_format:
-        import anndata as ad
+        if fits:
+            import anndata as ad
 
-        small = ad.read_zarr(output.path("results"))
-        scanpy_uns(small)
-        write(small, output.path("h5ad"))
-        written["h5ad"] = True
-    else:
-        warnings.warn(
-            f"de_wilcoxon.h5ad is not written: {res.n_obs:,} perturbations are more than scanpy's "
-            "uns['rank_genes_groups'] record arrays hold in an .h5ad file (about 1,100). Every statistic is in "
-            "de_wilcoxon.zarr (anndata.read_zarr, ps.get.dataset). For scanpy's view of some perturbations: "
-            "r = anndata.read_zarr('de_wilcoxon.zarr')[perturbations].copy(); ps.tl.scanpy_uns(r); "
-            "r.write_h5ad('subset.h5ad')",
-            UserWarning,
-            stacklevel=3,
-        )
+            small = ad.read_zarr(store)
+            scanpy_uns(small)
+            write(small, output.path(f"h5ad:{method}"))
+            written[f"h5ad:{method}"] = True
+        else:
+            name = output.files[f"h5ad:{method}"]
+            warnings.warn(
+                f"{name} is not written: {res.n_obs:,} perturbations are more than scanpy's "
+                f"uns['rank_genes_groups'] record arrays hold in an .h5ad file (about 1,100). Every statistic is in "
+                f"{output.files[f'results:{method}']} (anndata.read_zarr, ps.get.dataset). For scanpy's view of some "
+                f"perturbations: r = anndata.read_zarr('{output.files[f'results:{method}']}')[perturbations].copy(); "
+                "ps.tl.scanpy_uns(r); r.write_h5ad('subset.h5ad')",
+                UserWarning,
+                stacklevel=3,
+            )
     seconds["tables"] = time.perf_counter() - t
 
     tested = list(res.obs_names)
@@ -660,6 +707,23 @@ def _passes(
         "written": written,
     }
     return summary, qc, dropped, int(keep_cells.sum())
+
+
+def _methods(method: str | Iterable[str]) -> list[str]:
+    """The tests asked for (a name, a comma-separated list or a list), in order, once each.
+
+    Raises
+    ------
+    ValueError
+        For an unknown name, listing the known ones.
+    """
+    items = [method] if isinstance(method, str) else list(method)
+    names = [part.strip() for item in items for part in str(item).split(",") if part.strip()]
+    unknown = [m for m in names if m not in METHODS]
+    if unknown or not names:
+        shown = ", ".join(map(repr, unknown)) or repr(method)
+        raise ValueError(f"method {shown} is not available; choose from {', '.join(METHODS)} (--method)")
+    return list(dict.fromkeys(names))
 
 
 def _client_workers(scheduler) -> tuple[int, int] | None:

@@ -155,6 +155,20 @@ def _finite(name: str, **bounds):
 )
 @click.option("--dry-run", is_flag=True, default=False, help="Print the plan (memory, disk, passes) and stop.")
 @click.option(
+    "--method",
+    default="wilcoxon",
+    show_default=True,
+    help="Test(s) against control, comma-separated: wilcoxon, t-test, t-test_overestim_var. Several share the "
+    "QC pass and read each block once; each writes de_<method>.* (- as _).",
+)
+@click.option(
+    "--alternative",
+    type=click.Choice(["two-sided", "greater", "less"]),
+    default="two-sided",
+    show_default=True,
+    help="Alternative hypothesis; greater: higher in the perturbation than in control.",
+)
+@click.option(
     "--continuity/--no-continuity",
     default=False,
     show_default=True,
@@ -187,19 +201,22 @@ def run(
     memory_limit,
     working_store,
     dry_run,
+    method,
+    alternative,
     continuity,
     corr_method,
     progress,
 ) -> None:  # noqa: PLR0913
-    """QC, normalization and Wilcoxon of every perturbation against control.
+    """QC, normalization and a test of every perturbation against control.
 
     INPUT is an .h5ad file or a .zarr store of raw UMI counts. Writes, in
-    --out: de_wilcoxon.h5ad (perturbations x genes; layers scores, pvals,
-    pvals_adj, logfoldchanges (log2), pts, pts_rest, u_statistic),
-    de_wilcoxon_significant.csv (pval_adj < 0.05) and qc.csv (cells per
-    perturbation before and after filtering). The three files appear
-    together when the run succeeds; a failed or interrupted run (Ctrl-C:
-    exit code 130) leaves none. The input is never modified, and an --out
+    --out, per --method: de_<method>.zarr (perturbations x genes; layers
+    scores, pvals, pvals_adj, logfoldchanges (log2), pts, pts_rest, and
+    u_statistic for the Wilcoxon), de_<method>.h5ad (the same with scanpy's
+    view, where it fits), de_<method>_significant.csv (pval_adj < 0.05);
+    and qc.csv (cells per perturbation before and after filtering). The
+    files appear together when the run succeeds; a failed or interrupted
+    run (Ctrl-C: exit code 130) leaves none. The input is never modified, and an --out
     holding earlier results is refused unless --overwrite is given.
 
     Example:
@@ -235,6 +252,8 @@ def run(
                 memory_limit=_bytes(memory_limit),
                 working_store=working_store,
                 dry_run=dry_run,
+                method=method,
+                alternative=alternative,
                 use_continuity=continuity,
                 corr_method=corr_method,
                 scheduler=scheduler,

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import anndata as ad
 
-from .._compute import compute, lazy_elements, write_zarr_lazy
+from .._compute import compute, lazy_elements, write_zarr_stores
 
 
 def _sibling(path: Path, tag: str) -> Path:
@@ -96,9 +96,34 @@ def write(adata: ad.AnnData, path: str | Path, *, scheduler=None, progress: bool
         opened in this process (its lazy matrices still read from it) or the
         source recorded in ``adata.uns['pertscale']['source']``.
     """
+    path = Path(path)
+    if path.suffix == ".zarr":
+        return write_stores({path: adata}, scheduler=scheduler, progress=progress)[0]
+    _check_target(adata, path)
+    tmp = _sibling(path, "tmp")
+    try:
+        if lazy_elements(adata):
+            adata = compute(adata, scheduler=scheduler, progress=progress, desc=f"computing {path.name}")
+        try:
+            adata.write_h5ad(tmp)
+        except ValueError as err:
+            if "object header message is too large" not in str(err):
+                raise
+            raise ValueError(
+                f"cannot write {str(path)!r}: a record array in uns has more fields than an HDF5 object header "
+                f"holds ({err}); scanpy's uns['rank_genes_groups'] does this past about 1,100 perturbations. "
+                "The layers hold every statistic: del adata.uns['rank_genes_groups'] and write again"
+            ) from err
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def _check_target(adata: ad.AnnData, path: Path) -> None:
     from ._read import OPENED_INPUTS
 
-    path = Path(path)
     source = ((adata.uns.get("pertscale") or {}).get("source") or {}).get("path")
     check_not_input(path, [*OPENED_INPUTS, *([source] if source else [])], what="cannot write")
     parent = path.parent if str(path.parent) else Path(".")
@@ -106,52 +131,63 @@ def write(adata: ad.AnnData, path: str | Path, *, scheduler=None, progress: bool
         raise FileNotFoundError(f"cannot write {str(path)!r}: directory {str(parent)!r} does not exist")
     if not os.access(parent, os.W_OK):
         raise PermissionError(f"cannot write {str(path)!r}: directory {str(parent)!r} is not writable")
-    tmp = _sibling(path, "tmp")
+
+
+def write_stores(items: dict[Path, ad.AnnData], *, scheduler=None, progress: bool | None = None) -> list[Path]:
+    """Write several AnnData objects as ``.zarr`` stores, their lazy arrays computed in one graph.
+
+    As :func:`write` for each, but work the objects share (a pass over the
+    matrix, a control summary) is done once. Each store is written to a
+    temporary sibling and renamed into place once all are written.
+
+    Raises
+    ------
+    PermissionError, FileNotFoundError, ValueError
+        As :func:`write`, for any of the paths (before anything is written).
+    """
+    paths = [Path(p) for p in items]
+    for path, adata in zip(paths, items.values(), strict=True):
+        if path.suffix != ".zarr":
+            raise ValueError(f"write_stores writes .zarr stores; {str(path)!r} is not one")
+        _check_target(adata, path)
+    tmps = [_sibling(path, "tmp") for path in paths]
     try:
-        if path.suffix == ".zarr":
-            with ad.settings.override(zarr_write_format=3, auto_shard_zarr_v3=False), warnings.catch_warnings():
-                # anndata consolidates zarr v3 metadata; zarr warns that this is not yet in the v3 spec
-                warnings.filterwarnings("ignore", message="Consolidated metadata", category=UserWarning)
-                # scanpy's uns['rank_genes_groups'] holds record arrays, which zarr v3 has no spec for yet;
-                # the layers are the canonical results, the record arrays a convenience view
-                warnings.filterwarnings("ignore", message="The data type", category=Warning)
-                try:
-                    write_zarr_lazy(adata, tmp, scheduler=scheduler, progress=progress)
-                except ValueError as err:
-                    if "slash" not in str(err).lower():
-                        raise
-                    raise ValueError(
-                        f"cannot write {str(path)!r}: zarr does not allow '/' in names ({err}); a perturbation "
-                        "label or column name holds one. Write .h5ad instead, or rename it"
-                    ) from err
-            if path.exists():
-                # a directory cannot be renamed over another: move the old one aside first,
-                # and put it back if the new one cannot take its place
-                old = _sibling(path, "old")
-                os.replace(path, old)
-                try:
-                    os.replace(tmp, path)
-                except OSError:
-                    os.replace(old, path)
-                    raise
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(tmp, path)
-        else:
-            if lazy_elements(adata):
-                adata = compute(adata, scheduler=scheduler, progress=progress, desc=f"computing {path.name}")
+        with ad.settings.override(zarr_write_format=3, auto_shard_zarr_v3=False), warnings.catch_warnings():
+            # anndata consolidates zarr v3 metadata; zarr warns that this is not yet in the v3 spec
+            warnings.filterwarnings("ignore", message="Consolidated metadata", category=UserWarning)
+            # scanpy's uns['rank_genes_groups'] holds record arrays, which zarr v3 has no spec for yet;
+            # the layers are the canonical results, the record arrays a convenience view
+            warnings.filterwarnings("ignore", message="The data type", category=Warning)
             try:
-                adata.write_h5ad(tmp)
+                write_zarr_stores(list(zip(items.values(), tmps, strict=True)), scheduler=scheduler, progress=progress)
             except ValueError as err:
-                if "object header message is too large" not in str(err):
+                if "slash" not in str(err).lower():
                     raise
                 raise ValueError(
-                    f"cannot write {str(path)!r}: a record array in uns has more fields than an HDF5 object header "
-                    f"holds ({err}); scanpy's uns['rank_genes_groups'] does this past about 1,100 perturbations. "
-                    "The layers hold every statistic: del adata.uns['rank_genes_groups'] and write again"
+                    f"cannot write {', '.join(map(str, paths))}: zarr does not allow '/' in names ({err}); a "
+                    "perturbation label or column name holds one. Write .h5ad instead, or rename it"
                 ) from err
-            os.replace(tmp, path)
+        for tmp, path in zip(tmps, paths, strict=True):
+            _replace_dir(tmp, path)
     finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink()
-    return path
+        for tmp in tmps:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+    return paths
+
+
+def _replace_dir(tmp: Path, path: Path) -> None:
+    """Move directory ``tmp`` to ``path``, replacing what is there (two renames)."""
+    if not path.exists():
+        os.replace(tmp, path)
+        return
+    # a directory cannot be renamed over another: move the old one aside first,
+    # and put it back if the new one cannot take its place
+    old = _sibling(path, "old")
+    os.replace(path, old)
+    try:
+        os.replace(tmp, path)
+    except OSError:
+        os.replace(old, path)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
