@@ -55,15 +55,19 @@ class Method:
         Names of the statistics, in the order of axis 1 of ``block``'s output;
         they become the layers of the results.
     summarise
-        ``summarise(control)``: the frozen summary of the control cells for
-        one range of genes, from a ``(n_control, genes in range)`` CSR matrix.
+        ``summarise(control, **inputs)``: the frozen summary of the control
+        cells for one range of genes, from a ``(n_control, genes in range)``
+        CSR matrix; ``inputs`` are the per-cell values of the control cells
+        (``size_factors=``) and the per-gene values of the range, when the
+        test is given any (see :func:`test_against_control`).
     block
         ``block(x, group_sizes, summaries, bounds, **options)``: the
         statistics of the groups of one block, ``(n_groups, len(statistics),
         n_genes)`` float64. ``x`` is ``(n_rows, n_genes)`` CSR whose rows are
         whole groups one after another, ``group_sizes`` their row counts,
         ``summaries`` the summary parts and ``bounds`` the gene ranges they
-        cover (``bounds[i]:bounds[i + 1]``).
+        cover (``bounds[i]:bounds[i + 1]``); with per-cell values, ``rows=``
+        holds those of the block's rows.
     """
 
     name: str
@@ -137,6 +141,9 @@ class Aligned:
     sliced
         Whether the rows were sliced (groups stored contiguously) rather
         than shuffled.
+    rows
+        ``(tested cells,)`` int64 the row of ``x``'s input each of its rows
+        comes from.
     """
 
     x: da.Array
@@ -144,6 +151,7 @@ class Aligned:
     groups_per_block: tuple[int, ...]
     order: np.ndarray
     sliced: bool
+    rows: np.ndarray
 
 
 def aligned(x: da.Array, groups: Groups, *, budget: int | None = None) -> Aligned:
@@ -176,6 +184,7 @@ def aligned(x: da.Array, groups: Groups, *, budget: int | None = None) -> Aligne
         order = np.argsort(first, kind="stable")  # groups in storage order
         sizes = groups.sizes[order]
         lo, hi = first[order], last[order] + 1
+        rows = np.repeat(lo - np.cumsum(np.r_[0, sizes[:-1]]), sizes) + np.arange(int(sizes.sum()))
         # adjacent runs become one slice
         breaks = np.flatnonzero(lo[1:] != hi[:-1]) + 1
         pieces = [x[int(lo[a]) : int(hi[b - 1])] for a, b in zip(np.r_[0, breaks], np.r_[breaks, len(lo)], strict=True)]
@@ -211,6 +220,7 @@ def aligned(x: da.Array, groups: Groups, *, budget: int | None = None) -> Aligne
         groups_per_block=per_block,
         order=order,
         sliced=contiguous,
+        rows=rows.astype(np.int64),
     )
 
 
@@ -228,16 +238,27 @@ def pack_groups(sizes: np.ndarray, budget: int) -> tuple[int, ...]:
     return tuple(blocks)
 
 
-def _summarise_part(blocks, summarise):
-    return summarise(sp.vstack([sp.csr_matrix(b) for b in blocks], format="csr"))
+def _summarise_part(blocks, summarise, inputs):
+    return summarise(sp.vstack([sp.csr_matrix(b) for b in blocks], format="csr"), **inputs)
 
 
-def control_summary(x: da.Array, control_rows: np.ndarray, method: Method, *, n_parts: int) -> tuple[list, np.ndarray]:
+def control_summary(
+    x: da.Array,
+    control_rows: np.ndarray,
+    method: Method,
+    *,
+    n_parts: int,
+    row_values: np.ndarray | None = None,
+    gene_values: dict[str, np.ndarray] | None = None,
+) -> tuple[list, np.ndarray]:
     """The frozen control summary, lazily: one part per range of genes.
 
     Each part's task reads the control rows of its genes only, so no task
     holds the whole control matrix, and the parts are summarised in
     parallel. A sorted store makes the control rows one slice.
+    ``row_values`` (``(n_obs,)``, per cell) go to every part as
+    ``size_factors=`` for the control cells, ``gene_values`` (``(n_genes,)``
+    each) by name, cut to the part's genes.
 
     Returns
     -------
@@ -253,11 +274,13 @@ def control_summary(x: da.Array, control_rows: np.ndarray, method: Method, *, n_
     n_genes = x.shape[1]
     n_parts = max(1, min(n_parts, n_genes // MIN_GENES_PER_PART))
     bounds = np.linspace(0, n_genes, n_parts + 1).astype(np.int64)
-    token = tokenize(x.name, control_rows, method.name, n_parts)
+    token = tokenize(x.name, control_rows, method.name, n_parts, row_values, gene_values)
+    cells = {} if row_values is None else {"size_factors": np.asarray(row_values)[control_rows]}
     parts = [
         dask.delayed(_summarise_part, pure=True)(
             ctrl[:, a:b].to_delayed().ravel().tolist(),
             method.summarise,
+            cells | {k: np.asarray(v)[a:b] for k, v in (gene_values or {}).items()},
             dask_key_name=f"{SUMMARY_PREFIX}{token}-{i}",
         )
         for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:], strict=True))
@@ -265,13 +288,14 @@ def control_summary(x: da.Array, control_rows: np.ndarray, method: Method, *, n_
     return parts, bounds
 
 
-def _block_task(block, codes, method, bounds, options, *summaries):
+def _block_task(block, codes, rows, method, bounds, options, *summaries):
     n_genes = block.shape[1]
     if codes.shape[0] == 0:
         return np.empty((0, len(method.statistics), n_genes), dtype=np.float64)
     starts = np.flatnonzero(np.r_[True, codes[1:] != codes[:-1]])
     sizes = np.diff(np.r_[starts, codes.shape[0]])
-    return method.block(sp.csr_matrix(block), sizes, list(summaries), bounds, **options)
+    extra = {} if rows is None else {"rows": rows}
+    return method.block(sp.csr_matrix(block), sizes, list(summaries), bounds, **options, **extra)
 
 
 def test_against_control(
@@ -282,6 +306,8 @@ def test_against_control(
     n_parts: int = 4,
     budget: int | None = None,
     options: dict | None = None,
+    row_values: np.ndarray | None = None,
+    gene_values: dict[str, np.ndarray] | None = None,
 ) -> tuple[da.Array, Aligned]:
     """Every tested perturbation against the control, lazily.
 
@@ -300,6 +326,14 @@ def test_against_control(
         Rows per block (default: the largest chunk of ``x``).
     options
         Keyword arguments of ``method.block``.
+    row_values
+        ``(n_obs,)`` a value per cell (size factors): the control's go to
+        ``method.summarise`` as ``size_factors=``, each block's to
+        ``method.block`` as ``rows=``, in the block's row order.
+    gene_values
+        ``(n_genes,)`` values per gene (dispersions), by name: cut to each
+        summary part's genes for ``method.summarise``; ``method.block``
+        takes them whole through ``options``.
 
     Returns
     -------
@@ -308,9 +342,15 @@ def test_against_control(
         n_genes)`` float64 Dask array whose rows follow ``groups.names``, one
         chunk of rows per block; and the row arrangement used.
     """
-    parts, bounds = control_summary(x, groups.control_rows, method, n_parts=n_parts)
+    parts, bounds = control_summary(
+        x, groups.control_rows, method, n_parts=n_parts, row_values=row_values, gene_values=gene_values
+    )
     lay = aligned(x, groups, budget=budget)
     codes = da.from_array(lay.codes, chunks=(lay.x.chunks[0],))
+    if row_values is None:
+        rows: tuple = (None, None)
+    else:
+        rows = (da.from_array(np.asarray(row_values, dtype=np.float64)[lay.rows], chunks=(lay.x.chunks[0],)), "i")
     # the parts go to each block task as separate arguments: each is one key, replicated on its own
     part_args = [a for part in parts for a in (part, None)]
     stats = da.blockwise(
@@ -320,6 +360,7 @@ def test_against_control(
         "ik",
         codes,
         "i",
+        *rows,
         method,
         None,
         bounds,

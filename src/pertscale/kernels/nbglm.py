@@ -1,0 +1,862 @@
+"""Negative-binomial GLM kernels: size factors, dispersions, the Wald test against a frozen control.
+
+Pure functions of one in-memory block of raw counts (numpy, numba); nothing
+here knows about Dask. The model, per gene, for the cells of one
+perturbation and the control cells (DESeq2's, Love et al. 2014)::
+
+    y_i ~ NB(mu_i, alpha),   Var y_i = mu_i + alpha mu_i^2,
+    log mu_i = beta0 + beta1 x_i + log s_i,
+
+``x_i`` = 1 for the perturbation's cells, 0 for control, ``s_i`` the
+cell's size factor, ``alpha`` the gene's dispersion, shared by all cells.
+The score equations of ``(beta0, beta1)`` are ``sum_control r_i = 0`` and
+``sum_group r_i = 0`` with ``r_i = (y_i - mu_i) / (1 + alpha mu_i)``: the
+maximum likelihood ``beta0`` depends on the control cells alone, so it is
+computed once (:func:`nb_control`) and frozen exactly, and ``beta1`` solves
+a one-dimensional equation over the perturbation's cells alone
+(:func:`nbglm_block`). With ``I = sum mu_i / (1 + alpha mu_i)`` on each side
+(the expected information), the Wald variance of ``beta1`` from the 2x2
+information matrix is ``1 / I_control + 1 / I_group``.
+
+Dispersions follow DESeq2 (:func:`dispersion_moments_block`,
+:func:`dispersion_apl_block`): for the one-hot design of every label, the
+means are fitted by the linear model (the group mean of normalized counts,
+as DESeq2 and PyDESeq2 do for designs of groups) and held fixed; each
+gene's Cox-Reid adjusted profile log likelihood (Cox & Reid 1987) in
+``log alpha`` is a sum over cells plus ``-1/2 sum_groups log W_g``, so every
+block adds its groups' value, gradient and curvature, and a Newton step per
+pass finds the maximum.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from math import lgamma
+
+import numpy as np
+import scipy.sparse as sp
+from numba import njit
+
+from ._common import adjust_pvalues, canonical_csr, normal_pvalues
+
+#: Smallest and largest dispersion estimated (DESeq2's ``minDisp``; its ``maxDisp`` is ``max(10, n)``).
+MIN_DISP = 1e-8
+#: Counts up to this are summed term by term in the dispersion likelihood; above, through digamma.
+DIRECT_COUNT = 64
+
+
+# --------------------------------------------------------------------------- checks
+
+
+def check_counts(block: sp.csr_matrix) -> None:
+    """Raise ``ValueError`` unless the block holds non-negative whole numbers (raw counts).
+
+    Raises
+    ------
+    ValueError
+        Naming the problem and the fix (pass the raw counts layer).
+    """
+    data = block.data
+    if data.size == 0:
+        return
+    if np.issubdtype(data.dtype, np.floating):
+        if not np.isfinite(data).all():
+            raise ValueError("the count matrix contains NaN or infinite values; nb-glm needs raw UMI counts")
+        fractional = int((data != np.round(data)).sum())
+        if fractional:
+            raise ValueError(
+                f"the matrix has {fractional:,} non-integer values: nb-glm models raw UMI counts, not normalized or "
+                "log-transformed values; pass the raw counts (e.g. layer='counts', --layer counts or --use-raw)"
+            )
+    if data.min() < 0:
+        raise ValueError("the count matrix contains negative values; nb-glm needs raw UMI counts")
+
+
+# --------------------------------------------------------------------------- size factors
+
+
+def log_count_sums(block: sp.csr_matrix | np.ndarray) -> np.ndarray:
+    """Per gene: the sum of ``log y`` over non-zero counts and their number, ``(2, n_genes)`` float64."""
+    block = canonical_csr(block)
+    check_counts(block)
+    keep = block.data > 0
+    idx = block.indices[keep]
+    n_genes = block.shape[1]
+    return np.stack(
+        [
+            np.bincount(idx, np.log(block.data[keep].astype(np.float64)), minlength=n_genes),
+            np.bincount(idx, minlength=n_genes).astype(np.float64),
+        ]
+    )
+
+
+@njit(cache=True, nogil=True)
+def _row_medians(indptr, indices, data, log_mean, usable, in_logs):
+    n_rows = indptr.shape[0] - 1
+    out = np.full(n_rows, np.nan)
+    buf = np.empty(max(1, np.int64(np.max(np.diff(indptr))) if n_rows else 1))
+    for r in range(n_rows):
+        n = 0
+        for k in range(indptr[r], indptr[r + 1]):
+            j = indices[k]
+            if data[k] > 0 and usable[j]:
+                d = np.log(np.float64(data[k])) - log_mean[j]
+                buf[n] = d if in_logs else np.exp(d)
+                n += 1
+        if n:
+            med = np.median(buf[:n])
+            out[r] = np.exp(med) if in_logs else med
+    return out
+
+
+#: Size factor methods: how each gene's reference is made and which genes a cell's median uses.
+SIZE_FACTOR_METHODS = ("sparse", "poscounts", "ratio")
+
+
+def reference_log_means(log_sums: np.ndarray, n_cells: int, method: str) -> tuple[np.ndarray, np.ndarray]:
+    """Each gene's log reference and whether it is used, from :func:`log_count_sums` over every cell.
+
+    ``"sparse"`` (crispyx's default): the geometric mean of the non-zero
+    counts, every gene with one. ``"poscounts"`` (DESeq2, PyDESeq2): ``sum
+    log y / n_cells`` over non-zero counts, genes where it is positive.
+    ``"ratio"`` (DESeq2's classic median of ratios): genes without zeros.
+
+    Returns
+    -------
+    tuple
+        ``(log_mean, usable)``, each ``(n_genes,)``.
+    """
+    log_sum, nnz = log_sums
+    with np.errstate(divide="ignore", invalid="ignore"):
+        if method == "sparse":
+            log_mean = np.where(nnz > 0, log_sum / nnz, 0.0)
+            usable = nnz > 0
+        elif method == "poscounts":
+            log_mean = log_sum / n_cells
+            usable = (nnz > 0) & (log_mean > 0)
+        elif method == "ratio":
+            log_mean = log_sum / n_cells
+            usable = nnz == n_cells
+        else:
+            raise ValueError(f"size factor method {method!r} is not supported; choose one of {SIZE_FACTOR_METHODS}")
+    return log_mean, usable
+
+
+def cell_size_factors(block, log_mean: np.ndarray, usable: np.ndarray, method: str) -> np.ndarray:
+    """Unscaled size factors of a block's cells: the median over their non-zero usable genes.
+
+    ``"sparse"``: the median of the ratios ``y / geometric mean`` (as
+    crispyx); ``"poscounts"`` and ``"ratio"``: ``exp`` of the median of log
+    ratios (as DESeq2). NaN for a cell without any usable non-zero gene.
+    """
+    block = canonical_csr(block)
+    return _row_medians(
+        block.indptr.astype(np.int64),
+        block.indices.astype(np.int64),
+        block.data,
+        np.asarray(log_mean, dtype=np.float64),
+        np.asarray(usable, dtype=np.bool_),
+        method != "sparse",
+    )
+
+
+def finish_size_factors(raw: np.ndarray) -> tuple[np.ndarray, int]:
+    """Cells without a size factor get the median of the others; then scaled to geometric mean 1.
+
+    Returns
+    -------
+    tuple
+        ``(size_factors, n_filled)``.
+
+    Raises
+    ------
+    ValueError
+        If no cell has a size factor.
+    """
+    raw = np.asarray(raw, dtype=np.float64).copy()
+    ok = np.isfinite(raw) & (raw > 0)
+    if not ok.any():
+        raise ValueError("no cell has a non-zero count in a gene usable for size factors")
+    raw[~ok] = np.median(raw[ok])
+    return raw / np.exp(np.mean(np.log(raw))), int((~ok).sum())
+
+
+# --------------------------------------------------------------------------- special functions
+
+
+@njit(cache=True, nogil=True)
+def _digamma(x):
+    r = 0.0
+    while x < 6.0:
+        r -= 1.0 / x
+        x += 1.0
+    f = 1.0 / (x * x)
+    return r + np.log(x) - 0.5 / x - f * (1.0 / 12 - f * (1.0 / 120 - f * (1.0 / 252 - f * (1.0 / 240 - f / 132))))
+
+
+@njit(cache=True, nogil=True)
+def _trigamma(x):
+    r = 0.0
+    while x < 6.0:
+        r += 1.0 / (x * x)
+        x += 1.0
+    f = 1.0 / (x * x)
+    return r + 1.0 / x + f / 2.0 + (1.0 / (x * x * x)) * (1.0 / 6 - f * (1.0 / 30 - f * (1.0 / 42 - f / 30)))
+
+
+@njit(cache=True, nogil=True)
+def _log1p_over(u):
+    """``g(u) = log1p(u) / u`` and its first two derivatives, accurate for small ``u``."""
+    if u < 1e-3:
+        g = 1.0 - u / 2.0 + u * u / 3.0 - u * u * u / 4.0 + u**4 / 5.0
+        g1 = -0.5 + 2.0 * u / 3.0 - 0.75 * u * u + 0.8 * u**3
+        g2 = 2.0 / 3.0 - 1.5 * u + 2.4 * u * u
+        return g, g1, g2
+    lp = np.log1p(u)
+    phi = u / (1.0 + u) - lp
+    g = lp / u
+    g1 = phi / (u * u)
+    g2 = -1.0 / (u * (1.0 + u) ** 2) - 2.0 * phi / (u * u * u)
+    return g, g1, g2
+
+
+@njit(cache=True, nogil=True)
+def _count_terms(y, alpha):
+    """``sum_{j<y} log(1 + j alpha)`` and its first two derivatives in ``log alpha``."""
+    v = 0.0
+    d1 = 0.0
+    d2 = 0.0
+    if y <= DIRECT_COUNT:
+        for j in range(1, int(y)):
+            t = j * alpha
+            v += np.log1p(t)
+            d1 += t / (1.0 + t)
+            d2 += t / ((1.0 + t) * (1.0 + t))
+        return v, d1, d2
+    r = 1.0 / alpha
+    psi = _digamma(r + y) - _digamma(r)
+    tri = _trigamma(r) - _trigamma(r + y)
+    v = y * np.log(alpha) + lgamma(r + y) - lgamma(r)
+    d1 = y - r * psi
+    d2 = r * psi - r * r * tri
+    return v, d1, d2
+
+
+# --------------------------------------------------------------------------- dispersions
+
+
+def _group_rows(group_sizes: np.ndarray) -> np.ndarray:
+    return np.concatenate([[0], np.cumsum(np.asarray(group_sizes, dtype=np.int64))]).astype(np.int64)
+
+
+def _normalized_csc(block, size_factors):
+    """CSC (rows ascending within each gene) with counts as float64, and counts / size factor."""
+    csc = canonical_csr(block).tocsc()
+    csc.sort_indices()
+    if (csc.data == 0).any():
+        csc.eliminate_zeros()
+    y = csc.data.astype(np.float64)
+    return csc.indptr.astype(np.int64), csc.indices.astype(np.int64), y, y / size_factors[csc.indices]
+
+
+def dispersion_moments_block(block, group_sizes: np.ndarray, size_factors: np.ndarray) -> np.ndarray:
+    """Per gene sums for DESeq2's starting dispersions, from a block of whole groups.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(4, n_genes)`` float64: ``sum z``, ``sum z^2`` over all the block's
+        cells (``z = y / s``, for the moments estimate), the rough estimate's
+        numerator ``sum_g sum_i ((z_i - zbar_g)^2 - zbar_g) / zbar_g^2`` with
+        ``zbar_g = max(group mean of z, 1)`` (DESeq2's ``roughDispEstimate``),
+        and the number of groups in the block (same in every gene).
+    """
+    group_ptr = _group_rows(group_sizes)
+    ptr, rows, _, z = _normalized_csc(block, np.asarray(size_factors, dtype=np.float64))
+    n_genes = block.shape[1]
+    n_groups = group_ptr.shape[0] - 1
+    row_group = np.repeat(np.arange(n_groups), np.diff(group_ptr))
+    gene = np.repeat(np.arange(n_genes), np.diff(ptr))
+    key = row_group[rows] * n_genes + gene
+    size = n_groups * n_genes
+    s1 = np.bincount(key, z, minlength=size).reshape(n_groups, n_genes)
+    s2 = np.bincount(key, z * z, minlength=size).reshape(n_groups, n_genes)
+    m = np.diff(group_ptr).astype(np.float64)[:, None]
+    zbar = np.maximum(s1 / m, 1.0)
+    rough = ((s2 - 2.0 * zbar * s1 + m * zbar * zbar - m * zbar) / (zbar * zbar)).sum(axis=0)
+    out = np.empty((4, n_genes))
+    out[0], out[1], out[2], out[3] = s1.sum(axis=0), s2.sum(axis=0), rough, n_groups
+    return out
+
+
+def starting_dispersions(sums: np.ndarray, inv_size_factor_mean: float, n_cells: int) -> np.ndarray:
+    """DESeq2's starting dispersions: the smaller of the rough and the moments estimates, clipped.
+
+    Parameters
+    ----------
+    sums
+        :func:`dispersion_moments_block` summed over every block.
+    inv_size_factor_mean
+        Mean of ``1 / s`` over all cells.
+    n_cells
+        Cells of every group.
+    """
+    s1, s2, rough, n_groups = sums
+    with np.errstate(divide="ignore", invalid="ignore"):
+        rough = np.maximum(rough / (n_cells - n_groups), 0.0)
+        mean = s1 / n_cells
+        var = (s2 - n_cells * mean * mean) / (n_cells - 1)
+        moments = np.nan_to_num((var - inv_size_factor_mean * mean) / (mean * mean))
+    return np.clip(np.minimum(rough, moments), MIN_DISP, max(10.0, float(n_cells)))
+
+
+@njit(cache=True, nogil=True)
+def _apl(group_ptr, ptr, rows, y, z, sf, alpha, means, min_mu, active, out):
+    # out[0:3, j]: value, d/da, d2/da2 of sum_i l_i - 1/2 sum_g log W_g (a = log alpha), this block's groups;
+    # means: (n_groups, n_genes) fixed group means of z, or empty to take them from the block
+    n_groups = group_ptr.shape[0] - 1
+    n_genes = ptr.shape[0] - 1
+    given = means.shape[0] > 0
+    for j in range(n_genes):
+        if not active[j]:
+            continue
+        a = alpha[j]
+        k = ptr[j]
+        end = ptr[j + 1]
+        for g in range(n_groups):
+            lo = group_ptr[g]
+            hi = group_ptr[g + 1]
+            if given:
+                mbar = means[g, j]
+            else:
+                total = 0.0
+                kk = k
+                while kk < end and rows[kk] < hi:
+                    total += z[kk]
+                    kk += 1
+                mbar = total / (hi - lo)
+            w = 0.0
+            w1 = 0.0
+            w2 = 0.0
+            for i in range(lo, hi):
+                mu = max(sf[i] * mbar, min_mu)
+                u = a * mu
+                gg, g1, g2 = _log1p_over(u)
+                # -(1/alpha) log1p(u) = -mu g(u), every cell
+                out[0, j] -= mu * gg
+                out[1, j] -= mu * g1 * u
+                out[2, j] -= mu * (g1 * u + g2 * u * u)
+                if k < end and rows[k] == i:
+                    yi = y[k]
+                    cv, c1, c2 = _count_terms(yi, a)
+                    out[0, j] += cv - yi * np.log1p(u)
+                    out[1, j] += c1 - yi * u / (1.0 + u)
+                    out[2, j] += c2 - yi * u / ((1.0 + u) * (1.0 + u))
+                    k += 1
+                h = 1.0 / (1.0 + u)
+                w += mu * h
+                w1 -= mu * u * h * h
+                w2 += mu * (-u * h * h + 2.0 * u * u * h * h * h)
+            if not given:
+                out[0, j] -= 0.5 * np.log(w)
+                out[1, j] -= 0.5 * w1 / w
+                out[2, j] -= 0.5 * (w2 / w - (w1 / w) ** 2)
+            else:
+                out[3, j] += w
+                out[4, j] += w1
+                out[5, j] += w2
+
+
+def dispersion_apl_block(
+    block,
+    group_sizes: np.ndarray,
+    size_factors: np.ndarray,
+    alpha: np.ndarray,
+    *,
+    means: np.ndarray | None = None,
+    min_mu: float = 0.5,
+    active: np.ndarray | None = None,
+) -> np.ndarray:
+    """A block's share of each gene's Cox-Reid adjusted profile log likelihood, with derivatives.
+
+    Parameters
+    ----------
+    block
+        ``(n_rows, n_genes)`` raw counts, CSR, rows in groups.
+    group_sizes
+        Rows of each group, in order. Each group is whole in this block,
+        unless ``means`` is given (the cells of one large group, the
+        control, in any number of pieces).
+    size_factors
+        ``(n_rows,)`` size factors.
+    alpha
+        ``(n_genes,)`` dispersions at which to evaluate.
+    means
+        ``(n_groups, n_genes)`` the groups' means of ``y / s``, for groups
+        that are not whole here; then ``W_g`` and its derivatives are
+        returned instead of ``-1/2 log W_g`` (summed over the pieces by the
+        caller).
+    min_mu
+        Lower bound of the fitted means (DESeq2's ``minmu``).
+    active
+        ``(n_genes,)`` genes to evaluate; the others are left at zero.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(6, n_genes)`` float64: value, first and second derivative in
+        ``log alpha`` of ``sum_i l_i`` (plus ``-1/2 sum_g log W_g`` for whole
+        groups), constants in alpha left out; rows 3-5: ``W``, ``dW``,
+        ``d2W`` of the pieces (``means`` given), else zero.
+    """
+    group_ptr = _group_rows(group_sizes)
+    sf = np.asarray(size_factors, dtype=np.float64)
+    ptr, rows, y, z = _normalized_csc(block, sf)
+    n_genes = block.shape[1]
+    out = np.zeros((6, n_genes))
+    _apl(
+        group_ptr,
+        ptr,
+        rows,
+        y,
+        z,
+        sf,
+        np.asarray(alpha, dtype=np.float64),
+        np.empty((0, 0)) if means is None else np.ascontiguousarray(means, dtype=np.float64),
+        float(min_mu),
+        np.ones(n_genes, dtype=np.bool_) if active is None else np.asarray(active, dtype=np.bool_),
+        out,
+    )
+    return out
+
+
+# --------------------------------------------------------------------------- the fit against control
+
+
+@dataclass(frozen=True)
+class NBControl:
+    """Frozen per-gene fit of the control cells.
+
+    Attributes
+    ----------
+    n_cells
+        Number of control cells.
+    beta0
+        ``(n_genes,)`` float64 maximum likelihood intercept (natural log of
+        the control mean per unit size factor); ``-inf`` where the control
+        has no count.
+    information
+        ``(n_genes,)`` float64 ``I_c = sum mu_i / (1 + alpha mu_i)`` at ``beta0``.
+    converged
+        ``(n_genes,)`` bool.
+    nnz
+        ``(n_genes,)`` int64 control cells with a count.
+    normalized_sum
+        ``(n_genes,)`` float64 sum of ``y / s`` (DESeq2's ``baseMean`` numerator).
+    """
+
+    n_cells: int
+    beta0: np.ndarray
+    information: np.ndarray
+    converged: np.ndarray
+    nnz: np.ndarray
+    normalized_sum: np.ndarray
+
+    @property
+    def n_genes(self) -> int:
+        """Number of genes summarised."""
+        return self.beta0.shape[0]
+
+
+@njit(cache=True, nogil=True)
+def _intercept(lo, hi, k0, end, rows, y, sf, alpha, max_iter, tol):
+    """Solve sum_i (y_i - mu_i) / (1 + alpha mu_i) = 0 over rows [lo, hi), mu_i = s_i exp(b), for b.
+
+    The score is decreasing in b; Newton steps kept inside a bracket, bisection when they leave it.
+    Returns (b, information at b, converged, iterations).
+    """
+    ysum = 0.0
+    ssum = 0.0
+    for k in range(k0, end):
+        if rows[k] >= hi:
+            break
+        ysum += y[k]
+    for i in range(lo, hi):
+        ssum += sf[i]
+    if ysum <= 0.0:
+        return -np.inf, 0.0, True, 0
+    b = np.log(ysum / ssum)  # the Poisson solution: exact when alpha = 0
+    left = -np.inf
+    right = np.inf
+    for it in range(1, max_iter + 1):
+        score = 0.0
+        info = 0.0
+        deriv = 0.0
+        k = k0
+        eb = np.exp(b)
+        for i in range(lo, hi):
+            mu = sf[i] * eb
+            h = 1.0 / (1.0 + alpha * mu)
+            yi = 0.0
+            if k < end and rows[k] == i:
+                yi = y[k]
+                k += 1
+            score += (yi - mu) * h
+            info += mu * h
+            deriv += mu * (1.0 + alpha * yi) * h * h
+        if score > 0:
+            left = b
+        else:
+            right = b
+        step = score / deriv
+        if abs(step) < tol:
+            b += step
+            eb = np.exp(b)
+            info = 0.0
+            for i in range(lo, hi):
+                mu = sf[i] * eb
+                info += mu / (1.0 + alpha * mu)
+            return b, info, True, it
+        new = b + step
+        if not (left < new < right):  # outside what the signs of the score allow: bisect (or move by 1)
+            new = 0.5 * (left + right) if np.isfinite(left) and np.isfinite(right) else b + np.sign(step) * 1.0
+        b = new
+    return b, info, False, max_iter
+
+
+@njit(cache=True, nogil=True)
+def _control_fit(ptr, rows, y, sf, n_rows, alpha, max_iter, tol, beta0, info, converged):
+    for j in range(ptr.shape[0] - 1):
+        b, inf_, ok, _ = _intercept(0, n_rows, ptr[j], ptr[j + 1], rows, y, sf, alpha[j], max_iter, tol)
+        beta0[j] = b
+        info[j] = inf_
+        converged[j] = ok
+
+
+def nb_control(
+    control,
+    size_factors: np.ndarray,
+    alpha: np.ndarray,
+    *,
+    max_iter: int = 100,
+    tol: float = 1e-10,
+) -> NBControl:
+    """Fit the control cells once: each gene's intercept and information.
+
+    Parameters
+    ----------
+    control
+        ``(n_control_cells, n_genes)`` raw counts, CSR.
+    size_factors
+        ``(n_control_cells,)`` their size factors.
+    alpha
+        ``(n_genes,)`` dispersions.
+    max_iter, tol
+        Newton iterations and the step below which they stop.
+
+    Returns
+    -------
+    NBControl
+
+    Raises
+    ------
+    ValueError
+        If the counts are not non-negative whole numbers.
+    """
+    control = canonical_csr(control)
+    check_counts(control)
+    sf = np.asarray(size_factors, dtype=np.float64)
+    ptr, rows, y, z = _normalized_csc(control, sf)
+    n_genes = control.shape[1]
+    beta0, info, converged = np.empty(n_genes), np.empty(n_genes), np.empty(n_genes, dtype=np.bool_)
+    alpha = np.asarray(alpha, dtype=np.float64)
+    _control_fit(ptr, rows, y, sf, control.shape[0], alpha, max_iter, tol, beta0, info, converged)
+    gene = np.repeat(np.arange(n_genes), np.diff(ptr))
+    return NBControl(
+        n_cells=int(control.shape[0]),
+        beta0=beta0,
+        information=info,
+        converged=converged,
+        nnz=np.diff(ptr).astype(np.int64),
+        normalized_sum=np.bincount(gene, z, minlength=n_genes),
+    )
+
+
+@njit(cache=True, nogil=True)
+def _group_fits(group_ptr, ptr, rows, y, z, sf, alpha, beta0, max_iter, tol, out):
+    # out[:, g, j]: beta1, information, converged, iterations, sum of z, non-zero cells
+    n_groups = group_ptr.shape[0] - 1
+    for j in range(ptr.shape[0] - 1):
+        k = ptr[j]
+        end = ptr[j + 1]
+        for g in range(n_groups):
+            lo = group_ptr[g]
+            hi = group_ptr[g + 1]
+            while k < end and rows[k] < lo:
+                k += 1
+            first = k
+            zsum = 0.0
+            while k < end and rows[k] < hi:
+                zsum += z[k]
+                k += 1
+            out[4, g, j] = zsum
+            out[5, g, j] = k - first
+            if not (np.isfinite(beta0[j]) and np.isfinite(alpha[j])):
+                out[0, g, j] = np.nan
+                out[1, g, j] = np.nan
+                out[2, g, j] = 0.0
+                out[3, g, j] = 0.0
+                continue
+            b, info, ok, it = _intercept(lo, hi, first, end, rows, y, sf, alpha[j], max_iter, tol)
+            out[0, g, j] = b - beta0[j]
+            out[1, g, j] = info
+            out[2, g, j] = 1.0 if ok else 0.0
+            out[3, g, j] = it
+
+
+@njit(cache=True, nogil=True)
+def _group_score(lo, hi, first, end, rows, y, sf, alpha, offset, beta):
+    """Score, expected information and observed information of beta over rows [lo, hi); mu = s exp(offset + beta)."""
+    score = 0.0
+    info = 0.0
+    deriv = 0.0
+    k = first
+    e = np.exp(offset + beta)
+    for i in range(lo, hi):
+        mu = sf[i] * e
+        h = 1.0 / (1.0 + alpha * mu)
+        yi = 0.0
+        if k < end and rows[k] == i:
+            yi = y[k]
+            k += 1
+        score += (yi - mu) * h
+        info += mu * h
+        deriv += mu * (1.0 + alpha * yi) * h * h
+    return score, info, deriv
+
+
+@njit(cache=True, nogil=True)
+def _shrunk_fits(group_ptr, ptr, rows, y, sf, alpha, beta0, beta_hat, scale, max_iter, tol, out):
+    # apeGLM's MAP of beta1 under a Cauchy(0, scale[g]) prior, beta0 frozen: out[0] beta, out[1] information at it
+    n_groups = group_ptr.shape[0] - 1
+    for j in range(ptr.shape[0] - 1):
+        k = ptr[j]
+        end = ptr[j + 1]
+        for g in range(n_groups):
+            lo = group_ptr[g]
+            hi = group_ptr[g + 1]
+            while k < end and rows[k] < lo:
+                k += 1
+            first = k
+            while k < end and rows[k] < hi:
+                k += 1
+            bh = beta_hat[g, j]
+            s2 = scale[g] * scale[g]
+            if not (np.isfinite(beta0[j]) and np.isfinite(alpha[j])) or np.isnan(bh):
+                out[0, g, j] = np.nan
+                out[1, g, j] = np.nan
+                continue
+            # the posterior's gradient is positive at the lower end of [min(0, bh), max(0, bh)], negative at the upper
+            left = bh if bh < 0 else 0.0
+            right = 0.0 if bh < 0 else bh
+            if not np.isfinite(left):
+                left = -50.0
+            b = min(max(bh, left), right)
+            info = 0.0
+            for _ in range(max_iter):
+                score, info, deriv = _group_score(lo, hi, first, end, rows, y, sf, alpha[j], beta0[j], b)
+                grad = score - 2.0 * b / (s2 + b * b)
+                curv = deriv + 2.0 * (s2 - b * b) / ((s2 + b * b) ** 2)
+                if grad > 0:
+                    left = b
+                else:
+                    right = b
+                step = grad / curv if curv > 0 else 0.5 * (left + right) - b
+                if abs(step) < tol or right - left < tol:
+                    b += step
+                    break
+                new = b + step
+                if not (left <= new <= right):
+                    new = 0.5 * (left + right)
+                b = new
+            score, info, deriv = _group_score(lo, hi, first, end, rows, y, sf, alpha[j], beta0[j], b)
+            out[0, g, j] = b
+            out[1, g, j] = info
+
+
+def prior_variance(lfc: np.ndarray, se: np.ndarray, *, min_var: float = 1e-6, max_var: float = 400.0) -> float:
+    """The variance of apeGLM's prior on the log fold changes of one contrast, from their MLEs.
+
+    The root in ``a`` of ``sum c (lfc^2 - se^2) / sum c - a`` with ``c = 1 /
+    (2 (a + se^2)^2)`` (natural-log fold changes), as apeglm's ``priorVar``
+    and PyDESeq2's ``_fit_prior_var``; ``min_var`` when it is negative there.
+    """
+    from scipy.optimize import brentq
+
+    keep = np.isfinite(lfc) & np.isfinite(se)
+    s, d = lfc[keep] ** 2, se[keep] ** 2
+    if s.size == 0:
+        return min_var
+
+    def objective(a: float) -> float:
+        c = 1.0 / (2.0 * (a + d) ** 2)
+        return float(((s - d) * c).sum() / c.sum() - a)
+
+    if objective(min_var) < 0:
+        return min_var
+    if objective(max_var) > 0:
+        return max_var
+    return float(brentq(objective, min_var, max_var, xtol=1e-12))
+
+
+#: Statistics returned by :func:`nbglm_block`, in this order along axis 1.
+NBGLM_STATS: tuple[str, ...] = (
+    "scores",
+    "pvals",
+    "pvals_adj",
+    "logfoldchanges",
+    "logfoldchanges_raw",
+    "standard_error",
+    "standard_error_shrunk",
+    "pts",
+    "pts_rest",
+    "baseMean",
+    "converged",
+    "n_iter",
+    "prior_scale",
+)
+
+
+def nbglm_block(
+    block,
+    group_sizes: np.ndarray,
+    control: NBControl | Sequence[NBControl],
+    bounds: Sequence[int] | None = None,
+    *,
+    rows: np.ndarray,
+    alpha: np.ndarray,
+    shrink: bool = True,
+    lfc_base: str = "log2",
+    corr_method: str = "benjamini-hochberg",
+    alternative: str = "two-sided",
+    max_iter: int = 100,
+    tol: float = 1e-10,
+) -> np.ndarray:
+    """Wald test of every group in a block against the frozen control fit, with apeGLM shrinkage.
+
+    Parameters
+    ----------
+    block
+        ``(n_rows, n_genes)`` raw counts, CSR, whose rows are whole groups one
+        after another.
+    group_sizes
+        ``(n_groups,)`` rows of each group, in order; sums to ``n_rows``.
+    control
+        :func:`nb_control` of the control cells, or its parts over
+        consecutive ranges of genes.
+    bounds
+        With parts: the ``(n_parts + 1,)`` gene bounds they cover.
+    rows
+        ``(n_rows,)`` size factors of the block's cells.
+    alpha
+        ``(n_genes,)`` dispersions (the same the control was fitted with).
+    shrink
+        Add apeGLM's shrunk fold changes (Zhu, Ibrahim & Love 2019): the
+        maximum a posteriori ``beta1`` under a Cauchy prior whose scale is
+        estimated from all genes' MLEs of the group (apeglm's ``priorVar``,
+        capped at 1 as DESeq2 and PyDESeq2 do), ``beta0`` held at the control
+        fit. Without it, ``logfoldchanges`` are the MLEs.
+    lfc_base
+        ``"log2"`` (default, as DESeq2) or ``"natural"``: the units of the
+        fold changes and their standard errors.
+    corr_method, alternative
+        Multiple-testing correction over each group's genes; the Wald test's
+        alternative (``"greater"``: higher in the group than in control).
+    max_iter, tol
+        Newton iterations of each fit and the step below which they stop.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(n_groups, len(NBGLM_STATS), n_genes)`` float64: Wald ``scores``
+        (``beta1 / SE``), ``pvals`` (normal), ``pvals_adj``,
+        ``logfoldchanges`` (shrunk, or the MLE without ``shrink``),
+        ``logfoldchanges_raw`` (MLE), ``standard_error`` (of the MLE,
+        ``sqrt(1/I_control + 1/I_group)``), ``standard_error_shrunk``
+        (posterior, from the curvature at the mode), ``pts``, ``pts_rest``,
+        ``baseMean`` (mean normalized count of the group's and the control's
+        cells), ``converged`` (1.0 or 0.0), ``n_iter`` and the group's
+        ``prior_scale`` (natural log, repeated over genes). Where a side has
+        no count of a gene the test is undefined: NaN score and p-value,
+        ``-inf`` or ``inf`` raw fold change.
+
+    Raises
+    ------
+    ValueError
+        If the block does not hold raw counts, ``group_sizes`` does not split
+        it, or the control parts do not cover its genes.
+    """
+    parts = [control] if isinstance(control, NBControl) else list(control)
+    n_genes = block.shape[1]
+    bounds = np.asarray([0, n_genes] if bounds is None else bounds, dtype=np.int64)
+    if len(bounds) != len(parts) + 1 or bounds[-1] != n_genes or sum(p.n_genes for p in parts) != n_genes:
+        raise ValueError(f"the control summary parts do not cover the block's {n_genes} genes")
+    if lfc_base not in ("log2", "natural"):
+        raise ValueError(f"lfc_base {lfc_base!r} is not supported; choose 'log2' or 'natural'")
+    block = canonical_csr(block)
+    check_counts(block)
+    group_sizes = np.asarray(group_sizes, dtype=np.int64)
+    if (group_sizes < 1).any() or group_sizes.sum() != block.shape[0]:
+        raise ValueError(f"group_sizes {group_sizes.tolist()[:10]} do not split the block's {block.shape[0]} rows")
+    sf = np.asarray(rows, dtype=np.float64)
+    alpha = np.asarray(alpha, dtype=np.float64)
+    beta0 = np.concatenate([p.beta0 for p in parts])
+    info_c = np.concatenate([p.information for p in parts])
+    group_ptr = _group_rows(group_sizes)
+    ptr, idx, y, z = _normalized_csc(block, sf)
+    n_groups = group_sizes.shape[0]
+    fits = np.empty((6, n_groups, n_genes))
+    _group_fits(group_ptr, ptr, idx, y, z, sf, alpha, beta0, max_iter, tol, fits)
+    beta, info_g, converged, n_iter, zsum, nnz = fits
+    with np.errstate(divide="ignore", invalid="ignore"):
+        se = np.sqrt(1.0 / info_c[None, :] + 1.0 / info_g)
+        scores = beta / se
+    defined = np.isfinite(scores)
+    scores[~defined] = np.nan
+    pvals = normal_pvalues(scores, alternative)
+    unit = np.log(2.0) if lfc_base == "log2" else 1.0
+    out = np.empty((n_groups, len(NBGLM_STATS), n_genes))
+    stat = {name: i for i, name in enumerate(NBGLM_STATS)}
+    out[:, stat["scores"]] = scores
+    out[:, stat["pvals"]] = pvals
+    out[:, stat["pvals_adj"]] = adjust_pvalues(pvals, corr_method)
+    out[:, stat["logfoldchanges_raw"]] = beta / unit
+    out[:, stat["standard_error"]] = se / unit
+    m = group_sizes.astype(np.float64)[:, None]
+    n_c = float(parts[0].n_cells)
+    out[:, stat["pts"]] = nnz / m
+    out[:, stat["pts_rest"]] = (np.concatenate([p.nnz for p in parts]) / n_c)[None, :]
+    out[:, stat["baseMean"]] = (zsum + np.concatenate([p.normalized_sum for p in parts])[None, :]) / (m + n_c)
+    out[:, stat["converged"]] = converged
+    out[:, stat["n_iter"]] = n_iter
+    if not shrink:
+        out[:, stat["logfoldchanges"]] = beta / unit
+        out[:, stat["standard_error_shrunk"]] = se / unit
+        out[:, stat["prior_scale"]] = np.nan
+        return out
+    scale = np.array(
+        [min(np.sqrt(prior_variance(beta[g][defined[g]], se[g][defined[g]])), 1.0) for g in range(n_groups)]
+    )
+    shrunk = np.empty((2, n_groups, n_genes))
+    _shrunk_fits(group_ptr, ptr, idx, y, sf, alpha, beta0, beta, scale, max_iter, tol, shrunk)
+    b_map, info_map = shrunk
+    s2 = (scale * scale)[:, None]
+    curvature = 2.0 * (s2 - b_map * b_map) / (s2 + b_map * b_map) ** 2
+    with np.errstate(divide="ignore", invalid="ignore"):
+        total = info_c[None, :] + info_map
+        var = total / (total * (info_map + curvature) - info_map * info_map)
+    out[:, stat["logfoldchanges"]] = b_map / unit
+    out[:, stat["standard_error_shrunk"]] = np.where(var > 0, np.sqrt(var), np.nan) / unit
+    out[:, stat["prior_scale"]] = scale[:, None]
+    return out

@@ -1,0 +1,242 @@
+"""The negative-binomial kernels alone, against statsmodels, PyDESeq2 and direct formulas on in-memory matrices."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+from scipy import special, stats
+
+from pertscale.kernels import nbglm as K
+
+from .conftest import assert_close
+
+
+def _counts(rng, n_cells, n_genes, *, mean=2.0, alpha=0.3, sf=None, effect=None):
+    sf = rng.lognormal(0, 0.4, n_cells) if sf is None else sf
+    mu = np.outer(sf, rng.lognormal(np.log(mean), 1.0, n_genes))
+    if effect is not None:
+        mu = mu * effect
+    y = rng.negative_binomial(1 / alpha, 1 / (1 + alpha * mu))
+    return sp.csr_matrix(y.astype(np.float32)), sf
+
+
+@pytest.fixture(scope="module")
+def two_groups():
+    """400 control cells and 120 perturbed cells, 40 genes; the first 10 genes shifted in the group."""
+    rng = np.random.default_rng(3)
+    n_c, n_g, n_genes = 400, 120, 40
+    effect = np.ones((n_c + n_g, n_genes))
+    effect[n_c:, :10] = rng.choice([0.3, 2.5], size=10)
+    y, sf = _counts(rng, n_c + n_g, n_genes, effect=effect)
+    alpha = rng.uniform(0.05, 0.8, n_genes)
+    return y, sf, alpha, n_c
+
+
+def test_frozen_control_equals_a_full_two_group_glm_in_statsmodels(two_groups):
+    sm = pytest.importorskip("statsmodels.api")
+    y, sf, alpha, n_c = two_groups
+    control = K.nb_control(y[:n_c], sf[:n_c], alpha)
+    out = K.nbglm_block(
+        y[n_c:], [y.shape[0] - n_c], control, rows=sf[n_c:], alpha=alpha, shrink=False, lfc_base="natural"
+    )
+    stat = {n: i for i, n in enumerate(K.NBGLM_STATS)}
+    dense = y.toarray().astype(np.float64)
+    design = np.column_stack([np.ones(y.shape[0]), np.r_[np.zeros(n_c), np.ones(y.shape[0] - n_c)]])
+    for j in range(y.shape[1]):
+        fam = sm.families.NegativeBinomial(alpha=alpha[j])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            fit = sm.GLM(dense[:, j], design, family=fam, offset=np.log(sf)).fit(tol=1e-14, maxiter=200)
+        assert_close(control.beta0[j], fit.params[0], rtol=1e-6, err_msg=f"beta0 gene {j}")
+        assert_close(out[0, stat["logfoldchanges_raw"], j], fit.params[1], rtol=1e-6, atol=1e-9, err_msg=f"gene {j}")
+        assert_close(out[0, stat["standard_error"], j], fit.bse[1], rtol=1e-6, err_msg=f"SE gene {j}")
+        assert_close(out[0, stat["pvals"], j], fit.pvalues[1], rtol=1e-5, atol=1e-300, err_msg=f"p gene {j}")
+    assert (out[0, stat["converged"]] == 1).all() and (out[0, stat["n_iter"]] < 20).all()
+
+
+def test_log2_units_and_one_sided_pvalues(two_groups):
+    y, sf, alpha, n_c = two_groups
+    control = K.nb_control(y[:n_c], sf[:n_c], alpha)
+    args = dict(rows=sf[n_c:], alpha=alpha, shrink=False)
+    nat = K.nbglm_block(y[n_c:], [y.shape[0] - n_c], control, **args, lfc_base="natural")
+    two = K.nbglm_block(y[n_c:], [y.shape[0] - n_c], control, **args)
+    greater = K.nbglm_block(y[n_c:], [y.shape[0] - n_c], control, **args, alternative="greater")
+    stat = {n: i for i, n in enumerate(K.NBGLM_STATS)}
+    assert_close(two[0, stat["logfoldchanges_raw"]], nat[0, stat["logfoldchanges_raw"]] / np.log(2), rtol=1e-12)
+    assert_close(two[0, stat["standard_error"]], nat[0, stat["standard_error"]] / np.log(2), rtol=1e-12)
+    z = two[0, stat["scores"]]
+    assert_close(greater[0, stat["pvals"]], stats.norm.sf(z), rtol=1e-10)
+    assert_close(two[0, stat["pvals"]], 2 * stats.norm.sf(np.abs(z)), rtol=1e-10)
+
+
+def test_blocks_of_several_groups_and_control_parts_agree(two_groups):
+    y, sf, alpha, n_c = two_groups
+    control = K.nb_control(y[:n_c], sf[:n_c], alpha)
+    parts = [K.nb_control(y[:n_c, :15], sf[:n_c], alpha[:15]), K.nb_control(y[:n_c, 15:], sf[:n_c], alpha[15:])]
+    groups = y[n_c:]
+    whole = np.concatenate(
+        [
+            K.nbglm_block(groups[:50], [50], control, rows=sf[n_c : n_c + 50], alpha=alpha),
+            K.nbglm_block(groups[50:], [70], control, rows=sf[n_c + 50 :], alpha=alpha),
+        ]
+    )
+    together = K.nbglm_block(groups, [50, 70], parts, [0, 15, 40], rows=sf[n_c:], alpha=alpha)
+    assert_close(together, whole, rtol=1e-12)
+
+
+def test_genes_without_counts_are_nan_not_a_crash(two_groups):
+    y, sf, alpha, n_c = two_groups
+    dense = y.toarray()
+    dense[:, 0] = 0  # never detected
+    dense[n_c:, 1] = 0  # not in the group: the MLE is -inf, the Wald test undefined
+    y = sp.csr_matrix(dense)
+    control = K.nb_control(y[:n_c], sf[:n_c], alpha)
+    out = K.nbglm_block(y[n_c:], [y.shape[0] - n_c], control, rows=sf[n_c:], alpha=alpha)
+    stat = {n: i for i, n in enumerate(K.NBGLM_STATS)}
+    assert np.isnan(out[0, stat["pvals"], :2]).all() and np.isnan(out[0, stat["pvals_adj"], :2]).all()
+    assert out[0, stat["logfoldchanges_raw"], 1] == -np.inf
+    assert np.isfinite(out[0, stat["logfoldchanges"], 1]) and out[0, stat["logfoldchanges"], 1] < 0  # prior: finite
+    assert np.isfinite(out[0, stat["pvals"], 2:]).all()
+
+
+def test_apeglm_mode_is_a_stationary_point_of_the_posterior(two_groups):
+    y, sf, alpha, n_c = two_groups
+    control = K.nb_control(y[:n_c], sf[:n_c], alpha)
+    out = K.nbglm_block(y[n_c:], [y.shape[0] - n_c], control, rows=sf[n_c:], alpha=alpha, lfc_base="natural")
+    stat = {n: i for i, n in enumerate(K.NBGLM_STATS)}
+    beta_hat, se = out[0, stat["logfoldchanges_raw"]], out[0, stat["standard_error"]]
+    beta_map = out[0, stat["logfoldchanges"]]
+    # the prior scale: apeglm's estimating equation, solved here by scipy on its own
+    s, d = beta_hat**2, se**2
+
+    def objective(a):
+        c = 1 / (2 * (a + d) ** 2)
+        return ((s - d) * c).sum() / c.sum() - a
+
+    from scipy.optimize import brentq
+
+    expected = 1e-6 if objective(1e-6) < 0 else brentq(objective, 1e-6, 400)
+    scale = min(np.sqrt(expected), 1.0)
+    assert_close(out[0, stat["prior_scale"], 0], scale, rtol=1e-8)
+    dense = y[n_c:].toarray().astype(np.float64)
+    for j in range(y.shape[1]):
+        mu = sf[n_c:] * np.exp(control.beta0[j] + beta_map[j])
+        score = ((dense[:, j] - mu) / (1 + alpha[j] * mu)).sum()
+        prior = -2 * beta_map[j] / (scale**2 + beta_map[j] ** 2)
+        assert abs(score + prior) < 1e-6 * max(1.0, abs(score)), j
+        assert abs(beta_map[j]) <= abs(beta_hat[j]) + 1e-12  # shrunk towards zero, never past it
+
+
+def _nb_loglik(y, mu, alpha, *, textbook=False):
+    """NB log likelihood per cell; ``textbook``: with gammaln, else the same in log1p terms (exact for small alpha)."""
+    r = 1 / alpha
+    if textbook:
+        out = special.gammaln(y + r) - special.gammaln(r) - special.gammaln(y + 1)
+        return out + r * np.log(r / (r + mu)) + y * np.log(mu / (r + mu))
+    counts = np.array([np.log1p(np.arange(int(v)) * alpha).sum() for v in y])
+    return counts - (r + y) * np.log1p(alpha * mu) + y * np.log(mu) - special.gammaln(y + 1)
+
+
+def _apl_reference(y, sf, groups, alpha, min_mu):
+    """Cox-Reid adjusted profile log likelihood from its definition, per gene: linear-model means held fixed."""
+    out = 0.0
+    for lo, hi in groups:
+        yy, ss = y[lo:hi], sf[lo:hi]
+        mu = np.maximum(ss * (yy / ss).mean(), min_mu)
+        out += _nb_loglik(yy, mu, alpha).sum() - 0.5 * np.log((mu / (1 + alpha * mu)).sum())
+    return out
+
+
+def test_loglik_reference_is_the_textbook_formula():
+    rng = np.random.default_rng(1)
+    y = rng.poisson(4, 50).astype(float)
+    mu = rng.uniform(0.5, 9, 50)
+    for alpha in (0.05, 0.7, 4.0):
+        assert_close(_nb_loglik(y, mu, alpha), _nb_loglik(y, mu, alpha, textbook=True), rtol=1e-10)
+        assert_close(_nb_loglik(y, mu, alpha), stats.nbinom.logpmf(y, 1 / alpha, 1 / (1 + alpha * mu)), rtol=1e-10)
+
+
+@pytest.mark.parametrize("alpha", [1e-6, 0.05, 0.7, 30.0])
+def test_profile_likelihood_derivatives_match_finite_differences(alpha):
+    rng = np.random.default_rng(5)
+    y, sf = _counts(rng, 90, 6, mean=3.0, alpha=0.4)
+    dense = y.toarray().astype(np.float64)
+    dense[0, 0] = 250  # a count past the term-by-term range
+    y = sp.csr_matrix(dense)
+    groups = [(0, 30), (30, 55), (55, 90)]
+    got = K.dispersion_apl_block(y, [30, 25, 35], sf, np.full(6, alpha), min_mu=0.5)
+    a, h = np.log(alpha), 1e-4
+    for j in range(6):
+        f = [_apl_reference(dense[:, j], sf, groups, np.exp(a + k * h), 0.5) for k in (-1, 0, 1)]
+        # value up to a constant in alpha: compare differences
+        assert_close(got[1, j], (f[2] - f[0]) / (2 * h), rtol=1e-5, atol=1e-6, err_msg=f"gradient {j}")
+        assert_close(got[2, j], (f[2] - 2 * f[1] + f[0]) / h**2, rtol=2e-3, atol=1e-3, err_msg=f"curvature {j}")
+    other = K.dispersion_apl_block(y, [30, 25, 35], sf, np.full(6, alpha * 1.5), min_mu=0.5)
+    for j in range(6):
+        diff = _apl_reference(dense[:, j], sf, groups, alpha * 1.5, 0.5) - _apl_reference(
+            dense[:, j], sf, groups, alpha, 0.5
+        )
+        assert_close(other[0, j] - got[0, j], diff, rtol=1e-8, atol=1e-8, err_msg=f"value {j}")
+
+
+def test_size_factors_poscounts_equal_pydeseq2():
+    pytest.importorskip("pydeseq2")
+    import anndata as ad
+    import pandas as pd
+    from pydeseq2.dds import DeseqDataSet
+
+    rng = np.random.default_rng(9)
+    y, _ = _counts(rng, 200, 60, mean=1.0, alpha=0.5)
+    dense = y.toarray().astype(np.int64)
+    sums = K.log_count_sums(y)
+    log_mean, usable = K.reference_log_means(sums, y.shape[0], "poscounts")
+    ours, _ = K.finish_size_factors(K.cell_size_factors(y, log_mean, usable, "poscounts"))
+    obs = pd.DataFrame({"condition": np.repeat(["A", "B"], 100)}, index=[f"c{i}" for i in range(200)])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dds = DeseqDataSet(adata=ad.AnnData(dense, obs=obs), design="~condition", quiet=True)
+        dds.fit_size_factors(fit_type="poscounts")
+    assert_close(ours, dds.obs["size_factors"].to_numpy(), rtol=1e-10)
+
+
+def test_size_factors_sparse_and_ratio_from_their_definitions():
+    rng = np.random.default_rng(2)
+    y, _ = _counts(rng, 150, 50, mean=1.5, alpha=0.2)
+    dense = y.toarray().astype(np.float64)
+    dense[:, :5] += 1  # five genes without zeros, for the classic method
+    y = sp.csr_matrix(dense)
+    n = dense.shape[0]
+    with np.errstate(divide="ignore"):
+        logs = np.where(dense > 0, np.log(dense), np.nan)
+    # sparse: geometric means of the non-zero counts; the median of the ratios over a cell's non-zero genes
+    geo = np.exp(np.nanmean(logs, axis=0))
+    expected = np.array([np.median(dense[i][dense[i] > 0] / geo[dense[i] > 0]) for i in range(n)])
+    expected /= np.exp(np.mean(np.log(expected)))
+    lm, us = K.reference_log_means(K.log_count_sums(y), n, "sparse")
+    assert_close(K.finish_size_factors(K.cell_size_factors(y, lm, us, "sparse"))[0], expected, rtol=1e-12)
+    # ratio: genes without zeros only; exp of the median log ratio
+    full = (dense > 0).all(axis=0)
+    lg = np.log(dense[:, full])
+    expected = np.exp(np.median(lg - lg.mean(axis=0), axis=1))
+    expected /= np.exp(np.mean(np.log(expected)))
+    lm, us = K.reference_log_means(K.log_count_sums(y), n, "ratio")
+    assert us.sum() == full.sum()
+    assert_close(K.finish_size_factors(K.cell_size_factors(y, lm, us, "ratio"))[0], expected, rtol=1e-12)
+
+
+def test_counts_are_checked():
+    with pytest.raises(ValueError, match="non-integer values.*raw counts.*--layer counts"):
+        K.log_count_sums(sp.csr_matrix(np.array([[0.5, 1.0]])))
+    with pytest.raises(ValueError, match="negative"):
+        K.nb_control(sp.csr_matrix(np.array([[-1.0, 1.0]])), np.ones(1), np.ones(2))
+    with pytest.raises(ValueError, match="do not split"):
+        K.nbglm_block(
+            sp.csr_matrix(np.ones((3, 2))),
+            [2],
+            K.nb_control(sp.csr_matrix(np.ones((3, 2))), np.ones(3), np.ones(2)),
+            rows=np.ones(3),
+            alpha=np.ones(2),
+        )
