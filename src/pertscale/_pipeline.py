@@ -41,6 +41,7 @@ from .io._prepare import is_sorted, prepare
 from .io._read import row_nonzeros, subset
 from .io._write import check_not_input, overlap, write_stores
 from .kernels._common import ALTERNATIVES
+from .tl._rank_genes_groups import METHODS as TESTS
 from .tl._results import check_results_writable, scanpy_uns, write_significant
 
 logger = logging.getLogger(__name__)
@@ -101,7 +102,7 @@ class RunSummary:
 
 
 #: The tests the main job runs, by ``--method`` name.
-METHODS = ("wilcoxon", "t-test", "t-test_overestim_var")
+METHODS = ("wilcoxon", "t-test", "t-test_overestim_var", "nb-glm")
 
 
 def output_files(methods: Iterable[str]) -> dict[str, str]:
@@ -109,7 +110,8 @@ def output_files(methods: Iterable[str]) -> dict[str, str]:
 
     Per method ``de_<method>.zarr`` (always), ``de_<method>.h5ad`` (where
     scanpy's view fits) and ``de_<method>_significant.csv``, with ``-`` in
-    the method's name written ``_``; ``qc.csv`` once.
+    the method's name written ``_``; ``qc.csv`` once; with nb-glm,
+    ``size_factors.csv``.
     """
     files = {}
     for method in methods:
@@ -119,11 +121,13 @@ def output_files(methods: Iterable[str]) -> dict[str, str]:
             f"h5ad:{method}": f"{stem}.h5ad",
             f"significant:{method}": f"{stem}_significant.csv",
         }
+    if "nb-glm" in methods:
+        files["size_factors"] = "size_factors.csv"
     return files | {"qc": "qc.csv"}
 
 
 #: Every output the main job can write (``de_*`` of any method, ``qc.csv``): results of an earlier run.
-EARLIER_OUTPUTS = ("de_*.zarr", "de_*.h5ad", "de_*_significant.csv", "qc.csv")
+EARLIER_OUTPUTS = ("de_*.zarr", "de_*.h5ad", "de_*_significant.csv", "qc.csv", "size_factors.csv")
 #: The working store's name inside the output directory, unless given.
 WORKING_STORE = "working_store.zarr"
 
@@ -334,6 +338,9 @@ def run(
     use_raw: bool = False,
     chunk_size: int | None = None,
     method: str | Iterable[str] = "wilcoxon",
+    size_factor_method: str = "sparse",
+    dispersion_method: str = "cox-reid",
+    shrink: bool = True,
     tie_correct: bool = True,
     use_continuity: bool = False,
     corr_method: str = "benjamini-hochberg",
@@ -390,8 +397,14 @@ def run(
         Cells per block; default from the memory plan.
     method
         A test of :func:`pertscale.tl.rank_genes_groups` (``"wilcoxon"``,
-        ``"t-test"``, ``"t-test_overestim_var"``) or several; several share
-        the QC pass and read each block once.
+        ``"t-test"``, ``"t-test_overestim_var"``, ``"nb-glm"``) or several;
+        several share the QC pass and read each block once. nb-glm tests the
+        raw counts (never the normalized values), after its size factors
+        (:func:`pertscale.pp.size_factors`, written to ``size_factors.csv``)
+        and dispersions (:func:`pertscale.tl.dispersions`, in the results'
+        ``var``), each a few passes of its own.
+    size_factor_method, dispersion_method, shrink
+        nb-glm's options (see :func:`pertscale.tl.rank_genes_groups`).
     tie_correct, use_continuity, corr_method, alternative
         Options of :func:`pertscale.tl.rank_genes_groups`.
     overwrite
@@ -481,6 +494,8 @@ def run(
         n_groups_tested=len(testable),
         row_nnz=row_nonzeros(path, layer=layer, use_raw=use_raw),
         workers=_client_workers(scheduler),
+        n_statistics=sum(len(TESTS[m].statistics) for m in methods),
+        nb_glm="nb-glm" in methods,
     )
     if dry_run:
         return plan
@@ -509,6 +524,11 @@ def run(
                 layer=layer,
                 use_raw=use_raw,
                 methods=methods,
+                nb_options={
+                    "size_factor_method": size_factor_method,
+                    "dispersion_method": dispersion_method,
+                    "shrink": shrink,
+                },
                 options={
                     "tie_correct": tie_correct,
                     "use_continuity": use_continuity,
@@ -561,6 +581,7 @@ def _passes(
     layer: str | None,
     use_raw: bool,
     methods: list[str],
+    nb_options: dict,
     options: dict,
     scanpy_format: bool,
     scheduler,
@@ -625,19 +646,39 @@ def _passes(
         raise ValueError(f"no gene is detected in at least {min_cells} cells; lower --min-cells")
     filtered = subset(adata, obs_mask=keep_cells, var_mask=keep_genes)  # blocks keep whole groups
 
+    if "nb-glm" in methods:  # on the raw counts: size factors and dispersions, each their own passes
+        filtered.layers["counts"] = filtered.X  # the same lazy blocks; normalization below replaces X only
+        t = time.perf_counter()
+        pp.size_factors(filtered, method=nb_options["size_factor_method"], scheduler=scheduler, progress=progress)
+        seconds["size factors"] = time.perf_counter() - t
+        t = time.perf_counter()
+        tl.dispersions(
+            filtered,
+            perturbation_column,
+            method=nb_options["dispersion_method"],
+            layer="counts",
+            scheduler=scheduler,
+            progress=progress,
+        )
+        seconds["dispersions"] = time.perf_counter() - t
+        sf = filtered.obs[[perturbation_column, "size_factors"]].rename(columns={"size_factors": "size_factor"})
+        _write_csv(sf.rename_axis("cell").reset_index(), output.path("size_factors"))
     pp.normalize_total(filtered, target_sum=target_sum)
     pp.log1p(filtered)
     stored = perturbation_labels(filtered.obs, perturbation_column)
     in_storage_order = [g for g in pd.unique(stored.to_numpy()) if g != control_label]
     results = {}
     for method in methods:
+        nb = method == "nb-glm"
         res = tl.rank_genes_groups(
             filtered,
             perturbation_column,
             control_label,
             method=method,
             perturbations=in_storage_order,  # results rows in storage order: written as they come, never reordered
+            layer="counts" if nb else None,
             **options,
+            **({"shrink": nb_options["shrink"]} if nb else {}),
         )
         res.uns["pertscale"]["settings"].update(
             {
@@ -657,7 +698,7 @@ def _passes(
     seconds["test and write"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    written = {"qc": True}
+    written = {"qc": True} | ({"size_factors": True} if "nb-glm" in methods else {})
     de_genes = {}
     for method, res in results.items():
         store = output.path(f"results:{method}")

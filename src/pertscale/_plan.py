@@ -126,6 +126,8 @@ def make_plan(
     n_groups_tested: int,
     row_nnz: np.ndarray | None,
     workers: tuple[int, int] | None = None,
+    n_statistics: int = 7,
+    nb_glm: bool = False,
 ) -> Plan:
     """The plan of a main job on ``adata`` (lazy; only metadata and ``obs`` are used).
 
@@ -159,6 +161,11 @@ def make_plan(
     workers
         ``(number, memory limit in bytes)`` of the workers of a distributed
         client that will run the job; ``None`` for this machine.
+    n_statistics
+        Statistics per (perturbation, gene) written, over every method.
+    nb_glm
+        Whether the negative-binomial test runs (its size factor and
+        dispersion passes).
     """
     n_obs, n_vars = adata.shape
     if row_nnz is None:  # dense or column-major storage: every row as full, an upper bound
@@ -201,7 +208,7 @@ def make_plan(
             )
         )
     store = int(kept_nnz * STORE_BYTES_PER_NONZERO) if needs_sort else 0
-    results = n_groups_tested * n_vars * 7 * 8
+    results = n_groups_tested * n_vars * n_statistics * 8
     out_dir = next((p for p in (out, *out.parents) if p.exists()), Path("."))
     free = shutil.disk_usage(out_dir).free
     need = 2 * store + results
@@ -211,7 +218,10 @@ def make_plan(
             "choose an --out (or --working-store) on a larger disk"
         )
     passes = ["sort into the working store (1 read, spill written and read once, compressed)"] if needs_sort else []
-    passes += ["QC metrics and filters (1 read)", "control summary (reads the control slice)", "test (1 read)"]
+    passes += ["QC metrics and filters (1 read)"]
+    if nb_glm:
+        passes += ["size factors (2 reads)", "dispersions (1 read, then 1 read per Newton step: about 5-15)"]
+    passes += ["control summary (reads the control slice)", "test (1 read, every method)"]
     return Plan(
         n_obs=n_obs,
         n_vars=n_vars,

@@ -158,8 +158,32 @@ def _finite(name: str, **bounds):
     "--method",
     default="wilcoxon",
     show_default=True,
-    help="Test(s) against control, comma-separated: wilcoxon, t-test, t-test_overestim_var. Several share the "
-    "QC pass and read each block once; each writes de_<method>.* (- as _).",
+    help="Test(s) against control, comma-separated: wilcoxon, t-test, t-test_overestim_var, nb-glm (raw counts). "
+    "Several share the QC pass and read each block once; each writes de_<method>.* (- as _).",
+)
+@click.option(
+    "--size-factors",
+    "size_factor_method",
+    type=click.Choice(["sparse", "poscounts", "ratio"]),
+    default="sparse",
+    show_default=True,
+    help="nb-glm: median-of-ratios size factors (sparse: over each cell's non-zero genes, as crispyx; poscounts: "
+    "DESeq2's single-cell variant; ratio: DESeq2's classic).",
+)
+@click.option(
+    "--dispersion",
+    "dispersion_method",
+    type=click.Choice(["cox-reid", "moments"]),
+    default="cox-reid",
+    show_default=True,
+    help="nb-glm: gene-wise dispersions by Cox-Reid adjusted profile likelihood (then trend and prior, as DESeq2) "
+    "or by moments (one pass, fast).",
+)
+@click.option(
+    "--shrink/--no-shrink",
+    default=True,
+    show_default=True,
+    help="nb-glm: apeGLM-shrunk logfoldchanges (the MLE is kept as logfoldchanges_raw).",
 )
 @click.option(
     "--alternative",
@@ -202,6 +226,9 @@ def run(
     working_store,
     dry_run,
     method,
+    size_factor_method,
+    dispersion_method,
+    shrink,
     alternative,
     continuity,
     corr_method,
@@ -253,6 +280,9 @@ def run(
                 working_store=working_store,
                 dry_run=dry_run,
                 method=method,
+                size_factor_method=size_factor_method,
+                dispersion_method=dispersion_method,
+                shrink=shrink,
                 alternative=alternative,
                 use_continuity=continuity,
                 corr_method=corr_method,

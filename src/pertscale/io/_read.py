@@ -239,6 +239,26 @@ def subset(adata: ad.AnnData, *, obs_mask: np.ndarray | None = None, var_mask: n
     )
 
 
+def per_block(func, n_out: int, *inputs) -> da.Array:
+    """``func`` of each row block, whose ``(1, n_out, n_cols)`` results are stacked: ``(n_blocks, n_out, n_cols)``.
+
+    ``inputs`` are ``(array, index)`` pairs with index ``"bj"`` for a matrix
+    of row blocks (one block along the columns) and ``"b"`` for per-row
+    vectors chunked like it; anything else is passed to every call as it is.
+    """
+    pairs = [a for item in inputs for a in (item if isinstance(item, tuple) else (item, None))]
+    return da.blockwise(
+        func,
+        "bsj",
+        *pairs,
+        new_axes={"s": n_out},
+        adjust_chunks={"b": 1},
+        concatenate=True,
+        dtype=np.float64,
+        meta=np.empty((0, 0, 0)),
+    )
+
+
 def map_csr(x: da.Array, func, *args, dtype=None) -> da.Array:
     """``x.map_blocks(func, *args)`` for a function that returns a CSR block of each block.
 

@@ -291,7 +291,10 @@ def dispersion_moments_block(block, group_sizes: np.ndarray, size_factors: np.nd
 
 
 def starting_dispersions(sums: np.ndarray, inv_size_factor_mean: float, n_cells: int) -> np.ndarray:
-    """DESeq2's starting dispersions: the smaller of the rough and the moments estimates, clipped.
+    """DESeq2's starting dispersions: the smaller of the rough and moments estimates, clipped.
+
+    Where the rough estimate is 0 (sparse single-cell genes: its means are
+    floored at 1) the moments estimate is taken.
 
     Parameters
     ----------
@@ -308,7 +311,9 @@ def starting_dispersions(sums: np.ndarray, inv_size_factor_mean: float, n_cells:
         mean = s1 / n_cells
         var = (s2 - n_cells * mean * mean) / (n_cells - 1)
         moments = np.nan_to_num((var - inv_size_factor_mean * mean) / (mean * mean))
-    return np.clip(np.minimum(rough, moments), MIN_DISP, max(10.0, float(n_cells)))
+    # DESeq2 starts from the smaller; the rough estimate (means floored at 1) is 0 for sparse single-cell genes
+    start = np.where(rough > MIN_DISP, np.minimum(rough, moments), moments)
+    return np.clip(start, MIN_DISP, max(10.0, float(n_cells)))
 
 
 @njit(cache=True, nogil=True)
@@ -857,6 +862,7 @@ def nbglm_block(
         total = info_c[None, :] + info_map
         var = total / (total * (info_map + curvature) - info_map * info_map)
     out[:, stat["logfoldchanges"]] = b_map / unit
-    out[:, stat["standard_error_shrunk"]] = np.where(var > 0, np.sqrt(var), np.nan) / unit
+    with np.errstate(invalid="ignore"):
+        out[:, stat["standard_error_shrunk"]] = np.where(var > 0, np.sqrt(var), np.nan) / unit
     out[:, stat["prior_scale"]] = scale[:, None]
     return out

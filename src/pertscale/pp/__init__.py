@@ -1,4 +1,4 @@
-"""Preprocessing: quality control and normalization, lazy and streaming."""
+"""Preprocessing: quality control, normalization and size factors, streaming over row blocks."""
 
 from ._normalize import log1p, normalize_total
 from ._qc import (
@@ -10,6 +10,7 @@ from ._qc import (
     mitochondrial_genes,
     qc_pass,
 )
+from ._size_factors import size_factors
 
 __all__ = [
     "DEFAULT_EXCLUDE",
@@ -21,4 +22,5 @@ __all__ = [
     "mitochondrial_genes",
     "normalize_total",
     "qc_pass",
+    "size_factors",
 ]

@@ -5,12 +5,11 @@ from __future__ import annotations
 import warnings
 
 import anndata as ad
-import dask.array as da
 import numpy as np
 
 from .._validation import check_shape, get_matrix
 from ..cluster import compute
-from ..io._read import as_dask
+from ..io._read import as_dask, per_block
 
 
 def _log_sums(block):
@@ -85,14 +84,7 @@ def size_factors(
     if x.numblocks[1] != 1:
         x = x.rechunk({1: -1})
     n_obs, n_vars = x.shape
-    sums = da.map_blocks(
-        _log_sums,
-        x,
-        new_axis=0,
-        chunks=((1,) * x.numblocks[0], (2,), (n_vars,)),
-        dtype=np.float64,
-        meta=np.empty((0, 0, 0)),
-    ).sum(axis=0, split_every=8)
+    sums = per_block(_log_sums, 2, (x, "bj")).sum(axis=0, split_every=8)
     (sums,) = compute(sums, scheduler=scheduler, progress=progress, desc="size factors (1/2)")
     log_mean, usable = reference_log_means(sums, n_obs, method)
     if not usable.any():

@@ -23,7 +23,7 @@ from scipy import special
 
 from .._validation import check_number, check_shape, get_matrix, perturbation_labels
 from ..cluster import compute
-from ..io._read import as_dask
+from ..io._read import as_dask, per_block
 from ._engine import Groups, aligned
 
 logger = logging.getLogger(__name__)
@@ -117,7 +117,7 @@ class _Layout:
         """``func(block, codes, size_factors, *args)`` of every block of whole groups: ``(blocks, n_out, n_genes)``."""
         if self.lay is None:
             return None
-        return _per_block(func, n_out, (self.lay.x, "bj"), (self.codes, "b"), (self.sf, "b"), *args)
+        return per_block(func, n_out, (self.lay.x, "bj"), (self.codes, "b"), (self.sf, "b"), *args)
 
 
 def _chunked(values: np.ndarray, budget: int) -> da.Array:
@@ -125,29 +125,14 @@ def _chunked(values: np.ndarray, budget: int) -> da.Array:
 
 
 def _piece_blocks(piece: da.Array, sf: da.Array, func, n_out: int, *args) -> da.Array:
-    return _per_block(func, n_out, (piece, "bj"), (sf, "b"), *args)
-
-
-def _per_block(func, n_out: int, *inputs) -> da.Array:
-    """``func`` of each row block (arrays given as ``(array, index)`` pairs, others as they are): stacked."""
-    pairs = [a for item in inputs for a in (item if isinstance(item, tuple) else (item, None))]
-    return da.blockwise(
-        func,
-        "bsj",
-        *pairs,
-        new_axes={"s": n_out},
-        adjust_chunks={"b": 1},
-        concatenate=True,
-        dtype=np.float64,
-        meta=np.empty((0, 0, 0)),
-    )
+    return per_block(func, n_out, (piece, "bj"), (sf, "b"), *args)
 
 
 def _newton(evaluate, a0, *, lower, upper, max_iter, tol, prior=None):
     """Maximize, per gene, a function of ``a = log alpha`` given by ``evaluate(a, active) -> (V, G, H)``.
 
-    Newton steps (at most :data:`MAX_STEP` long; a gradient step where the
-    curvature is not negative), halved back while the value drops, within
+    Newton steps (at most :data:`MAX_STEP` long; a step of that length uphill
+    where the curvature is not negative), halved back while the value drops, within
     ``[lower, upper]``. ``prior = (center, variance)`` adds a normal prior on
     ``a``. Returns ``(a, curvature at a, converged)``.
     """
@@ -174,7 +159,7 @@ def _newton(evaluate, a0, *, lower, upper, max_iter, tol, prior=None):
         active &= ~done_back
         ok = active & ~worse
         best[ok], value[ok], curv[ok] = trial[ok], v[ok], h[ok]
-        step = np.where(h < 0, -g / np.where(h < 0, h, 1.0), np.sign(g))
+        step = np.where(h < 0, -g / np.where(h < 0, h, 1.0), np.sign(g) * MAX_STEP)
         step = np.clip(step, -MAX_STEP, MAX_STEP)
         new = np.clip(best + step, lower, upper)
         small = np.abs(new - best) < tol
@@ -248,8 +233,8 @@ def dispersions(
     *,
     size_factors: str = "size_factors",
     method: str = "cox-reid",
-    min_mu: float = 0.5,
-    max_iter: int = 10,
+    min_mu: float = 1e-6,
+    max_iter: int = 20,
     tol: float = 1e-4,
     layer: str | None = None,
     scheduler=None,
@@ -292,7 +277,10 @@ def dispersions(
         ``"cox-reid"`` (default) or ``"moments"`` (fast, one pass).
     min_mu
         Lower bound of the fitted means in the likelihood (DESeq2's
-        ``minmu``, default 0.5 as DESeq2 and PyDESeq2).
+        ``minmu``). The default, 1e-6, is what DESeq2's documentation gives
+        for single-cell counts; DESeq2's and PyDESeq2's default 0.5 suits bulk
+        counts but, where most means are far below it, pushes the dispersions
+        of sparse genes up.
     max_iter
         Newton passes at most, for each of the two fits.
     tol

@@ -29,6 +29,7 @@ from .._validation import (
 from ..cluster import n_cores
 from ..io._read import as_dask
 from ..kernels._common import ALTERNATIVES, CORR_METHODS
+from ..kernels.nbglm import NBGLM_STATS, nb_control, nbglm_block
 from ..kernels.ttest import TTEST_STATS, control_moments, ttest_block
 from ..kernels.wilcoxon import WILCOXON_STATS, control_statistics, wilcoxon_block
 from ._engine import Method, find_groups, test_against_control
@@ -39,10 +40,9 @@ logger = logging.getLogger(__name__)
 
 WILCOXON = Method(name="wilcoxon", statistics=WILCOXON_STATS, summarise=control_statistics, block=wilcoxon_block)
 TTEST = Method(name="t-test", statistics=TTEST_STATS, summarise=control_moments, block=ttest_block)
-#: The tests against control, by ``method=`` name (scanpy's names).
-METHODS = {"wilcoxon": WILCOXON, "t-test": TTEST, "t-test_overestim_var": TTEST}
-#: What each method expects of the matrix.
-LOG1P_METHODS = ("wilcoxon", "t-test", "t-test_overestim_var")
+NBGLM = Method(name="nb-glm", statistics=NBGLM_STATS, summarise=nb_control, block=nbglm_block)
+#: The tests against control, by ``method=`` name (scanpy's names, and ``nb-glm``).
+METHODS = {"wilcoxon": WILCOXON, "t-test": TTEST, "t-test_overestim_var": TTEST, "nb-glm": NBGLM}
 
 
 def _warn_if_counts(adata: ad.AnnData, dtype: np.dtype, layer: str | None) -> None:
@@ -75,6 +75,11 @@ def rank_genes_groups(
     use_continuity: bool = False,
     corr_method: str = "benjamini-hochberg",
     alternative: str = "two-sided",
+    size_factors: str | np.ndarray = "size_factors",
+    size_factor_method: str = "sparse",
+    dispersion_method: str = "cox-reid",
+    shrink: bool = True,
+    lfc_base: str = "log2",
     min_cells: int = 2,
     scanpy_format: bool = False,
     scheduler=None,
@@ -97,7 +102,9 @@ def rank_genes_groups(
         ``"wilcoxon"``: Wilcoxon rank-sum (Mann-Whitney U) test;
         ``"t-test"``: Welch's t-test; ``"t-test_overestim_var"``: scanpy's
         variant of it that puts the group's cell count in place of the
-        control's (a larger control variance for small groups).
+        control's (a larger control variance for small groups); ``"nb-glm"``:
+        the negative-binomial GLM Wald test on raw counts (DESeq2's model,
+        the control's intercept fitted once and frozen; see Notes).
     perturbations
         Labels to test; default all labels other than ``control_label``.
     layer
@@ -116,6 +123,22 @@ def rank_genes_groups(
         perturbation than in control) or ``"less"``: the perturbation is the
         first sample, as in ``scipy.stats.mannwhitneyu`` and
         ``scipy.stats.ttest_ind``. Scores keep their sign either way.
+    size_factors
+        nb-glm: an ``obs`` column (default ``"size_factors"``) or an
+        ``(n_obs,)`` array. A missing column is computed first with
+        :func:`pertscale.pp.size_factors` (two passes) and stored.
+    size_factor_method
+        nb-glm: the method that computes missing size factors (``"sparse"``,
+        ``"poscounts"``, ``"ratio"``).
+    dispersion_method
+        nb-glm: how missing ``var['dispersion']`` is estimated first
+        (:func:`pertscale.tl.dispersions`: ``"cox-reid"`` or ``"moments"``).
+    shrink
+        nb-glm: ``logfoldchanges`` are apeGLM's shrunk estimates (default);
+        ``logfoldchanges_raw`` always holds the MLE.
+    lfc_base
+        nb-glm: ``"log2"`` (default) or ``"natural"`` fold changes and
+        standard errors (recorded in the settings).
     min_cells
         Perturbations with fewer cells are skipped with a warning and listed
         in ``uns['pertscale']['skipped']``.
@@ -147,7 +170,15 @@ def rank_genes_groups(
         the mean log1p values, scanpy's definition), ``pts``/``pts_rest``
         (fraction of perturbed/control cells with a non-zero value) and, for
         the Wilcoxon, ``u_statistic``; the settings in
-        ``uns['pertscale']['settings']``.
+        ``uns['pertscale']['settings']``. nb-glm: ``scores`` are Wald z,
+        ``pvals`` normal, ``logfoldchanges`` apeGLM-shrunk and
+        ``logfoldchanges_raw`` the MLE (``lfc_base``), ``standard_error`` (of
+        the MLE) and ``standard_error_shrunk`` (posterior), ``baseMean`` (mean
+        normalized count of the perturbation's and the control's cells),
+        ``converged``, ``n_iter`` and ``prior_scale`` (apeGLM's, natural log,
+        one value per perturbation); ``var`` also holds the dispersions
+        (``dispersion``, ``dispersion_genewise``, ``dispersion_trend``,
+        ``dispersion_outlier``).
 
     Raises
     ------
@@ -178,6 +209,21 @@ def rank_genes_groups(
     control, equal_var=False)`` (Welch 1947) and to scanpy's
     ``method="t-test"``. Where a gene has no variance in either group the
     score is 0 and the p-value 1, as in scanpy (scipy returns NaN there).
+
+    nb-glm (Love, Huber & Anders 2014; PyDESeq2, Muzellec et al. 2023): per
+    gene ``y ~ NB(mu, alpha)``, ``log mu = beta0 + beta1 x + log s``. The
+    intercept's maximum likelihood estimate depends on the control cells
+    alone, so freezing it at the control-only fit is exact: ``beta1`` and
+    its standard error ``sqrt(1/I_control + 1/I_group)`` equal a full
+    two-group GLM (statsmodels' ``NegativeBinomial`` family, same ``alpha``
+    and offsets). The dispersions are shared by all comparisons, estimated
+    from all cells (:func:`pertscale.tl.dispersions`), where DESeq2 run per
+    comparison estimates them from the two groups' cells. apeGLM (Zhu,
+    Ibrahim & Love 2019) shrinks ``beta1`` with a Cauchy prior whose scale
+    comes from the perturbation's MLEs; the intercept stays at the control
+    fit (apeglm refits it jointly; with many control cells the difference is
+    small). P-values come from the MLE, as in DESeq2. Where a side has no
+    count of a gene, the Wald test is undefined (NaN).
     """
     if method not in METHODS:
         raise ValueError(f"method {method!r} is not available; choose one of {tuple(METHODS)}")
@@ -224,15 +270,35 @@ def rank_genes_groups(
     check_writable_labels(groups, perturbation_column)
 
     x = as_dask(get_matrix(adata, layer))
-    _warn_if_counts(adata, x.dtype, layer)
     found = find_groups(labels, groups, control_label)
     test = METHODS[method]
     options: dict = {"corr_method": corr_method, "alternative": alternative}
-    if test is WILCOXON:
-        options |= {"tie_correct": bool(tie_correct), "use_continuity": bool(use_continuity)}
+    inputs: dict = {}
+    extra_settings: dict = {"logfoldchanges_base": "log2"}
+    if test is NBGLM:
+        inputs, extra_settings = _nbglm_inputs(
+            adata,
+            perturbation_column,
+            layer=layer,
+            size_factors=size_factors,
+            size_factor_method=size_factor_method,
+            dispersion_method=dispersion_method,
+            scheduler=scheduler,
+            progress=progress,
+        )
+        if lfc_base not in ("log2", "natural"):
+            raise ValueError(f"lfc_base {lfc_base!r} is not supported; choose 'log2' or 'natural'")
+        options |= {"alpha": inputs["gene_values"]["alpha"], "shrink": bool(shrink), "lfc_base": lfc_base}
+        extra_settings |= {"logfoldchanges_base": lfc_base, "shrink": "apeglm" if shrink else "none"}
     else:
-        options["overestimate_variance"] = method == "t-test_overestim_var"
-    stats, lay = test_against_control(x, found, test, n_parts=2 * (settings.n_workers or n_cores()), options=options)
+        _warn_if_counts(adata, x.dtype, layer)
+        if test is WILCOXON:
+            options |= {"tie_correct": bool(tie_correct), "use_continuity": bool(use_continuity)}
+        else:
+            options["overestimate_variance"] = method == "t-test_overestim_var"
+    stats, lay = test_against_control(
+        x, found, test, n_parts=2 * (settings.n_workers or n_cores()), options=options, **inputs
+    )
     logger.info(
         "%s: %d perturbations in %d blocks (%s)",
         method,
@@ -251,13 +317,19 @@ def rank_genes_groups(
             "perturbation_column": perturbation_column,
             "control_label": str(control_label),
             "layer": layer or "X",
-            **{k: v for k, v in options.items() if k != "overestimate_variance"},
+            **{
+                k: v for k, v in options.items() if k in ("corr_method", "alternative", "tie_correct", "use_continuity")
+            },
             "min_cells": int(min_cells),
             "n_control_cells": int(control_mask.sum()),
-            "logfoldchanges_base": "log2",
+            **extra_settings,
             "pertscale_version": importlib.metadata.version("pertscale"),
         },
     )
+    if test is NBGLM:
+        for column in ("dispersion", "dispersion_genewise", "dispersion_trend", "dispersion_outlier"):
+            if column in adata.var:
+                res.var[column] = adata.var[column].to_numpy()
     res.uns["pertscale"]["skipped"] = np.asarray(skipped, dtype=object) if skipped else np.asarray([], dtype=str)
     if scanpy_format:
         from .._compute import compute
@@ -265,3 +337,55 @@ def rank_genes_groups(
         res = compute(res, scheduler=scheduler, progress=progress, desc=method)
         scanpy_uns(res)
     return res
+
+
+def _nbglm_inputs(
+    adata: ad.AnnData,
+    perturbation_column: str,
+    *,
+    layer: str | None,
+    size_factors,
+    size_factor_method: str,
+    dispersion_method: str,
+    scheduler,
+    progress,
+) -> tuple[dict, dict]:
+    """Size factors and dispersions for nb-glm (computed and stored first where missing), and their settings."""
+    from .. import pp
+    from ._nbglm import dispersions, size_factor_values
+
+    where = f"layers[{layer!r}]" if layer else "X"
+    if layer is None and "log1p" in adata.uns:
+        raise ValueError(
+            f"{where} holds log1p-normalized values (uns['log1p'] is set), but nb-glm models raw counts; "
+            "pass the raw counts layer (layer='counts'), e.g. keep adata.layers['counts'] = adata.X before normalizing"
+        )
+    if isinstance(size_factors, str) and size_factors not in adata.obs:
+        logger.info("nb-glm: computing size factors (%s) into obs[%r]", size_factor_method, size_factors)
+        pp.size_factors(
+            adata,
+            method=size_factor_method,
+            layer=layer,
+            key_added=size_factors,
+            scheduler=scheduler,
+            progress=progress,
+        )
+    sf = size_factor_values(adata, size_factors)
+    if "dispersion" not in adata.var:
+        logger.info("nb-glm: estimating dispersions (%s)", dispersion_method)
+        dispersions(
+            adata,
+            perturbation_column,
+            size_factors=sf if not isinstance(size_factors, str) else size_factors,
+            method=dispersion_method,
+            layer=layer,
+            scheduler=scheduler,
+            progress=progress,
+        )
+    alpha = adata.var["dispersion"].to_numpy(dtype=np.float64)
+    info = (adata.uns.get("pertscale") or {}).get("dispersion") or {}
+    return {"row_values": sf, "gene_values": {"alpha": alpha}}, {
+        "size_factors": size_factors if isinstance(size_factors, str) else "given",
+        "dispersion_method": str(info.get("method", "given")),
+        "dispersion_prior_variance": float(info.get("prior_variance", np.nan)),
+    }
