@@ -221,6 +221,20 @@ def compute(*collections, scheduler=None, progress: bool | None = None, desc: st
     return dask.compute(*collections, scheduler=sched)
 
 
+def persist(*collections, scheduler=None) -> tuple:
+    """Compute Dask collections and keep their results where they were computed (worker memory, or here).
+
+    Returns
+    -------
+    tuple
+        Collections of the same kinds, backed by the results.
+    """
+    sched = resolve_scheduler(scheduler)
+    if is_distributed(sched):
+        return tuple(sched.persist(list(collections)))
+    return dask.persist(*collections, scheduler=sched)
+
+
 def _replicate_summaries(client, collections, *, progress: bool) -> list:
     """Compute the control summaries in ``collections`` first and copy them to every worker.
 

@@ -206,22 +206,6 @@ def _trigamma(x):
 
 
 @njit(cache=True, nogil=True)
-def _log1p_over(u):
-    """``g(u) = log1p(u) / u`` and its first two derivatives, accurate for small ``u``."""
-    if u < 1e-3:
-        g = 1.0 - u / 2.0 + u * u / 3.0 - u * u * u / 4.0 + u**4 / 5.0
-        g1 = -0.5 + 2.0 * u / 3.0 - 0.75 * u * u + 0.8 * u**3
-        g2 = 2.0 / 3.0 - 1.5 * u + 2.4 * u * u
-        return g, g1, g2
-    lp = np.log1p(u)
-    phi = u / (1.0 + u) - lp
-    g = lp / u
-    g1 = phi / (u * u)
-    g2 = -1.0 / (u * (1.0 + u) ** 2) - 2.0 * phi / (u * u * u)
-    return g, g1, g2
-
-
-@njit(cache=True, nogil=True)
 def _count_terms(y, alpha):
     """``sum_{j<y} log(1 + j alpha)`` and its first two derivatives in ``log alpha``."""
     v = 0.0
@@ -260,7 +244,50 @@ def _normalized_csc(block, size_factors):
     return csc.indptr.astype(np.int64), csc.indices.astype(np.int64), y, y / size_factors[csc.indices]
 
 
-def dispersion_moments_block(block, group_sizes: np.ndarray, size_factors: np.ndarray) -> np.ndarray:
+@dataclass(frozen=True)
+class CountColumns:
+    """A block of raw counts by gene, ready for the dispersion kernels (made once, used by every pass).
+
+    Attributes
+    ----------
+    shape
+        ``(n_rows, n_genes)``.
+    ptr, rows, y, z
+        CSC layout: gene ``j``'s non-zero counts ``y[ptr[j]:ptr[j + 1]]`` at
+        rows ``rows[...]`` (ascending), and ``z = y / s``.
+    size_factors
+        ``(n_rows,)`` float64.
+    """
+
+    shape: tuple[int, int]
+    ptr: np.ndarray
+    rows: np.ndarray
+    y: np.ndarray
+    z: np.ndarray
+    size_factors: np.ndarray
+
+    @property
+    def nbytes(self) -> int:
+        """Memory held, in bytes."""
+        return sum(a.nbytes for a in (self.ptr, self.rows, self.y, self.z, self.size_factors))
+
+
+def count_columns(block, size_factors: np.ndarray) -> CountColumns:
+    """A raw count block (CSR) as :class:`CountColumns`.
+
+    Raises
+    ------
+    ValueError
+        If the block does not hold raw counts.
+    """
+    block = canonical_csr(block)
+    check_counts(block)
+    sf = np.asarray(size_factors, dtype=np.float64)
+    ptr, rows, y, z = _normalized_csc(block, sf)
+    return CountColumns(shape=block.shape, ptr=ptr, rows=rows.astype(np.int32), y=y, z=z, size_factors=sf)
+
+
+def dispersion_moments_block(block, group_sizes: np.ndarray, size_factors: np.ndarray | None = None) -> np.ndarray:
     """Per gene sums for DESeq2's starting dispersions, from a block of whole groups.
 
     Returns
@@ -272,9 +299,10 @@ def dispersion_moments_block(block, group_sizes: np.ndarray, size_factors: np.nd
         ``zbar_g = max(group mean of z, 1)`` (DESeq2's ``roughDispEstimate``),
         and the number of groups in the block (same in every gene).
     """
+    cols = block if isinstance(block, CountColumns) else count_columns(block, size_factors)
     group_ptr = _group_rows(group_sizes)
-    ptr, rows, _, z = _normalized_csc(block, np.asarray(size_factors, dtype=np.float64))
-    n_genes = block.shape[1]
+    ptr, rows, z = cols.ptr, cols.rows, cols.z
+    n_genes = cols.shape[1]
     n_groups = group_ptr.shape[0] - 1
     row_group = np.repeat(np.arange(n_groups), np.diff(group_ptr))
     gene = np.repeat(np.arange(n_genes), np.diff(ptr))
@@ -319,16 +347,30 @@ def starting_dispersions(sums: np.ndarray, inv_size_factor_mean: float, n_cells:
 @njit(cache=True, nogil=True)
 def _apl(group_ptr, ptr, rows, y, z, sf, alpha, means, min_mu, active, out):
     # out[0:3, j]: value, d/da, d2/da2 of sum_i l_i - 1/2 sum_g log W_g (a = log alpha), this block's groups;
-    # means: (n_groups, n_genes) fixed group means of z, or empty to take them from the block
+    # means: (n_groups, n_genes) fixed group means of z, or empty to take them from the block.
+    # Per cell, with u = alpha mu, h = 1 / (1 + u), g = log1p(u) / u and p = h - g:
+    # -(1/alpha) log1p(u) = -mu g; its d/da = -mu p; its d2/da2 = mu (p + u h^2)
     n_groups = group_ptr.shape[0] - 1
     n_genes = ptr.shape[0] - 1
     given = means.shape[0] > 0
+    # sum_{j<y} log1p(j a) and its derivatives for y <= DIRECT_COUNT, one table per gene (cumulative in y)
+    tv = np.zeros(DIRECT_COUNT + 1)
+    t1 = np.zeros(DIRECT_COUNT + 1)
+    t2 = np.zeros(DIRECT_COUNT + 1)
     for j in range(n_genes):
         if not active[j]:
             continue
         a = alpha[j]
         k = ptr[j]
         end = ptr[j + 1]
+        for c in range(1, DIRECT_COUNT + 1):
+            t = (c - 1) * a
+            tv[c] = tv[c - 1] + np.log1p(t)
+            t1[c] = t1[c - 1] + t / (1.0 + t)
+            t2[c] = t2[c - 1] + t / ((1.0 + t) * (1.0 + t))
+        v0 = 0.0
+        v1 = 0.0
+        v2 = 0.0
         for g in range(n_groups):
             lo = group_ptr[g]
             hi = group_ptr[g + 1]
@@ -345,38 +387,54 @@ def _apl(group_ptr, ptr, rows, y, z, sf, alpha, means, min_mu, active, out):
             w1 = 0.0
             w2 = 0.0
             for i in range(lo, hi):
-                mu = max(sf[i] * mbar, min_mu)
+                mu = sf[i] * mbar
+                if mu < min_mu:
+                    mu = min_mu
                 u = a * mu
-                gg, g1, g2 = _log1p_over(u)
-                # -(1/alpha) log1p(u) = -mu g(u), every cell
-                out[0, j] -= mu * gg
-                out[1, j] -= mu * g1 * u
-                out[2, j] -= mu * (g1 * u + g2 * u * u)
+                h = 1.0 / (1.0 + u)
+                if u < 1e-3:  # series: h - g cancels
+                    gv = 1.0 - u * (0.5 - u * (1.0 / 3.0 - 0.25 * u))
+                    p = -u * (0.5 - u * (2.0 / 3.0 - u * (0.75 - 0.8 * u)))
+                    lp = u * gv
+                else:
+                    lp = np.log1p(u)
+                    gv = lp / u
+                    p = h - gv
+                uh2 = u * h * h
+                v0 -= mu * gv
+                v1 -= mu * p
+                v2 += mu * (p + uh2)
                 if k < end and rows[k] == i:
                     yi = y[k]
-                    cv, c1, c2 = _count_terms(yi, a)
-                    out[0, j] += cv - yi * np.log1p(u)
-                    out[1, j] += c1 - yi * u / (1.0 + u)
-                    out[2, j] += c2 - yi * u / ((1.0 + u) * (1.0 + u))
+                    if yi <= DIRECT_COUNT:
+                        c = int(yi)
+                        cv, c1, c2 = tv[c], t1[c], t2[c]
+                    else:
+                        cv, c1, c2 = _count_terms(yi, a)
+                    v0 += cv - yi * lp
+                    v1 += c1 - yi * u * h
+                    v2 += c2 - yi * uh2
                     k += 1
-                h = 1.0 / (1.0 + u)
                 w += mu * h
-                w1 -= mu * u * h * h
-                w2 += mu * (-u * h * h + 2.0 * u * u * h * h * h)
+                w1 -= mu * uh2
+                w2 += mu * uh2 * (2.0 * u * h - 1.0)
             if not given:
-                out[0, j] -= 0.5 * np.log(w)
-                out[1, j] -= 0.5 * w1 / w
-                out[2, j] -= 0.5 * (w2 / w - (w1 / w) ** 2)
+                v0 -= 0.5 * np.log(w)
+                v1 -= 0.5 * w1 / w
+                v2 -= 0.5 * (w2 / w - (w1 / w) ** 2)
             else:
                 out[3, j] += w
                 out[4, j] += w1
                 out[5, j] += w2
+        out[0, j] += v0
+        out[1, j] += v1
+        out[2, j] += v2
 
 
 def dispersion_apl_block(
     block,
     group_sizes: np.ndarray,
-    size_factors: np.ndarray,
+    size_factors: np.ndarray | None,
     alpha: np.ndarray,
     *,
     means: np.ndarray | None = None,
@@ -388,7 +446,8 @@ def dispersion_apl_block(
     Parameters
     ----------
     block
-        ``(n_rows, n_genes)`` raw counts, CSR, rows in groups.
+        ``(n_rows, n_genes)`` raw counts, CSR, rows in groups, or their
+        :class:`CountColumns` (then ``size_factors`` is ignored).
     group_sizes
         Rows of each group, in order. Each group is whole in this block,
         unless ``means`` is given (the cells of one large group, the
@@ -415,18 +474,17 @@ def dispersion_apl_block(
         groups), constants in alpha left out; rows 3-5: ``W``, ``dW``,
         ``d2W`` of the pieces (``means`` given), else zero.
     """
+    cols = block if isinstance(block, CountColumns) else count_columns(block, size_factors)
     group_ptr = _group_rows(group_sizes)
-    sf = np.asarray(size_factors, dtype=np.float64)
-    ptr, rows, y, z = _normalized_csc(block, sf)
-    n_genes = block.shape[1]
+    n_genes = cols.shape[1]
     out = np.zeros((6, n_genes))
     _apl(
         group_ptr,
-        ptr,
-        rows,
-        y,
-        z,
-        sf,
+        cols.ptr,
+        cols.rows,
+        cols.y,
+        cols.z,
+        cols.size_factors,
         np.asarray(alpha, dtype=np.float64),
         np.empty((0, 0)) if means is None else np.ascontiguousarray(means, dtype=np.float64),
         float(min_mu),

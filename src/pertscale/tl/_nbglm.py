@@ -23,7 +23,7 @@ from scipy import special
 
 from .._validation import check_number, check_shape, get_matrix, perturbation_labels
 from ..cluster import compute
-from ..io._read import as_dask, per_block
+from ..io._read import as_dask
 from ._engine import Groups, aligned
 
 logger = logging.getLogger(__name__)
@@ -39,50 +39,69 @@ def _group_sizes(codes: np.ndarray) -> np.ndarray:
     return np.diff(np.r_[starts, codes.shape[0]])
 
 
-def _moments_task(block, codes, sf):
+def _prepare(block, codes, sf):
+    """A block as the dispersion kernels take it: its counts by gene, and its group sizes (None: a piece)."""
+    from ..kernels.nbglm import count_columns
+
+    sizes = None if codes is None else _group_sizes(np.asarray(codes))
+    return count_columns(sp.csr_matrix(block), np.asarray(sf)), sizes
+
+
+def _moments(prepared):
     from ..kernels.nbglm import dispersion_moments_block
 
-    if codes.shape[0] == 0:
-        return np.zeros((1, 4, block.shape[1]))
-    return dispersion_moments_block(sp.csr_matrix(block), _group_sizes(codes), sf)[None]
+    cols, sizes = prepared
+    if sizes is None:  # a piece of a large group: its sums of z and z^2
+        z = sp.csc_matrix((cols.z, cols.rows, cols.ptr), shape=cols.shape)
+        return np.stack([np.asarray(z.sum(axis=0)).ravel(), np.asarray(z.multiply(z).sum(axis=0)).ravel()])
+    if sizes.size == 0:
+        return np.zeros((4, cols.shape[1]))
+    return dispersion_moments_block(cols, sizes)
 
 
-def _piece_sums_task(block, sf):
-    from ..kernels.nbglm import check_counts
-    from ..kernels.wilcoxon import canonical_csr
-
-    block = canonical_csr(block)
-    check_counts(block)
-    z = sp.diags(1.0 / sf) @ block.astype(np.float64)
-    return np.stack([np.asarray(z.sum(axis=0)).ravel(), np.asarray(z.multiply(z).sum(axis=0)).ravel()])[None]
-
-
-def _apl_task(block, codes, sf, alpha, min_mu, active):
+def _likelihood(prepared, alphas, means, min_mu, active):
+    """Value, gradient, curvature (and W terms of pieces): ``(n_points, 6, n_genes)`` for each row of ``alphas``."""
     from ..kernels.nbglm import dispersion_apl_block
 
-    if codes.shape[0] == 0:
-        return np.zeros((1, 6, block.shape[1]))
-    return dispersion_apl_block(sp.csr_matrix(block), _group_sizes(codes), sf, alpha, min_mu=min_mu, active=active)[
-        None
-    ]
+    cols, sizes = prepared
+    piece = sizes is None
+    out = np.zeros((alphas.shape[0], 6, cols.shape[1]))
+    if not piece and sizes.size == 0:
+        return out
+    for k, alpha in enumerate(alphas):
+        out[k] = dispersion_apl_block(
+            cols,
+            np.array([cols.shape[0]]) if piece else sizes,
+            None,
+            alpha,
+            means=means if piece else None,
+            min_mu=min_mu,
+            active=active,
+        )
+    return out
 
 
-def _apl_piece_task(block, sf, alpha, means, min_mu, active):
-    from ..kernels.nbglm import dispersion_apl_block
-
-    return dispersion_apl_block(
-        sp.csr_matrix(block), np.array([block.shape[0]]), sf, alpha, means=means, min_mu=min_mu, active=active
-    )[None]
+def _total(*parts):
+    return sum(parts[1:], parts[0].copy())
 
 
-def _sum_blocks(parts: list[da.Array]) -> da.Array:
-    return da.concatenate(parts, axis=0).sum(axis=0, split_every=8)
+#: Prepared blocks are kept in memory between passes when they take less than this share of the available memory.
+CACHE_FRACTION = 0.25
 
 
 class _Layout:
-    """The cells of every label, in blocks: whole groups together, groups longer than a block in pieces."""
+    """The cells of every label in blocks, as the dispersion kernels take them.
 
-    def __init__(self, x: da.Array, labels: pd.Series, size_factors: np.ndarray) -> None:
+    Groups up to a block's length are whole in a block (:func:`aligned`);
+    longer ones (the control) are cut into pieces whose group means come
+    from the first pass. Each block is read and turned into
+    :class:`~pertscale.kernels.nbglm.CountColumns` once per pass, or once in
+    all when the prepared blocks fit in memory (``cache``).
+    """
+
+    def __init__(self, x: da.Array, labels: pd.Series, size_factors: np.ndarray, *, cache: bool, scheduler) -> None:
+        import dask
+
         budget = int(max(x.chunks[0]))
         codes, names = pd.factorize(labels.to_numpy(), sort=False)
         sizes = np.bincount(codes, minlength=len(names))
@@ -90,50 +109,99 @@ class _Layout:
         self.n_groups = len(names)
         large = sizes > budget
         self.large_rows = [np.flatnonzero(codes == g) for g in np.flatnonzero(large)]
-        small_codes = np.where(large[codes], -1, codes).astype(np.int32)
-        self.pieces = []
-        for rows in self.large_rows:
-            contiguous = rows[-1] - rows[0] + 1 == rows.size
-            piece = x[int(rows[0]) : int(rows[-1]) + 1] if contiguous else x[rows]
-            self.pieces.append((piece.rechunk({0: budget, 1: -1}), _chunked(size_factors[rows], budget)))
-        self.lay = None
-        if (small_codes >= 0).any():
+        self.small: list = []
+        self.pieces: list[list] = []
+        if (~large[codes]).any():
             small = np.flatnonzero(~large)
             remap = np.full(len(names), -1, dtype=np.int32)
             remap[small] = np.arange(small.size, dtype=np.int32)
-            codes_small = np.where(small_codes >= 0, remap[np.maximum(small_codes, 0)], -1).astype(np.int32)
             groups = Groups(
                 names=[str(names[g]) for g in small],
-                codes=codes_small,
+                codes=np.where(large[codes], -1, remap[codes]).astype(np.int32),
                 sizes=sizes[small].astype(np.int64),
                 control_rows=np.empty(0, dtype=np.int64),
             )
-            self.lay = aligned(x, groups, budget=budget)
-            chunks = (self.lay.x.chunks[0],)
-            self.codes = da.from_array(self.lay.codes, chunks=chunks)
-            self.sf = da.from_array(size_factors[self.lay.rows], chunks=chunks)
+            lay = aligned(x, groups, budget=budget)
+            bounds = np.cumsum((0,) + lay.x.chunks[0])
+            blocks = lay.x.to_delayed().ravel()
+            self.small = [
+                dask.delayed(_prepare)(b, lay.codes[lo:hi], size_factors[lay.rows[lo:hi]])
+                for b, lo, hi in zip(blocks, bounds[:-1], bounds[1:], strict=True)
+            ]
+        for rows in self.large_rows:
+            contiguous = rows[-1] - rows[0] + 1 == rows.size
+            piece = (x[int(rows[0]) : int(rows[-1]) + 1] if contiguous else x[rows]).rechunk({0: budget, 1: -1})
+            bounds = np.cumsum((0,) + piece.chunks[0])
+            self.pieces.append(
+                [
+                    dask.delayed(_prepare)(b, None, size_factors[rows[lo:hi]])
+                    for b, lo, hi in zip(piece.to_delayed().ravel(), bounds[:-1], bounds[1:], strict=True)
+                ]
+            )
+        self.cache = cache
+        if cache:
+            from ..cluster import persist
 
-    def blocks(self, func, n_out: int, *args) -> da.Array | None:
-        """``func(block, codes, size_factors, *args)`` of every block of whole groups: ``(blocks, n_out, n_genes)``."""
-        if self.lay is None:
-            return None
-        return per_block(func, n_out, (self.lay.x, "bj"), (self.codes, "b"), (self.sf, "b"), *args)
+            kept = persist(*self.small, *[p for pieces in self.pieces for p in pieces], scheduler=scheduler)
+            self.small, rest = list(kept[: len(self.small)]), list(kept[len(self.small) :])
+            self.pieces = [[rest.pop(0) for _ in pieces] for pieces in self.pieces]
+
+    def moments(self, *, scheduler, progress):
+        """Pass one: ``(4, n_genes)`` sums over whole groups, and ``(2, n_genes)`` per large group."""
+        import dask
+
+        todo = [dask.delayed(_total)(*[dask.delayed(_moments)(p) for p in self.small])] if self.small else []
+        todo += [dask.delayed(_total)(*[dask.delayed(_moments)(p) for p in pieces]) for pieces in self.pieces]
+        got = list(compute(*todo, scheduler=scheduler, progress=progress, desc="dispersions: moments"))
+        return (got.pop(0) if self.small else None), got
+
+    def likelihood(self, alphas, means, min_mu, active, *, scheduler, progress):
+        """One pass: ``(n_points, 3, n_genes)`` value, gradient, curvature summed over every group."""
+        import dask
+
+        todo = []
+        if self.small:
+            todo.append(
+                dask.delayed(_total)(*[dask.delayed(_likelihood)(p, alphas, None, min_mu, active) for p in self.small])
+            )
+        for pieces, m in zip(self.pieces, means, strict=True):
+            todo.append(
+                dask.delayed(_total)(*[dask.delayed(_likelihood)(p, alphas, m, min_mu, active) for p in pieces])
+            )
+        got = compute(*todo, scheduler=scheduler, progress=progress, desc="dispersions: likelihood")
+        total = np.zeros((alphas.shape[0], 3, alphas.shape[1]))
+        for k, part in enumerate(got):
+            total += part[:, :3]
+            if k >= bool(self.small):  # a large group: its Cox-Reid term from its summed W
+                w, w1, w2 = part[:, 3], part[:, 4], part[:, 5]
+                with np.errstate(divide="ignore", invalid="ignore"):
+                    total[:, 0] -= 0.5 * np.log(w)
+                    total[:, 1] -= 0.5 * w1 / w
+                    total[:, 2] -= 0.5 * (w2 / w - (w1 / w) ** 2)
+        return total
 
 
-def _chunked(values: np.ndarray, budget: int) -> da.Array:
-    return da.from_array(np.asarray(values, dtype=np.float64), chunks=(budget,))
+def _fits_in_memory(x: da.Array, *, scheduler) -> bool:
+    """Whether the prepared blocks fit :data:`CACHE_FRACTION` of the available memory (one block read to tell)."""
+    import psutil
 
-
-def _piece_blocks(piece: da.Array, sf: da.Array, func, n_out: int, *args) -> da.Array:
-    return per_block(func, n_out, (piece, "bj"), (sf, "b"), *args)
+    first = x.blocks[0, 0].compute(scheduler="synchronous")
+    density = (first.nnz if sp.issparse(first) else np.count_nonzero(first)) / max(1, first.shape[0] * first.shape[1])
+    estimate = float(x.shape[0]) * float(x.shape[1]) * density * 28  # CountColumns: 28 bytes a non-zero
+    return estimate < psutil.virtual_memory().available * CACHE_FRACTION
 
 
 def _newton(evaluate, a0, *, lower, upper, max_iter, tol, prior=None):
-    """Maximize, per gene, a function of ``a = log alpha`` given by ``evaluate(a, active) -> (V, G, H)``.
+    """Maximize, per gene, a function of ``a = log alpha`` whose value, gradient and curvature ``evaluate`` gives.
 
-    Newton steps (at most :data:`MAX_STEP` long; a step of that length uphill
-    where the curvature is not negative), halved back while the value drops, within
-    ``[lower, upper]``. ``prior = (center, variance)`` adds a normal prior on
+    ``evaluate(a[None], active)`` returns ``(1, 3, n_genes)`` (one pass).
+    Newton steps, at most :data:`MAX_STEP` long; where the curvature is
+    not negative, a step of that length uphill; where the function flattens
+    out towards small dispersions like ``c exp(a)`` (gradient equal to
+    curvature, both negative: Newton would creep down one unit a pass), a
+    jump to ``lower``. A step that lowers the value is halved back. A gene is
+    done when its step is below ``tol`` or its value would change by less
+    than 1e-9 of it. ``prior = (center, variance)`` adds a normal prior on
     ``a``. Returns ``(a, curvature at a, converged)``.
     """
     n = a0.shape[0]
@@ -146,7 +214,7 @@ def _newton(evaluate, a0, *, lower, upper, max_iter, tol, prior=None):
     for _ in range(max_iter):
         if not active.any():
             break
-        v, g, h = evaluate(np.where(active, trial, 1.0), active)
+        v, g, h = evaluate(np.where(active, trial, 1.0)[None], active)[0]
         if prior is not None:
             center, var = prior
             d = trial - center
@@ -159,10 +227,12 @@ def _newton(evaluate, a0, *, lower, upper, max_iter, tol, prior=None):
         active &= ~done_back
         ok = active & ~worse
         best[ok], value[ok], curv[ok] = trial[ok], v[ok], h[ok]
-        step = np.where(h < 0, -g / np.where(h < 0, h, 1.0), np.sign(g) * MAX_STEP)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            step = np.where(h < 0, -g / h, np.sign(g) * MAX_STEP)
+            tail = (g < 0) & (h < 0) & (np.abs(g - h) < 0.05 * np.abs(g)) & (prior is None)
         step = np.clip(step, -MAX_STEP, MAX_STEP)
-        new = np.clip(best + step, lower, upper)
-        small = np.abs(new - best) < tol
+        new = np.where(tail, lower, np.clip(best + step, lower, upper))
+        small = (np.abs(new - best) < tol) | (np.abs(g * (new - best)) < 1e-9 * (np.abs(v) + 1.0))
         finished = ok & small
         converged |= finished
         active &= ~finished
@@ -231,12 +301,13 @@ def dispersions(
     adata: ad.AnnData,
     perturbation_column: str,
     *,
-    size_factors: str = "size_factors",
+    size_factors: str | np.ndarray = "size_factors",
     method: str = "cox-reid",
     min_mu: float = 1e-6,
     max_iter: int = 20,
-    tol: float = 1e-4,
+    tol: float = 1e-3,
     layer: str | None = None,
+    cache: bool | None = None,
     scheduler=None,
     progress: bool | None = None,
 ) -> pd.DataFrame:
@@ -272,7 +343,8 @@ def dispersions(
     perturbation_column
         ``obs`` column of labels; each label is a group of the design.
     size_factors
-        ``obs`` column of size factors (:func:`pertscale.pp.size_factors`).
+        ``obs`` column of size factors (:func:`pertscale.pp.size_factors`),
+        or an ``(n_obs,)`` array of them.
     method
         ``"cox-reid"`` (default) or ``"moments"`` (fast, one pass).
     min_mu
@@ -284,9 +356,15 @@ def dispersions(
     max_iter
         Newton passes at most, for each of the two fits.
     tol
-        A gene's fit stops when its Newton step in ``log alpha`` is shorter.
+        A gene's fit stops when its Newton step in ``log alpha`` is shorter
+        (1e-3: the dispersion to 0.1 %).
     layer
         Use ``layers[layer]`` instead of ``X``.
+    cache
+        Keep the blocks, prepared for the likelihood, in memory from the
+        first pass to the last (about 28 bytes a non-zero) instead of reading
+        them again in every pass; default: when they take less than a
+        quarter of the available memory (one block is read to tell).
     scheduler, progress
         Where to compute; progress bars.
 
@@ -321,16 +399,15 @@ def dispersions(
     if x.numblocks[1] != 1:
         x = x.rechunk({1: -1})
     n_genes = x.shape[1]
-    layout = _Layout(x, labels, sf)
+    if cache is None:
+        cache = _fits_in_memory(x, scheduler=scheduler)
+    layout = _Layout(x, labels, sf, cache=cache, scheduler=scheduler)
 
-    # 1. starting values, per-gene sums of z = y / s
-    small = layout.blocks(_moments_task, 4)
-    pieces = [_piece_blocks(p, s, _piece_sums_task, 2).sum(axis=0) for p, s in layout.pieces]
-    todo = ([small.sum(axis=0, split_every=8)] if small is not None else []) + pieces
-    got = list(compute(*todo, scheduler=scheduler, progress=progress, desc="dispersions: moments"))
-    sums = got.pop(0) if small is not None else np.zeros((4, n_genes))
+    # 1. starting values, from per-gene sums of z = y / s
+    small, large = layout.moments(scheduler=scheduler, progress=progress)
+    sums = small if small is not None else np.zeros((4, n_genes))
     large_means = []
-    for rows, (s1, s2) in zip(layout.large_rows, got, strict=True):
+    for rows, (s1, s2) in zip(layout.large_rows, large, strict=True):
         m = float(rows.size)
         zbar = np.maximum(s1 / m, 1.0)
         sums[0] += s1
@@ -346,29 +423,18 @@ def dispersions(
     lower, upper = np.log(MIN_DISP), np.log(max_disp)
 
     def evaluate(a, active):
-        alpha = np.exp(a)
-        parts = []
-        small = layout.blocks(_apl_task, 6, alpha, min_mu, active)
-        if small is not None:
-            parts.append(small.sum(axis=0, split_every=8))
-        parts += [
-            _piece_blocks(p, s, _apl_piece_task, 6, alpha, means, min_mu, active).sum(axis=0)
-            for (p, s), means in zip(layout.pieces, large_means, strict=True)
-        ]
-        got = compute(*parts, scheduler=scheduler, progress=progress, desc="dispersions: likelihood")
-        total = np.zeros((3, n_genes))
-        for k, part in enumerate(got):
-            total += part[:3]
-            if k >= (small is not None):  # a group in pieces: its Cox-Reid term from the summed W
-                w, w1, w2 = part[3:]
-                with np.errstate(divide="ignore", invalid="ignore"):
-                    total[0] -= 0.5 * np.log(w)
-                    total[1] -= 0.5 * w1 / w
-                    total[2] -= 0.5 * (w2 / w - (w1 / w) ** 2)
-        return total[0], total[1], total[2]
+        """``(n_points, 3, n_genes)`` for ``a`` of shape ``(n_points, n_genes)``; one pass."""
+        return layout.likelihood(np.exp(a), large_means, min_mu, active, scheduler=scheduler, progress=progress)
 
     a0 = np.where(expressed, np.log(start), np.nan)
     if method == "cox-reid":
+        # genes whose moments estimate is at the floor (sparse genes: it can be negative) start from the best
+        # point of a coarse grid instead, all in one pass
+        floor = expressed & (a0 <= lower + 1e-9)
+        if floor.any():
+            grid = np.linspace(np.log(1e-4), np.log(100.0), 9)
+            values = evaluate(np.repeat(grid[:, None], n_genes, axis=1), floor)[:, 0]
+            a0[floor] = grid[np.argmax(values[:, floor], axis=0)]
         a_gene, curvature, converged = _newton(evaluate, a0, lower=lower, upper=upper, max_iter=max_iter, tol=tol)
     else:
         a_gene, curvature, converged = a0, np.full(n_genes, np.nan), expressed.copy()
@@ -422,7 +488,7 @@ def dispersions(
         "trend": {k: (float(v) if k != "type" else v) for k, v in trend_info.items()},
         "prior_variance": float(prior_var),
         "min_mu": float(min_mu),
-        "size_factors": size_factors,
+        "size_factors": size_factors if isinstance(size_factors, str) else "given",
         "perturbation_column": perturbation_column,
     }
     logger.info(

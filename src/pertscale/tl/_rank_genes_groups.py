@@ -77,6 +77,7 @@ def rank_genes_groups(
     alternative: str = "two-sided",
     size_factors: str | np.ndarray = "size_factors",
     size_factor_method: str = "sparse",
+    dispersions: str | np.ndarray | None = None,
     dispersion_method: str = "cox-reid",
     shrink: bool = True,
     lfc_base: str = "log2",
@@ -130,9 +131,15 @@ def rank_genes_groups(
     size_factor_method
         nb-glm: the method that computes missing size factors (``"sparse"``,
         ``"poscounts"``, ``"ratio"``).
+    dispersions
+        nb-glm: a ``var`` column or an ``(n_vars,)`` array of dispersions
+        to use as they are; default (``None``) the ones
+        :func:`pertscale.tl.dispersions` stored for this
+        ``perturbation_column`` and these size factors, estimated first when
+        there are none (a column merely named ``dispersion``, say from a
+        simulation, is not taken for them).
     dispersion_method
-        nb-glm: how missing ``var['dispersion']`` is estimated first
-        (:func:`pertscale.tl.dispersions`: ``"cox-reid"`` or ``"moments"``).
+        nb-glm: how they are estimated then (``"cox-reid"`` or ``"moments"``).
     shrink
         nb-glm: ``logfoldchanges`` are apeGLM's shrunk estimates (default);
         ``logfoldchanges_raw`` always holds the MLE.
@@ -148,11 +155,11 @@ def rank_genes_groups(
         arrays hold up to about 1,100 perturbations in an ``.h5ad`` file).
         Otherwise nothing is computed here.
     scheduler
-        Where to compute (``scanpy_format=True`` only); see
-        :func:`pertscale.cluster.resolve_scheduler`.
+        Where to compute what is computed here: the results with
+        ``scanpy_format=True``, nb-glm's missing size factors and dispersions;
+        see :func:`pertscale.cluster.resolve_scheduler`.
     progress
-        Show progress bars (``scanpy_format=True`` only); default
-        ``pertscale.settings.progress``.
+        Show progress bars for those; default ``pertscale.settings.progress``.
 
     Returns
     -------
@@ -282,6 +289,7 @@ def rank_genes_groups(
             layer=layer,
             size_factors=size_factors,
             size_factor_method=size_factor_method,
+            dispersions=dispersions,
             dispersion_method=dispersion_method,
             scheduler=scheduler,
             progress=progress,
@@ -346,13 +354,15 @@ def _nbglm_inputs(
     layer: str | None,
     size_factors,
     size_factor_method: str,
+    dispersions,
     dispersion_method: str,
     scheduler,
     progress,
 ) -> tuple[dict, dict]:
     """Size factors and dispersions for nb-glm (computed and stored first where missing), and their settings."""
     from .. import pp
-    from ._nbglm import dispersions, size_factor_values
+    from ._nbglm import dispersions as estimate_dispersions
+    from ._nbglm import size_factor_values
 
     where = f"layers[{layer!r}]" if layer else "X"
     if layer is None and "log1p" in adata.uns:
@@ -371,19 +381,34 @@ def _nbglm_inputs(
             progress=progress,
         )
     sf = size_factor_values(adata, size_factors)
-    if "dispersion" not in adata.var:
-        logger.info("nb-glm: estimating dispersions (%s)", dispersion_method)
-        dispersions(
-            adata,
-            perturbation_column,
-            size_factors=sf if not isinstance(size_factors, str) else size_factors,
-            method=dispersion_method,
-            layer=layer,
-            scheduler=scheduler,
-            progress=progress,
+    stored = (adata.uns.get("pertscale") or {}).get("dispersion") or {}
+    sf_name = size_factors if isinstance(size_factors, str) else "given"
+    if dispersions is not None:
+        alpha = adata.var[dispersions].to_numpy(dtype=np.float64) if isinstance(dispersions, str) else dispersions
+        alpha = np.asarray(alpha, dtype=np.float64).ravel()
+        if alpha.shape != (adata.n_vars,) or (np.isfinite(alpha) & (alpha <= 0)).any():
+            raise ValueError(f"dispersions must be {adata.n_vars} positive numbers (NaN for genes not to test)")
+        info = {"method": "given"}
+    else:
+        reusable = (
+            "dispersion" in adata.var
+            and stored.get("perturbation_column") == perturbation_column
+            and stored.get("size_factors") == sf_name
+            and sf_name != "given"
         )
-    alpha = adata.var["dispersion"].to_numpy(dtype=np.float64)
-    info = (adata.uns.get("pertscale") or {}).get("dispersion") or {}
+        if not reusable:
+            logger.info("nb-glm: estimating dispersions (%s)", dispersion_method)
+            estimate_dispersions(
+                adata,
+                perturbation_column,
+                size_factors=sf if sf_name == "given" else size_factors,
+                method=dispersion_method,
+                layer=layer,
+                scheduler=scheduler,
+                progress=progress,
+            )
+        alpha = adata.var["dispersion"].to_numpy(dtype=np.float64)
+        info = (adata.uns.get("pertscale") or {}).get("dispersion") or {}
     return {"row_values": sf, "gene_values": {"alpha": alpha}}, {
         "size_factors": size_factors if isinstance(size_factors, str) else "given",
         "dispersion_method": str(info.get("method", "given")),
