@@ -50,7 +50,7 @@ def test_frozen_control_equals_a_full_two_group_glm_in_statsmodels(two_groups):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             fit = sm.GLM(dense[:, j], design, family=fam, offset=np.log(sf)).fit(tol=1e-14, maxiter=200)
-        assert_close(control.beta0[j], fit.params[0], rtol=1e-6, err_msg=f"beta0 gene {j}")
+        assert_close(control.beta0[0, j], fit.params[0], rtol=1e-6, err_msg=f"beta0 gene {j}")
         assert_close(out[0, stat["logfoldchanges_raw"], j], fit.params[1], rtol=1e-6, atol=1e-9, err_msg=f"gene {j}")
         assert_close(out[0, stat["standard_error"], j], fit.bse[1], rtol=1e-6, err_msg=f"SE gene {j}")
         assert_close(out[0, stat["pvals"], j], fit.pvalues[1], rtol=1e-5, atol=1e-300, err_msg=f"p gene {j}")
@@ -123,7 +123,7 @@ def test_apeglm_mode_is_a_stationary_point_of_the_posterior(two_groups):
     assert_close(out[0, stat["prior_scale"], 0], scale, rtol=1e-8)
     dense = y[n_c:].toarray().astype(np.float64)
     for j in range(y.shape[1]):
-        mu = sf[n_c:] * np.exp(control.beta0[j] + beta_map[j])
+        mu = sf[n_c:] * np.exp(control.beta0[0, j] + beta_map[j])
         score = ((dense[:, j] - mu) / (1 + alpha[j] * mu)).sum()
         prior = -2 * beta_map[j] / (scale**2 + beta_map[j] ** 2)
         assert abs(score + prior) < 1e-6 * max(1.0, abs(score)), j
@@ -240,3 +240,40 @@ def test_counts_are_checked():
             rows=np.ones(3),
             alpha=np.ones(2),
         )
+
+
+def test_covariate_levels_take_out_a_replicate_effect_as_the_full_glm_does():
+    sm = pytest.importorskip("statsmodels.api")
+    rng = np.random.default_rng(11)
+    n_c, n_g, n_genes = 600, 200, 12
+    rep = np.r_[rng.integers(0, 2, n_c), (rng.random(n_g) < 0.85).astype(int)]  # the group mostly in replicate 1
+    effect = np.where(rep[:, None] == 1, 3.0, 1.0) * np.ones((n_c + n_g, n_genes))
+    effect[n_c:, :4] *= 0.4  # four genes knocked down
+    y, sf = _counts(rng, n_c + n_g, n_genes, effect=effect, alpha=0.2)
+    alpha = np.full(n_genes, 0.2)
+    rows = np.column_stack([sf, rep])
+    control = K.nb_control(y[:n_c], rows[:n_c], alpha, n_levels=2)
+    out = K.nbglm_block(y[n_c:], [n_g], control, rows=rows[n_c:], alpha=alpha, shrink=False, lfc_base="natural")
+    ignored = K.nbglm_block(
+        y[n_c:],
+        [n_g],
+        K.nb_control(y[:n_c], sf[:n_c], alpha),
+        rows=sf[n_c:],
+        alpha=alpha,
+        shrink=False,
+        lfc_base="natural",
+    )
+    stat = {n: i for i, n in enumerate(K.NBGLM_STATS)}
+    dense = y.toarray().astype(np.float64)
+    x = np.r_[np.zeros(n_c), np.ones(n_g)]
+    design = np.column_stack([np.ones(n_c + n_g), rep, x])
+    for j in range(n_genes):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            fit = sm.GLM(dense[:, j], design, family=sm.families.NegativeBinomial(alpha=0.2), offset=np.log(sf)).fit()
+        # frozen level intercepts: close to the full GLM (the approximation), far from ignoring the replicate
+        assert abs(out[0, stat["logfoldchanges_raw"], j] - fit.params[2]) < 0.03, j
+        assert_close(out[0, stat["standard_error"], j], fit.bse[2], rtol=0.05, err_msg=f"SE {j}")
+        assert abs(ignored[0, stat["logfoldchanges_raw"], j] - fit.params[2]) > 0.2, j  # ~log(3) x 0.35
+    with pytest.raises(ValueError, match="covariate level 2 has no control fit"):
+        K.nbglm_block(y[n_c:], [n_g], control, rows=np.column_stack([sf[n_c:], np.full(n_g, 2)]), alpha=alpha)

@@ -201,3 +201,43 @@ def test_main_job_runs_nb_glm_on_real_screens(name, tmp_path):
     if name == "papalexi":  # the IFN-gamma pathway knock-outs lead, as with the Wilcoxon
         de = pd.read_csv(out / "de_nb_glm_significant.csv")["perturbation"].value_counts()
         assert {"IFNGR1", "IFNGR2", "STAT1", "JAK2"} <= set(de.index[:6])
+
+
+def test_covariates_on_a_real_screen_and_their_bad_input():
+    path = real_path("papalexi")
+    adata = _raw(path, chunk_size=5_000)
+    res = _run(adata, covariates=["bio_rep"], scheduler="threads")
+    assert list(res.uns["pertscale"]["settings"]["covariates"]) == ["bio_rep"]
+    assert adata.uns["pertscale"]["dispersion"]["covariates"] == "bio_rep"  # the design's groups: label x replicate
+    plain = _run(_raw(path, chunk_size=5_000), scheduler="threads")
+    # the IFN-gamma receptor knock-out still leads; the fold changes move, but not far
+    top = pd.Series((res.layers["pvals_adj"] < 0.05).sum(axis=1), index=res.obs_names).sort_values()
+    assert "IFNGR1" in top.index[-6:]
+    m = (plain.layers["baseMean"] >= 1) & np.isfinite(res.layers["logfoldchanges_raw"])
+    assert np.corrcoef(res.layers["logfoldchanges_raw"][m], plain.layers["logfoldchanges_raw"][m])[0, 1] > 0.95
+    one = adata.copy()
+    one.obs["batch"] = "b1"
+    with pytest.raises(ValueError, match=r"covariate obs\['batch'\] has a single level.*leave it out"):
+        ps.tl.rank_genes_groups(one, "perturbation", "control", method="nb-glm", covariates=["batch"])
+    gaps = adata.copy()
+    gaps.obs["bio_rep"] = gaps.obs["bio_rep"].astype(object)
+    gaps.obs.iloc[3, gaps.obs.columns.get_loc("bio_rep")] = None
+    with pytest.raises(ValueError, match=r"covariate obs\['bio_rep'\] has 1 missing values"):
+        ps.tl.rank_genes_groups(gaps, "perturbation", "control", method="nb-glm", covariates=["bio_rep"])
+    lonely = adata.copy()
+    lonely.obs["side"] = np.where(lonely.obs["perturbation"] == "control", "a", "b")
+    with pytest.raises(ValueError, match=r"level\(s\) \['b'\].*have no control cells"):
+        ps.tl.rank_genes_groups(lonely, "perturbation", "control", method="nb-glm", covariates=["side"])
+    with pytest.raises(ValueError, match="covariates are supported by method='nb-glm'"):
+        ps.tl.rank_genes_groups(adata, "perturbation", "control", covariates=["bio_rep"])
+
+
+def test_main_job_checks_covariates_before_any_pass(sim_h5ad, tmp_path, monkeypatch):
+    import dask
+
+    monkeypatch.setattr(dask, "compute", lambda *a, **k: pytest.fail("a pass ran before the covariates were checked"))
+    args = ["run", str(sim_h5ad), "--perturbation-column", "perturbation", "--control-label", "control"]
+    args += ["--out", str(tmp_path / "out"), "--method", "nb-glm", "--scheduler", "synchronous"]
+    result = CliRunner().invoke(main, [*args, "--covariates", "nope"])
+    assert result.exit_code == 1 and "covariate 'nope' not found in obs" in result.output
+    assert not (tmp_path / "out").exists()

@@ -341,6 +341,7 @@ def run(
     size_factor_method: str = "sparse",
     dispersion_method: str = "cox-reid",
     shrink: bool = True,
+    covariates: Iterable[str] | None = None,
     tie_correct: bool = True,
     use_continuity: bool = False,
     corr_method: str = "benjamini-hochberg",
@@ -403,7 +404,7 @@ def run(
         (:func:`pertscale.pp.size_factors`, written to ``size_factors.csv``)
         and dispersions (:func:`pertscale.tl.dispersions`, in the results'
         ``var``), each a few passes of its own.
-    size_factor_method, dispersion_method, shrink
+    size_factor_method, dispersion_method, shrink, covariates
         nb-glm's options (see :func:`pertscale.tl.rank_genes_groups`).
     tie_correct, use_continuity, corr_method, alternative
         Options of :func:`pertscale.tl.rank_genes_groups`.
@@ -462,6 +463,9 @@ def run(
     memory_limit = check_number(memory_limit, "memory_limit", minimum=2**20, allow_none=True, flag="--memory-limit")
     exclude_labels = label_list(exclude_labels, "exclude_labels")
     methods = _methods(method)
+    covariates = label_list(covariates or [], "covariates")
+    if covariates and "nb-glm" not in methods:
+        raise ValueError("--covariates are taken out by the nb-glm test only; add nb-glm to --method")
     if alternative not in ALTERNATIVES:
         raise ValueError(f"alternative {alternative!r} is not supported; choose one of {ALTERNATIVES} (--alternative)")
     path, out = Path(path), Path(out)
@@ -475,6 +479,13 @@ def run(
         exclude_labels=exclude_labels,
         min_cells_per_perturbation=min_cells_per_perturbation,
     )
+    if covariates:  # checked on obs before any pass: columns, missing values, levels, control cells per level
+        from .tl._nbglm import covariate_levels
+
+        kept_cells = ~labels.isin(exclude_labels).to_numpy()
+        covariate_levels(
+            adata.obs[kept_cells], covariates, control=(labels[kept_cells] == str(control_label)).to_numpy()
+        )
     if scheduler is None and settings.scheduler != "local":
         scheduler = settings.scheduler  # asked for in ps.settings
     elif scheduler is None and active_client() is not None:
@@ -528,6 +539,7 @@ def run(
                     "size_factor_method": size_factor_method,
                     "dispersion_method": dispersion_method,
                     "shrink": shrink,
+                    "covariates": covariates,
                 },
                 options={
                     "tie_correct": tie_correct,
@@ -655,6 +667,7 @@ def _passes(
         tl.dispersions(
             filtered,
             perturbation_column,
+            covariates=nb_options["covariates"] or None,
             method=nb_options["dispersion_method"],
             layer="counts",
             scheduler=scheduler,
@@ -678,7 +691,7 @@ def _passes(
             perturbations=in_storage_order,  # results rows in storage order: written as they come, never reordered
             layer="counts" if nb else None,
             **options,
-            **({"shrink": nb_options["shrink"]} if nb else {}),
+            **({"shrink": nb_options["shrink"], "covariates": nb_options["covariates"] or None} if nb else {}),
         )
         res.uns["pertscale"]["settings"].update(
             {

@@ -180,6 +180,12 @@ def _finite(name: str, **bounds):
     "or by moments (one pass, fast).",
 )
 @click.option(
+    "--covariates",
+    default="",
+    help="nb-glm: comma-separated obs columns (e.g. bio_rep) whose effects are estimated on the control cells "
+    "and taken out.",
+)
+@click.option(
     "--shrink/--no-shrink",
     default=True,
     show_default=True,
@@ -228,6 +234,7 @@ def run(
     method,
     size_factor_method,
     dispersion_method,
+    covariates,
     shrink,
     alternative,
     continuity,
@@ -283,6 +290,7 @@ def run(
                 size_factor_method=size_factor_method,
                 dispersion_method=dispersion_method,
                 shrink=shrink,
+                covariates=[c.strip() for c in covariates.split(",") if c.strip()],
                 alternative=alternative,
                 use_continuity=continuity,
                 corr_method=corr_method,

@@ -499,20 +499,21 @@ def dispersion_apl_block(
 
 @dataclass(frozen=True)
 class NBControl:
-    """Frozen per-gene fit of the control cells.
+    """Frozen per-gene fit of the control cells, per level of the covariates (one level without).
 
     Attributes
     ----------
     n_cells
         Number of control cells.
     beta0
-        ``(n_genes,)`` float64 maximum likelihood intercept (natural log of
-        the control mean per unit size factor); ``-inf`` where the control
-        has no count.
+        ``(n_levels, n_genes)`` float64 maximum likelihood intercepts of each
+        level's control cells (natural log of their mean per unit size
+        factor); ``-inf`` where they have no count.
     information
-        ``(n_genes,)`` float64 ``I_c = sum mu_i / (1 + alpha mu_i)`` at ``beta0``.
+        ``(n_levels, n_genes)`` float64 ``I_c = sum mu_i / (1 + alpha mu_i)``
+        over each level's control cells at its intercept.
     converged
-        ``(n_genes,)`` bool.
+        ``(n_genes,)`` bool, every level's fit.
     nnz
         ``(n_genes,)`` int64 control cells with a count.
     normalized_sum
@@ -529,15 +530,36 @@ class NBControl:
     @property
     def n_genes(self) -> int:
         """Number of genes summarised."""
-        return self.beta0.shape[0]
+        return self.beta0.shape[-1]
 
 
 @njit(cache=True, nogil=True)
-def _intercept(lo, hi, k0, end, rows, y, sf, alpha, max_iter, tol):
-    """Solve sum_i (y_i - mu_i) / (1 + alpha mu_i) = 0 over rows [lo, hi), mu_i = s_i exp(b), for b.
+def _score(lo, hi, first, end, rows, y, sf, lev, eoff, alpha, beta):
+    """Score, expected and observed information of beta over rows [lo, hi); mu_i = s_i eoff[lev_i] exp(beta)."""
+    score = 0.0
+    info = 0.0
+    deriv = 0.0
+    k = first
+    e = np.exp(beta)
+    for i in range(lo, hi):
+        mu = sf[i] * eoff[lev[i]] * e
+        h = 1.0 / (1.0 + alpha * mu)
+        yi = 0.0
+        if k < end and rows[k] == i:
+            yi = y[k]
+            k += 1
+        score += (yi - mu) * h
+        info += mu * h
+        deriv += mu * (1.0 + alpha * yi) * h * h
+    return score, info, deriv
+
+
+@njit(cache=True, nogil=True)
+def _intercept(lo, hi, k0, end, rows, y, sf, lev, eoff, alpha, max_iter, tol):
+    """Solve sum_i (y_i - mu_i) / (1 + alpha mu_i) = 0 over rows [lo, hi), mu_i = s_i eoff[lev_i] exp(b), for b.
 
     The score is decreasing in b; Newton steps kept inside a bracket, bisection when they leave it.
-    Returns (b, information at b, converged, iterations).
+    Returns (b, converged, iterations); -inf when the rows have no count.
     """
     ysum = 0.0
     ssum = 0.0
@@ -546,75 +568,100 @@ def _intercept(lo, hi, k0, end, rows, y, sf, alpha, max_iter, tol):
             break
         ysum += y[k]
     for i in range(lo, hi):
-        ssum += sf[i]
-    if ysum <= 0.0:
-        return -np.inf, 0.0, True, 0
+        ssum += sf[i] * eoff[lev[i]]
+    if ysum <= 0.0 or ssum <= 0.0:
+        return -np.inf if ysum <= 0.0 else np.inf, True, 0
     b = np.log(ysum / ssum)  # the Poisson solution: exact when alpha = 0
     left = -np.inf
     right = np.inf
     for it in range(1, max_iter + 1):
-        score = 0.0
-        info = 0.0
-        deriv = 0.0
-        k = k0
-        eb = np.exp(b)
-        for i in range(lo, hi):
-            mu = sf[i] * eb
-            h = 1.0 / (1.0 + alpha * mu)
-            yi = 0.0
-            if k < end and rows[k] == i:
-                yi = y[k]
-                k += 1
-            score += (yi - mu) * h
-            info += mu * h
-            deriv += mu * (1.0 + alpha * yi) * h * h
+        score, _, deriv = _score(lo, hi, k0, end, rows, y, sf, lev, eoff, alpha, b)
         if score > 0:
             left = b
         else:
             right = b
         step = score / deriv
         if abs(step) < tol:
-            b += step
-            eb = np.exp(b)
-            info = 0.0
-            for i in range(lo, hi):
-                mu = sf[i] * eb
-                info += mu / (1.0 + alpha * mu)
-            return b, info, True, it
+            return b + step, True, it
         new = b + step
         if not (left < new < right):  # outside what the signs of the score allow: bisect (or move by 1)
             new = 0.5 * (left + right) if np.isfinite(left) and np.isfinite(right) else b + np.sign(step) * 1.0
         b = new
-    return b, info, False, max_iter
+    return b, False, max_iter
 
 
 @njit(cache=True, nogil=True)
-def _control_fit(ptr, rows, y, sf, n_rows, alpha, max_iter, tol, beta0, info, converged):
+def _precision(lo, hi, sf, lev, eoff, alpha, beta, info_c, j):
+    """``sum_levels I_g I_c / (I_g + I_c)``: the information on beta1 with every level's intercept free.
+
+    With one level, ``1 / (1/I_c + 1/I_g)``. Returns (precision, I_g in all).
+    """
+    n_levels = info_c.shape[0]
+    ig = np.zeros(n_levels)
+    e = np.exp(beta)
+    for i in range(lo, hi):
+        mu = sf[i] * eoff[lev[i]] * e
+        ig[lev[i]] += mu / (1.0 + alpha * mu)
+    total = 0.0
+    for level in range(n_levels):
+        c = info_c[level, j]
+        if ig[level] > 0 and c > 0:
+            total += ig[level] * c / (ig[level] + c)
+    return total, ig.sum()
+
+
+@njit(cache=True, nogil=True)
+def _control_fit(level_ptr, ptr, rows, y, sf, alpha, max_iter, tol, beta0, info, converged):
+    lev = np.zeros(sf.shape[0], dtype=np.int64)
+    one = np.ones(1)
     for j in range(ptr.shape[0] - 1):
-        b, inf_, ok, _ = _intercept(0, n_rows, ptr[j], ptr[j + 1], rows, y, sf, alpha[j], max_iter, tol)
-        beta0[j] = b
-        info[j] = inf_
-        converged[j] = ok
+        k = ptr[j]
+        end = ptr[j + 1]
+        converged[j] = True
+        for level in range(level_ptr.shape[0] - 1):
+            lo = level_ptr[level]
+            hi = level_ptr[level + 1]
+            while k < end and rows[k] < lo:
+                k += 1
+            b, ok, _ = _intercept(lo, hi, k, end, rows, y, sf, lev, one, alpha[j], max_iter, tol)
+            beta0[level, j] = b
+            converged[j] = converged[j] and ok
+            information = 0.0
+            if np.isfinite(b):
+                _, information, _ = _score(lo, hi, k, end, rows, y, sf, lev, one, alpha[j], b)
+            info[level, j] = information
+
+
+def _cells(rows: np.ndarray | None, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Size factors and covariate levels from ``rows``: ``(n,)`` size factors, or ``(n, 2)`` with the level."""
+    rows = np.asarray(rows, dtype=np.float64)
+    if rows.ndim == 1:
+        return rows, np.zeros(n, dtype=np.int64)
+    return np.ascontiguousarray(rows[:, 0]), rows[:, 1].astype(np.int64)
 
 
 def nb_control(
     control,
-    size_factors: np.ndarray,
+    rows: np.ndarray,
     alpha: np.ndarray,
     *,
+    n_levels: int = 1,
     max_iter: int = 100,
     tol: float = 1e-10,
 ) -> NBControl:
-    """Fit the control cells once: each gene's intercept and information.
+    """Fit the control cells once: each gene's intercept and information, per covariate level.
 
     Parameters
     ----------
     control
         ``(n_control_cells, n_genes)`` raw counts, CSR.
-    size_factors
-        ``(n_control_cells,)`` their size factors.
+    rows
+        ``(n_control_cells,)`` their size factors, or ``(n_control_cells,
+        2)``: size factors and covariate level codes ``0 .. n_levels - 1``.
     alpha
         ``(n_genes,)`` dispersions.
+    n_levels
+        Number of covariate levels.
     max_iter, tol
         Newton iterations and the step below which they stop.
 
@@ -629,12 +676,17 @@ def nb_control(
     """
     control = canonical_csr(control)
     check_counts(control)
-    sf = np.asarray(size_factors, dtype=np.float64)
-    ptr, rows, y, z = _normalized_csc(control, sf)
+    sf, lev = _cells(rows, control.shape[0])
+    order = np.argsort(lev, kind="stable")  # each level's cells one run of rows
+    if not np.array_equal(order, np.arange(order.size)):
+        control, sf, lev = control[order], sf[order], lev[order]
+    level_ptr = np.searchsorted(lev, np.arange(n_levels + 1)).astype(np.int64)
+    ptr, idx, y, z = _normalized_csc(control, sf)
     n_genes = control.shape[1]
-    beta0, info, converged = np.empty(n_genes), np.empty(n_genes), np.empty(n_genes, dtype=np.bool_)
+    beta0, info = np.empty((n_levels, n_genes)), np.empty((n_levels, n_genes))
+    converged = np.empty(n_genes, dtype=np.bool_)
     alpha = np.asarray(alpha, dtype=np.float64)
-    _control_fit(ptr, rows, y, sf, control.shape[0], alpha, max_iter, tol, beta0, info, converged)
+    _control_fit(level_ptr, ptr, idx, y, sf, alpha, max_iter, tol, beta0, info, converged)
     gene = np.repeat(np.arange(n_genes), np.diff(ptr))
     return NBControl(
         n_cells=int(control.shape[0]),
@@ -647,12 +699,17 @@ def nb_control(
 
 
 @njit(cache=True, nogil=True)
-def _group_fits(group_ptr, ptr, rows, y, z, sf, alpha, beta0, max_iter, tol, out):
-    # out[:, g, j]: beta1, information, converged, iterations, sum of z, non-zero cells
+def _group_fits(group_ptr, ptr, rows, y, z, sf, lev, alpha, beta0, info_c, max_iter, tol, out):
+    # out[:, g, j]: beta1, precision (1 / variance), converged, iterations, sum of z, non-zero cells, I_g
     n_groups = group_ptr.shape[0] - 1
+    eoff = np.empty(beta0.shape[0])
     for j in range(ptr.shape[0] - 1):
         k = ptr[j]
         end = ptr[j + 1]
+        testable = np.isfinite(alpha[j])
+        for level in range(beta0.shape[0]):
+            eoff[level] = np.exp(beta0[level, j])
+        testable = testable and eoff.max() > 0
         for g in range(n_groups):
             lo = group_ptr[g]
             hi = group_ptr[g + 1]
@@ -665,47 +722,32 @@ def _group_fits(group_ptr, ptr, rows, y, z, sf, alpha, beta0, max_iter, tol, out
                 k += 1
             out[4, g, j] = zsum
             out[5, g, j] = k - first
-            if not (np.isfinite(beta0[j]) and np.isfinite(alpha[j])):
+            if not testable:
                 out[0, g, j] = np.nan
                 out[1, g, j] = np.nan
                 out[2, g, j] = 0.0
                 out[3, g, j] = 0.0
+                out[6, g, j] = np.nan
                 continue
-            b, info, ok, it = _intercept(lo, hi, first, end, rows, y, sf, alpha[j], max_iter, tol)
-            out[0, g, j] = b - beta0[j]
-            out[1, g, j] = info
+            b, ok, it = _intercept(lo, hi, first, end, rows, y, sf, lev, eoff, alpha[j], max_iter, tol)
+            out[0, g, j] = b
+            prec, ig = (0.0, 0.0) if not np.isfinite(b) else _precision(lo, hi, sf, lev, eoff, alpha[j], b, info_c, j)
+            out[1, g, j] = prec
             out[2, g, j] = 1.0 if ok else 0.0
             out[3, g, j] = it
+            out[6, g, j] = ig
 
 
 @njit(cache=True, nogil=True)
-def _group_score(lo, hi, first, end, rows, y, sf, alpha, offset, beta):
-    """Score, expected information and observed information of beta over rows [lo, hi); mu = s exp(offset + beta)."""
-    score = 0.0
-    info = 0.0
-    deriv = 0.0
-    k = first
-    e = np.exp(offset + beta)
-    for i in range(lo, hi):
-        mu = sf[i] * e
-        h = 1.0 / (1.0 + alpha * mu)
-        yi = 0.0
-        if k < end and rows[k] == i:
-            yi = y[k]
-            k += 1
-        score += (yi - mu) * h
-        info += mu * h
-        deriv += mu * (1.0 + alpha * yi) * h * h
-    return score, info, deriv
-
-
-@njit(cache=True, nogil=True)
-def _shrunk_fits(group_ptr, ptr, rows, y, sf, alpha, beta0, beta_hat, scale, max_iter, tol, out):
-    # apeGLM's MAP of beta1 under a Cauchy(0, scale[g]) prior, beta0 frozen: out[0] beta, out[1] information at it
+def _shrunk_fits(group_ptr, ptr, rows, y, sf, lev, alpha, beta0, info_c, beta_hat, scale, max_iter, tol, out):
+    # apeGLM's MAP of beta1 under a Cauchy(0, scale[g]) prior, intercepts frozen: out[0] beta, out[1] precision
     n_groups = group_ptr.shape[0] - 1
+    eoff = np.empty(beta0.shape[0])
     for j in range(ptr.shape[0] - 1):
         k = ptr[j]
         end = ptr[j + 1]
+        for level in range(beta0.shape[0]):
+            eoff[level] = np.exp(beta0[level, j])
         for g in range(n_groups):
             lo = group_ptr[g]
             hi = group_ptr[g + 1]
@@ -716,7 +758,7 @@ def _shrunk_fits(group_ptr, ptr, rows, y, sf, alpha, beta0, beta_hat, scale, max
                 k += 1
             bh = beta_hat[g, j]
             s2 = scale[g] * scale[g]
-            if not (np.isfinite(beta0[j]) and np.isfinite(alpha[j])) or np.isnan(bh):
+            if not np.isfinite(alpha[j]) or np.isnan(bh) or eoff.max() <= 0:
                 out[0, g, j] = np.nan
                 out[1, g, j] = np.nan
                 continue
@@ -725,10 +767,11 @@ def _shrunk_fits(group_ptr, ptr, rows, y, sf, alpha, beta0, beta_hat, scale, max
             right = 0.0 if bh < 0 else bh
             if not np.isfinite(left):
                 left = -50.0
+            if not np.isfinite(right):
+                right = 50.0
             b = min(max(bh, left), right)
-            info = 0.0
             for _ in range(max_iter):
-                score, info, deriv = _group_score(lo, hi, first, end, rows, y, sf, alpha[j], beta0[j], b)
+                score, _, deriv = _score(lo, hi, first, end, rows, y, sf, lev, eoff, alpha[j], b)
                 grad = score - 2.0 * b / (s2 + b * b)
                 curv = deriv + 2.0 * (s2 - b * b) / ((s2 + b * b) ** 2)
                 if grad > 0:
@@ -743,9 +786,9 @@ def _shrunk_fits(group_ptr, ptr, rows, y, sf, alpha, beta0, beta_hat, scale, max
                 if not (left <= new <= right):
                     new = 0.5 * (left + right)
                 b = new
-            score, info, deriv = _group_score(lo, hi, first, end, rows, y, sf, alpha[j], beta0[j], b)
+            prec, _ = _precision(lo, hi, sf, lev, eoff, alpha[j], b, info_c, j)
             out[0, g, j] = b
-            out[1, g, j] = info
+            out[1, g, j] = prec
 
 
 def prior_variance(lfc: np.ndarray, se: np.ndarray, *, min_var: float = 1e-6, max_var: float = 400.0) -> float:
@@ -821,7 +864,8 @@ def nbglm_block(
     bounds
         With parts: the ``(n_parts + 1,)`` gene bounds they cover.
     rows
-        ``(n_rows,)`` size factors of the block's cells.
+        ``(n_rows,)`` size factors of the block's cells, or ``(n_rows, 2)``:
+        size factors and covariate level codes (see :func:`nb_control`).
     alpha
         ``(n_genes,)`` dispersions (the same the control was fitted with).
     shrink
@@ -872,18 +916,20 @@ def nbglm_block(
     group_sizes = np.asarray(group_sizes, dtype=np.int64)
     if (group_sizes < 1).any() or group_sizes.sum() != block.shape[0]:
         raise ValueError(f"group_sizes {group_sizes.tolist()[:10]} do not split the block's {block.shape[0]} rows")
-    sf = np.asarray(rows, dtype=np.float64)
+    sf, lev = _cells(rows, block.shape[0])
     alpha = np.asarray(alpha, dtype=np.float64)
-    beta0 = np.concatenate([p.beta0 for p in parts])
-    info_c = np.concatenate([p.information for p in parts])
+    beta0 = np.concatenate([p.beta0 for p in parts], axis=-1)
+    info_c = np.concatenate([p.information for p in parts], axis=-1)
+    if lev.size and lev.max() >= beta0.shape[0]:
+        raise ValueError(f"covariate level {int(lev.max())} has no control fit ({beta0.shape[0]} levels)")
     group_ptr = _group_rows(group_sizes)
     ptr, idx, y, z = _normalized_csc(block, sf)
     n_groups = group_sizes.shape[0]
-    fits = np.empty((6, n_groups, n_genes))
-    _group_fits(group_ptr, ptr, idx, y, z, sf, alpha, beta0, max_iter, tol, fits)
-    beta, info_g, converged, n_iter, zsum, nnz = fits
+    fits = np.empty((7, n_groups, n_genes))
+    _group_fits(group_ptr, ptr, idx, y, z, sf, lev, alpha, beta0, info_c, max_iter, tol, fits)
+    beta, precision, converged, n_iter, zsum, nnz, _ = fits
     with np.errstate(divide="ignore", invalid="ignore"):
-        se = np.sqrt(1.0 / info_c[None, :] + 1.0 / info_g)
+        se = 1.0 / np.sqrt(precision)
         scores = beta / se
     defined = np.isfinite(scores)
     scores[~defined] = np.nan
@@ -912,13 +958,12 @@ def nbglm_block(
         [min(np.sqrt(prior_variance(beta[g][defined[g]], se[g][defined[g]])), 1.0) for g in range(n_groups)]
     )
     shrunk = np.empty((2, n_groups, n_genes))
-    _shrunk_fits(group_ptr, ptr, idx, y, sf, alpha, beta0, beta, scale, max_iter, tol, shrunk)
-    b_map, info_map = shrunk
+    _shrunk_fits(group_ptr, ptr, idx, y, sf, lev, alpha, beta0, info_c, beta, scale, max_iter, tol, shrunk)
+    b_map, precision_map = shrunk
     s2 = (scale * scale)[:, None]
     curvature = 2.0 * (s2 - b_map * b_map) / (s2 + b_map * b_map) ** 2
     with np.errstate(divide="ignore", invalid="ignore"):
-        total = info_c[None, :] + info_map
-        var = total / (total * (info_map + curvature) - info_map * info_map)
+        var = 1.0 / (precision_map + curvature)
     out[:, stat["logfoldchanges"]] = b_map / unit
     with np.errstate(invalid="ignore"):
         out[:, stat["standard_error_shrunk"]] = np.where(var > 0, np.sqrt(var), np.nan) / unit

@@ -58,8 +58,8 @@ class Method:
         ``summarise(control, **inputs)``: the frozen summary of the control
         cells for one range of genes, from a ``(n_control, genes in range)``
         CSR matrix; ``inputs`` are the per-cell values of the control cells
-        (``size_factors=``) and the per-gene values of the range, when the
-        test is given any (see :func:`test_against_control`).
+        (``rows=``), the per-gene values of the range and fixed options, when
+        the test is given any (see :func:`test_against_control`).
     block
         ``block(x, group_sizes, summaries, bounds, **options)``: the
         statistics of the groups of one block, ``(n_groups, len(statistics),
@@ -250,15 +250,17 @@ def control_summary(
     n_parts: int,
     row_values: np.ndarray | None = None,
     gene_values: dict[str, np.ndarray] | None = None,
+    summary_options: dict | None = None,
 ) -> tuple[list, np.ndarray]:
     """The frozen control summary, lazily: one part per range of genes.
 
     Each part's task reads the control rows of its genes only, so no task
     holds the whole control matrix, and the parts are summarised in
     parallel. A sorted store makes the control rows one slice.
-    ``row_values`` (``(n_obs,)``, per cell) go to every part as
-    ``size_factors=`` for the control cells, ``gene_values`` (``(n_genes,)``
-    each) by name, cut to the part's genes.
+    ``row_values`` (``(n_obs,)`` or ``(n_obs, k)``, per cell) go to every
+    part as ``rows=`` for the control cells, ``gene_values`` (``(n_genes,)``
+    each) by name, cut to the part's genes, and ``summary_options`` as they
+    are.
 
     Returns
     -------
@@ -274,8 +276,10 @@ def control_summary(
     n_genes = x.shape[1]
     n_parts = max(1, min(n_parts, n_genes // MIN_GENES_PER_PART))
     bounds = np.linspace(0, n_genes, n_parts + 1).astype(np.int64)
-    token = tokenize(x.name, control_rows, method.name, n_parts, row_values, gene_values)
-    cells = {} if row_values is None else {"size_factors": np.asarray(row_values)[control_rows]}
+    token = tokenize(x.name, control_rows, method.name, n_parts, row_values, gene_values, summary_options)
+    cells = dict(summary_options or {})
+    if row_values is not None:
+        cells["rows"] = np.asarray(row_values)[control_rows]
     parts = [
         dask.delayed(_summarise_part, pure=True)(
             ctrl[:, a:b].to_delayed().ravel().tolist(),
@@ -308,6 +312,7 @@ def test_against_control(
     options: dict | None = None,
     row_values: np.ndarray | None = None,
     gene_values: dict[str, np.ndarray] | None = None,
+    summary_options: dict | None = None,
 ) -> tuple[da.Array, Aligned]:
     """Every tested perturbation against the control, lazily.
 
@@ -327,13 +332,15 @@ def test_against_control(
     options
         Keyword arguments of ``method.block``.
     row_values
-        ``(n_obs,)`` a value per cell (size factors): the control's go to
-        ``method.summarise`` as ``size_factors=``, each block's to
-        ``method.block`` as ``rows=``, in the block's row order.
+        ``(n_obs,)`` or ``(n_obs, k)`` values per cell (size factors,
+        covariate levels): the control's go to ``method.summarise``, each
+        block's to ``method.block``, as ``rows=``, in row order.
     gene_values
         ``(n_genes,)`` values per gene (dispersions), by name: cut to each
         summary part's genes for ``method.summarise``; ``method.block``
         takes them whole through ``options``.
+    summary_options
+        Keyword arguments of ``method.summarise``.
 
     Returns
     -------
@@ -343,14 +350,22 @@ def test_against_control(
         chunk of rows per block; and the row arrangement used.
     """
     parts, bounds = control_summary(
-        x, groups.control_rows, method, n_parts=n_parts, row_values=row_values, gene_values=gene_values
+        x,
+        groups.control_rows,
+        method,
+        n_parts=n_parts,
+        row_values=row_values,
+        gene_values=gene_values,
+        summary_options=summary_options,
     )
     lay = aligned(x, groups, budget=budget)
     codes = da.from_array(lay.codes, chunks=(lay.x.chunks[0],))
     if row_values is None:
         rows: tuple = (None, None)
     else:
-        rows = (da.from_array(np.asarray(row_values, dtype=np.float64)[lay.rows], chunks=(lay.x.chunks[0],)), "i")
+        per_row = np.asarray(row_values, dtype=np.float64)[lay.rows]
+        chunks = (lay.x.chunks[0],) + tuple((n,) for n in per_row.shape[1:])
+        rows = (da.from_array(per_row, chunks=chunks), "i" + "q"[: per_row.ndim - 1])  # q: not the genes
     # the parts go to each block task as separate arguments: each is one key, replicated on its own
     part_args = [a for part in parts for a in (part, None)]
     stats = da.blockwise(

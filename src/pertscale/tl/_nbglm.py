@@ -302,8 +302,9 @@ def dispersions(
     perturbation_column: str,
     *,
     size_factors: str | np.ndarray = "size_factors",
+    covariates: list[str] | None = None,
     method: str = "cox-reid",
-    min_mu: float = 1e-6,
+    min_mu: float = 0.5,
     max_iter: int = 20,
     tol: float = 1e-3,
     layer: str | None = None,
@@ -345,14 +346,17 @@ def dispersions(
     size_factors
         ``obs`` column of size factors (:func:`pertscale.pp.size_factors`),
         or an ``(n_obs,)`` array of them.
+    covariates
+        ``obs`` columns (e.g. ``["bio_rep"]``): the design's groups are then
+        every label within every level of them.
     method
         ``"cox-reid"`` (default) or ``"moments"`` (fast, one pass).
     min_mu
         Lower bound of the fitted means in the likelihood (DESeq2's
-        ``minmu``). The default, 1e-6, is what DESeq2's documentation gives
-        for single-cell counts; DESeq2's and PyDESeq2's default 0.5 suits bulk
-        counts but, where most means are far below it, pushes the dispersions
-        of sparse genes up.
+        ``minmu``): 0.5 as DESeq2, PyDESeq2 and crispyx (their estimates agree
+        best with it). For sparse single-cell genes it pushes the
+        dispersions up; DESeq2's documentation suggests 1e-6 for single-cell
+        counts.
     max_iter
         Newton passes at most, for each of the two fits.
     tol
@@ -394,6 +398,9 @@ def dispersions(
     tol = check_number(tol, "tol", minimum=0, min_open=True)
     check_shape(adata)
     labels = perturbation_labels(adata.obs, perturbation_column)
+    if covariates:
+        codes, _ = covariate_levels(adata.obs, covariates)
+        labels = pd.Series(labels.to_numpy() + "\x1f" + codes.astype(str), index=labels.index)
     sf = size_factor_values(adata, size_factors)
     x = as_dask(get_matrix(adata, layer))
     if x.numblocks[1] != 1:
@@ -490,6 +497,7 @@ def dispersions(
         "min_mu": float(min_mu),
         "size_factors": size_factors if isinstance(size_factors, str) else "given",
         "perturbation_column": perturbation_column,
+        "covariates": ",".join(covariates or []),
     }
     logger.info(
         "dispersions: %d genes, %d outliers, %d not converged",
@@ -524,3 +532,61 @@ def size_factor_values(adata: ad.AnnData, size_factors) -> np.ndarray:
     if not (np.isfinite(values) & (values > 0)).all():
         raise ValueError("size factors must be positive finite numbers; some are not")
     return values
+
+
+def covariate_levels(obs: pd.DataFrame, covariates, *, control: np.ndarray | None = None) -> tuple[np.ndarray, list]:
+    """Each cell's level of the covariates (their combinations), as codes ``0 .. n_levels - 1``.
+
+    Parameters
+    ----------
+    obs
+        Cell annotation.
+    covariates
+        Column names (e.g. ``["bio_rep"]``).
+    control
+        ``(n_obs,)`` bool, the control cells: every level needs some, since
+        its effect is estimated from them.
+
+    Returns
+    -------
+    tuple
+        ``(codes, levels)``: ``(n_obs,)`` int64 and the level names
+        (``"a|b"`` for combinations).
+
+    Raises
+    ------
+    KeyError
+        If a column is missing.
+    ValueError
+        If a column has missing values or a single level, or a level has no
+        control cell.
+    """
+    from .._validation import label_list
+
+    names = label_list(covariates, "covariates")
+    keys = []
+    for name in names:
+        if name not in obs.columns:
+            raise KeyError(f"covariate {name!r} not found in obs; columns present: {list(obs.columns)[:20]}")
+        column = obs[name]
+        if column.isna().any():
+            raise ValueError(
+                f"covariate obs[{name!r}] has {int(column.isna().sum())} missing values; fill them or drop those cells"
+            )
+        values = column.astype(str).to_numpy()
+        if np.unique(values).size < 2:
+            raise ValueError(
+                f"covariate obs[{name!r}] has a single level ({values[0]!r}): it explains nothing; leave it out"
+            )
+        keys.append(values)
+    combined = keys[0] if len(keys) == 1 else np.array(["|".join(v) for v in zip(*keys, strict=True)], dtype=object)
+    codes, levels = pd.factorize(combined, sort=True)
+    if control is not None:
+        present = np.bincount(codes[np.asarray(control, dtype=bool)], minlength=len(levels))
+        missing = [str(levels[k]) for k in np.flatnonzero(present == 0)]
+        if missing:
+            raise ValueError(
+                f"covariate level(s) {missing} of {names} have no control cells: their effects are estimated on "
+                "the control cells; leave the covariate out, or drop those cells"
+            )
+    return codes.astype(np.int64), [str(v) for v in levels]

@@ -79,6 +79,7 @@ def rank_genes_groups(
     size_factor_method: str = "sparse",
     dispersions: str | np.ndarray | None = None,
     dispersion_method: str = "cox-reid",
+    covariates: list[str] | None = None,
     shrink: bool = True,
     lfc_base: str = "log2",
     min_cells: int = 2,
@@ -140,6 +141,15 @@ def rank_genes_groups(
         simulation, is not taken for them).
     dispersion_method
         nb-glm: how they are estimated then (``"cox-reid"`` or ``"moments"``).
+    covariates
+        nb-glm: ``obs`` columns whose effects (e.g. ``["bio_rep"]``) are taken
+        out: each level (combination of levels) of them gets its own
+        intercept, estimated on that level's control cells and frozen; the
+        perturbation's effect ``beta1`` is shared by all levels. This is an
+        approximation: in the full GLM the level intercepts would also be
+        fitted to the perturbation's cells; with many control cells per level
+        the difference is small. The standard error takes the intercepts as
+        free, ``1 / sum_levels (I_g I_c / (I_g + I_c))``.
     shrink
         nb-glm: ``logfoldchanges`` are apeGLM's shrunk estimates (default);
         ``logfoldchanges_raw`` always holds the MLE.
@@ -291,6 +301,8 @@ def rank_genes_groups(
             size_factor_method=size_factor_method,
             dispersions=dispersions,
             dispersion_method=dispersion_method,
+            covariates=covariates,
+            control=control_mask,
             scheduler=scheduler,
             progress=progress,
         )
@@ -299,6 +311,8 @@ def rank_genes_groups(
         options |= {"alpha": inputs["gene_values"]["alpha"], "shrink": bool(shrink), "lfc_base": lfc_base}
         extra_settings |= {"logfoldchanges_base": lfc_base, "shrink": "apeglm" if shrink else "none"}
     else:
+        if covariates:
+            raise ValueError(f"covariates are supported by method='nb-glm', not by {method!r}")
         _warn_if_counts(adata, x.dtype, layer)
         if test is WILCOXON:
             options |= {"tie_correct": bool(tie_correct), "use_continuity": bool(use_continuity)}
@@ -356,13 +370,15 @@ def _nbglm_inputs(
     size_factor_method: str,
     dispersions,
     dispersion_method: str,
+    covariates,
+    control: np.ndarray,
     scheduler,
     progress,
 ) -> tuple[dict, dict]:
     """Size factors and dispersions for nb-glm (computed and stored first where missing), and their settings."""
     from .. import pp
+    from ._nbglm import covariate_levels, size_factor_values
     from ._nbglm import dispersions as estimate_dispersions
-    from ._nbglm import size_factor_values
 
     where = f"layers[{layer!r}]" if layer else "X"
     if layer is None and "log1p" in adata.uns:
@@ -381,6 +397,8 @@ def _nbglm_inputs(
             progress=progress,
         )
     sf = size_factor_values(adata, size_factors)
+    covariates = list(covariates or [])
+    levels = covariate_levels(adata.obs, covariates, control=control)[0] if covariates else None
     stored = (adata.uns.get("pertscale") or {}).get("dispersion") or {}
     sf_name = size_factors if isinstance(size_factors, str) else "given"
     if dispersions is not None:
@@ -394,6 +412,7 @@ def _nbglm_inputs(
             "dispersion" in adata.var
             and stored.get("perturbation_column") == perturbation_column
             and stored.get("size_factors") == sf_name
+            and stored.get("covariates", "") == ",".join(covariates)
             and sf_name != "given"
         )
         if not reusable:
@@ -403,13 +422,17 @@ def _nbglm_inputs(
                 perturbation_column,
                 size_factors=sf if sf_name == "given" else size_factors,
                 method=dispersion_method,
+                covariates=covariates or None,
                 layer=layer,
                 scheduler=scheduler,
                 progress=progress,
             )
         alpha = adata.var["dispersion"].to_numpy(dtype=np.float64)
         info = (adata.uns.get("pertscale") or {}).get("dispersion") or {}
-    return {"row_values": sf, "gene_values": {"alpha": alpha}}, {
+    rows = sf if levels is None else np.column_stack([sf, levels.astype(np.float64)])
+    n_levels = 1 if levels is None else int(levels.max()) + 1
+    return {"row_values": rows, "gene_values": {"alpha": alpha}, "summary_options": {"n_levels": n_levels}}, {
+        "covariates": np.asarray(covariates, dtype=object) if covariates else np.asarray([], dtype=str),
         "size_factors": size_factors if isinstance(size_factors, str) else "given",
         "dispersion_method": str(info.get("method", "given")),
         "dispersion_prior_variance": float(info.get("prior_variance", np.nan)),
