@@ -163,3 +163,38 @@ def test_bad_alternative_and_method(sim_adata):
         ps.tl.rank_genes_groups(adata, "perturbation", "control", alternative="bigger")
     with pytest.raises(ValueError, match="method 't_test'.*'t-test'"):
         ps.tl.rank_genes_groups(adata, "perturbation", "control", method="t_test")
+
+
+@pytest.mark.parametrize("method", ["wilcoxon", "t-test", "nb-glm"])
+def test_genes_low_on_both_sides_are_reported_as_nan_and_leave_the_family(sim_adata, method):
+    if method == "nb-glm":
+        adata = ps.pp.filter_perturbations(sim_adata.copy(), "perturbation", "control", exclude_labels=[])
+    else:
+        adata = _prepared(sim_adata.copy())
+    args = dict(method=method, scheduler="synchronous")
+    full = ps.compute(ps.tl.rank_genes_groups(adata, "perturbation", "control", **args), scheduler="synchronous")
+    kept = ps.compute(
+        ps.tl.rank_genes_groups(adata, "perturbation", "control", min_pct=(0.3, 0.5), min_mean=0.2, **args),
+        scheduler="synchronous",
+    )
+    x = adata.X.compute() if hasattr(adata.X, "compute") else adata.X
+    x = sp.csr_matrix(x).astype(np.float64)
+    if method == "nb-glm":
+        x = sp.diags(1 / adata.obs["size_factors"].to_numpy()) @ x  # its means are of normalized counts
+    labels = adata.obs["perturbation"].astype(str).to_numpy()
+    ctrl = x[labels == "control"]
+    c_pts, c_mean = np.asarray((ctrl != 0).mean(axis=0)).ravel(), np.asarray(ctrl.mean(axis=0)).ravel()
+    for g in kept.obs_names:
+        grp = x[labels == g]
+        g_pts, g_mean = np.asarray((grp != 0).mean(axis=0)).ravel(), np.asarray(grp.mean(axis=0)).ravel()
+        low = ~(((g_pts >= 0.5) & (g_mean >= 0.2)) | ((c_pts >= 0.3) & (c_mean >= 0.2)))  # crispyx's rule
+        assert low.any() and not low.all()
+        row, ref = kept[g], full[g]
+        assert np.isnan(row.layers["pvals"][0][low]).all() and np.isnan(row.layers["scores"][0][low]).all()
+        assert_close(row.layers["pvals"][0][~low], ref.layers["pvals"][0][~low], rtol=1e-12)
+        assert_close(row.layers["pts"][0], ref.layers["pts"][0], rtol=0)  # still reported
+        # the family of the correction: the tested genes only
+        expected = stats.false_discovery_control(ref.layers["pvals"][0][~low])
+        assert_close(row.layers["pvals_adj"][0][~low], expected, rtol=1e-10)
+    with pytest.raises(ValueError, match="min_pct must be >= 0 and <= 1"):
+        ps.tl.rank_genes_groups(adata, "perturbation", "control", method=method, min_pct=1.5)

@@ -346,6 +346,8 @@ def run(
     use_continuity: bool = False,
     corr_method: str = "benjamini-hochberg",
     alternative: str = "two-sided",
+    min_pct: float | tuple[float, float] = 0.0,
+    min_mean: float | tuple[float, float] = 0.0,
     overwrite: bool = False,
     working_store: str | Path | None = None,
     memory_limit: int | None = None,
@@ -406,7 +408,7 @@ def run(
         ``var``), each a few passes of its own.
     size_factor_method, dispersion_method, shrink, covariates
         nb-glm's options (see :func:`pertscale.tl.rank_genes_groups`).
-    tie_correct, use_continuity, corr_method, alternative
+    tie_correct, use_continuity, corr_method, alternative, min_pct, min_mean
         Options of :func:`pertscale.tl.rank_genes_groups`.
     overwrite
         Replace results of an earlier run found in ``out``; without it such
@@ -546,6 +548,8 @@ def run(
                     "use_continuity": use_continuity,
                     "corr_method": corr_method,
                     "alternative": alternative,
+                    "min_pct": min_pct,
+                    "min_mean": min_mean,
                 },
                 scanpy_format=scanpy_format,
                 scheduler=scheduler,

@@ -82,6 +82,29 @@ def _finite(name: str, **bounds):
     return callback
 
 
+def _pair(name: str, **bounds):
+    """A click callback: one number, or two comma-separated (control, perturbation), each finite and in range."""
+
+    def callback(ctx, param, value):
+        from ._validation import check_number
+
+        parts = [p.strip() for p in str(value).split(",")]
+        usage = f"{param.opts[0]} takes one number or two (CONTROL,PERTURBATION), not {value!r}"
+        try:
+            if len(parts) not in (1, 2):
+                raise ValueError(usage)
+            try:
+                floats = [float(p) for p in parts]
+            except ValueError:
+                raise ValueError(usage) from None
+            numbers = [check_number(v, name, flag=param.opts[0], minimum=0, **bounds) for v in floats]
+        except (TypeError, ValueError) as err:
+            raise click.UsageError(str(err), ctx) from err
+        return numbers[0] if len(numbers) == 1 else tuple(numbers)
+
+    return callback
+
+
 @main.command()
 @click.argument("input_path", metavar="INPUT", type=click.Path(path_type=str))
 @click.option("--perturbation-column", required=True, help="obs column naming each cell's perturbation.")
@@ -199,6 +222,21 @@ def _finite(name: str, **bounds):
     help="Alternative hypothesis; greater: higher in the perturbation than in control.",
 )
 @click.option(
+    "--min-pct",
+    default="0",
+    show_default=True,
+    callback=_pair("min_pct", maximum=1),
+    help="Test a gene in a comparison only when, on the perturbation's or the control's side, at least this "
+    "fraction of cells has a count (and --min-mean holds); others are NaN. One number, or CONTROL,PERTURBATION.",
+)
+@click.option(
+    "--min-mean",
+    default="0",
+    show_default=True,
+    callback=_pair("min_mean"),
+    help="The same with the mean (log1p units; nb-glm: normalized counts).",
+)
+@click.option(
     "--continuity/--no-continuity",
     default=False,
     show_default=True,
@@ -237,6 +275,8 @@ def run(
     covariates,
     shrink,
     alternative,
+    min_pct,
+    min_mean,
     continuity,
     corr_method,
     progress,
@@ -292,6 +332,8 @@ def run(
                 shrink=shrink,
                 covariates=[c.strip() for c in covariates.split(",") if c.strip()],
                 alternative=alternative,
+                min_pct=min_pct,
+                min_mean=min_mean,
                 use_continuity=continuity,
                 corr_method=corr_method,
                 scheduler=scheduler,

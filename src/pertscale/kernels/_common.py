@@ -108,3 +108,64 @@ def normal_pvalues(z: np.ndarray, alternative: str = "two-sided") -> np.ndarray:
     if alternative == "less":
         return special.ndtr(z)
     raise ValueError(f"alternative {alternative!r} is not supported; choose one of {ALTERNATIVES}")
+
+
+def _pair(value) -> tuple[float, float]:
+    """``(control, perturbation)`` thresholds from one number or a pair."""
+    if np.ndim(value) == 0:
+        return float(value), float(value)
+    control, perturbation = value
+    return float(control), float(perturbation)
+
+
+def exclude_low_genes(
+    out: np.ndarray,
+    statistics: tuple[str, ...],
+    *,
+    mean: np.ndarray,
+    mean_rest: np.ndarray,
+    pts: np.ndarray,
+    pts_rest: np.ndarray,
+    min_pct=0.0,
+    min_mean=0.0,
+    corr_method: str = "benjamini-hochberg",
+) -> None:
+    """Report genes too low on both sides of a comparison as untested (NaN), in place; adjust again.
+
+    A side (the perturbation's cells, the control's) is high enough when its
+    fraction of cells with a count is at least ``min_pct`` and its mean at
+    least ``min_mean``; a gene is tested in a comparison when either side
+    is (crispyx's rule). Untested genes get NaN in every statistic but
+    ``pts``, ``pts_rest`` and ``baseMean``, and leave the family of the
+    multiple-testing correction. Thresholds are one number for both sides or
+    ``(control, perturbation)``; 0 (the default) tests every gene.
+
+    Parameters
+    ----------
+    out
+        ``(n_groups, len(statistics), n_genes)`` a block kernel's output.
+    statistics
+        Its statistic names (``"pvals"`` and ``"pvals_adj"`` among them).
+    mean, pts
+        ``(n_groups, n_genes)`` the perturbations' means (in the test's
+        units) and detection fractions.
+    mean_rest, pts_rest
+        ``(n_genes,)`` the control's.
+    min_pct, min_mean
+        The thresholds: a number, or ``(control, perturbation)``.
+    corr_method
+        The correction to apply again after the exclusion.
+    """
+    (pct_c, pct_p), (mean_c, mean_p) = _pair(min_pct), _pair(min_mean)
+    if max(pct_c, pct_p, mean_c, mean_p) <= 0:
+        return
+    high_group = (pts >= pct_p) & (mean >= mean_p)
+    high_control = (pts_rest >= pct_c) & (mean_rest >= mean_c)
+    low = ~(high_group | high_control[None, :])
+    if not low.any():
+        return
+    index = {name: i for i, name in enumerate(statistics)}
+    for name, i in index.items():
+        if name not in ("pts", "pts_rest", "baseMean"):
+            out[:, i][low] = np.nan
+    out[:, index["pvals_adj"]] = adjust_pvalues(out[:, index["pvals"]], corr_method)

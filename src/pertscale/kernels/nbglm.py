@@ -38,7 +38,7 @@ import numpy as np
 import scipy.sparse as sp
 from numba import njit
 
-from ._common import adjust_pvalues, canonical_csr, normal_pvalues
+from ._common import adjust_pvalues, canonical_csr, exclude_low_genes, normal_pvalues
 
 #: Smallest and largest dispersion estimated (DESeq2's ``minDisp``; its ``maxDisp`` is ``max(10, n)``).
 MIN_DISP = 1e-8
@@ -848,6 +848,8 @@ def nbglm_block(
     alternative: str = "two-sided",
     max_iter: int = 100,
     tol: float = 1e-10,
+    min_pct=0.0,
+    min_mean=0.0,
 ) -> np.ndarray:
     """Wald test of every group in a block against the frozen control fit, with apeGLM shrinkage.
 
@@ -882,6 +884,9 @@ def nbglm_block(
         alternative (``"greater"``: higher in the group than in control).
     max_iter, tol
         Newton iterations of each fit and the step below which they stop.
+    min_pct, min_mean
+        Genes whose detection fraction or mean normalized count is below
+        these on both sides are untested: NaN (:func:`exclude_low_genes`).
 
     Returns
     -------
@@ -949,10 +954,20 @@ def nbglm_block(
     out[:, stat["baseMean"]] = (zsum + np.concatenate([p.normalized_sum for p in parts])[None, :]) / (m + n_c)
     out[:, stat["converged"]] = converged
     out[:, stat["n_iter"]] = n_iter
+    filters = dict(
+        mean=zsum / m,
+        mean_rest=np.concatenate([p.normalized_sum for p in parts]) / n_c,
+        pts=nnz / m,
+        pts_rest=np.concatenate([p.nnz for p in parts]) / n_c,
+        min_pct=min_pct,
+        min_mean=min_mean,
+        corr_method=corr_method,
+    )
     if not shrink:
         out[:, stat["logfoldchanges"]] = beta / unit
         out[:, stat["standard_error_shrunk"]] = se / unit
         out[:, stat["prior_scale"]] = np.nan
+        exclude_low_genes(out, NBGLM_STATS, **filters)
         return out
     scale = np.array(
         [min(np.sqrt(prior_variance(beta[g][defined[g]], se[g][defined[g]])), 1.0) for g in range(n_groups)]
@@ -968,4 +983,5 @@ def nbglm_block(
     with np.errstate(invalid="ignore"):
         out[:, stat["standard_error_shrunk"]] = np.where(var > 0, np.sqrt(var), np.nan) / unit
     out[:, stat["prior_scale"]] = scale[:, None]
+    exclude_low_genes(out, NBGLM_STATS, **filters)
     return out

@@ -25,7 +25,7 @@ import numpy as np
 import scipy.sparse as sp
 from scipy import special
 
-from ._common import adjust_pvalues, canonical_csr, check_values, log2_fold_change
+from ._common import adjust_pvalues, canonical_csr, check_values, exclude_low_genes, log2_fold_change
 
 #: Statistics returned by :func:`ttest_block`, in this order along axis 1.
 TTEST_STATS: tuple[str, ...] = ("scores", "pvals", "pvals_adj", "logfoldchanges", "pts", "pts_rest")
@@ -152,6 +152,8 @@ def ttest_block(
     overestimate_variance: bool = False,
     corr_method: str = "benjamini-hochberg",
     alternative: str = "two-sided",
+    min_pct=0.0,
+    min_mean=0.0,
 ) -> np.ndarray:
     """Welch's t-test of every group in a block against the frozen control.
 
@@ -178,6 +180,9 @@ def ttest_block(
         ``"two-sided"``, ``"greater"`` (group mean above control) or
         ``"less"``, the group being the first sample as in
         ``scipy.stats.ttest_ind``.
+    min_pct, min_mean
+        Genes whose detection fraction or mean (log1p units) is below these
+        on both sides are untested: NaN (:func:`exclude_low_genes`).
 
     Returns
     -------
@@ -227,5 +232,17 @@ def ttest_block(
     out[:, stat["pvals_adj"]] = adjust_pvalues(pvals, corr_method)
     out[:, stat["logfoldchanges"]] = log2_fold_change(mean, c_mean[None, :])
     out[:, stat["pts"]] = nnz / n1
-    out[:, stat["pts_rest"]] = (np.concatenate([p.nnz for p in parts]) / c_n)[None, :]
+    pts_rest = np.concatenate([p.nnz for p in parts]) / c_n
+    out[:, stat["pts_rest"]] = pts_rest[None, :]
+    exclude_low_genes(
+        out,
+        TTEST_STATS,
+        mean=mean,
+        mean_rest=c_mean,
+        pts=nnz / n1,
+        pts_rest=pts_rest,
+        min_pct=min_pct,
+        min_mean=min_mean,
+        corr_method=corr_method,
+    )
     return out

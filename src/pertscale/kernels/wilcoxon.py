@@ -30,6 +30,7 @@ from ._common import (  # noqa: F401  (re-exported: the Wilcoxon's public helper
     adjust_pvalues,
     canonical_csr,
     check_values,
+    exclude_low_genes,
     log2_fold_change,
     normal_pvalues,
 )
@@ -389,6 +390,8 @@ def wilcoxon_block(
     use_continuity: bool = False,
     corr_method: str = "benjamini-hochberg",
     alternative: str = "two-sided",
+    min_pct=0.0,
+    min_mean=0.0,
 ) -> np.ndarray:
     """Wilcoxon rank-sum of every group in a block against the frozen control.
 
@@ -420,6 +423,9 @@ def wilcoxon_block(
         ``"two-sided"``, ``"greater"`` (the group's values tend to be larger
         than the control's) or ``"less"``, as ``scipy.stats.mannwhitneyu``
         with the group as the first sample.
+    min_pct, min_mean
+        Genes whose detection fraction or mean (log1p units) is below these
+        on both sides are untested: NaN (:func:`exclude_low_genes`).
 
     Returns
     -------
@@ -528,4 +534,15 @@ def wilcoxon_block(
     out[:, stat["pts"]] = sums["nnz"] / m
     out[:, stat["pts_rest"]] = control_pts[None, :]
     out[:, stat["u_statistic"]] = u
+    exclude_low_genes(
+        out,
+        WILCOXON_STATS,
+        mean=sums["total"] / m,
+        mean_rest=control_mean,
+        pts=sums["nnz"] / m,
+        pts_rest=control_pts,
+        min_pct=min_pct,
+        min_mean=min_mean,
+        corr_method=corr_method,
+    )
     return out

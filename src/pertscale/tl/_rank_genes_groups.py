@@ -75,6 +75,8 @@ def rank_genes_groups(
     use_continuity: bool = False,
     corr_method: str = "benjamini-hochberg",
     alternative: str = "two-sided",
+    min_pct: float | tuple[float, float] = 0.0,
+    min_mean: float | tuple[float, float] = 0.0,
     size_factors: str | np.ndarray = "size_factors",
     size_factor_method: str = "sparse",
     dispersions: str | np.ndarray | None = None,
@@ -125,6 +127,14 @@ def rank_genes_groups(
         perturbation than in control) or ``"less"``: the perturbation is the
         first sample, as in ``scipy.stats.mannwhitneyu`` and
         ``scipy.stats.ttest_ind``. Scores keep their sign either way.
+    min_pct, min_mean
+        A gene is tested in a comparison when, on the perturbation's side or
+        the control's, at least ``min_pct`` of the cells have a count and its
+        mean is at least ``min_mean`` (log1p units; nb-glm: normalized
+        counts); otherwise its statistics are NaN (``pts``/``pts_rest`` kept)
+        and it leaves the multiple-testing family: reported, never dropped.
+        One number for both sides or ``(control, perturbation)``, as crispyx's
+        ``min_pct_ctrl``/``min_pct_pert``; 0 (default) tests every gene.
     size_factors
         nb-glm: an ``obs`` column (default ``"size_factors"``) or an
         ``(n_obs,)`` array. A missing column is computed first with
@@ -289,7 +299,12 @@ def rank_genes_groups(
     x = as_dask(get_matrix(adata, layer))
     found = find_groups(labels, groups, control_label)
     test = METHODS[method]
-    options: dict = {"corr_method": corr_method, "alternative": alternative}
+    options: dict = {
+        "corr_method": corr_method,
+        "alternative": alternative,
+        "min_pct": _thresholds(min_pct, "min_pct", maximum=1),
+        "min_mean": _thresholds(min_mean, "min_mean"),
+    }
     inputs: dict = {}
     extra_settings: dict = {"logfoldchanges_base": "log2"}
     if test is NBGLM:
@@ -342,6 +357,8 @@ def rank_genes_groups(
             **{
                 k: v for k, v in options.items() if k in ("corr_method", "alternative", "tie_correct", "use_continuity")
             },
+            "min_pct": np.asarray(np.broadcast_to(options["min_pct"], 2), dtype=float),  # (control, perturbation)
+            "min_mean": np.asarray(np.broadcast_to(options["min_mean"], 2), dtype=float),
             "min_cells": int(min_cells),
             "n_control_cells": int(control_mask.sum()),
             **extra_settings,
@@ -437,3 +454,19 @@ def _nbglm_inputs(
         "dispersion_method": str(info.get("method", "given")),
         "dispersion_prior_variance": float(info.get("prior_variance", np.nan)),
     }
+
+
+def _thresholds(value, name: str, *, maximum: float | None = None):
+    """A threshold for both sides, or a ``(control, perturbation)`` pair, each finite and in range.
+
+    Raises
+    ------
+    ValueError
+        Naming the option and the range.
+    """
+    values = None if isinstance(value, str) else np.atleast_1d(np.asarray(value, dtype=np.float64))
+    if values is None or values.ndim != 1 or values.size not in (1, 2):
+        raise ValueError(f"{name} must be a number or a (control, perturbation) pair; got {value!r}")
+    for v in values:
+        check_number(float(v), name, minimum=0, maximum=maximum)
+    return float(values[0]) if values.size == 1 else (float(values[0]), float(values[1]))
