@@ -169,3 +169,28 @@ def exclude_low_genes(
         if name not in ("pts", "pts_rest", "baseMean"):
             out[:, i][low] = np.nan
     out[:, index["pvals_adj"]] = adjust_pvalues(out[:, index["pvals"]], corr_method)
+
+
+def block_inputs(control, summary_type: type, bounds, n_genes: int, group_sizes, n_rows: int):
+    """Check what a block kernel is given: the control parts cover its genes, the groups split its rows.
+
+    Returns
+    -------
+    tuple
+        ``(parts, bounds, group_sizes)``: a list of summaries, int64 gene
+        bounds, int64 rows per group.
+
+    Raises
+    ------
+    ValueError
+        If the parts do not cover the genes, or a group is empty or the
+        groups do not add up to the rows.
+    """
+    parts = [control] if isinstance(control, summary_type) else list(control)
+    bounds = np.asarray([0, n_genes] if bounds is None else bounds, dtype=np.int64)
+    if len(bounds) != len(parts) + 1 or bounds[-1] != n_genes or sum(p.n_genes for p in parts) != n_genes:
+        raise ValueError(f"the control summary parts do not cover the block's {n_genes} genes")
+    group_sizes = np.asarray(group_sizes, dtype=np.int64)
+    if (group_sizes < 1).any() or group_sizes.sum() != n_rows:
+        raise ValueError(f"group_sizes {group_sizes.tolist()[:10]} do not split the block's {n_rows} rows")
+    return parts, bounds, group_sizes

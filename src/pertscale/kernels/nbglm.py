@@ -38,7 +38,7 @@ import numpy as np
 import scipy.sparse as sp
 from numba import njit
 
-from ._common import adjust_pvalues, canonical_csr, exclude_low_genes, normal_pvalues
+from ._common import adjust_pvalues, block_inputs, canonical_csr, exclude_low_genes, normal_pvalues
 
 #: Smallest and largest dispersion estimated (DESeq2's ``minDisp``; its ``maxDisp`` is ``max(10, n)``).
 MIN_DISP = 1e-8
@@ -909,18 +909,12 @@ def nbglm_block(
         If the block does not hold raw counts, ``group_sizes`` does not split
         it, or the control parts do not cover its genes.
     """
-    parts = [control] if isinstance(control, NBControl) else list(control)
     n_genes = block.shape[1]
-    bounds = np.asarray([0, n_genes] if bounds is None else bounds, dtype=np.int64)
-    if len(bounds) != len(parts) + 1 or bounds[-1] != n_genes or sum(p.n_genes for p in parts) != n_genes:
-        raise ValueError(f"the control summary parts do not cover the block's {n_genes} genes")
+    parts, bounds, group_sizes = block_inputs(control, NBControl, bounds, n_genes, group_sizes, block.shape[0])
     if lfc_base not in ("log2", "natural"):
         raise ValueError(f"lfc_base {lfc_base!r} is not supported; choose 'log2' or 'natural'")
     block = canonical_csr(block)
     check_counts(block)
-    group_sizes = np.asarray(group_sizes, dtype=np.int64)
-    if (group_sizes < 1).any() or group_sizes.sum() != block.shape[0]:
-        raise ValueError(f"group_sizes {group_sizes.tolist()[:10]} do not split the block's {block.shape[0]} rows")
     sf, lev = _cells(rows, block.shape[0])
     alpha = np.asarray(alpha, dtype=np.float64)
     beta0 = np.concatenate([p.beta0 for p in parts], axis=-1)

@@ -25,7 +25,14 @@ import numpy as np
 import scipy.sparse as sp
 from scipy import special
 
-from ._common import adjust_pvalues, canonical_csr, check_values, exclude_low_genes, log2_fold_change
+from ._common import (
+    adjust_pvalues,
+    block_inputs,
+    canonical_csr,
+    check_values,
+    exclude_low_genes,
+    log2_fold_change,
+)
 
 #: Statistics returned by :func:`ttest_block`, in this order along axis 1.
 TTEST_STATS: tuple[str, ...] = ("scores", "pvals", "pvals_adj", "logfoldchanges", "pts", "pts_rest")
@@ -206,16 +213,10 @@ def ttest_block(
     reference=control)`` gives the same scores and p-values (its variances
     are one-pass, in float64 sums of float32 products).
     """
-    parts = [control] if isinstance(control, ControlMoments) else list(control)
     n_genes = block.shape[1]
-    bounds = np.asarray([0, n_genes] if bounds is None else bounds, dtype=np.int64)
-    if len(bounds) != len(parts) + 1 or bounds[-1] != n_genes or sum(p.n_genes for p in parts) != n_genes:
-        raise ValueError(f"the control summary parts do not cover the block's {n_genes} genes")
+    parts, bounds, group_sizes = block_inputs(control, ControlMoments, bounds, n_genes, group_sizes, block.shape[0])
     block = canonical_csr(block)
     check_values(block)
-    group_sizes = np.asarray(group_sizes, dtype=np.int64)
-    if (group_sizes < 1).any() or group_sizes.sum() != block.shape[0]:
-        raise ValueError(f"group_sizes {group_sizes.tolist()[:10]} do not split the block's {block.shape[0]} rows")
     mean, var, nnz = _group_moments(block, group_sizes)
     c_mean = np.concatenate([p.mean for p in parts])
     c_var = np.concatenate([p.var for p in parts])
