@@ -1,12 +1,14 @@
-"""The main job: QC, normalization and Wilcoxon of every perturbation, to files.
+"""The main job: QC, normalization and the tests of every perturbation against control, to files.
 
 One read of the labels decides everything ``obs`` can tell (bad labels,
-empty groups, the plan); then, at most: one pass that sorts an unsorted
-input into the working store, one pass for QC metrics and both filters, and
-one pass that tests every perturbation and writes the results block by
-block into ``de_wilcoxon.zarr``. The significant table, the counts per
-perturbation and (where scanpy's view fits) ``de_wilcoxon.h5ad`` are made
-from that store, never from results gathered whole.
+empty groups, covariates, the plan); then: one pass that sorts an unsorted
+input into the working store (if needed), one pass for QC metrics and all
+filters, with nb-glm the passes of its size factors and dispersions, and
+one pass that tests every perturbation with every method asked for and
+writes the results block by block into ``de_<method>.zarr``. The
+significant tables, the counts per perturbation and (where scanpy's view
+fits) ``de_<method>.h5ad`` are made from those stores, never from results
+gathered whole.
 """
 
 from __future__ import annotations
