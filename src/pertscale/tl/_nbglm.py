@@ -39,18 +39,25 @@ def _group_sizes(codes: np.ndarray) -> np.ndarray:
     return np.diff(np.r_[starts, codes.shape[0]])
 
 
-def _prepare(block, codes, sf):
-    """A block as the dispersion kernels take it: its counts by gene, and its group sizes (None: a piece)."""
+def _prepare(block, codes, sf, genes=None):
+    """A block as the dispersion kernels take it.
+
+    Returns its counts by gene (of ``genes`` only, if given), its group sizes
+    (None: a piece of a large group) and ``genes``.
+    """
     from ..kernels.nbglm import count_columns
 
     sizes = None if codes is None else _group_sizes(np.asarray(codes))
-    return count_columns(sp.csr_matrix(block), np.asarray(sf)), sizes
+    block = sp.csr_matrix(block)
+    if genes is not None:
+        block = block[:, genes]
+    return count_columns(block, np.asarray(sf)), sizes, genes
 
 
 def _moments(prepared):
     from ..kernels.nbglm import dispersion_moments_block
 
-    cols, sizes = prepared
+    cols, sizes, _ = prepared
     if sizes is None:  # a piece of a large group: its sums of z and z^2
         z = sp.csc_matrix((cols.z, cols.rows, cols.ptr), shape=cols.shape)
         return np.stack([np.asarray(z.sum(axis=0)).ravel(), np.asarray(z.multiply(z).sum(axis=0)).ravel()])
@@ -63,13 +70,16 @@ def _likelihood(prepared, alphas, means, min_mu, active):
     """Value, gradient, curvature (and W terms of pieces): ``(n_points, 6, n_genes)`` for each row of ``alphas``."""
     from ..kernels.nbglm import dispersion_apl_block
 
-    cols, sizes = prepared
+    cols, sizes, genes = prepared
     piece = sizes is None
-    out = np.zeros((alphas.shape[0], 6, cols.shape[1]))
+    out = np.zeros((alphas.shape[0], 6, alphas.shape[1]))
     if not piece and sizes.size == 0:
         return out
+    if genes is not None:  # prepared for these genes only (the others are not active)
+        alphas, active = alphas[:, genes], active[genes]
+        means = None if means is None else means[:, genes]
     for k, alpha in enumerate(alphas):
-        out[k] = dispersion_apl_block(
+        got = dispersion_apl_block(
             cols,
             np.array([cols.shape[0]]) if piece else sizes,
             None,
@@ -78,6 +88,10 @@ def _likelihood(prepared, alphas, means, min_mu, active):
             min_mu=min_mu,
             active=active,
         )
+        if genes is None:
+            out[k] = got
+        else:
+            out[k][:, genes] = got
     return out
 
 
@@ -95,8 +109,9 @@ class _Layout:
     Groups up to a block's length are whole in a block (:func:`aligned`);
     longer ones (the control) are cut into pieces whose group means come
     from the first pass. Each block is read and turned into
-    :class:`~pertscale.kernels.nbglm.CountColumns` once per pass, or once in
-    all when the prepared blocks fit in memory (``cache``).
+    :class:`~pertscale.kernels.nbglm.CountColumns` once per pass (of the
+    genes still being fitted only, once they are fewer than half), or once
+    in all when the prepared blocks fit in memory (``cache``).
     """
 
     def __init__(self, x: da.Array, labels: pd.Series, size_factors: np.ndarray, *, cache: bool, scheduler) -> None:
@@ -107,6 +122,7 @@ class _Layout:
         sizes = np.bincount(codes, minlength=len(names))
         self.n_cells = int(codes.size)
         self.n_groups = len(names)
+        self.n_genes = int(x.shape[1])
         large = sizes > budget
         self.large_rows = [np.flatnonzero(codes == g) for g in np.flatnonzero(large)]
         self.small: list = []
@@ -124,20 +140,22 @@ class _Layout:
             lay = aligned(x, groups, budget=budget)
             bounds = np.cumsum((0,) + lay.x.chunks[0])
             blocks = lay.x.to_delayed().ravel()
-            self.small = [
-                dask.delayed(_prepare)(b, lay.codes[lo:hi], size_factors[lay.rows[lo:hi]])
+            self._small_inputs = [
+                (b, lay.codes[lo:hi], size_factors[lay.rows[lo:hi]])
                 for b, lo, hi in zip(blocks, bounds[:-1], bounds[1:], strict=True)
             ]
+            self.small = [dask.delayed(_prepare)(*inputs) for inputs in self._small_inputs]
+        self._piece_inputs = []
         for rows in self.large_rows:
             contiguous = rows[-1] - rows[0] + 1 == rows.size
             piece = (x[int(rows[0]) : int(rows[-1]) + 1] if contiguous else x[rows]).rechunk({0: budget, 1: -1})
             bounds = np.cumsum((0,) + piece.chunks[0])
-            self.pieces.append(
-                [
-                    dask.delayed(_prepare)(b, None, size_factors[rows[lo:hi]])
-                    for b, lo, hi in zip(piece.to_delayed().ravel(), bounds[:-1], bounds[1:], strict=True)
-                ]
-            )
+            inputs = [
+                (b, None, size_factors[rows[lo:hi]])
+                for b, lo, hi in zip(piece.to_delayed().ravel(), bounds[:-1], bounds[1:], strict=True)
+            ]
+            self._piece_inputs.append(inputs)
+            self.pieces.append([dask.delayed(_prepare)(*i) for i in inputs])
         self.cache = cache
         if cache:
             from ..cluster import persist
@@ -159,12 +177,17 @@ class _Layout:
         """One pass: ``(n_points, 3, n_genes)`` value, gradient, curvature summed over every group."""
         import dask
 
+        small, pieces_all = self.small, self.pieces
+        if not self.cache and active.sum() < 0.5 * self.n_genes:  # read again, and prepare only the active genes
+            genes = np.flatnonzero(active)
+            small = [dask.delayed(_prepare)(*inputs, genes) for inputs in getattr(self, "_small_inputs", [])]
+            pieces_all = [[dask.delayed(_prepare)(*i, genes) for i in inputs] for inputs in self._piece_inputs]
         todo = []
-        if self.small:
+        if small:
             todo.append(
-                dask.delayed(_total)(*[dask.delayed(_likelihood)(p, alphas, None, min_mu, active) for p in self.small])
+                dask.delayed(_total)(*[dask.delayed(_likelihood)(p, alphas, None, min_mu, active) for p in small])
             )
-        for pieces, m in zip(self.pieces, means, strict=True):
+        for pieces, m in zip(pieces_all, means, strict=True):
             todo.append(
                 dask.delayed(_total)(*[dask.delayed(_likelihood)(p, alphas, m, min_mu, active) for p in pieces])
             )
