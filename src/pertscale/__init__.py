@@ -18,7 +18,7 @@ try:
 except PackageNotFoundError:  # pragma: no cover - not installed
     __version__ = "0+unknown"
 
-_SUBMODULES = ("cluster", "datasets", "get", "io", "pp", "tl")
+_SUBMODULES = ("cluster", "datasets", "get", "io", "pb", "pp", "tl")
 _FUNCTIONS = {
     "compute": "._compute",
     "read": ".io",
@@ -27,7 +27,21 @@ _FUNCTIONS = {
     "settings": "._settings",
 }
 
-__all__ = ["__version__", "cluster", "compute", "datasets", "get", "io", "pp", "read", "run", "settings", "tl", "write"]
+__all__ = [
+    "__version__",
+    "cluster",
+    "compute",
+    "datasets",
+    "get",
+    "io",
+    "pb",
+    "pp",
+    "read",
+    "run",
+    "settings",
+    "tl",
+    "write",
+]
 
 
 def __getattr__(name: str):
@@ -43,7 +57,7 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # pragma: no cover
-    from . import cluster, datasets, get, io, pp, tl
+    from . import cluster, datasets, get, io, pb, pp, tl
     from ._compute import compute
     from ._pipeline import run
     from ._settings import settings

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import uuid
@@ -9,8 +10,18 @@ import warnings
 from pathlib import Path
 
 import anndata as ad
+import dask.array as da
+import h5py
+import scipy.sparse as sp
 
 from .._compute import compute, lazy_elements, write_zarr_stores
+from ..cluster import compute as compute_collections
+from ..cluster import n_workers_of, resolve_scheduler
+
+logger = logging.getLogger(__name__)
+
+#: Elements per HDF5 chunk of a streamed sparse matrix's ``data``, ``indices`` and ``indptr`` (resizable).
+H5_CHUNK = 1 << 16
 
 
 def _sibling(path: Path, tag: str) -> Path:
@@ -68,10 +79,15 @@ def write(adata: ad.AnnData, path: str | Path, *, scheduler=None, progress: bool
     one. (Replacing an existing ``.zarr`` directory takes two renames; in
     between, the old store sits beside it as ``.NAME.old-*``.)
 
-    Lazy (Dask) arrays are computed here, all in one graph. To ``.zarr``
-    their blocks go straight from the workers into the store, never
-    gathered in one process (what results of genome-wide screens need); to
-    ``.h5ad`` they are computed into memory first.
+    Lazy (Dask) arrays are computed here. To ``.zarr`` their blocks go
+    straight from the workers into the store, never gathered in one process
+    (what results of genome-wide screens need). To ``.h5ad``, a lazy sparse
+    ``X`` and lazy sparse layers (CSR row blocks, as :func:`pertscale.read`
+    and the filters of :mod:`pertscale.pp` make them) are streamed: a few row
+    blocks at a time (one per worker) are computed and appended to the
+    file, so this process never holds the whole matrix (peak: those blocks
+    and their inputs). Other lazy arrays (dense results, ``obsm``, ``varm``)
+    are computed into memory first, in one graph, as before.
 
     Parameters
     ----------
@@ -102,10 +118,21 @@ def write(adata: ad.AnnData, path: str | Path, *, scheduler=None, progress: bool
     _check_target(adata, path)
     tmp = _sibling(path, "tmp")
     try:
+        streamed = _streamed_elements(adata)
+        if streamed:
+            adata = adata.copy()  # shallow for lazy arrays: only their graphs are copied
+            for attr, key in streamed:
+                if key is None:
+                    adata.X = None
+                else:
+                    del getattr(adata, attr)[key]
         if lazy_elements(adata):
             adata = compute(adata, scheduler=scheduler, progress=progress, desc=f"computing {path.name}")
         try:
             adata.write_h5ad(tmp)
+            if streamed:
+                with h5py.File(tmp, "a") as file:
+                    _stream_sparse(file, streamed, scheduler=scheduler, progress=progress, name=path.name)
         except ValueError as err:
             if "object header message is too large" not in str(err):
                 raise
@@ -119,6 +146,65 @@ def write(adata: ad.AnnData, path: str | Path, *, scheduler=None, progress: bool
         if tmp.exists():
             tmp.unlink()
     return path
+
+
+def _streamed_elements(adata: ad.AnnData) -> dict[tuple[str, str | None], da.Array]:
+    """The lazy sparse ``X`` and layers, which :func:`write` streams into an ``.h5ad`` file."""
+    return {
+        where: x
+        for where, x in lazy_elements(adata).items()
+        if where[0] in ("X", "layers") and x.ndim == 2 and sp.issparse(x._meta)
+    }
+
+
+def _csr(block, dtype) -> sp.csr_matrix:
+    block = sp.csr_matrix(block)
+    return block if block.dtype == dtype else block.astype(dtype)
+
+
+def _stream_sparse(file: h5py.File, arrays: dict, *, scheduler, progress: bool | None, name: str) -> None:
+    """Append the row blocks of lazy sparse matrices to an open ``.h5ad`` file, a window of blocks at a time.
+
+    Each window (as many consecutive row blocks as the scheduler has
+    workers) is one computation of the same rows of every matrix, so a
+    block of the input is read once for ``X`` and the layers made from it.
+    The first block of each matrix is written with anndata's
+    ``write_elem`` (64-bit ``indptr``, so that appending never overflows
+    it; HDF5 chunks of :data:`H5_CHUNK` elements, as the first block may be
+    empty), the others appended with ``sparse_dataset(...).append``.
+    """
+    from tqdm.auto import tqdm
+
+    from .._settings import settings
+
+    arrays = {where: (x.rechunk({1: -1}) if x.numblocks[1] != 1 else x) for where, x in arrays.items()}
+    chunks = next(iter(arrays.values())).chunks[0]
+    arrays = {where: (x if x.chunks[0] == chunks else x.rechunk({0: chunks})) for where, x in arrays.items()}
+    window = max(1, n_workers_of(resolve_scheduler(scheduler)))
+    written: dict = {}
+    progress = settings.progress if progress is None else progress
+    with tqdm(total=len(chunks), desc=f"writing {name}", unit="block", leave=False, disable=not progress) as bar:
+        for start in range(0, len(chunks), window):
+            stop = min(start + window, len(chunks))
+            pieces = [x.blocks[i] for x in arrays.values() for i in range(start, stop)]
+            values = iter(compute_collections(*pieces, scheduler=scheduler, progress=False))
+            for (attr, key), x in arrays.items():
+                group, elem = (file, "X") if key is None else (file.require_group(attr), key)
+                for _ in range(start, stop):
+                    block = _csr(next(values), x.dtype)
+                    if (attr, key) not in written:
+                        block.indptr = block.indptr.astype("int64")
+                        ad.io.write_elem(group, elem, block, dataset_kwargs={"chunks": (H5_CHUNK,)})
+                        written[(attr, key)] = ad.io.sparse_dataset(group[elem])
+                    elif block.shape[0]:
+                        written[(attr, key)].append(block)
+            bar.update(stop - start)
+    logger.info("streamed %s into %s in %d row blocks", ", ".join(map(_element_name, arrays)), name, len(chunks))
+
+
+def _element_name(where: tuple[str, str | None]) -> str:
+    attr, key = where
+    return "X" if key is None else f"{attr}[{key!r}]"
 
 
 def _check_target(adata: ad.AnnData, path: Path) -> None:

@@ -1,0 +1,372 @@
+"""Pseudo-bulk: per-group sums of raw counts and means of log-normalized expression, in one pass.
+
+:func:`pseudobulk` streams the row blocks once; each block reports the groups
+it holds (:mod:`pertscale.kernels.pseudobulk`) and the partials are added by
+a tree of merges. :func:`log_fold_change` turns the profiles into
+pseudo-bulk fold changes against control, as crispyx's
+``compute_pseudobulk_expression``; :func:`to_pydeseq2` hands the summed
+counts to PyDESeq2.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from ._validation import check_control, check_number, check_shape, get_matrix, perturbation_labels
+from .cluster import compute
+from .io._read import as_dask
+
+logger = logging.getLogger(__name__)
+
+#: Partials merged per task of the tree reduction.
+SPLIT_EVERY = 8
+
+__all__ = ["log_fold_change", "pseudobulk", "to_pydeseq2"]
+
+
+def _groupby_columns(groupby) -> list[str]:
+    columns = [groupby] if isinstance(groupby, str) else list(groupby)
+    if not columns or not all(isinstance(c, str) for c in columns):
+        raise TypeError(f"groupby must be an obs column name or a list of them, got {groupby!r}")
+    if len(set(columns)) != len(columns):
+        raise ValueError(f"groupby names a column more than once: {columns}")
+    return columns
+
+
+def _encode_groups(obs: pd.DataFrame, columns: list[str]) -> tuple[np.ndarray, pd.DataFrame]:
+    """Group code of every cell (0..n_groups-1) and one ``obs`` row per group, in category order.
+
+    Each column is encoded once (its categorical codes, or ``pandas.Categorical`` of its values); the
+    codes of several columns are combined column by column, so the groups come in the order
+    ``scanpy.get.aggregate`` gives them: by the first column's categories, then the second's, ...
+    """
+    for col in columns:
+        if col not in obs.columns:
+            raise KeyError(f"groupby column {col!r} not found in obs; columns present: {list(obs.columns)}")
+        n_missing = int(obs[col].isna().sum())
+        if n_missing:
+            raise ValueError(
+                f"obs[{col!r}] has {n_missing:,} cells with a missing label (of {len(obs):,}); every cell needs a "
+                f"group: drop those cells (adata[adata.obs[{col!r}].notna()]) or fill them with a label of their "
+                f"own (adata.obs[{col!r}] = adata.obs[{col!r}].astype(object).fillna('unassigned'))"
+            )
+    combined = np.zeros(len(obs), dtype=np.int64)
+    for col in columns:
+        values = obs[col]
+        cat = values.array if isinstance(values.dtype, pd.CategoricalDtype) else pd.Categorical(values.to_numpy())
+        combined = combined * len(cat.categories) + np.asarray(cat.codes, dtype=np.int64)
+        _, combined = np.unique(combined, return_inverse=True)  # dense again: no overflow over many columns
+    _, first = np.unique(combined, return_index=True)
+    groups = obs[columns].iloc[first].copy()
+    for col in columns:  # categorical columns keep their categories' order
+        groups[col] = groups[col].astype("category").cat.remove_unused_categories()
+    names = pd.Index(["_".join(str(v) for v in row) for row in groups.itertuples(index=False)])
+    if not names.is_unique:
+        raise ValueError(
+            f"groups of obs{columns} have the same name as text: {list(names[names.duplicated()][:5])}; "
+            "labels that differ only in type (the number 1 and the text '1') or that contain '_' "
+            "make them clash: convert the columns to strings and rename the clashing labels"
+        )
+    groups.index = names
+    return combined.astype(np.int64, copy=False), groups
+
+
+def _check_values(total) -> None:
+    if total.n_nan or total.n_infinite:
+        raise ValueError(
+            f"the matrix contains {total.n_nan:,} NaN and {total.n_infinite:,} infinite values; pseudo-bulk "
+            "sums need raw UMI counts (finite): remove or impute them first"
+        )
+    if total.n_negative:
+        raise ValueError(
+            f"the matrix contains {total.n_negative:,} negative values; pseudo-bulk sums need raw UMI counts "
+            "(non-negative integers): pass the raw counts (e.g. layer='counts'), not scaled data"
+        )
+    if total.n_noninteger:
+        logger.warning(
+            "the matrix holds %d values that are not whole numbers: the sums are of normalized data, "
+            "not of UMI counts, and are not counts for DESeq2",
+            total.n_noninteger,
+        )
+
+
+def _sums_graph(x, codes: np.ndarray, target_sum: float):
+    """The lazy totals: one ``group_sums`` task per row block, merged ``SPLIT_EVERY`` at a time."""
+    from dask import delayed
+
+    from .kernels.pseudobulk import group_sums, merge_group_sums
+
+    bounds = np.cumsum((0,) + x.chunks[0])
+    blocks = x.to_delayed().ravel()
+    block_sums = delayed(group_sums, pure=True)
+    parts = [
+        block_sums(block, codes[a:b], target_sum=target_sum)
+        for block, a, b in zip(blocks, bounds[:-1], bounds[1:], strict=True)
+    ]
+    merge = delayed(merge_group_sums, pure=True)
+    while len(parts) > 1:
+        parts = [merge(*parts[i : i + SPLIT_EVERY]) for i in range(0, len(parts), SPLIT_EVERY)]
+    return parts[0]
+
+
+def pseudobulk(
+    adata: ad.AnnData,
+    *,
+    groupby: str | list[str] = "perturbation",
+    layer: str | None = None,
+    target_sum: float = 1e4,
+    scheduler=None,
+    progress: bool | None = None,
+) -> ad.AnnData:
+    """Pseudo-bulk profiles: summed raw counts and mean log-normalized expression per group, in one pass.
+
+    Per group of cells (one per value of ``groupby``, or per combination of
+    values of several columns, e.g. ``["perturbation", "bio_rep"]`` for one
+    sample per perturbation and replicate), the counts of its cells are
+    added, and their ``log1p(normalize_total(target_sum))`` values averaged,
+    each cell normalized exactly as :func:`pertscale.pp.normalize_total`
+    then :func:`pertscale.pp.log1p` do (scanpy's float32 arithmetic). The
+    result equals ``scanpy.get.aggregate(adata, by=groupby, func=["sum", "mean"])``
+    of the counts (``sum``) and of the log-normalized data (``mean``); the
+    mean log-normalized expression is crispyx's ``compute_average_log_expression``
+    profile.
+
+    One pass over the matrix: each row block returns the groups it holds,
+    as sparse sums (never more values than the block's non-zeros), merged by
+    a tree reduction. The result is held in this process: three
+    ``n_groups x n_vars`` float64 arrays (2 GB at 10,000 groups x 8,248 genes).
+
+    Parameters
+    ----------
+    adata
+        ``n_obs x n_vars`` raw UMI counts: lazy (:func:`pertscale.read`) or in memory (numpy, scipy).
+    groupby
+        ``obs`` column(s) defining the groups; none may have missing values.
+    layer
+        Use ``layers[layer]`` instead of ``X``.
+    target_sum
+        Counts per cell after normalization, for ``mean_log1p`` and ``mean_normalized``.
+    scheduler
+        Where to compute; see :func:`pertscale.cluster.resolve_scheduler`.
+    progress
+        Show a progress bar.
+
+    Returns
+    -------
+    anndata.AnnData
+        ``n_groups x n_vars``, groups in the order of the columns' categories
+        (sorted values for non-categorical columns), named by their labels
+        joined with ``_`` (as scanpy).
+
+        - ``X``: summed raw counts, float64 (exact for integer counts).
+        - ``layers['mean_log1p']``: mean over the group's cells of
+          ``ln(1 + normalized)``, natural log, float64.
+        - ``layers['mean_normalized']``: mean of the normalized values
+          (counts per ``target_sum``, not logged), float64; the profile of
+          :func:`log_fold_change`.
+        - ``obs``: the ``groupby`` columns (categorical) and ``n_cells``.
+        - ``var``: a copy of ``adata.var``.
+        - ``uns['pertscale']['pseudobulk']``: ``groupby``, ``layer``, ``target_sum``.
+
+    Raises
+    ------
+    KeyError
+        If a ``groupby`` column or the layer is missing (the message lists those present).
+    ValueError
+        If a ``groupby`` column has missing values (the message says how
+        many and how to drop or fill them), the matrix has no cells or genes
+        or holds NaN, infinite or negative values, or ``target_sum`` is not
+        a finite number above 0.
+    TypeError
+        If ``groupby`` is neither a column name nor a list of them.
+    """
+    columns = _groupby_columns(groupby)
+    check_shape(adata)
+    target_sum = check_number(target_sum, "target_sum", minimum=0, min_open=True)
+    codes, groups = _encode_groups(adata.obs, columns)
+    x = as_dask(get_matrix(adata, layer))
+    (total,) = compute(_sums_graph(x, codes, target_sum), scheduler=scheduler, progress=progress, desc="pseudo-bulk")
+    _check_values(total)
+    if not np.array_equal(total.codes, np.arange(len(groups))):  # every group has cells: a broken pass otherwise
+        raise RuntimeError(f"the pass returned {total.codes.size} groups of {len(groups)}; please report this")
+    n_cells = total.n_cells
+    out = ad.AnnData(X=total.counts.toarray(), obs=groups, var=adata.var.copy())
+    for key, name in (("mean_log1p", "log1p"), ("mean_normalized", "normalized")):
+        mean = getattr(total, name).toarray()
+        mean /= n_cells[:, None]
+        out.layers[key] = mean
+    out.obs["n_cells"] = n_cells
+    out.uns["pertscale"] = {"pseudobulk": {"groupby": columns, "layer": layer or "X", "target_sum": target_sum}}
+    logger.info("pseudo-bulk: %d groups of obs%s x %d genes", out.n_obs, columns, out.n_vars)
+    return out
+
+
+def _pooled(pb: ad.AnnData, labels: pd.Series) -> tuple[pd.Index, np.ndarray, np.ndarray]:
+    """Rows of the same perturbation pooled: labels, cells, and the cell-weighted mean normalized profile."""
+    if "mean_normalized" not in pb.layers or "n_cells" not in pb.obs.columns:
+        raise ValueError(
+            "pb has no layers['mean_normalized'] or obs['n_cells']; make it with ps.pb.pseudobulk(adata, groupby=...)"
+        )
+    codes, uniques = pd.factorize(labels.to_numpy())
+    n_rows = np.asarray(pb.obs["n_cells"], dtype=np.float64)
+    member = sp.csr_matrix((n_rows, (codes, np.arange(codes.size))), shape=(len(uniques), codes.size))
+    n_cells = np.asarray(member.sum(axis=1)).ravel()
+    means = np.asarray(member @ np.asarray(pb.layers["mean_normalized"], dtype=np.float64)) / n_cells[:, None]
+    return pd.Index(uniques), n_cells.astype(np.int64), means
+
+
+def log_fold_change(
+    pb: ad.AnnData,
+    *,
+    control_label: str,
+    perturbation_column: str = "perturbation",
+    baseline_count: float = 1.0,
+    log_base: float = 2.0,
+) -> ad.AnnData:
+    """Pseudo-bulk fold change of every perturbation against control (log2 by default).
+
+    The method of crispyx's ``compute_pseudobulk_expression``: a
+    perturbation's pseudo-bulk profile is the mean over its cells of the
+    ``normalize_total`` values (``m``, counts per ``target_sum``, not logged;
+    ``layers['mean_normalized']`` of :func:`pseudobulk`), and
+
+    ``lfc = log_base((1 + b * m_pert) / (1 + b * m_control))``
+    ``    = (ln(1 + b * m_pert) - ln(1 + b * m_control)) / ln(log_base)``
+
+    with ``b = baseline_count``, a scale inside the ``log1p`` (not a
+    pseudo-count added to the counts). crispyx reports the natural-log value
+    (``log_base=math.e``); the default here is log2. Rows of ``pb`` with the
+    same perturbation (e.g. replicates, from ``groupby=["perturbation",
+    "bio_rep"]``) are pooled, weighted by their cells, before the log.
+
+    Parameters
+    ----------
+    pb
+        Output of :func:`pseudobulk`.
+    control_label
+        The control's label in ``obs[perturbation_column]``.
+    perturbation_column
+        ``obs`` column of the perturbation labels.
+    baseline_count
+        ``b`` above, > 0.
+    log_base
+        Base of the fold change, > 1: 2 (log2) or ``math.e`` (natural log, crispyx's numbers).
+
+    Returns
+    -------
+    anndata.AnnData
+        ``n_perturbations x n_vars`` (control excluded), in the order of ``pb``:
+
+        - ``X``: fold change in ``log_base`` (log2 by default), float64.
+        - ``layers['log1p_bulk']``: ``ln(1 + b * m_pert)``, natural log
+          (crispyx's ``perturbation_bulk``).
+        - ``var['control_log1p_bulk']``: ``ln(1 + b * m_control)``, natural log.
+        - ``obs``: ``perturbation_column`` and ``n_cells``.
+        - ``uns['pertscale']['log_fold_change']``: ``control_label``,
+          ``baseline_count``, ``log_base``.
+
+    Raises
+    ------
+    KeyError
+        If ``perturbation_column`` is missing from ``pb.obs``.
+    ValueError
+        If ``control_label`` is not among the labels (the message lists
+        them), ``pb`` is not a :func:`pseudobulk` result, or
+        ``baseline_count``/``log_base`` are out of range.
+    """
+    baseline_count = check_number(baseline_count, "baseline_count", minimum=0, min_open=True)
+    log_base = check_number(log_base, "log_base", minimum=1, min_open=True)
+    labels = perturbation_labels(pb.obs, perturbation_column)
+    check_control(labels, control_label, perturbation_column, min_cells=1)
+    names, n_cells, means = _pooled(pb, labels)
+    bulk = np.log1p(baseline_count * means)  # natural log
+    is_control = np.asarray(names == str(control_label))
+    control = bulk[is_control][0]
+    obs = pd.DataFrame({perturbation_column: names[~is_control], "n_cells": n_cells[~is_control]})
+    obs.index = names[~is_control].astype(str)
+    var = pb.var.copy()
+    var["control_log1p_bulk"] = control
+    out = ad.AnnData(X=(bulk[~is_control] - control) / math.log(log_base), obs=obs, var=var)
+    out.layers["log1p_bulk"] = bulk[~is_control]
+    out.uns["pertscale"] = {
+        "log_fold_change": {
+            "control_label": str(control_label),
+            "baseline_count": baseline_count,
+            "log_base": log_base,
+            "perturbation_column": perturbation_column,
+        }
+    }
+    return out
+
+
+def to_pydeseq2(
+    pb: ad.AnnData,
+    *,
+    design: str = "~perturbation",
+    control_label: str | None = None,
+    perturbation_column: str = "perturbation",
+    **kwargs,
+):
+    """A ``pydeseq2.dds.DeseqDataSet`` of the pseudo-bulk counts, ready for ``.deseq2()``.
+
+    The summed counts of :func:`pseudobulk` (``X``) become PyDESeq2's integer
+    counts, one sample per group; ``obs`` is the sample metadata. DESeq2
+    needs replicates to estimate dispersions: group by perturbation and
+    replicate (``groupby=["perturbation", "bio_rep"]``), not by perturbation alone.
+
+    Parameters
+    ----------
+    pb
+        Output of :func:`pseudobulk` (raw counts summed).
+    design
+        A formulaic formula over ``obs`` columns (``"~perturbation"``,
+        ``"~bio_rep + perturbation"``), or a single column name.
+    control_label
+        If given, made the first level of ``obs[perturbation_column]``, so
+        that it is the reference of the design's treatment coding.
+    perturbation_column
+        ``obs`` column of the perturbation labels (used with ``control_label``).
+    **kwargs
+        Passed on to ``DeseqDataSet`` (``n_cpus``, ``quiet``, ``fit_type``, ...).
+
+    Returns
+    -------
+    pydeseq2.dds.DeseqDataSet
+        Not fitted.
+
+    Raises
+    ------
+    ImportError
+        If PyDESeq2 is not installed (``pip install pydeseq2``).
+    KeyError
+        If ``perturbation_column`` is missing (with ``control_label``).
+    ValueError
+        If the counts are not finite non-negative whole numbers, or
+        ``control_label`` is not among the labels.
+    """
+    try:
+        from pydeseq2.dds import DeseqDataSet
+    except ImportError as err:
+        raise ImportError("to_pydeseq2 needs PyDESeq2: pip install pydeseq2") from err
+    counts = np.asarray(pb.X.toarray() if sp.issparse(pb.X) else pb.X, dtype=np.float64)
+    if not np.isfinite(counts).all() or (counts < 0).any() or (counts != np.round(counts)).any():
+        raise ValueError(
+            "pb.X is not finite non-negative whole numbers: DESeq2 needs summed raw UMI counts; "
+            "make pb with ps.pb.pseudobulk on the raw counts (layer= if they are in a layer)"
+        )
+    metadata = pb.obs.copy()
+    if control_label is not None:
+        labels = perturbation_labels(metadata, perturbation_column)
+        check_control(labels, control_label, perturbation_column, min_cells=1)
+        levels = [str(control_label), *(v for v in pd.unique(labels) if v != str(control_label))]
+        metadata[perturbation_column] = pd.Categorical(labels, categories=levels)
+    design = design if design.lstrip().startswith("~") else f"~{design}"
+    frame = pd.DataFrame(counts.astype(np.int64), index=pb.obs_names.astype(str), columns=pb.var_names.astype(str))
+    metadata.index = frame.index
+    return DeseqDataSet(counts=frame, metadata=metadata, design=design, **kwargs)

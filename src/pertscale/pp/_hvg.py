@@ -1,0 +1,262 @@
+"""Highly variable genes from per-gene moments: one pass (two for Seurat v3)."""
+
+from __future__ import annotations
+
+import logging
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+
+from .._validation import check_control, check_number, get_matrix, perturbation_labels
+from ..cluster import compute
+from ..io._read import as_dask, per_block, select
+from ..kernels.moments import MOMENTS, gene_moments
+
+logger = logging.getLogger(__name__)
+
+FLAVORS = ("seurat", "cell_ranger", "seurat_v3")
+
+
+def _moments_block(block, transform, clip):
+    return gene_moments(block, transform=transform, clip=clip)[None]
+
+
+def _moments(x, *, transform: str = "none", clip=None, scheduler, progress, desc) -> dict[str, np.ndarray]:
+    """One pass: per-gene ``sum``, ``sum_squares``, ``n_noninteger``, ``max`` over all rows of ``x``."""
+    parts = per_block(_moments_block, len(MOMENTS), (x, "bj"), transform, clip)
+    sums = parts[:, :3].sum(axis=0, split_every=8)
+    top = parts[:, 3].max(axis=0, split_every=8)
+    sums, top = compute(sums, top, scheduler=scheduler, progress=progress, desc=desc)
+    return {"sum": sums[0], "sum_squares": sums[1], "n_noninteger": sums[2], "max": top}
+
+
+def _mean_var(m: dict[str, np.ndarray], n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and unbiased variance (ddof 1, as scanpy and R) from sums."""
+    mean = m["sum"] / n
+    var = m["sum_squares"] / n - mean**2
+    if n > 1:
+        var = var * (n / (n - 1))
+    return mean, var
+
+
+def _check_kind(m: dict[str, np.ndarray], flavor: str) -> None:
+    noninteger = int(m["n_noninteger"].sum())
+    if flavor == "seurat_v3" and noninteger:
+        raise ValueError(
+            f"flavor='seurat_v3' expects raw counts, but the matrix holds {noninteger:,} non-integer values "
+            "(normalized or log data); run it before normalize_total/log1p, or pass the counts layer (layer=...)"
+        )
+    if flavor != "seurat_v3" and not noninteger and float(m["max"].max(initial=0)) > 0:
+        raise ValueError(
+            f"flavor={flavor!r} expects log1p-normalized data, but every value is an integer (raw counts?); "
+            "run ps.pp.normalize_total and ps.pp.log1p first, or use flavor='seurat_v3' on raw counts"
+        )
+
+
+def _dispersion_table(mean, var, *, flavor: str, n_bins: int) -> pd.DataFrame:
+    """Dispersions normalized within bins of mean expression (Seurat; Cell Ranger by percentiles), as scanpy."""
+    mean = mean.copy()
+    mean[mean == 0] = 1e-12
+    dispersion = var / mean
+    if flavor == "seurat":
+        dispersion[dispersion == 0] = np.nan
+        dispersion = np.log(dispersion)
+        mean = np.log1p(mean)
+        bins = n_bins
+    else:
+        bins = np.r_[-np.inf, np.percentile(mean, np.arange(10, 105, 5)), np.inf]
+    df = pd.DataFrame({"means": mean, "dispersions": dispersion})
+    df["mean_bin"] = pd.cut(df["means"], bins=bins)
+    grouped = df.groupby("mean_bin", observed=True)["dispersions"]
+    if flavor == "seurat":
+        stats = grouped.agg(avg="mean", dev="std")
+        single = stats["dev"].isnull()  # one gene in the bin: its normalized dispersion is set to 1
+        stats.loc[single, "dev"] = stats.loc[single, "avg"]
+        stats.loc[single, "avg"] = 0
+    else:
+        stats = grouped.agg(avg="median", dev=_mad)
+    stats = stats.loc[df["mean_bin"]].set_index(df.index)
+    df["dispersions_norm"] = (df["dispersions"] - stats["avg"]) / stats["dev"]
+    return df
+
+
+def _mad(values) -> float:
+    """Median absolute deviation scaled to the normal's standard deviation (statsmodels' ``mad``)."""
+    values = np.asarray(values, dtype=np.float64)
+    if values.size == 0:
+        return np.nan
+    return float(np.median(np.abs(values - np.median(values))) / 0.6744897501960817)
+
+
+def _top(score: np.ndarray, n_top_genes: int) -> np.ndarray:
+    """Genes whose score is at least the ``n_top_genes``-th highest (NaN never selected), as scanpy."""
+    finite = score[~np.isnan(score)]
+    if finite.size == 0:
+        return np.zeros(score.shape, dtype=bool)
+    n = min(n_top_genes, finite.size)
+    cut = np.sort(finite)[::-1][n - 1]
+    return np.nan_to_num(score, nan=-np.inf) >= cut
+
+
+def _seurat_v3(x, m, n_obs: int, *, n_top_genes: int, span: float, scheduler, progress) -> pd.DataFrame:
+    """Seurat v3 (``vst``): variance of values standardized by a loess fit of log variance on log mean, clipped."""
+    try:
+        from skmisc.loess import loess
+    except ImportError as err:  # pragma: no cover - depends on the environment
+        raise ImportError("flavor='seurat_v3' needs scikit-misc: pip install scikit-misc") from err
+    mean, var = _mean_var(m, n_obs)
+    not_const = var > 0
+    fitted = np.zeros(mean.size, dtype=np.float64)
+    model = loess(np.log10(mean[not_const]), np.log10(var[not_const]), span=span, degree=2)
+    model.fit()
+    fitted[not_const] = model.outputs.fitted_values
+    reg_std = np.sqrt(10**fitted)
+    clip = reg_std * np.sqrt(n_obs) + mean
+    clipped = _moments(x, clip=clip, scheduler=scheduler, progress=progress, desc="HVG (clipped)")
+    norm_var = (n_obs * mean**2 + clipped["sum_squares"] - 2 * clipped["sum"] * mean) / ((n_obs - 1) * reg_std**2)
+    df = pd.DataFrame({"means": mean, "variances": var, "variances_norm": norm_var})
+    rank = np.argsort(np.argsort(-norm_var)).astype(np.float32)
+    rank[rank >= n_top_genes] = np.nan
+    df["highly_variable_rank"] = rank
+    order = df["highly_variable_rank"].sort_values(na_position="last", kind="stable").index
+    df["highly_variable"] = False
+    df.loc[order[:n_top_genes], "highly_variable"] = True
+    return df
+
+
+def highly_variable_genes(
+    adata: ad.AnnData,
+    *,
+    flavor: str = "seurat",
+    n_top_genes: int | None = None,
+    min_mean: float = 0.0125,
+    max_mean: float = 3.0,
+    min_disp: float = 0.5,
+    max_disp: float = np.inf,
+    n_bins: int = 20,
+    span: float = 0.3,
+    layer: str | None = None,
+    control_only: bool = False,
+    perturbation_column: str | None = None,
+    control_label: str | None = None,
+    inplace: bool = True,
+    scheduler=None,
+    progress: bool | None = None,
+) -> pd.DataFrame | None:
+    """Annotate highly variable genes, streaming over row blocks.
+
+    The flavors and their selection rules are scanpy's
+    (``scanpy.pp.highly_variable_genes``, without ``batch_key``), computed
+    from per-gene sums over row blocks instead of the matrix in memory:
+
+    - ``"seurat"`` (Satija et al. 2015, Seurat's ``mean.var.plot``): on
+      log1p-normalized data, mean and variance of ``expm1(x)``, log
+      dispersion ``log(var / mean)`` normalized within 20 equal-width bins
+      of ``log1p(mean)`` (z-score per bin). One pass.
+    - ``"cell_ranger"`` (Zheng et al. 2017): on log1p-normalized data,
+      dispersion ``var / mean`` normalized by median and MAD within bins
+      at the 10th, 15th, ..., 100th percentiles of the mean. One pass.
+    - ``"seurat_v3"`` (Stuart et al. 2019, Seurat's ``vst``): on raw counts,
+      a loess fit (scikit-misc, ``span``, degree 2) of ``log10`` variance
+      on ``log10`` mean gives a regularized standard deviation per gene;
+      values clipped at ``mean + sqrt(n_obs) * sd_reg`` are standardized
+      and their variance ranks the genes. Two passes (moments, then clipped
+      moments); ``n_top_genes`` is required.
+
+    Parameters
+    ----------
+    adata
+        ``n_obs x n_vars``: log1p-normalized values (``seurat``,
+        ``cell_ranger``; natural log, as ``ps.pp.log1p``) or raw counts
+        (``seurat_v3``), in ``X`` or ``layers[layer]``; lazy or in memory.
+    flavor
+        One of ``"seurat"``, ``"cell_ranger"``, ``"seurat_v3"``.
+    n_top_genes
+        Number of genes to select; for ``seurat``/``cell_ranger`` it
+        replaces the mean and dispersion cutoffs.
+    min_mean, max_mean, min_disp, max_disp
+        Cutoffs (exclusive) on ``means`` and ``dispersions_norm`` when
+        ``n_top_genes`` is not given (``seurat``/``cell_ranger``).
+    n_bins
+        Bins of mean expression (``seurat``).
+    span
+        Fraction of genes in each loess window (``seurat_v3``).
+    layer
+        Use ``layers[layer]`` instead of ``X``.
+    control_only
+        Compute the statistics on the control cells only (needs
+        ``perturbation_column`` and ``control_label``): genes variable
+        among unperturbed cells, not variable because of the perturbations.
+    perturbation_column, control_label
+        Where the control cells are (``control_only=True``).
+    inplace
+        Write the columns into ``adata.var`` (default) or return them.
+    scheduler, progress
+        Where to compute and whether to show a progress bar.
+
+    Returns
+    -------
+    pandas.DataFrame or None
+        Per gene (``n_vars`` rows): ``highly_variable`` (bool), ``means``
+        and, for ``seurat``/``cell_ranger``, ``dispersions`` and
+        ``dispersions_norm`` (``seurat``: ``means`` is ``log1p`` of the mean
+        of ``expm1(x)`` and dispersions are natural logs); for
+        ``seurat_v3``, ``variances``, ``variances_norm`` and
+        ``highly_variable_rank`` (0 = most variable; NaN outside the top).
+        With ``inplace=True`` they go to ``adata.var`` and
+        ``adata.uns['hvg'] = {'flavor': flavor}``.
+
+    Raises
+    ------
+    ValueError
+        For an unknown flavor, ``seurat_v3`` without ``n_top_genes`` or on
+        data with non-integer values, ``seurat``/``cell_ranger`` on raw
+        counts (every value an integer), non-finite or out-of-range
+        numbers, ``control_only`` without the control's column and label,
+        or fewer than 2 cells.
+    KeyError
+        If the layer or the perturbation column is missing.
+    """
+    if flavor not in FLAVORS:
+        raise ValueError(f"flavor {flavor!r} is not known; use one of {', '.join(map(repr, FLAVORS))}")
+    n_top_genes = check_number(n_top_genes, "n_top_genes", integer=True, minimum=1, allow_none=True)
+    if flavor == "seurat_v3" and n_top_genes is None:
+        raise ValueError("flavor='seurat_v3' needs n_top_genes (e.g. n_top_genes=2000)")
+    for name, value in {"min_mean": min_mean, "max_mean": max_mean, "min_disp": min_disp}.items():
+        check_number(value, name)
+    if not (isinstance(max_disp, int | float) and max_disp == np.inf):
+        check_number(max_disp, "max_disp")
+    n_bins = check_number(n_bins, "n_bins", integer=True, minimum=1)
+    span = check_number(span, "span", minimum=0, maximum=1, min_open=True)
+    x = as_dask(get_matrix(adata, layer))
+    if control_only:
+        if perturbation_column is None or control_label is None:
+            raise ValueError("control_only=True needs perturbation_column and control_label")
+        labels = perturbation_labels(adata.obs, perturbation_column)
+        x = select(x, rows=check_control(labels, control_label, perturbation_column))
+    n_obs = x.shape[0]
+    if n_obs < 2:
+        raise ValueError(f"highly variable genes need at least 2 cells; got {n_obs}")
+    transform = "expm1" if flavor == "seurat" else "none"
+    m = _moments(x, transform=transform, scheduler=scheduler, progress=progress, desc="HVG")
+    _check_kind(m, flavor)
+    if flavor == "seurat_v3":
+        df = _seurat_v3(x, m, n_obs, n_top_genes=n_top_genes, span=span, scheduler=scheduler, progress=progress)
+    else:
+        mean, var = _mean_var(m, n_obs)
+        df = _dispersion_table(mean, var, flavor=flavor, n_bins=n_bins)
+        if n_top_genes is not None:
+            df["highly_variable"] = _top(df["dispersions_norm"].to_numpy(), min(n_top_genes, df.shape[0]))
+        else:
+            means, norm = df["means"].to_numpy(), np.nan_to_num(df["dispersions_norm"].to_numpy())
+            df["highly_variable"] = (means > min_mean) & (means < max_mean) & (norm > min_disp) & (norm < max_disp)
+        df = df.drop(columns="mean_bin")
+    df.index = adata.var_names
+    logger.info("highly_variable_genes (%s): %d of %d genes", flavor, int(df["highly_variable"].sum()), df.shape[0])
+    if not inplace:
+        return df
+    for col in df.columns:
+        adata.var[col] = df[col].to_numpy()
+    adata.uns["hvg"] = {"flavor": flavor}
+    return None
