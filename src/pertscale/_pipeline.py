@@ -107,13 +107,14 @@ class RunSummary:
 METHODS = ("wilcoxon", "t-test", "t-test_overestim_var", "nb-glm")
 
 
-def output_files(methods: Iterable[str]) -> dict[str, str]:
-    """The files the main job writes for ``methods``, keyed ``results:METHOD``, ``h5ad:METHOD``, ...
+def output_files(methods: Iterable[str], steps: Iterable[str] = ()) -> dict[str, str]:
+    """The files the main job writes for ``methods`` and ``steps``, keyed ``results:METHOD``, ``h5ad:METHOD``, ...
 
     Per method ``de_<method>.zarr`` (always), ``de_<method>.h5ad`` (where
     scanpy's view fits) and ``de_<method>_significant.csv``, with ``-`` in
     the method's name written ``_``; ``qc.csv`` once; with nb-glm,
-    ``size_factors.csv``.
+    ``size_factors.csv``; per optional step (``hvg``, ``pca``,
+    ``pseudobulk``) its file of :data:`STEP_FILES`.
     """
     files = {}
     for method in methods:
@@ -125,11 +126,13 @@ def output_files(methods: Iterable[str]) -> dict[str, str]:
         }
     if "nb-glm" in methods:
         files["size_factors"] = "size_factors.csv"
-    return files | {"qc": "qc.csv"}
+    return files | {step: STEP_FILES[step] for step in steps} | {"qc": "qc.csv"}
 
 
-#: Every output the main job can write (``de_*`` of any method, ``qc.csv``): results of an earlier run.
-EARLIER_OUTPUTS = ("de_*.zarr", "de_*.h5ad", "de_*_significant.csv", "qc.csv", "size_factors.csv")
+#: The optional steps of the main job and the file each writes.
+STEP_FILES = {"hvg": "genes.csv", "pca": "pca.zarr", "pseudobulk": "pseudobulk.h5ad"}
+#: Every output the main job can write (``de_*`` of any method, ``qc.csv``, ...): results of an earlier run.
+EARLIER_OUTPUTS = ("de_*.zarr", "de_*.h5ad", "de_*_significant.csv", "qc.csv", "size_factors.csv", *STEP_FILES.values())
 #: The working store's name inside the output directory, unless given.
 WORKING_STORE = "working_store.zarr"
 
@@ -350,6 +353,10 @@ def run(
     alternative: str = "two-sided",
     min_pct: float | tuple[float, float] = 0.0,
     min_mean: float | tuple[float, float] = 0.0,
+    hvg: int | None = None,
+    hvg_flavor: str = "seurat",
+    pca: int | None = None,
+    pseudobulk: bool = False,
     overwrite: bool = False,
     working_store: str | Path | None = None,
     memory_limit: int | None = None,
@@ -412,6 +419,24 @@ def run(
         nb-glm's options (see :func:`pertscale.tl.rank_genes_groups`).
     tie_correct, use_continuity, corr_method, alternative, min_pct, min_mean
         Options of :func:`pertscale.tl.rank_genes_groups`.
+    hvg, hvg_flavor
+        Also select the ``hvg`` most variable of the kept genes
+        (:func:`pertscale.pp.highly_variable_genes` with ``hvg_flavor``:
+        ``seurat`` and ``cell_ranger`` on the log1p values, one pass;
+        ``seurat_v3`` on the counts, two passes) and write the genes' table
+        with its columns to ``genes.csv``. Off by default.
+    pca
+        Also compute this many principal components of the log1p values
+        (of the ``hvg`` genes when given; :func:`pertscale.pp.pca`: one pass,
+        then the scores written block by block) into ``pca.zarr``: cells x
+        genes without a matrix, with ``obsm['X_pca']``, ``varm['PCs']``
+        and ``uns['pca']``, as scanpy lays them out. Off by default.
+    pseudobulk
+        Also write ``pseudobulk.h5ad`` (:func:`pertscale.pb.pseudobulk`,
+        one pass): per perturbation the summed counts (``X``), mean
+        log1p and mean normalized values, ``n_cells``, and the log2 fold
+        change against control (layer ``log2_fold_change``, control row
+        0; :func:`pertscale.pb.log_fold_change`). Off by default.
     overwrite
         Replace results of an earlier run found in ``out``; without it such
         an ``out`` is refused before any work.
@@ -467,6 +492,7 @@ def run(
     memory_limit = check_number(memory_limit, "memory_limit", minimum=2**20, allow_none=True, flag="--memory-limit")
     exclude_labels = label_list(exclude_labels, "exclude_labels")
     methods = _methods(method)
+    steps = _steps(hvg=hvg, hvg_flavor=hvg_flavor, pca=pca, pseudobulk=pseudobulk)
     covariates = label_list(covariates or [], "covariates")
     if covariates and "nb-glm" not in methods:
         raise ValueError("--covariates are taken out by the nb-glm test only; add nb-glm to --method")
@@ -519,7 +545,7 @@ def run(
         scheduler = "threads"
     store_path = Path(working_store) if working_store else out / WORKING_STORE
     store_existed = store_path.exists()
-    with OutputDir(out, files=output_files(methods), inputs=[path], overwrite=overwrite) as output:
+    with OutputDir(out, files=output_files(methods, steps), inputs=[path], overwrite=overwrite) as output:
         if not isinstance(working_store, type(None)):
             check_not_input(store_path, [path], what="--working-store")
         try:
@@ -554,6 +580,7 @@ def run(
                     "min_mean": min_mean,
                 },
                 scanpy_format=scanpy_format,
+                steps=steps,
                 scheduler=scheduler,
                 progress=progress,
                 seconds=seconds,
@@ -602,6 +629,7 @@ def _passes(
     nb_options: dict,
     options: dict,
     scanpy_format: bool,
+    steps: dict,
     scheduler,
     progress,
     seconds: dict[str, float],
@@ -682,8 +710,31 @@ def _passes(
         seconds["dispersions"] = time.perf_counter() - t
         sf = filtered.obs[[perturbation_column, "size_factors"]].rename(columns={"size_factors": "size_factor"})
         _write_csv(sf.rename_axis("cell").reset_index(), output.path("size_factors"))
+    if "pseudobulk" in steps:
+        t = time.perf_counter()
+        _pseudobulk(filtered, output.path("pseudobulk"), perturbation_column, control_label, target_sum, scheduler)
+        seconds["pseudo-bulk"] = time.perf_counter() - t
+    if steps.get("hvg", {}).get("flavor") == "seurat_v3":
+        filtered.layers["counts"] = filtered.X
     pp.normalize_total(filtered, target_sum=target_sum)
     pp.log1p(filtered)
+    if "hvg" in steps:
+        t = time.perf_counter()
+        flavor = steps["hvg"]["flavor"]
+        pp.highly_variable_genes(
+            filtered,
+            flavor=flavor,
+            n_top_genes=steps["hvg"]["n_top_genes"],
+            layer="counts" if flavor == "seurat_v3" else None,
+            scheduler=scheduler,
+            progress=progress,
+        )
+        _write_csv(filtered.var.rename_axis("gene").reset_index(), output.path("hvg"))
+        seconds["hvg"] = time.perf_counter() - t
+    if "pca" in steps:
+        t = time.perf_counter()
+        _pca(filtered, output.path("pca"), steps["pca"]["n_comps"], scheduler=scheduler, progress=progress)
+        seconds["pca"] = time.perf_counter() - t
     stored = perturbation_labels(filtered.obs, perturbation_column)
     in_storage_order = [g for g in pd.unique(stored.to_numpy()) if g != control_label]
     results = {}
@@ -717,7 +768,7 @@ def _passes(
     seconds["test and write"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    written = {"qc": True} | ({"size_factors": True} if "nb-glm" in methods else {})
+    written = {"qc": True} | ({"size_factors": True} if "nb-glm" in methods else {}) | dict.fromkeys(steps, True)
     de_genes = {}
     for method, res in results.items():
         store = output.path(f"results:{method}")
@@ -767,6 +818,56 @@ def _passes(
         "written": written,
     }
     return summary, qc, dropped, int(keep_cells.sum())
+
+
+def _steps(*, hvg, hvg_flavor: str, pca, pseudobulk: bool) -> dict[str, dict]:
+    """The optional steps asked for, their settings checked before any pass."""
+    from .pp._hvg import FLAVORS
+
+    steps: dict[str, dict] = {}
+    if hvg is not None:
+        if hvg_flavor not in FLAVORS:
+            raise ValueError(f"hvg_flavor {hvg_flavor!r} is not known; use one of {', '.join(FLAVORS)} (--hvg-flavor)")
+        if hvg_flavor == "seurat_v3":
+            try:
+                import skmisc.loess  # noqa: F401
+            except ImportError as err:
+                raise ValueError("--hvg-flavor seurat_v3 needs scikit-misc: pip install scikit-misc") from err
+        n_top = check_number(hvg, "hvg", integer=True, minimum=1, flag="--hvg")
+        steps["hvg"] = {"n_top_genes": n_top, "flavor": hvg_flavor}
+    if pca is not None:
+        steps["pca"] = {"n_comps": check_number(pca, "pca", integer=True, minimum=1, flag="--pca")}
+    if pseudobulk:
+        steps["pseudobulk"] = {}
+    return steps
+
+
+def _pseudobulk(filtered, path: Path, perturbation_column: str, control_label: str, target_sum: float, scheduler):
+    """Pseudo-bulk profiles of the kept cells and their log2 fold change against control, written to ``path``."""
+    from . import pb
+
+    bulk = pb.pseudobulk(filtered, groupby=perturbation_column, target_sum=target_sum, scheduler=scheduler)
+    lfc = pb.log_fold_change(bulk, control_label=control_label, perturbation_column=perturbation_column)
+    values = np.zeros(bulk.shape, dtype=np.float64)
+    rows = pd.Index(bulk.obs[perturbation_column].astype(str)).get_indexer(lfc.obs[perturbation_column].astype(str))
+    values[rows] = np.asarray(lfc.X)
+    bulk.layers["log2_fold_change"] = values
+    write(bulk, path)
+
+
+def _pca(filtered, path: Path, n_comps: int, *, scheduler, progress) -> None:
+    """Principal components of the kept cells written to ``path``: obs, var, obsm, varm and uns, no matrix."""
+    import anndata as ad
+
+    pp.pca(filtered, n_comps=n_comps, scheduler=scheduler, progress=progress)
+    embedding = ad.AnnData(
+        obs=filtered.obs.copy(),
+        var=filtered.var.copy(),
+        obsm={"X_pca": filtered.obsm["X_pca"]},
+        varm={"PCs": filtered.varm["PCs"]},
+        uns={"pca": filtered.uns["pca"]},
+    )
+    write_stores({path: embedding}, scheduler=scheduler, progress=progress)
 
 
 def _methods(method: str | Iterable[str]) -> list[str]:

@@ -249,6 +249,34 @@ def _pair(name: str, **bounds):
     show_default=True,
     help="Multiple-testing correction over the genes of each perturbation.",
 )
+@click.option(
+    "--hvg",
+    default=None,
+    type=click.IntRange(min=1),
+    help="Also select this many highly variable genes of the kept genes (one pass; off by default); "
+    "their table goes to genes.csv.",
+)
+@click.option(
+    "--hvg-flavor",
+    type=click.Choice(["seurat", "cell_ranger", "seurat_v3"]),
+    default="seurat",
+    show_default=True,
+    help="--hvg: scanpy's flavor (seurat_v3 reads the counts, two passes, needs scikit-misc).",
+)
+@click.option(
+    "--pca",
+    default=None,
+    type=click.IntRange(min=1),
+    help="Also compute this many principal components of the log1p values (of the --hvg genes when given) "
+    "into pca.zarr (off by default).",
+)
+@click.option(
+    "--pseudobulk",
+    is_flag=True,
+    default=False,
+    help="Also write pseudobulk.h5ad: summed counts, mean log1p and log2 fold change against control per "
+    "perturbation (one pass).",
+)
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bars.")
 def run(
     *,
@@ -279,6 +307,10 @@ def run(
     min_mean,
     continuity,
     corr_method,
+    hvg,
+    hvg_flavor,
+    pca,
+    pseudobulk,
     progress,
 ) -> None:  # noqa: PLR0913
     """QC, normalization and a test of every perturbation against control.
@@ -288,7 +320,9 @@ def run(
     scores, pvals, pvals_adj, logfoldchanges (log2), pts, pts_rest, and
     u_statistic for the Wilcoxon), de_<method>.h5ad (the same with scanpy's
     view, where it fits), de_<method>_significant.csv (pval_adj < 0.05);
-    and qc.csv (cells per perturbation before and after filtering). The
+    and qc.csv (cells per perturbation before and after filtering); with
+    --hvg, --pca and --pseudobulk also genes.csv, pca.zarr and
+    pseudobulk.h5ad. The
     files appear together when the run succeeds; a failed or interrupted
     run (Ctrl-C: exit code 130) leaves none. The input is never modified, and an --out
     holding earlier results is refused unless --overwrite is given.
@@ -336,6 +370,10 @@ def run(
                 min_mean=min_mean,
                 use_continuity=continuity,
                 corr_method=corr_method,
+                hvg=hvg,
+                hvg_flavor=hvg_flavor,
+                pca=pca,
+                pseudobulk=pseudobulk,
                 scheduler=scheduler,
                 progress=progress,
             )
