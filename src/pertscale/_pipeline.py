@@ -43,6 +43,7 @@ from .io._prepare import is_sorted, prepare
 from .io._read import row_nonzeros, subset
 from .io._write import check_not_input, overlap, write_stores
 from .kernels._common import ALTERNATIVES
+from .pp._qc_summary import _keep as keep_from_qc_pass
 from .tl._rank_genes_groups import METHODS as TESTS
 from .tl._results import check_results_writable, scanpy_uns, write_significant
 
@@ -669,11 +670,17 @@ def _passes(
             f"{where} has {n_fractional:,} non-integer values: it looks normalized already, and this job "
             "normalizes raw UMI counts itself; pass the raw counts (e.g. --layer counts or --use-raw)"
         )
-    n_genes = qc_pass.cell("n_genes_by_counts")
-    cell_ok = (codes >= 0) & (n_genes >= min_genes)
-    after_cells = np.bincount(codes[cell_ok], minlength=len(names))
-    group_ok = after_cells >= min_cells_per_perturbation
-    group_ok[0] = True  # the control is never dropped for its size
+    kept = keep_from_qc_pass(
+        qc_pass.cell("n_genes_by_counts"),
+        qc_pass.detection,
+        codes,
+        pd.Index(names),
+        control_label=control_label,  # the control is never dropped for its size
+        min_genes=min_genes,
+        min_cells_per_perturbation=min_cells_per_perturbation,
+        min_cells_per_gene=min_cells,
+    )
+    after_cells, group_ok = kept["after_min_genes"], kept["group_ok"]
     n_control_left = int(after_cells[0])
     if n_control_left < 2:  # said first: without controls nothing can be tested
         raise ValueError(
@@ -685,9 +692,7 @@ def _passes(
             f"no perturbation has at least {min_cells_per_perturbation} cells after filtering; "
             "lower --min-cells-per-perturbation or --min-genes"
         )
-    keep_cells = cell_ok & group_ok[np.maximum(codes, 0)]
-    gene_cells = qc_pass.detection[group_ok].sum(axis=0)
-    keep_genes = gene_cells >= min_cells
+    keep_cells, keep_genes = kept["keep_cells"], kept["keep_genes"]
     if not keep_genes.any():
         raise ValueError(f"no gene is detected in at least {min_cells} cells; lower --min-cells")
     filtered = subset(adata, obs_mask=keep_cells, var_mask=keep_genes)  # blocks keep whole groups
