@@ -69,9 +69,19 @@ def test_hvg_control_only_equals_scanpy_on_the_control_cells():
     assert "highly_variable" not in ours.var  # inplace=False leaves adata alone
 
 
-@pytest.mark.parametrize("scheduler", ["synchronous", "threads"])
-@pytest.mark.parametrize("chunk_size", [333, 1_000, 5_000])
-def test_hvg_does_not_depend_on_chunks_or_scheduler(sim_h5ad, chunk_size, scheduler):
+@pytest.mark.parametrize(
+    ("chunk_size", "scheduler"),
+    [
+        (333, "synchronous"),
+        (1_000, "synchronous"),
+        (5_000, "synchronous"),
+        (333, "threads"),
+        pytest.param(1_000, "cluster", marks=pytest.mark.cluster),
+    ],
+)
+def test_hvg_does_not_depend_on_chunks_or_scheduler(sim_h5ad, chunk_size, scheduler, request):
+    if scheduler == "cluster":
+        scheduler = request.getfixturevalue("cluster_client")
     base = ps.read(sim_h5ad, chunk_size=3_000)
     expected = ps.pp.highly_variable_genes(base, flavor="seurat_v3", n_top_genes=50, inplace=False)
     adata = ps.read(sim_h5ad, chunk_size=chunk_size)
