@@ -347,3 +347,14 @@ def test_log_fold_change_bad_input(sim_adata):
     del pb.layers["mean_normalized"]
     with pytest.raises(ValueError, match="ps.pb.pseudobulk"):
         ps.pb.log_fold_change(pb, control_label="control")
+
+
+def test_unsorted_cells_are_told_to_sort_first(sim_h5ad, tmp_path, monkeypatch):
+    monkeypatch.setattr(ps.pb, "SPREAD_WARN_ENTRIES", 0)
+    with pytest.warns(UserWarning, match="not stored by group.*ps.io.prepare"):
+        ps.pb.pseudobulk(ps.read(sim_h5ad, chunk_size=300), groupby="perturbation", scheduler="synchronous")
+    ps.io.prepare(sim_h5ad, "perturbation", "control", out=tmp_path / "sorted.zarr", chunk_size=300)
+    sorted_cells = ps.io.open_prepared(tmp_path / "sorted.zarr")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # sorted: no warning
+        ps.pb.pseudobulk(sorted_cells, groupby="perturbation", scheduler="synchronous")

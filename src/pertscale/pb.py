@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import math
+import warnings
 
 import anndata as ad
 import numpy as np
@@ -191,6 +192,7 @@ def pseudobulk(
     target_sum = check_number(target_sum, "target_sum", minimum=0, min_open=True)
     codes, groups = _encode_groups(adata.obs, columns)
     x = as_dask(get_matrix(adata, layer))
+    _warn_if_spread(x, codes, len(groups), adata.n_vars)
     (total,) = compute(_sums_graph(x, codes, target_sum), scheduler=scheduler, progress=progress, desc="pseudo-bulk")
     _check_values(total)
     if not np.array_equal(total.codes, np.arange(len(groups))):  # every group has cells: a broken pass otherwise
@@ -205,6 +207,27 @@ def pseudobulk(
     out.uns["pertscale"] = {"pseudobulk": {"groupby": columns, "layer": layer or "X", "target_sum": target_sum}}
     logger.info("pseudo-bulk: %d groups of obs%s x %d genes", out.n_obs, columns, out.n_vars)
     return out
+
+
+#: Above this many groups x genes, groups spread over most blocks make each partial sum large.
+SPREAD_WARN_ENTRIES = 10_000_000
+
+
+def _warn_if_spread(x, codes: np.ndarray, n_groups: int, n_vars: int) -> None:
+    """Warn when the cells are not stored by group: every block's partial then spans most groups x genes."""
+    bounds = np.cumsum((0,) + tuple(x.chunks[0]))
+    if len(bounds) < 3 or n_groups * n_vars < SPREAD_WARN_ENTRIES:
+        return
+    per_block = [np.unique(codes[a:b]).size for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+    if sum(per_block) > 4 * n_groups:
+        warnings.warn(
+            f"the cells are not stored by group: on average each of the {n_groups:,} groups has cells in "
+            f"{sum(per_block) / n_groups:.0f} of {len(per_block)} row blocks, so each block's partial sums span "
+            f"up to {n_groups:,} x {n_vars:,} values; sort the cells once with ps.io.prepare(path, "
+            "perturbation_column, control_label) and aggregate the sorted store (pertscale run --pseudobulk does)",
+            UserWarning,
+            stacklevel=3,
+        )
 
 
 def _pooled(pb: ad.AnnData, labels: pd.Series) -> tuple[pd.Index, np.ndarray, np.ndarray]:
