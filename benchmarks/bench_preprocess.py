@@ -20,7 +20,7 @@ Tasks:
   n_top_genes=2000)``, ``sc.pp.pca(n_comps=50, svd_solver="arpack",
   mask_var="highly_variable")``, ``obsm['X_pca']`` saved as ``.npy``.
   Agreement: genes whose HVG call differs, the largest relative difference
-  of ``variance_ratio``, the smallest ``|cosine|`` between the two tools'
+  of ``variance_ratio``, the smallest ``abs(cosine)`` between the two tools'
   first 10 loadings (and first 10 score columns).
 - ``pseudobulk``: pertscale ``ps.pb.pseudobulk(ps.read(path),
   groupby="perturbation")`` (one pass) and ``ps.write`` to h5ad; scanpy
@@ -205,7 +205,7 @@ def agree_pca(ps_dir: Path, sc_dir: Path) -> str:
     scores = _abs_cosines(np.asarray(ours.obsm["X_pca"]), np.load(sc_dir / "X_pca.npy"), N_COMPARED).min()
     return (
         f"HVG differing {hvg} of {N_TOP}; variance_ratio max rel diff {ratio:.1e}; "
-        f"min |cos| first {N_COMPARED} loadings {loadings:.6f}, scores {scores:.6f}"
+        f"min abs(cos) first {N_COMPARED} loadings {loadings:.6f}, scores {scores:.6f}"
     )
 
 

@@ -101,3 +101,20 @@ def test_steps_from_python(sim_h5ad, tmp_path):
     )
     assert set(summary.files) >= {"pca", "qc"} and "hvg" not in summary.files
     assert ad.read_zarr(summary.files["pca"]).obsm["X_pca"].shape[1] == 4
+
+
+def test_dry_run_plans_the_steps_passes(sim_h5ad, tmp_path):
+    plan = ps.run(
+        sim_h5ad,
+        tmp_path / "o",
+        perturbation_column="perturbation",
+        control_label="control",
+        hvg=50,
+        hvg_flavor="seurat_v3",
+        pca=5,
+        pseudobulk=True,
+        dry_run=True,
+    )
+    text = "; ".join(plan.passes)
+    assert "pseudo-bulk (1 read)" in text and "highly variable genes (2 reads)" in text and "PCA" in text
+    assert not (tmp_path / "o").exists()

@@ -538,6 +538,7 @@ def run(
         workers=_client_workers(scheduler),
         n_statistics=sum(len(TESTS[m].statistics) for m in methods),
         nb_glm="nb-glm" in methods,
+        steps=steps,
     )
     if dry_run:
         return plan

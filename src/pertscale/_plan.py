@@ -128,6 +128,7 @@ def make_plan(
     workers: tuple[int, int] | None = None,
     n_statistics: int = 7,
     nb_glm: bool = False,
+    steps: dict | None = None,
 ) -> Plan:
     """The plan of a main job on ``adata`` (lazy; only metadata and ``obs`` are used).
 
@@ -166,6 +167,9 @@ def make_plan(
     nb_glm
         Whether the negative-binomial test runs (its size factor and
         dispersion passes).
+    steps
+        The optional steps of the main job (``hvg``, ``pca``,
+        ``pseudobulk``, with their settings), each its own passes.
     """
     n_obs, n_vars = adata.shape
     if row_nnz is None:  # dense or column-major storage: every row as full, an upper bound
@@ -221,6 +225,14 @@ def make_plan(
     passes += ["QC metrics and filters (1 read)"]
     if nb_glm:
         passes += ["size factors (2 reads)", "dispersions (1 read, then 1 read per Newton step: about 5-15)"]
+    steps = steps or {}
+    if "pseudobulk" in steps:
+        passes += ["pseudo-bulk (1 read)"]
+    if "hvg" in steps:
+        reads = "2 reads" if steps["hvg"].get("flavor") == "seurat_v3" else "1 read"
+        passes += [f"highly variable genes ({reads})"]
+    if "pca" in steps:
+        passes += ["PCA (1 read for the covariance, 1 read for the scores, written)"]
     passes += ["control summary (reads the control slice)", "test (1 read, every method)"]
     return Plan(
         n_obs=n_obs,
