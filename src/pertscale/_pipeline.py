@@ -739,7 +739,7 @@ def _passes(
         seconds["hvg"] = time.perf_counter() - t
     if "pca" in steps:
         t = time.perf_counter()
-        _pca(filtered, output.path("pca"), steps["pca"]["n_comps"], scheduler=scheduler, progress=progress)
+        embedding = _pca(filtered, steps["pca"]["n_comps"], scheduler=scheduler, progress=progress)
         seconds["pca"] = time.perf_counter() - t
     stored = perturbation_labels(filtered.obs, perturbation_column)
     in_storage_order = [g for g in pd.unique(stored.to_numpy()) if g != control_label]
@@ -769,8 +769,11 @@ def _passes(
         )
         results[method] = res
     t = time.perf_counter()
-    # one computation for every method: each block is read (and normalized) once
-    write_stores({output.path(f"results:{m}"): r for m, r in results.items()}, scheduler=scheduler, progress=progress)
+    # one computation for every method (and the PCA scores): each block is read (and normalized) once
+    stores = {output.path(f"results:{m}"): r for m, r in results.items()}
+    if "pca" in steps:  # the scores are written by the same pass over the blocks as the tests
+        stores[output.path("pca")] = embedding
+    write_stores(stores, scheduler=scheduler, progress=progress)
     seconds["test and write"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -861,8 +864,8 @@ def _pseudobulk(filtered, path: Path, perturbation_column: str, control_label: s
     write(bulk, path)
 
 
-def _pca(filtered, path: Path, n_comps: int, *, scheduler, progress) -> None:
-    """Principal components of the kept cells written to ``path``: obs, var, obsm, varm and uns, no matrix."""
+def _pca(filtered, n_comps: int, *, scheduler, progress):
+    """Principal components of the kept cells (one pass): obs, var, lazy obsm, varm and uns, no matrix."""
     import anndata as ad
 
     pp.pca(filtered, n_comps=n_comps, scheduler=scheduler, progress=progress)
@@ -873,7 +876,7 @@ def _pca(filtered, path: Path, n_comps: int, *, scheduler, progress) -> None:
         varm={"PCs": filtered.varm["PCs"]},
         uns={"pca": filtered.uns["pca"]},
     )
-    write_stores({path: embedding}, scheduler=scheduler, progress=progress)
+    return embedding
 
 
 def _methods(method: str | Iterable[str]) -> list[str]:

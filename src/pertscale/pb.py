@@ -1,8 +1,8 @@
 """Pseudo-bulk: per-group sums of raw counts and means of log-normalized expression, in one pass.
 
 :func:`pseudobulk` streams the row blocks once; each block reports the groups
-it holds (:mod:`pertscale.kernels.pseudobulk`) and the partials are added by
-a tree of merges. :func:`log_fold_change` turns the profiles into
+it holds (:mod:`pertscale.kernels.pseudobulk`) and the partials are added
+into the totals in this process as the blocks finish. :func:`log_fold_change` turns the profiles into
 pseudo-bulk fold changes against control, as crispyx's
 ``compute_pseudobulk_expression``; :func:`to_pydeseq2` hands the summed
 counts to PyDESeq2.
@@ -25,8 +25,8 @@ from .io._read import as_dask
 
 logger = logging.getLogger(__name__)
 
-#: Partials merged per task of the tree reduction.
-SPLIT_EVERY = 8
+#: Row blocks computed at once per worker; their partial sums are added here as they come.
+BLOCKS_PER_WORKER = 2
 
 __all__ = ["log_fold_change", "pseudobulk", "to_pydeseq2"]
 
@@ -79,41 +79,63 @@ def _encode_groups(obs: pd.DataFrame, columns: list[str]) -> tuple[np.ndarray, p
 
 
 def _check_values(total) -> None:
-    if total.n_nan or total.n_infinite:
+    if total["n_nan"] or total["n_infinite"]:
         raise ValueError(
-            f"the matrix contains {total.n_nan:,} NaN and {total.n_infinite:,} infinite values; pseudo-bulk "
+            f"the matrix contains {total['n_nan']:,} NaN and {total['n_infinite']:,} infinite values; pseudo-bulk "
             "sums need raw UMI counts (finite): remove or impute them first"
         )
-    if total.n_negative:
+    if total["n_negative"]:
         raise ValueError(
-            f"the matrix contains {total.n_negative:,} negative values; pseudo-bulk sums need raw UMI counts "
+            f"the matrix contains {total['n_negative']:,} negative values; pseudo-bulk sums need raw UMI counts "
             "(non-negative integers): pass the raw counts (e.g. layer='counts'), not scaled data"
         )
-    if total.n_noninteger:
+    if total["n_noninteger"]:
         logger.warning(
             "the matrix holds %d values that are not whole numbers: the sums are of normalized data, "
             "not of UMI counts, and are not counts for DESeq2",
-            total.n_noninteger,
+            total["n_noninteger"],
         )
 
 
-def _sums_graph(x, codes: np.ndarray, target_sum: float):
-    """The lazy totals: one ``group_sums`` task per row block, merged ``SPLIT_EVERY`` at a time."""
-    from dask import delayed
+def _totals(x, codes: np.ndarray, n_groups: int, target_sum: float, *, scheduler, progress) -> dict:
+    """One pass: each block's sums of its own groups, added into dense totals here as the blocks finish.
 
-    from .kernels.pseudobulk import group_sums, merge_group_sums
+    No task ever holds more than one block's partial (at most the block's
+    non-zeros): the totals (``n_groups x n_vars`` float64, three of them)
+    live only in this process, which returns them anyway.
+    """
+    from dask import delayed
+    from tqdm.auto import tqdm
+
+    from ._settings import settings
+    from .cluster import n_workers_of, resolve_scheduler
+    from .kernels.pseudobulk import group_sums
 
     bounds = np.cumsum((0,) + x.chunks[0])
-    blocks = x.to_delayed().ravel()
     block_sums = delayed(group_sums, pure=True)
     parts = [
         block_sums(block, codes[a:b], target_sum=target_sum)
-        for block, a, b in zip(blocks, bounds[:-1], bounds[1:], strict=True)
+        for block, a, b in zip(x.to_delayed().ravel(), bounds[:-1], bounds[1:], strict=True)
     ]
-    merge = delayed(merge_group_sums, pure=True)
-    while len(parts) > 1:
-        parts = [merge(*parts[i : i + SPLIT_EVERY]) for i in range(0, len(parts), SPLIT_EVERY)]
-    return parts[0]
+    sched = resolve_scheduler(scheduler)
+    at_once = BLOCKS_PER_WORKER * n_workers_of(sched)
+    totals = {name: np.zeros((n_groups, x.shape[1])) for name in ("counts", "normalized", "log1p")}
+    totals |= {"n_cells": np.zeros(n_groups, dtype=np.int64)}
+    totals |= dict.fromkeys(("n_negative", "n_nan", "n_infinite", "n_noninteger"), 0)
+    show = settings.progress if progress is None else progress
+    with tqdm(total=len(parts), desc="pseudo-bulk", disable=not show, leave=False) as bar:
+        for start in range(0, len(parts), at_once):
+            for part in compute(*parts[start : start + at_once], scheduler=sched, progress=False):
+                for name in ("counts", "normalized", "log1p"):
+                    sums = getattr(part, name).tocsr()
+                    sums.sum_duplicates()
+                    rows = np.repeat(part.codes, np.diff(sums.indptr))
+                    totals[name][rows, sums.indices] += sums.data  # (row, gene) pairs are distinct
+                totals["n_cells"][part.codes] += part.n_cells
+                for name in ("n_negative", "n_nan", "n_infinite", "n_noninteger"):
+                    totals[name] += getattr(part, name)
+                bar.update(1)
+    return totals
 
 
 def pseudobulk(
@@ -139,8 +161,9 @@ def pseudobulk(
     profile.
 
     One pass over the matrix: each row block returns the groups it holds,
-    as sparse sums (never more values than the block's non-zeros), merged by
-    a tree reduction. The result is held in this process: three
+    as sparse sums (never more values than the block's non-zeros), added
+    into the totals in this process as the blocks finish (no task holds more
+    than one block's partial). The result is held in this process: three
     ``n_groups x n_vars`` float64 arrays (2 GB at 10,000 groups x 8,248 genes).
 
     Parameters
@@ -193,14 +216,14 @@ def pseudobulk(
     codes, groups = _encode_groups(adata.obs, columns)
     x = as_dask(get_matrix(adata, layer))
     _warn_if_spread(x, codes, len(groups), adata.n_vars)
-    (total,) = compute(_sums_graph(x, codes, target_sum), scheduler=scheduler, progress=progress, desc="pseudo-bulk")
+    total = _totals(x, codes, len(groups), target_sum, scheduler=scheduler, progress=progress)
     _check_values(total)
-    if not np.array_equal(total.codes, np.arange(len(groups))):  # every group has cells: a broken pass otherwise
-        raise RuntimeError(f"the pass returned {total.codes.size} groups of {len(groups)}; please report this")
-    n_cells = total.n_cells
-    out = ad.AnnData(X=total.counts.toarray(), obs=groups, var=adata.var.copy())
+    n_cells = total["n_cells"]
+    if not (n_cells > 0).all():  # every group has cells: a broken pass otherwise
+        raise RuntimeError(f"the pass returned {int((n_cells > 0).sum())} groups of {len(groups)}; please report this")
+    out = ad.AnnData(X=total["counts"], obs=groups, var=adata.var.copy())
     for key, name in (("mean_log1p", "log1p"), ("mean_normalized", "normalized")):
-        mean = getattr(total, name).toarray()
+        mean = total[name]
         mean /= n_cells[:, None]
         out.layers[key] = mean
     out.obs["n_cells"] = n_cells
