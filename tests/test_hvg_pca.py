@@ -50,6 +50,33 @@ def test_hvg_equals_scanpy_on_real_screens(real_screen, flavor, n_top):
         assert_close(ours.var[col], ref.var[col], rtol=5e-4, atol=1e-9, err_msg=col)
 
 
+@pytest.mark.parametrize(("flavor", "n_top"), CASES)
+def test_hvg_with_batches_equals_scanpy(flavor, n_top):
+    path = real_path("papalexi")  # three replicates in obs['bio_rep']
+    log = flavor != "seurat_v3"
+    ref = _reference(path, log=log)
+    ref.obs["bio_rep"] = ref.obs["bio_rep"].astype("category")
+    sc.pp.highly_variable_genes(ref, flavor=flavor, n_top_genes=n_top, batch_key="bio_rep")
+    ours = _lazy(path, log=log)
+    ps.pp.highly_variable_genes(ours, flavor=flavor, n_top_genes=n_top, batch_key="bio_rep")
+    np.testing.assert_array_equal(ours.var["highly_variable"].to_numpy(), ref.var["highly_variable"].to_numpy())
+    np.testing.assert_array_equal(
+        ours.var["highly_variable_nbatches"].to_numpy(), ref.var["highly_variable_nbatches"].to_numpy()
+    )
+    columns = ["means", "variances_norm", "highly_variable_rank"] if not log else ["means", "dispersions_norm"]
+    for col in columns:
+        assert_close(ours.var[col], ref.var[col], rtol=5e-4, atol=1e-9, err_msg=col)
+
+
+def test_hvg_batch_key_errors(sim_adata):
+    adata = sim_adata.copy()
+    with pytest.raises(KeyError, match="batch_key 'rep' not found"):
+        ps.pp.highly_variable_genes(adata, flavor="seurat_v3", n_top_genes=10, batch_key="rep")
+    adata.obs["rep"] = ["a"] * (adata.n_obs - 1) + ["b"]
+    with pytest.raises(ValueError, match=r"at least 2 cells per batch; got \d+ \(a\), 1 \(b\)"):
+        ps.pp.highly_variable_genes(adata, flavor="seurat_v3", n_top_genes=10, batch_key="rep")
+
+
 def test_hvg_control_only_equals_scanpy_on_the_control_cells():
     path = real_path("papalexi")
     ref = _reference(path)

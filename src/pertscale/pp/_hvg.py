@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import warnings
 
 import anndata as ad
 import numpy as np
@@ -18,26 +19,53 @@ logger = logging.getLogger(__name__)
 FLAVORS = ("seurat", "cell_ranger", "seurat_v3")
 
 
-def _moments_block(block, transform, clip):
-    return gene_moments(block, transform=transform, clip=clip)[None]
+def _moments_block(block, batches, n_batches, transform, clip):
+    """``gene_moments`` of each batch's rows of one block: ``(1, n_batches * len(MOMENTS), n_genes)``."""
+    import scipy.sparse as sp
+
+    block = sp.csr_matrix(block)
+    out = np.zeros((n_batches, len(MOMENTS), block.shape[1]))
+    for b in np.unique(batches):
+        rows = block if n_batches == 1 else block[batches == b]
+        out[b] = gene_moments(rows, transform=transform, clip=None if clip is None else clip[b])
+    return out.reshape(1, -1, block.shape[1])
 
 
-def _moments(x, *, transform: str = "none", clip=None, scheduler, progress, desc) -> dict[str, np.ndarray]:
-    """One pass: per-gene ``sum``, ``sum_squares``, ``n_noninteger``, ``max`` over all rows of ``x``."""
-    parts = per_block(_moments_block, len(MOMENTS), (x, "bj"), transform, clip)
-    sums = parts[:, :3].sum(axis=0, split_every=8)
-    top = parts[:, 3].max(axis=0, split_every=8)
+def _moments(x, batches, n_batches, *, transform="none", clip=None, scheduler, progress, desc) -> dict:
+    """One pass: per batch and gene ``sum``, ``sum_squares``, ``n_noninteger``, ``max``: ``(n_batches, n_genes)``."""
+    import dask.array as da
+
+    codes = da.from_array(batches, chunks=(x.chunks[0],))
+    parts = per_block(_moments_block, n_batches * len(MOMENTS), (x, "bj"), (codes, "b"), n_batches, transform, clip)
+    parts = parts.reshape(parts.shape[0], n_batches, len(MOMENTS), x.shape[1])
+    sums = parts[:, :, :3].sum(axis=0, split_every=8)
+    top = parts[:, :, 3].max(axis=0, split_every=8)
     sums, top = compute(sums, top, scheduler=scheduler, progress=progress, desc=desc)
-    return {"sum": sums[0], "sum_squares": sums[1], "n_noninteger": sums[2], "max": top}
+    return {"sum": sums[:, 0], "sum_squares": sums[:, 1], "n_noninteger": sums[:, 2], "max": top}
 
 
-def _mean_var(m: dict[str, np.ndarray], n: int) -> tuple[np.ndarray, np.ndarray]:
-    """Mean and unbiased variance (ddof 1, as scanpy and R) from sums."""
-    mean = m["sum"] / n
-    var = m["sum_squares"] / n - mean**2
-    if n > 1:
-        var = var * (n / (n - 1))
-    return mean, var
+def _mean_var(total: np.ndarray, squares: np.ndarray, n) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and unbiased variance (ddof 1, as scanpy and R) from sums over ``n`` cells."""
+    n = np.asarray(n, dtype=np.float64)
+    mean = total / n
+    var = squares / n - mean**2
+    return mean, np.where(n > 1, var * (n / np.maximum(n - 1, 1)), var)
+
+
+def _batches(obs: pd.DataFrame, batch_key: str | None) -> tuple[np.ndarray, list[str]]:
+    """Batch code of every cell and the batch names (one batch without ``batch_key``)."""
+    if batch_key is None:
+        return np.zeros(len(obs), dtype=np.int64), ["all"]
+    if batch_key not in obs.columns:
+        raise KeyError(f"batch_key {batch_key!r} not found in obs; columns present: {list(obs.columns)}")
+    values = obs[batch_key]
+    if values.isna().any():
+        raise ValueError(
+            f"obs[{batch_key!r}] has {int(values.isna().sum())} missing values; give those cells a batch or drop them"
+        )
+    cat = values.array if isinstance(values.dtype, pd.CategoricalDtype) else pd.Categorical(values.to_numpy())
+    cat = cat.remove_unused_categories()
+    return np.asarray(cat.codes, dtype=np.int64), [str(c) for c in cat.categories]
 
 
 def _check_kind(m: dict[str, np.ndarray], flavor: str) -> None:
@@ -99,30 +127,92 @@ def _top(score: np.ndarray, n_top_genes: int) -> np.ndarray:
     return np.nan_to_num(score, nan=-np.inf) >= cut
 
 
-def _seurat_v3(x, m, n_obs: int, *, n_top_genes: int, span: float, scheduler, progress) -> pd.DataFrame:
-    """Seurat v3 (``vst``): variance of values standardized by a loess fit of log variance on log mean, clipped."""
+def _seurat_v3(x, m, batches, n_cells, *, n_top_genes: int, span: float, scheduler, progress) -> pd.DataFrame:
+    """Seurat v3 (``vst``): variance of values standardized by a loess fit of log variance on log mean, clipped.
+
+    Per batch (``n_cells[b]`` cells): the loess, the clip and the normalized
+    variance; genes ranked within each batch, then by their median rank
+    among the batches where they are in the top ``n_top_genes`` (ties: in
+    more batches first), as scanpy's ``seurat_v3``.
+    """
     try:
         from skmisc.loess import loess
     except ImportError as err:  # pragma: no cover - depends on the environment
         raise ImportError("flavor='seurat_v3' needs scikit-misc: pip install scikit-misc") from err
-    mean, var = _mean_var(m, n_obs)
-    not_const = var > 0
-    fitted = np.zeros(mean.size, dtype=np.float64)
-    model = loess(np.log10(mean[not_const]), np.log10(var[not_const]), span=span, degree=2)
-    model.fit()
-    fitted[not_const] = model.outputs.fitted_values
-    reg_std = np.sqrt(10**fitted)
-    clip = reg_std * np.sqrt(n_obs) + mean
-    clipped = _moments(x, clip=clip, scheduler=scheduler, progress=progress, desc="HVG (clipped)")
-    norm_var = (n_obs * mean**2 + clipped["sum_squares"] - 2 * clipped["sum"] * mean) / ((n_obs - 1) * reg_std**2)
-    df = pd.DataFrame({"means": mean, "variances": var, "variances_norm": norm_var})
-    rank = np.argsort(np.argsort(-norm_var)).astype(np.float32)
+    n_batches = len(n_cells)
+    mean, var = _mean_var(m["sum"], m["sum_squares"], n_cells[:, None])
+    reg_std = np.ones_like(mean)
+    for b in range(n_batches):
+        not_const = var[b] > 0
+        model = loess(np.log10(mean[b, not_const]), np.log10(var[b, not_const]), span=span, degree=2)
+        model.fit()
+        reg_std[b, not_const] = np.sqrt(10**model.outputs.fitted_values)
+    clip = reg_std * np.sqrt(n_cells)[:, None] + mean
+    clipped = _moments(x, batches, n_batches, clip=clip, scheduler=scheduler, progress=progress, desc="HVG (clipped)")
+    n = n_cells[:, None].astype(np.float64)
+    norm_var = (n * mean**2 + clipped["sum_squares"] - 2 * clipped["sum"] * mean) / ((n - 1) * reg_std**2)
+    rank = np.argsort(np.argsort(-norm_var, axis=1), axis=1).astype(np.float32)
+    n_batches_hv = (rank < n_top_genes).sum(axis=0)
     rank[rank >= n_top_genes] = np.nan
-    df["highly_variable_rank"] = rank
-    order = df["highly_variable_rank"].sort_values(na_position="last", kind="stable").index
+    median = np.ma.median(np.ma.masked_invalid(rank), axis=0).filled(np.nan)
+    all_mean, all_var = _mean_var(m["sum"].sum(0), m["sum_squares"].sum(0), n_cells.sum())
+    df = pd.DataFrame({"means": all_mean, "variances": all_var, "variances_norm": norm_var.mean(axis=0)})
+    df["highly_variable_rank"] = median
+    df["highly_variable_nbatches"] = n_batches_hv
+    order = df.sort_values(
+        ["highly_variable_rank", "highly_variable_nbatches"], ascending=[True, False], na_position="last"
+    ).index
     df["highly_variable"] = False
     df.loc[order[:n_top_genes], "highly_variable"] = True
     return df
+
+
+def _dispersion_batched(m, n_cells, *, flavor: str, n_bins: int, n_top_genes, cutoffs) -> pd.DataFrame:
+    """``seurat``/``cell_ranger`` with batches, as scanpy: per batch on its expressed genes, then merged.
+
+    Within a batch, genes with no count there are left out of the bins and
+    count as 0; the batches' ``means``, ``dispersions`` and
+    ``dispersions_norm`` are averaged; with ``n_top_genes`` genes are ranked
+    by the number of batches that select them, then by ``dispersions_norm``.
+    """
+    n_batches, n_genes = m["sum"].shape
+    columns = ("means", "dispersions", "dispersions_norm")
+    per_batch = {c: np.zeros((n_batches, n_genes)) for c in columns}  # 0 where the batch has no count
+    n_selected = np.zeros(n_genes, dtype=np.int64)
+    for b in range(n_batches):
+        mean, var = _mean_var(m["sum"][b], m["sum_squares"][b], n_cells[b])
+        expressed = m["sum"][b] > 0
+        df = _dispersion_table(mean[expressed], var[expressed], flavor=flavor, n_bins=n_bins)
+        for c in columns:
+            per_batch[c][b, expressed] = df[c].to_numpy()
+        n_selected[expressed] += _select(df, n_top_genes=n_top_genes, cutoffs=cutoffs)
+    with warnings.catch_warnings():  # a gene NaN in every batch stays NaN, as pandas' mean leaves it
+        warnings.simplefilter("ignore", RuntimeWarning)
+        df = pd.DataFrame({c: np.nanmean(per_batch[c], axis=0) for c in columns})
+    df["highly_variable_nbatches"] = n_selected
+    df["highly_variable_intersection"] = n_selected == n_batches
+    if n_top_genes is not None:
+        order = df.sort_values(
+            ["highly_variable_nbatches", "dispersions_norm"], ascending=False, na_position="last"
+        ).index
+        df["highly_variable"] = False
+        df.loc[order[:n_top_genes], "highly_variable"] = True
+    else:
+        df["dispersions_norm"] = df["dispersions_norm"].fillna(0)
+        df["highly_variable"] = _in_bounds(df["means"].to_numpy(), df["dispersions_norm"].to_numpy(), cutoffs)
+    return df
+
+
+def _in_bounds(means, norm, cutoffs) -> np.ndarray:
+    min_mean, max_mean, min_disp, max_disp = cutoffs
+    return (means > min_mean) & (means < max_mean) & (norm > min_disp) & (norm < max_disp)
+
+
+def _select(df: pd.DataFrame, *, n_top_genes, cutoffs) -> np.ndarray:
+    """The rule of scanpy on one table: the top ``n_top_genes`` by ``dispersions_norm``, else the cutoffs."""
+    if n_top_genes is not None:
+        return _top(df["dispersions_norm"].to_numpy(), min(n_top_genes, df.shape[0]))
+    return _in_bounds(df["means"].to_numpy(), np.nan_to_num(df["dispersions_norm"].to_numpy()), cutoffs)
 
 
 def highly_variable_genes(
@@ -137,6 +227,7 @@ def highly_variable_genes(
     n_bins: int = 20,
     span: float = 0.3,
     layer: str | None = None,
+    batch_key: str | None = None,
     control_only: bool = False,
     perturbation_column: str | None = None,
     control_label: str | None = None,
@@ -147,8 +238,9 @@ def highly_variable_genes(
     """Annotate highly variable genes, streaming over row blocks.
 
     The flavors and their selection rules are scanpy's
-    (``scanpy.pp.highly_variable_genes``, without ``batch_key``), computed
-    from per-gene sums over row blocks instead of the matrix in memory:
+    (``scanpy.pp.highly_variable_genes``, ``batch_key`` included), computed
+    from per-gene (and per-batch) sums over row blocks instead of the matrix
+    in memory:
 
     - ``"seurat"`` (Satija et al. 2015, Seurat's ``mean.var.plot``): on
       log1p-normalized data, mean and variance of ``expm1(x)``, log
@@ -184,6 +276,14 @@ def highly_variable_genes(
         Fraction of genes in each loess window (``seurat_v3``).
     layer
         Use ``layers[layer]`` instead of ``X``.
+    batch_key
+        An ``obs`` column (e.g. a replicate): genes are selected within each
+        batch and merged as scanpy merges them (``seurat``/``cell_ranger``:
+        by the number of batches that select a gene, then the mean
+        normalized dispersion; ``seurat_v3``: by the median rank, then the
+        number of batches); adds ``highly_variable_nbatches`` (and
+        ``highly_variable_intersection`` for the dispersion flavors). The
+        same passes as without batches.
     control_only
         Compute the statistics on the control cells only (needs
         ``perturbation_column`` and ``control_label``): genes variable
@@ -216,7 +316,7 @@ def highly_variable_genes(
         numbers, ``control_only`` without the control's column and label,
         or fewer than 2 cells.
     KeyError
-        If the layer or the perturbation column is missing.
+        If the layer, the perturbation column or the batch column is missing.
     """
     if flavor not in FLAVORS:
         raise ValueError(f"flavor {flavor!r} is not known; use one of {', '.join(map(repr, FLAVORS))}")
@@ -230,28 +330,37 @@ def highly_variable_genes(
     n_bins = check_number(n_bins, "n_bins", integer=True, minimum=1)
     span = check_number(span, "span", minimum=0, maximum=1, min_open=True)
     x = as_dask(get_matrix(adata, layer))
+    rows = np.ones(adata.n_obs, dtype=bool)
     if control_only:
         if perturbation_column is None or control_label is None:
             raise ValueError("control_only=True needs perturbation_column and control_label")
         labels = perturbation_labels(adata.obs, perturbation_column)
-        x = select(x, rows=check_control(labels, control_label, perturbation_column))
-    n_obs = x.shape[0]
-    if n_obs < 2:
-        raise ValueError(f"highly variable genes need at least 2 cells; got {n_obs}")
+        rows = check_control(labels, control_label, perturbation_column)
+        x = select(x, rows=rows)
+    batches, names = _batches(adata.obs, batch_key)
+    batches = batches[rows]
+    n_cells = np.bincount(batches, minlength=len(names))
+    if n_cells.min(initial=x.shape[0]) < 2:
+        raise ValueError(
+            f"highly variable genes need at least 2 cells{' per batch' if batch_key else ''}; got "
+            + ", ".join(f"{n} ({name})" if batch_key else str(n) for n, name in zip(n_cells, names, strict=True))
+        )
     transform = "expm1" if flavor == "seurat" else "none"
-    m = _moments(x, transform=transform, scheduler=scheduler, progress=progress, desc="HVG")
+    m = _moments(x, batches, len(names), transform=transform, scheduler=scheduler, progress=progress, desc="HVG")
     _check_kind(m, flavor)
+    cutoffs = (min_mean, max_mean, min_disp, max_disp)
     if flavor == "seurat_v3":
-        df = _seurat_v3(x, m, n_obs, n_top_genes=n_top_genes, span=span, scheduler=scheduler, progress=progress)
+        df = _seurat_v3(
+            x, m, batches, n_cells, n_top_genes=n_top_genes, span=span, scheduler=scheduler, progress=progress
+        )
+        if batch_key is None:
+            df = df.drop(columns="highly_variable_nbatches")
+    elif batch_key is not None:
+        df = _dispersion_batched(m, n_cells, flavor=flavor, n_bins=n_bins, n_top_genes=n_top_genes, cutoffs=cutoffs)
     else:
-        mean, var = _mean_var(m, n_obs)
-        df = _dispersion_table(mean, var, flavor=flavor, n_bins=n_bins)
-        if n_top_genes is not None:
-            df["highly_variable"] = _top(df["dispersions_norm"].to_numpy(), min(n_top_genes, df.shape[0]))
-        else:
-            means, norm = df["means"].to_numpy(), np.nan_to_num(df["dispersions_norm"].to_numpy())
-            df["highly_variable"] = (means > min_mean) & (means < max_mean) & (norm > min_disp) & (norm < max_disp)
-        df = df.drop(columns="mean_bin")
+        mean, var = _mean_var(m["sum"][0], m["sum_squares"][0], n_cells[0])
+        df = _dispersion_table(mean, var, flavor=flavor, n_bins=n_bins).drop(columns="mean_bin")
+        df["highly_variable"] = _select(df, n_top_genes=n_top_genes, cutoffs=cutoffs)
     df.index = adata.var_names
     logger.info("highly_variable_genes (%s): %d of %d genes", flavor, int(df["highly_variable"].sum()), df.shape[0])
     if not inplace:
