@@ -73,7 +73,7 @@ def test_hvg_batch_key_errors(sim_adata):
     with pytest.raises(KeyError, match="batch_key 'rep' not found"):
         ps.pp.highly_variable_genes(adata, flavor="seurat_v3", n_top_genes=10, batch_key="rep")
     adata.obs["rep"] = ["a"] * (adata.n_obs - 1) + ["b"]
-    with pytest.raises(ValueError, match=r"at least 2 cells per batch; got \d+ \(a\), 1 \(b\)"):
+    with pytest.raises(ValueError, match=r"at least 2 cells per batch; got 1 \(b\)"):
         ps.pp.highly_variable_genes(adata, flavor="seurat_v3", n_top_genes=10, batch_key="rep")
 
 
@@ -288,3 +288,37 @@ def test_neighbors_and_umap_need_their_inputs(sim_adata):
     adata.obsm["X_pca"] = np.full((adata.n_obs, 3), np.nan)
     with pytest.raises(ValueError, match="NaN"):
         ps.pp.neighbors(adata)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+@pytest.mark.parametrize("flavor", ["seurat", "cell_ranger", "seurat_v3"])
+def test_hvg_non_finite_values_are_named(sim_adata, flavor, bad):
+    adata = sim_adata.copy()
+    x = sp.csr_matrix(adata.X, dtype=np.float64)
+    if flavor != "seurat_v3":
+        x = sp.csr_matrix(np.log1p(x.toarray()))
+    x.data[3] = bad
+    adata.X = x
+    with pytest.raises(ValueError, match="NaN or infinite values"):
+        ps.pp.highly_variable_genes(adata, flavor=flavor, n_top_genes=10)
+
+
+def test_hvg_seurat_undoes_a_log1p_of_another_base_as_scanpy():
+    path = real_path("papalexi")
+    ref = ad.read_h5ad(path)
+    sc.pp.normalize_total(ref, target_sum=1e4)
+    sc.pp.log1p(ref, base=2)
+    ref.X = sp.csr_matrix(ref.X, dtype=np.float32)
+    ours = ref.copy()
+    sc.pp.highly_variable_genes(ref, flavor="seurat", n_top_genes=40)
+    ps.pp.highly_variable_genes(ours, flavor="seurat", n_top_genes=40, scheduler="synchronous")
+    np.testing.assert_array_equal(ours.var["highly_variable"].to_numpy(), ref.var["highly_variable"].to_numpy())
+    assert_close(ours.var["means"], ref.var["means"], rtol=5e-4)
+
+
+def test_hvg_too_many_batches_is_refused(sim_adata, monkeypatch):
+    monkeypatch.setattr("pertscale.pp._hvg.MAX_BATCH_BYTES", 2**20)
+    adata = sim_adata.copy()
+    adata.obs["cell"] = adata.obs_names  # one batch per cell
+    with pytest.raises(ValueError, match="batches: each block's sums would take"):
+        ps.pp.highly_variable_genes(adata, flavor="seurat_v3", n_top_genes=10, batch_key="cell")

@@ -118,3 +118,34 @@ def test_dry_run_plans_the_steps_passes(sim_h5ad, tmp_path):
     text = "; ".join(plan.passes)
     assert "pseudo-bulk (1 read)" in text and "highly variable genes (2 reads)" in text and "PCA" in text
     assert not (tmp_path / "o").exists()
+
+
+def test_pca_without_hvg_uses_every_kept_gene_not_a_stale_column(sim_adata, tmp_path):
+    adata = sim_adata.copy()
+    adata.var["highly_variable"] = np.arange(adata.n_vars) < 20  # left by an earlier scanpy run
+    path = tmp_path / "in.h5ad"
+    adata.write_h5ad(path)
+    summary = ps.run(
+        path,
+        tmp_path / "o",
+        perturbation_column="perturbation",
+        control_label="control",
+        pca=5,
+        scheduler="synchronous",
+        progress=False,
+    )
+    pcs = ad.read_zarr(summary.files["pca"]).varm["PCs"]
+    assert (pcs[20:] != 0).any()  # genes outside the stale column are used
+
+
+def test_pca_must_be_below_hvg_before_any_pass(sim_h5ad, tmp_path):
+    with pytest.raises(ValueError, match="--pca 50 needs fewer components than the --hvg genes it uses"):
+        ps.run(
+            sim_h5ad,
+            tmp_path / "o",
+            perturbation_column="perturbation",
+            control_label="control",
+            hvg=50,
+            pca=50,
+        )
+    assert not (tmp_path / "o").exists()

@@ -718,7 +718,15 @@ def _passes(
         _write_csv(sf.rename_axis("cell").reset_index(), output.path("size_factors"))
     if "pseudobulk" in steps:
         t = time.perf_counter()
-        _pseudobulk(filtered, output.path("pseudobulk"), perturbation_column, control_label, target_sum, scheduler)
+        _pseudobulk(
+            filtered,
+            output.path("pseudobulk"),
+            perturbation_column,
+            control_label,
+            target_sum=target_sum,
+            scheduler=scheduler,
+            progress=progress,
+        )
         seconds["pseudo-bulk"] = time.perf_counter() - t
     if steps.get("hvg", {}).get("flavor") == "seurat_v3":
         filtered.layers["counts"] = filtered.X
@@ -739,7 +747,9 @@ def _passes(
         seconds["hvg"] = time.perf_counter() - t
     if "pca" in steps:
         t = time.perf_counter()
-        embedding = _pca(filtered, steps["pca"]["n_comps"], scheduler=scheduler, progress=progress)
+        embedding = _pca(
+            filtered, steps["pca"]["n_comps"], use_hvg="hvg" in steps, scheduler=scheduler, progress=progress
+        )
         seconds["pca"] = time.perf_counter() - t
     stored = perturbation_labels(filtered.obs, perturbation_column)
     in_storage_order = [g for g in pd.unique(stored.to_numpy()) if g != control_label]
@@ -846,16 +856,25 @@ def _steps(*, hvg, hvg_flavor: str, pca, pseudobulk: bool) -> dict[str, dict]:
         steps["hvg"] = {"n_top_genes": n_top, "flavor": hvg_flavor}
     if pca is not None:
         steps["pca"] = {"n_comps": check_number(pca, "pca", integer=True, minimum=1, flag="--pca")}
+        if "hvg" in steps and steps["pca"]["n_comps"] >= steps["hvg"]["n_top_genes"]:
+            raise ValueError(
+                f"--pca {pca} needs fewer components than the --hvg genes it uses ({hvg}); "
+                f"lower --pca below {hvg} or raise --hvg"
+            )
     if pseudobulk:
         steps["pseudobulk"] = {}
     return steps
 
 
-def _pseudobulk(filtered, path: Path, perturbation_column: str, control_label: str, target_sum: float, scheduler):
+def _pseudobulk(
+    filtered, path: Path, perturbation_column: str, control_label: str, *, target_sum: float, scheduler, progress
+):
     """Pseudo-bulk profiles of the kept cells and their log2 fold change against control, written to ``path``."""
     from . import pb
 
-    bulk = pb.pseudobulk(filtered, groupby=perturbation_column, target_sum=target_sum, scheduler=scheduler)
+    bulk = pb.pseudobulk(
+        filtered, groupby=perturbation_column, target_sum=target_sum, scheduler=scheduler, progress=progress
+    )
     lfc = pb.log_fold_change(bulk, control_label=control_label, perturbation_column=perturbation_column)
     values = np.zeros(bulk.shape, dtype=np.float64)
     rows = pd.Index(bulk.obs[perturbation_column].astype(str)).get_indexer(lfc.obs[perturbation_column].astype(str))
@@ -864,11 +883,14 @@ def _pseudobulk(filtered, path: Path, perturbation_column: str, control_label: s
     write(bulk, path)
 
 
-def _pca(filtered, n_comps: int, *, scheduler, progress):
-    """Principal components of the kept cells (one pass): obs, var, lazy obsm, varm and uns, no matrix."""
+def _pca(filtered, n_comps: int, *, use_hvg: bool, scheduler, progress):
+    """Principal components of the kept cells (one pass): obs, var, lazy obsm, varm and uns, no matrix.
+
+    On the genes of this run's ``--hvg`` only: a ``highly_variable`` column the input carried is not used.
+    """
     import anndata as ad
 
-    pp.pca(filtered, n_comps=n_comps, scheduler=scheduler, progress=progress)
+    pp.pca(filtered, n_comps=n_comps, use_highly_variable=use_hvg, scheduler=scheduler, progress=progress)
     embedding = ad.AnnData(
         obs=filtered.obs.copy(),
         var=filtered.var.copy(),

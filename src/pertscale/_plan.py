@@ -232,7 +232,10 @@ def make_plan(
         reads = "2 reads" if steps["hvg"].get("flavor") == "seurat_v3" else "1 read"
         passes += [f"highly variable genes ({reads})"]
     if "pca" in steps:
-        passes += ["PCA (1 read for the covariance, 1 read for the scores, written)"]
+        passes += [
+            "PCA (1 read for the covariance up to 5,000 genes, else 1 read per iteration of the randomized method; "
+            "the scores written in the test pass)"
+        ]
     passes += ["control summary (reads the control slice)", "test (1 read, every method)"]
     return Plan(
         n_obs=n_obs,

@@ -23,25 +23,28 @@ import numpy as np
 import scipy.sparse as sp
 
 #: Rows of ``gene_moments``' output, by name.
-MOMENTS = ("sum", "sum_squares", "n_noninteger", "max")
+MOMENTS = ("sum", "sum_squares", "n_noninteger", "n_nonfinite", "max")
 
 #: Transforms of a stored value before it is summed.
 TRANSFORMS = ("none", "expm1")
 
 
 @numba.njit(cache=True, nogil=True)
-def _moments(indices, data, n_genes, expm1, clip):
-    out = np.zeros((4, n_genes), dtype=np.float64)
+def _moments(indices, data, n_genes, expm1, scale, clip):
+    out = np.zeros((5, n_genes), dtype=np.float64)
     has_clip = clip.size > 0
     for k in range(data.size):
         j = indices[k]
         v = np.float64(data[k])
+        if not np.isfinite(v):
+            out[3, j] += 1.0
+            continue
         if v != np.floor(v):
             out[2, j] += 1.0
-        if v > out[3, j]:
-            out[3, j] = v
+        if v > out[4, j]:
+            out[4, j] = v
         if expm1:
-            v = np.expm1(v)
+            v = np.expm1(v * scale)
         if has_clip and v > clip[j]:
             v = clip[j]
         out[0, j] += v
@@ -49,7 +52,7 @@ def _moments(indices, data, n_genes, expm1, clip):
     return out
 
 
-def gene_moments(block, *, transform: str = "none", clip: np.ndarray | None = None) -> np.ndarray:
+def gene_moments(block, *, transform: str = "none", scale: float = 1.0, clip: np.ndarray | None = None) -> np.ndarray:
     """Per-gene partial sums of one row block.
 
     Parameters
@@ -57,8 +60,11 @@ def gene_moments(block, *, transform: str = "none", clip: np.ndarray | None = No
     block
         ``(n_rows, n_genes)`` CSR block (or anything ``scipy.sparse.csr_matrix`` takes).
     transform
-        ``"none"`` or ``"expm1"`` (natural ``exp(x) - 1``, applied before
-        clipping and summing).
+        ``"none"`` or ``"expm1"`` (natural ``exp(scale * x) - 1``, applied
+        before clipping and summing).
+    scale
+        Factor of each value before ``expm1`` (``ln(base)`` for
+        ``log1p`` data of another base).
     clip
         ``(n_genes,)`` float64 upper bound of each gene's (transformed)
         values, or ``None``.
@@ -67,12 +73,14 @@ def gene_moments(block, *, transform: str = "none", clip: np.ndarray | None = No
     -------
     numpy.ndarray
         ``(len(MOMENTS), n_genes)`` float64: ``sum``, ``sum_squares``,
-        ``n_noninteger`` (of the stored values, before transform), ``max``
+        ``n_noninteger`` (finite stored values, before transform),
+        ``n_nonfinite`` (NaN or infinite stored values, left out of every
+        other statistic), ``max``
         (of the stored values before transform; 0 where a gene has none).
     """
     block = sp.csr_matrix(block)
     clip = np.empty(0, dtype=np.float64) if clip is None else np.asarray(clip, dtype=np.float64)
-    return _moments(block.indices, block.data, block.shape[1], transform == "expm1", clip)
+    return _moments(block.indices, block.data, block.shape[1], transform == "expm1", float(scale), clip)
 
 
 def gram(block, *, slab_rows: int = 4_096) -> tuple[np.ndarray, np.ndarray]:

@@ -18,8 +18,11 @@ logger = logging.getLogger(__name__)
 
 FLAVORS = ("seurat", "cell_ranger", "seurat_v3")
 
+#: Largest per-block array of per-batch sums (``n_batches x len(MOMENTS) x n_vars`` float64).
+MAX_BATCH_BYTES = 256 * 2**20
 
-def _moments_block(block, batches, n_batches, transform, clip):
+
+def _moments_block(block, batches, n_batches, transform, scale, clip):
     """``gene_moments`` of each batch's rows of one block: ``(1, n_batches * len(MOMENTS), n_genes)``."""
     import scipy.sparse as sp
 
@@ -27,21 +30,28 @@ def _moments_block(block, batches, n_batches, transform, clip):
     out = np.zeros((n_batches, len(MOMENTS), block.shape[1]))
     for b in np.unique(batches):
         rows = block if n_batches == 1 else block[batches == b]
-        out[b] = gene_moments(rows, transform=transform, clip=None if clip is None else clip[b])
+        out[b] = gene_moments(rows, transform=transform, scale=scale, clip=None if clip is None else clip[b])
     return out.reshape(1, -1, block.shape[1])
 
 
-def _moments(x, batches, n_batches, *, transform="none", clip=None, scheduler, progress, desc) -> dict:
-    """One pass: per batch and gene ``sum``, ``sum_squares``, ``n_noninteger``, ``max``: ``(n_batches, n_genes)``."""
+def _moments(x, batches, n_batches, *, transform="none", scale=1.0, clip=None, scheduler, progress, desc) -> dict:
+    """One pass: per batch and gene each statistic of ``MOMENTS``: ``(n_batches, n_genes)`` arrays by name."""
     import dask.array as da
 
     codes = da.from_array(batches, chunks=(x.chunks[0],))
-    parts = per_block(_moments_block, n_batches * len(MOMENTS), (x, "bj"), (codes, "b"), n_batches, transform, clip)
+    parts = per_block(
+        _moments_block, n_batches * len(MOMENTS), (x, "bj"), (codes, "b"), n_batches, transform, scale, clip
+    )
     parts = parts.reshape(parts.shape[0], n_batches, len(MOMENTS), x.shape[1])
-    sums = parts[:, :, :3].sum(axis=0, split_every=8)
-    top = parts[:, :, 3].max(axis=0, split_every=8)
-    sums, top = compute(sums, top, scheduler=scheduler, progress=progress, desc=desc)
-    return {"sum": sums[:, 0], "sum_squares": sums[:, 1], "n_noninteger": sums[:, 2], "max": top}
+    top = MOMENTS.index("max")
+    sums, peak = compute(
+        parts[:, :, :top].sum(axis=0, split_every=8),
+        parts[:, :, top].max(axis=0, split_every=8),
+        scheduler=scheduler,
+        progress=progress,
+        desc=desc,
+    )
+    return {name: sums[:, i] for i, name in enumerate(MOMENTS[:top])} | {"max": peak}
 
 
 def _mean_var(total: np.ndarray, squares: np.ndarray, n) -> tuple[np.ndarray, np.ndarray]:
@@ -69,6 +79,12 @@ def _batches(obs: pd.DataFrame, batch_key: str | None) -> tuple[np.ndarray, list
 
 
 def _check_kind(m: dict[str, np.ndarray], flavor: str) -> None:
+    nonfinite = int(m["n_nonfinite"].sum())
+    if nonfinite:
+        raise ValueError(
+            f"the matrix holds {nonfinite:,} NaN or infinite values; highly variable genes need finite values: "
+            "remove or impute them first"
+        )
     noninteger = int(m["n_noninteger"].sum())
     if flavor == "seurat_v3" and noninteger:
         raise ValueError(
@@ -338,15 +354,30 @@ def highly_variable_genes(
         rows = check_control(labels, control_label, perturbation_column)
         x = select(x, rows=rows)
     batches, names = _batches(adata.obs, batch_key)
+    if len(names) * adata.n_vars * len(MOMENTS) * 8 > MAX_BATCH_BYTES:
+        raise ValueError(
+            f"batch_key={batch_key!r} has {len(names):,} batches: each block's sums would take "
+            f"{len(names) * adata.n_vars * len(MOMENTS) * 8 / 2**20:,.0f} MiB; use a column with fewer batches "
+            "(replicates, lanes), not one with a level per perturbation"
+        )
     batches = batches[rows]
     n_cells = np.bincount(batches, minlength=len(names))
     if n_cells.min(initial=x.shape[0]) < 2:
         raise ValueError(
             f"highly variable genes need at least 2 cells{' per batch' if batch_key else ''}; got "
-            + ", ".join(f"{n} ({name})" if batch_key else str(n) for n, name in zip(n_cells, names, strict=True))
+            + ", ".join(
+                f"{n} ({name})" if batch_key else str(n)
+                for n, name in list(zip(n_cells, names, strict=True))[:5]
+                if n < 2 or not batch_key
+            )
+            + (" ..." if len(names) > 5 else "")
         )
     transform = "expm1" if flavor == "seurat" else "none"
-    m = _moments(x, batches, len(names), transform=transform, scheduler=scheduler, progress=progress, desc="HVG")
+    base = (adata.uns.get("log1p") or {}).get("base")
+    scale = 1.0 if base is None else float(np.log(base))  # log1p of another base, undone as scanpy does
+    m = _moments(
+        x, batches, len(names), transform=transform, scale=scale, scheduler=scheduler, progress=progress, desc="HVG"
+    )
     _check_kind(m, flavor)
     cutoffs = (min_mean, max_mean, min_disp, max_disp)
     if flavor == "seurat_v3":

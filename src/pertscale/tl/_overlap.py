@@ -49,7 +49,10 @@ def _as_set(name, values) -> set:
 def compute_overlap(sets: Mapping[str, Iterable], *, metric: str = "both") -> OverlapResult:
     """Pairwise intersection sizes and Jaccard indices of named sets (e.g. hit genes per perturbation).
 
-    Same result as crispyx's ``compute_overlap``, computed as one sparse
+    The statistics of crispyx's ``compute_overlap``, with three deliberate
+    differences: the Jaccard index of two empty sets is NaN (undefined; crispyx
+    gives 0), a metric not asked for is ``None`` (not computed), and the sizes
+    are named ``size``. Computed as one sparse
     product: a ``sets x elements`` incidence matrix ``M`` gives all
     intersection sizes as ``M @ M.T``; the Jaccard index is
     ``|A & B| / (|A| + |B| - |A & B|)``. Elements are compared as Python set
