@@ -154,6 +154,36 @@ def unique_var_names(var: pd.DataFrame, *, column: str = "original_var_name") ->
     return out
 
 
+def obs_categorical(obs: pd.DataFrame, column: str, *, what: str, fix: str) -> pd.Categorical:
+    """An ``obs`` column as a ``pandas.Categorical`` (its own categories if it is one), every cell labelled.
+
+    Parameters
+    ----------
+    obs
+        The cells' table.
+    column
+        The column.
+    what
+        What the column is to the caller (``"groupby column"``, ``"batch_key"``), named in the errors.
+    fix
+        What to do about missing labels, said after the count.
+
+    Raises
+    ------
+    KeyError
+        If the column is missing; the message lists the columns there are.
+    ValueError
+        If some cells have no label.
+    """
+    if column not in obs.columns:
+        raise KeyError(f"{what} {column!r} not found in obs; columns present: {list(obs.columns)}")
+    values = obs[column]
+    n_missing = int(values.isna().sum())
+    if n_missing:
+        raise ValueError(f"obs[{column!r}] has {n_missing:,} cells with a missing label (of {len(obs):,}); {fix}")
+    return values.array if isinstance(values.dtype, pd.CategoricalDtype) else pd.Categorical(values.to_numpy())
+
+
 def get_matrix(adata, layer: str | None):
     """``adata.X`` or ``adata.layers[layer]``.
 

@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from ._validation import check_control, check_number, check_shape, get_matrix, perturbation_labels
+from ._validation import check_control, check_number, check_shape, get_matrix, obs_categorical, perturbation_labels
 from .cluster import compute
 from .io._read import as_dask
 
@@ -47,20 +47,18 @@ def _encode_groups(obs: pd.DataFrame, columns: list[str]) -> tuple[np.ndarray, p
     codes of several columns are combined column by column, so the groups come in the order
     ``scanpy.get.aggregate`` gives them: by the first column's categories, then the second's, ...
     """
-    for col in columns:
-        if col not in obs.columns:
-            raise KeyError(f"groupby column {col!r} not found in obs; columns present: {list(obs.columns)}")
-        n_missing = int(obs[col].isna().sum())
-        if n_missing:
-            raise ValueError(
-                f"obs[{col!r}] has {n_missing:,} cells with a missing label (of {len(obs):,}); every cell needs a "
-                f"group: drop those cells (adata[adata.obs[{col!r}].notna()]) or fill them with a label of their "
-                f"own (adata.obs[{col!r}] = adata.obs[{col!r}].astype(object).fillna('unassigned'))"
-            )
+    cats = [
+        obs_categorical(
+            obs,
+            col,
+            what="groupby column",
+            fix=f"every cell needs a group: drop those cells (adata[adata.obs[{col!r}].notna()]) or fill them with "
+            f"a label of their own (adata.obs[{col!r}] = adata.obs[{col!r}].astype(object).fillna('unassigned'))",
+        )
+        for col in columns
+    ]
     combined = np.zeros(len(obs), dtype=np.int64)
-    for col in columns:
-        values = obs[col]
-        cat = values.array if isinstance(values.dtype, pd.CategoricalDtype) else pd.Categorical(values.to_numpy())
+    for cat in cats:
         combined = combined * len(cat.categories) + np.asarray(cat.codes, dtype=np.int64)
         _, combined = np.unique(combined, return_inverse=True)  # dense again: no overflow over many columns
     _, first = np.unique(combined, return_index=True)

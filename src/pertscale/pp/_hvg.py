@@ -9,7 +9,7 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 
-from .._validation import check_control, check_number, get_matrix, perturbation_labels
+from .._validation import check_control, check_number, get_matrix, obs_categorical, perturbation_labels
 from ..cluster import compute
 from ..io._read import as_dask, per_block, select
 from ..kernels.moments import MOMENTS, gene_moments
@@ -66,14 +66,7 @@ def _batches(obs: pd.DataFrame, batch_key: str | None) -> tuple[np.ndarray, list
     """Batch code of every cell and the batch names (one batch without ``batch_key``)."""
     if batch_key is None:
         return np.zeros(len(obs), dtype=np.int64), ["all"]
-    if batch_key not in obs.columns:
-        raise KeyError(f"batch_key {batch_key!r} not found in obs; columns present: {list(obs.columns)}")
-    values = obs[batch_key]
-    if values.isna().any():
-        raise ValueError(
-            f"obs[{batch_key!r}] has {int(values.isna().sum())} missing values; give those cells a batch or drop them"
-        )
-    cat = values.array if isinstance(values.dtype, pd.CategoricalDtype) else pd.Categorical(values.to_numpy())
+    cat = obs_categorical(obs, batch_key, what="batch_key", fix="give those cells a batch or drop them")
     cat = cat.remove_unused_categories()
     return np.asarray(cat.codes, dtype=np.int64), [str(c) for c in cat.categories]
 

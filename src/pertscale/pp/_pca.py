@@ -177,7 +177,8 @@ def pca(
             raise ValueError("var['highly_variable'] marks no gene; select genes first or use_highly_variable=False")
     else:
         genes = np.ones(adata.n_vars, dtype=bool)
-    x = select(as_dask(get_matrix(adata, layer)), cols=genes if not genes.all() else None)
+    matrix = get_matrix(adata, layer)
+    x = select(as_dask(matrix), cols=genes if not genes.all() else None)
     n, p = x.shape
     if n_comps >= min(n, p):
         raise ValueError(
@@ -205,7 +206,7 @@ def pca(
     scores = x.map_blocks(
         project, axes, mean, dtype=np.float64, chunks=(x.chunks[0], (n_comps,)), meta=np.empty((0, 0))
     )
-    if not isinstance(get_matrix(adata, layer), da.Array):
+    if not isinstance(matrix, da.Array):
         (scores,) = compute(scores, scheduler=scheduler, progress=False)
     loadings = np.zeros((adata.n_vars, n_comps), dtype=np.float64)
     loadings[genes] = axes
