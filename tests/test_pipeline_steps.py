@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import re
 
 import anndata as ad
@@ -82,11 +83,13 @@ def test_pseudobulk_step_equals_scanpy_aggregate(sim_h5ad, steps_run):
     ],
 )
 def test_step_flags_are_checked(sim_h5ad, tmp_path, flags, message):
+    before = hashlib.sha256(sim_h5ad.read_bytes()).hexdigest()
     args = ["run", str(sim_h5ad), "--perturbation-column", "perturbation", "--control-label", "control"]
     result = CliRunner().invoke(main, [*args, "--out", str(tmp_path / "o"), "--scheduler", "synchronous", *flags])
     assert result.exit_code != 0
     assert message in result.output
     assert not (tmp_path / "o").exists()  # nothing left behind
+    assert hashlib.sha256(sim_h5ad.read_bytes()).hexdigest() == before  # the input is only read
 
 
 def test_steps_from_python(sim_h5ad, tmp_path):
