@@ -18,27 +18,56 @@ try:
 except PackageNotFoundError:  # pragma: no cover - not installed
     __version__ = "0+unknown"
 
-_SUBMODULES = ("cluster", "datasets", "get", "io", "pb", "pp", "tl")
+_SUBMODULES = ("analysis", "cluster", "datasets", "get", "io", "pb", "pp", "store", "tl")
 _FUNCTIONS = {
     "compute": "._compute",
+    "open": ".io",
     "read": ".io",
     "write": ".io",
     "run": "._pipeline",
     "settings": "._settings",
+    "RunInfo": ".store",
+    "cleanup": ".store",
+    "ensure_result_keys": ".store",
+    **{
+        name: ".analysis"
+        for name in (
+            "WilcoxonSettings",
+            "TTestSettings",
+            "NBGLMSettings",
+            "QCSettings",
+            "HVGSettings",
+            "PCASettings",
+            "PseudobulkSettings",
+        )
+    },
 }
 
 __all__ = [
+    "HVGSettings",
+    "NBGLMSettings",
+    "PCASettings",
+    "PseudobulkSettings",
+    "QCSettings",
+    "RunInfo",
+    "TTestSettings",
+    "WilcoxonSettings",
     "__version__",
+    "analysis",
+    "cleanup",
     "cluster",
     "compute",
     "datasets",
+    "ensure_result_keys",
     "get",
     "io",
+    "open",
     "pb",
     "pp",
     "read",
     "run",
     "settings",
+    "store",
     "tl",
     "write",
 ]
@@ -57,8 +86,18 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # pragma: no cover
-    from . import cluster, datasets, get, io, pb, pp, tl
+    from . import analysis, cluster, datasets, get, io, pb, pp, store, tl
     from ._compute import compute
     from ._pipeline import run
     from ._settings import settings
-    from .io import read, write
+    from .analysis import (
+        HVGSettings,
+        NBGLMSettings,
+        PCASettings,
+        PseudobulkSettings,
+        QCSettings,
+        TTestSettings,
+        WilcoxonSettings,
+    )
+    from .io import open, read, write
+    from .store import RunInfo, cleanup, ensure_result_keys

@@ -22,24 +22,61 @@ from .cluster import compute as compute_collections
 CHUNK_BYTES = 16 * 2**20
 
 
-def lazy_elements(adata: ad.AnnData) -> dict[tuple[str, str | None], da.Array]:
-    """The Dask arrays of ``X``, ``layers``, ``obsm`` and ``varm``, keyed by ``(attribute, key)``."""
-    found: dict[tuple[str, str | None], da.Array] = {}
+def lazy_elements(adata: ad.AnnData, *, nested: bool = False) -> dict[tuple, da.Array]:
+    """The Dask arrays of ``X``, ``layers``, ``obsm`` and ``varm``, keyed by ``(attribute, key)``.
+
+    With ``nested=True`` also those inside ``uns`` (stored results: a
+    results AnnData's layers, PCA's scores), keyed by ``("uns", path)``
+    with ``path`` the tuple of names that leads to them.
+    """
+    found: dict[tuple, da.Array] = {}
     if isinstance(adata.X, da.Array):
         found[("X", None)] = adata.X
     for attr in ("layers", "obsm", "varm"):
         for key, value in getattr(adata, attr).items():
             if isinstance(value, da.Array):
                 found[(attr, key)] = value
+    if nested:
+        for path, value in _walk(adata.uns, ()):
+            found[("uns", path)] = value
     return found
 
 
-def _assign(adata: ad.AnnData, where: tuple[str, str | None], value) -> None:
+def _walk(node, path: tuple):
+    if isinstance(node, da.Array):
+        yield path, node
+    elif isinstance(node, dict):
+        for key, value in node.items():
+            yield from _walk(value, (*path, key))
+    elif isinstance(node, ad.AnnData):
+        for (attr, key), value in lazy_elements(node, nested=True).items():
+            inner = () if key is None else key if attr == "uns" else (key,)
+            yield (*path, attr, *inner), value
+
+
+def _assign(adata: ad.AnnData, where: tuple, value) -> None:
+    """Set ``value`` (or delete, for ``None``) at a key of :func:`lazy_elements`."""
     attr, key = where
-    if key is None:
-        adata.X = value
+    _set_in(adata, (attr,) if key is None else (attr, *key) if attr == "uns" else (attr, key), value)
+
+
+def _set_in(node, path: tuple, value) -> None:
+    if isinstance(node, ad.AnnData):
+        attr, rest = path[0], path[1:]
+        if attr == "X":
+            node.X = value
+        elif attr == "uns":
+            _set_in(node.uns, rest, value)
+        elif value is None:
+            del getattr(node, attr)[rest[0]]
+        else:
+            getattr(node, attr)[rest[0]] = value
+    elif len(path) > 1:
+        _set_in(node[path[0]], path[1:], value)
+    elif value is None:
+        del node[path[0]]
     else:
-        getattr(adata, attr)[key] = value
+        node[path[0]] = value
 
 
 def compute(adata: ad.AnnData, *, scheduler=None, progress: bool | None = None, desc: str | None = None) -> ad.AnnData:
@@ -48,9 +85,9 @@ def compute(adata: ad.AnnData, *, scheduler=None, progress: bool | None = None, 
     Parameters
     ----------
     adata
-        An AnnData whose ``X``, ``layers``, ``obsm`` or ``varm`` may hold Dask
-        arrays (the results of :func:`pertscale.tl.rank_genes_groups`, a
-        normalized lazy matrix, ...).
+        An AnnData whose ``X``, ``layers``, ``obsm``, ``varm`` or ``uns`` may
+        hold Dask arrays (the results of :func:`pertscale.tl.rank_genes_groups`,
+        a normalized lazy matrix, the results stored in ``uns['pertscale']``).
     scheduler
         Where to compute; see :func:`pertscale.cluster.resolve_scheduler`.
     progress
@@ -64,7 +101,7 @@ def compute(adata: ad.AnnData, *, scheduler=None, progress: bool | None = None, 
         A new object; ``adata`` itself is left lazy. Sparse Dask arrays
         become ``scipy.sparse.csr_matrix``.
     """
-    lazy = lazy_elements(adata)
+    lazy = lazy_elements(adata, nested=True)
     out = adata.copy()
     if not lazy:
         return out
@@ -99,13 +136,10 @@ def write_zarr_stores(items, *, scheduler=None, progress: bool | None = None) ->
 
     written, paths = [], []
     for adata, path in items:
-        lazy = {k: v for k, v in lazy_elements(adata).items() if _is_dense(v)}
+        lazy = {k: v for k, v in lazy_elements(adata, nested=True).items() if _is_dense(v)}
         shallow = adata.copy() if lazy else adata
-        for attr, key in lazy:
-            if key is None:
-                shallow.X = None
-            else:
-                del getattr(shallow, attr)[key]
+        for where in lazy:
+            _assign(shallow, where, None)
         with ad.settings.override(zarr_write_format=3, auto_shard_zarr_v3=False):
             shallow.write_zarr(path)
         paths.append(path)
@@ -115,9 +149,8 @@ def write_zarr_stores(items, *, scheduler=None, progress: bool | None = None) ->
         for (attr, key), x in lazy.items():
             row_bytes = max(1, math.prod(x.shape[1:]) * x.dtype.itemsize)
             rows = int(max(1, min(x.shape[0], CHUNK_BYTES // row_bytes)))
-            target = group.create_array(
-                attr if key is None else f"{attr}/{key}", shape=x.shape, dtype=x.dtype, chunks=(rows, *x.shape[1:])
-            )
+            name = attr if key is None else "/".join(map(str, (attr, *key))) if attr == "uns" else f"{attr}/{key}"
+            target = group.create_array(name, shape=x.shape, dtype=x.dtype, chunks=(rows, *x.shape[1:]))
             target.attrs.update({"encoding-type": "array", "encoding-version": "0.2.0"})
             src = x.rechunk({0: rows, **{i: -1 for i in range(1, x.ndim)}})
             written.append(

@@ -801,7 +801,7 @@ def _passes(
 
             small = ad.read_zarr(store)
             scanpy_uns(small)
-            write(small, output.path(f"h5ad:{method}"))
+            write(small, output.path(f"h5ad:{method}"), compression=None)  # speed; the .zarr stores are compressed
             written[f"h5ad:{method}"] = True
         else:
             name = output.files[f"h5ad:{method}"]
@@ -880,7 +880,7 @@ def _pseudobulk(
     rows = pd.Index(bulk.obs[perturbation_column].astype(str)).get_indexer(lfc.obs[perturbation_column].astype(str))
     values[rows] = np.asarray(lfc.X)
     bulk.layers["log2_fold_change"] = values
-    write(bulk, path)
+    write(bulk, path, compression=None)
 
 
 def _pca(filtered, n_comps: int, *, use_hvg: bool, scheduler, progress):

@@ -1,4 +1,14 @@
-"""Views of stored results: an ``xarray.Dataset`` over the perturbation x gene statistics."""
+"""Getters of stored results: by settings, as a table of what is stored, as lazy ``xarray`` views.
+
+Every analysis stores its output in the AnnData it ran on, keyed by its
+settings (:mod:`pertscale.store`). These functions read them back without
+computing anything:
+
+- :func:`result`: one stored result, picked by analysis and any settings field.
+- :func:`summary`: a table of the stored results.
+- :func:`dataset`: a test's statistics as an ``xarray.Dataset`` (lazy).
+- :func:`compare`: several tests' statistics stacked along a new dimension.
+"""
 
 from __future__ import annotations
 
@@ -8,15 +18,78 @@ import anndata as ad
 import numpy as np
 
 
-def dataset(results: ad.AnnData | str | Path):
-    """The statistics of a results AnnData as an ``xarray.Dataset``, lazily.
+def result(
+    adata: ad.AnnData, method: str | None = None, *, key: str | None = None, return_settings: bool = False, **filters
+):
+    """The one stored result that the analysis ``method``, the name ``key`` and the settings ``filters`` pick.
+
+    Parameters
+    ----------
+    adata
+        An AnnData analyses ran on, or one read back from its file
+        (:func:`pertscale.read`, or anndata's readers followed by
+        :func:`pertscale.ensure_result_keys`).
+    method
+        The analysis: ``"wilcoxon"``, ``"t-test"``, ``"t-test_overestim_var"``,
+        ``"nb-glm"``, ``"qc"``, ``"hvg"``, ``"pca"``, ``"pseudobulk"``.
+    key
+        The readable name of the latest result of a kind (``"de_wilcoxon"``,
+        the ``key_added`` of the call).
+    return_settings
+        Also return the settings object: ``(settings, result)``.
+    **filters
+        Settings fields and their values (``control_label="NT"``,
+        ``alternative="greater"``, ``n_comps=30``): see the settings models
+        in :mod:`pertscale.analysis`.
+
+    Returns
+    -------
+    The result as the analysis returned it: the results AnnData of a test
+    (``n_perturbations x n_genes``) or of pseudo-bulk (``n_groups x
+    n_genes``), a :class:`pertscale.pp.QCSummary`, the highly-variable-genes
+    ``DataFrame`` (``n_vars`` rows), or PCA's dict (``X_pca``
+    ``n_obs x n_comps``, ``PCs`` ``n_vars x n_comps``, ``variance``,
+    ``variance_ratio``).
+
+    Raises
+    ------
+    ValueError
+        If nothing is stored, the filters match no result or several (the
+        message lists them and the fields that tell them apart), or a filter
+        is not a settings field.
+    """
+    from .store import select
+
+    settings, value = select(adata, method=method, key=key, **filters)
+    if settings.method == "qc":
+        from .pp._qc_summary import summary_from_store
+
+        value = summary_from_store(settings, value)
+    return (settings, value) if return_settings else value
+
+
+def summary(adata: ad.AnnData):
+    """The stored results of ``adata`` as a table (one row each); see :func:`pertscale.store.summary`."""
+    from .store import summary as _summary
+
+    return _summary(adata)
+
+
+def dataset(results: ad.AnnData | str | Path, method: str | None = None, *, key: str | None = None, **filters):
+    """The statistics of a test's results as an ``xarray.Dataset``, lazily.
 
     Parameters
     ----------
     results
         A results AnnData (from :func:`pertscale.tl.rank_genes_groups`, lazy
-        or in memory), or the path of a results ``.zarr`` store written by
-        :func:`pertscale.write` or ``pertscale run`` (``de_wilcoxon.zarr``).
+        or in memory); an AnnData whose result store holds tests (then
+        ``method``, ``key`` and ``filters`` pick one, as :func:`result`); or
+        the path of a results ``.zarr`` store written by
+        :func:`pertscale.write` or ``pertscale run`` (``de_wilcoxon.zarr``),
+        or of an ``.h5ad``/``.zarr`` file holding a result store (its
+        statistics are read lazily, block by block).
+    method, key, **filters
+        Pick a stored test, as :func:`result` does.
 
     Returns
     -------
@@ -39,6 +112,15 @@ def dataset(results: ad.AnnData | str | Path):
 
     if isinstance(results, (str, Path)):
         results = _open_results(Path(results))
+    if _has_store(results) or method is not None or key is not None or filters:
+        from .analysis import DESettings
+
+        settings, results = result(results, method, key=key, return_settings=True, **filters)
+        if not isinstance(settings, DESettings):
+            raise ValueError(
+                f"dataset() views the results of a test (wilcoxon, t-test, nb-glm), not of {settings.method!r}; "
+                "pick a test with method="
+            )
     if not results.layers:
         raise ValueError("these results hold no statistics (no layers)")
     dims = ("perturbation", "gene")
@@ -53,14 +135,103 @@ def dataset(results: ad.AnnData | str | Path):
     )
 
 
+def _has_store(adata: ad.AnnData) -> bool:
+    from .store import STORE
+
+    return bool((adata.uns.get(STORE) or {}).get("results"))
+
+
+def compare(
+    source: ad.AnnData | str | Path,
+    selections: list[dict] | None = None,
+    *,
+    dim: str = "result",
+    names: list[str] | None = None,
+    join: str = "inner",
+):
+    """Several stored tests' statistics stacked along a new dimension, lazily.
+
+    Parameters
+    ----------
+    source
+        An AnnData with a result store, or the path of a file holding one.
+    selections
+        One dict of :func:`result` arguments per result
+        (``[{"method": "wilcoxon"}, {"method": "t-test"}]``); default every
+        stored test.
+    dim
+        Name of the new dimension.
+    names
+        Its coordinate values; default the analyses' names, with the
+        differing settings when two share one.
+    join
+        How perturbations and genes are aligned (``"inner"``: those all
+        results share; ``"outer"``: all, NaN where missing).
+
+    Returns
+    -------
+    xarray.Dataset
+        Dimensions ``(dim, perturbation, gene)``; the statistics all results
+        have (``scores``, ``pvals``, ``pvals_adj``, ``logfoldchanges``,
+        ``pts``, ...); lazy where the results are.
+
+    Raises
+    ------
+    ValueError
+        If fewer than one result is selected, a selection is ambiguous, or
+        ``names`` has the wrong length.
+    """
+    import xarray as xr
+
+    from .analysis import DESettings
+    from .store import results as stored_results
+
+    if isinstance(source, (str, Path)):
+        from .io._read import read
+
+        source = read(source)
+    if selections is None:
+        selections = [
+            {"method": s.method, **{k: v for k, v in s.model_dump().items() if k != "method"}}
+            for s in stored_results(source)
+            if isinstance(s, DESettings)
+        ]
+    if not selections:
+        raise ValueError("no stored test results to compare: run ps.tl.rank_genes_groups first")
+    picked = [result(source, return_settings=True, **sel) for sel in selections]
+    if names is None:
+        names = [s.method for s, _ in picked]
+        if len(set(names)) < len(names):
+            names = [
+                s.method
+                + "".join(f",{k}={a!r}" for k, (a, _) in s.differences(picked[(i + 1) % len(picked)][0]).items())
+                for i, (s, _) in enumerate(picked)
+            ]
+    if len(names) != len(picked):
+        raise ValueError(f"names has {len(names)} entries for {len(picked)} results")
+    views = [dataset(r) for _, r in picked]
+    common = set.intersection(*(set(v.data_vars) for v in views))
+    views = [v[sorted(common)].drop_vars("n_cells", errors="ignore") for v in views]
+    out = xr.concat(views, dim=dim, join=join, combine_attrs="drop")
+    return out.assign_coords({dim: names})
+
+
 def _open_results(path: Path) -> ad.AnnData:
-    """A results ``.zarr`` store as an AnnData whose layers are Dask arrays over its chunks."""
+    """A results ``.zarr`` store as an AnnData whose layers are Dask arrays over its chunks.
+
+    A file that holds a result store (a cell-level ``.h5ad`` or ``.zarr``
+    written by :func:`pertscale.write`) is opened with :func:`pertscale.read`.
+    """
     import dask.array as da
     import zarr
 
     if not path.exists():
         raise FileNotFoundError(f"no such file or directory: {str(path)!r}")
-    group = zarr.open_group(str(path), mode="r")
+    group = zarr.open_group(str(path), mode="r") if path.suffix == ".zarr" else None
+    if group is None or "settings" not in group.get("uns/pertscale", {}):
+        from .io._read import read
+
+        return read(path)
     obs = ad.io.read_elem(group["obs"])
     var = ad.io.read_elem(group["var"])
     uns = ad.io.read_elem(group["uns"]) if "uns" in group else {}

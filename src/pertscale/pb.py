@@ -142,6 +142,8 @@ def pseudobulk(
     groupby: str | list[str] = "perturbation",
     layer: str | None = None,
     target_sum: float = 1e4,
+    key_added: str = "pseudobulk",
+    force: bool = False,
     scheduler=None,
     progress: bool | None = None,
 ) -> ad.AnnData:
@@ -174,6 +176,10 @@ def pseudobulk(
         Use ``layers[layer]`` instead of ``X``.
     target_sum
         Counts per cell after normalization, for ``mean_log1p`` and ``mean_normalized``.
+    key_added
+        Readable name of this result in the result store.
+    force
+        Compute again even when a result with equal settings is stored.
     scheduler
         Where to compute; see :func:`pertscale.cluster.resolve_scheduler`.
     progress
@@ -196,6 +202,10 @@ def pseudobulk(
         - ``var``: a copy of ``adata.var``.
         - ``uns['pertscale']['pseudobulk']``: ``groupby``, ``layer``, ``target_sum``.
 
+        Also stored in ``adata``'s result store, keyed by
+        :class:`pertscale.PseudobulkSettings`: asked again with equal
+        settings, the stored object is returned without a pass.
+
     Raises
     ------
     KeyError
@@ -208,7 +218,17 @@ def pseudobulk(
     TypeError
         If ``groupby`` is neither a column name nor a list of them.
     """
+    from .analysis import PseudobulkSettings, build
+    from .store import cached
+
     columns = _groupby_columns(groupby)
+    settings = build(PseudobulkSettings, groupby=tuple(columns), layer=layer, target_sum=target_sum)
+    run = lambda: (_pseudobulk(adata, columns, layer, target_sum, scheduler=scheduler, progress=progress), [])  # noqa: E731
+    return cached(adata, settings, run, key_added=key_added, force=force)
+
+
+def _pseudobulk(adata: ad.AnnData, columns: list[str], layer, target_sum, *, scheduler, progress) -> ad.AnnData:
+    """:func:`pseudobulk` without the store."""
     check_shape(adata)
     target_sum = check_number(target_sum, "target_sum", minimum=0, min_open=True)
     codes, groups = _encode_groups(adata.obs, columns)

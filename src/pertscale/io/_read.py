@@ -6,6 +6,8 @@ import copy
 import logging
 import os
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 
@@ -329,6 +331,7 @@ def read(
         try:
             obs = ad.io.read_elem(store["obs"])
             var = ad.io.read_elem(store["raw/var" if use_raw else "var"])
+            extras = {name: read_tree(store[name]) for name in ("obsm", "varm", "uns") if name in store}
             elem = store[key]
             encoding, dtype, bytes_per_row = _describe(elem, key, path, len(obs), len(var))
         except (ValueError, PermissionError):
@@ -364,12 +367,102 @@ def read(
             partial(read_block, stored), dtype=dtype, chunks=(_layout(chunk_size, n_obs), (n_vars,)), meta=meta
         )
     adata = ad.AnnData(X=x, obs=obs, var=unique_var_names(var))
+    if not use_raw:
+        for name in ("obsm", "varm"):
+            getattr(adata, name).update(extras.get(name) or {})
+    adata.uns.update(extras.get("uns") or {})
     OPENED_INPUTS.add(Path(stored.path))
-    adata.uns["pertscale"] = {
+    root = adata.uns.get("pertscale")
+    adata.uns["pertscale"] = (root if isinstance(root, dict) else {}) | {
         "source": {"path": stored.path, "layer": layer or ("raw" if use_raw else "X"), "format": fmt}
     }
+    from ..store import ensure_result_keys
+
+    ensure_result_keys(adata)
     logger.info("opened %s lazily: %s (%d x %d), row chunks of %d", path, key, n_obs, n_vars, chunk_size)
     return adata
+
+
+@contextmanager
+def open(path: str | Path, **options) -> Iterator[ad.AnnData]:  # noqa: A001 - the name users expect (ps.open)
+    """Open an ``.h5ad`` or ``.zarr`` AnnData lazily for the duration of a ``with`` block.
+
+    ``with ps.open("screen.zarr") as adata: ...`` gives what
+    :func:`read` gives (``X`` lazy, large ``obsm`` arrays and stored results
+    lazy, settings keys restored). Lazy arrays open the file for each block
+    they read; on leaving the block every HDF5 handle this process still
+    holds on the file is closed and the file is no longer counted as an
+    open input (so it may be written again). Use the object inside the
+    block: its lazy arrays may not read after it.
+
+    Parameters
+    ----------
+    path
+        The file or store.
+    **options
+        Passed to :func:`read` (``layer``, ``use_raw``, ``chunk_size``).
+
+    Raises
+    ------
+    As :func:`read`.
+    """
+    adata = read(path, **options)
+    resolved = Path(path).resolve()
+    try:
+        yield adata
+    finally:
+        OPENED_INPUTS.discard(resolved)
+        _close_h5_handles(resolved)
+
+
+def _close_h5_handles(path: Path) -> None:
+    """Close every HDF5 file object of this process that has ``path`` open."""
+    for ident in h5py.h5f.get_obj_ids(types=h5py.h5f.OBJ_FILE):
+        try:
+            name = Path(ident.name.decode() if isinstance(ident.name, bytes) else ident.name).resolve()
+        except Exception:  # an identifier closed meanwhile
+            continue
+        if name == path:
+            h5py.File(ident).close()
+
+
+#: Dense arrays larger than this are read lazily (Dask arrays that open the file for each block).
+LAZY_BYTES = 16 * 2**20
+
+
+def read_tree(elem, *, lazy_bytes: int = LAZY_BYTES):
+    """An anndata element (``uns``, ``obsm``, a nested results AnnData), its large dense arrays lazy.
+
+    Groups are walked; dense arrays above ``lazy_bytes`` become Dask arrays
+    (:func:`anndata.experimental.read_elem_lazy`, which opens the file in
+    each task, so no handle is kept); the rest is read with anndata's
+    ``read_elem``. A nested AnnData (a stored test result) keeps its
+    ``obs``/``var`` in memory and its layers lazy.
+    """
+    from anndata.experimental import read_elem_lazy
+
+    attrs = dict(elem.attrs)
+    kind = attrs.get("encoding-type")
+    if isinstance(elem, h5py.Dataset) or hasattr(elem, "dtype"):
+        if kind in (None, "array") and elem.dtype.kind in "biufc" and elem.size * elem.dtype.itemsize > lazy_bytes:
+            return read_elem_lazy(elem)
+        return ad.io.read_elem(elem)
+    if kind == "anndata":
+        parts = {
+            name: read_tree(elem[name], lazy_bytes=lazy_bytes)
+            for name in ("layers", "obsm", "varm", "uns")
+            if name in elem
+        }
+        x = read_tree(elem["X"], lazy_bytes=lazy_bytes) if "X" in elem else None
+        return ad.AnnData(
+            X=x,
+            obs=ad.io.read_elem(elem["obs"]),
+            var=ad.io.read_elem(elem["var"]),
+            **{k: v for k, v in parts.items() if v},
+        )
+    if kind in (None, "dict"):
+        return {name: read_tree(elem[name], lazy_bytes=lazy_bytes) for name in elem.keys()}
+    return ad.io.read_elem(elem)
 
 
 def row_nonzeros(path: str | Path, *, layer: str | None = None, use_raw: bool = False) -> np.ndarray | None:

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import fnmatch
 import logging
 import os
 import shutil
 import uuid
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 
 import anndata as ad
 import dask.array as da
 import h5py
+import pandas as pd
 import scipy.sparse as sp
 
 from .._compute import compute, lazy_elements, write_zarr_stores
@@ -71,23 +74,52 @@ def check_not_input(target: str | Path, sources, *, what: str, replaces: bool = 
             )
 
 
-def write(adata: ad.AnnData, path: str | Path, *, scheduler=None, progress: bool | None = None) -> Path:
+def write(
+    adata: ad.AnnData | str | Path,
+    path: str | Path | ad.AnnData,
+    *,
+    include: Sequence[str] | None = None,
+    compression: str | None = "gzip",
+    compression_opts: int | None = None,
+    scheduler=None,
+    progress: bool | None = None,
+) -> Path:
     """Write AnnData atomically as ``.h5ad``, or ``.zarr`` when the path ends so.
 
-    The data go to a temporary sibling first and are renamed into place, so
-    an interrupted write leaves the old file or the new one, never a torn
-    one. (Replacing an existing ``.zarr`` directory takes two renames; in
-    between, the old store sits beside it as ``.NAME.old-*``.)
+    ``ps.write(adata, path)`` and scanpy's order ``ps.write(path, adata)``
+    both work. A sanitized copy is written; ``adata`` is not changed:
 
-    Lazy (Dask) arrays are computed here. To ``.zarr`` their blocks go
-    straight from the workers into the store, never gathered in one process
-    (what results of genome-wide screens need). To ``.h5ad``, a lazy sparse
-    ``X`` and lazy sparse layers (CSR row blocks, as :func:`pertscale.read`
-    and the filters of :mod:`pertscale.pp` make them) are streamed: a few row
-    blocks at a time (one per worker) are computed and appended to the
-    file, so this process never holds the whole matrix (peak: those blocks
-    and their inputs). Other lazy arrays (dense results, ``obsm``, ``varm``)
-    are computed into memory first, in one graph, as before.
+    - the result store's settings keys become strings
+      (``'WilcoxonSettings::{...}'``; :func:`pertscale.read` turns them back),
+      and a stored array that is also an element written (PCA's scores are
+      ``obsm['X_pca']``) is written once;
+    - ``obs``/``var`` columns of mixed types (numbers and text) are written
+      as text, missing values kept missing;
+    - with ``include``, only the elements it names are written.
+
+    Categorical columns keep the difference between a category such as
+    ``-1`` (a label) and a missing value (anndata writes code ``-1`` for
+    missing, a category ``-1`` as a category): after reading,
+    ``col == -1`` and ``col.isna()`` pick different cells.
+
+    The data go to a temporary sibling first and are renamed into place, so
+    an interrupted write (even a killed process) leaves the old file or the
+    new one, never a torn one; a killed writer can leave its temporary
+    sibling (``.NAME.tmp-*``) behind. (Replacing an existing ``.zarr``
+    directory takes two renames; in between, the old store sits beside it
+    as ``.NAME.old-*``.)
+
+    Lazy (Dask) arrays are computed here, all in one graph (work they share,
+    such as a pass over the matrix, is done once). To ``.zarr`` their dense
+    blocks go straight from the workers into the store, never gathered in
+    one process (what results of genome-wide screens need), stored results
+    in ``uns`` included. To ``.h5ad``, a lazy sparse ``X`` and lazy sparse
+    layers (CSR row blocks, as :func:`pertscale.read` and the filters of
+    :mod:`pertscale.pp` make them) are streamed: a few row blocks at a time
+    (one per worker) are computed and appended to the file, so this process
+    never holds the whole matrix (peak: those blocks and their inputs).
+    Other lazy arrays (dense results, ``obsm``, ``varm``, stored results)
+    are computed into memory first, in one graph.
 
     Parameters
     ----------
@@ -95,6 +127,17 @@ def write(adata: ad.AnnData, path: str | Path, *, scheduler=None, progress: bool
         What to write.
     path
         Target path; its parent directory must exist and be writable.
+    include
+        ``None`` (default) writes everything. Otherwise glob patterns of
+        ``"namespace/key"`` naming what to keep (``["obsm/X_pca",
+        "obs/n_*", "uns/pertscale"]``), namespaces ``obs``, ``var``,
+        ``obsm``, ``varm``, ``layers``, ``uns``, ``obsp``, ``varp``; a bare
+        namespace keeps all of it. ``X``, ``raw`` and the ``obs``/``var``
+        names are always written.
+    compression, compression_opts
+        HDF5 compression of the ``.h5ad`` datasets (``"gzip"`` default,
+        ``"lzf"`` or ``None``) and its level; a ``.zarr`` store uses zarr's
+        default compressor.
     scheduler, progress
         Where lazy arrays are computed, and whether to show a progress bar.
 
@@ -110,29 +153,55 @@ def write(adata: ad.AnnData, path: str | Path, *, scheduler=None, progress: bool
     ValueError
         If ``path`` is, is inside, or holds a store that :func:`pertscale.read`
         opened in this process (its lazy matrices still read from it) or the
-        source recorded in ``adata.uns['pertscale']['source']``.
+        source recorded in ``adata.uns['pertscale']['source']``; if an
+        ``include`` pattern names an unknown namespace; if ``compression`` is
+        not one of those.
+    TypeError
+        If neither argument is an AnnData.
+
+    Notes
+    -----
+    ``include`` and the sanitizing follow valency-anndata's ``write``; the
+    string keys of the result store follow ParTIpy's ``write_h5ad``.
     """
+    if isinstance(adata, (str, Path)) and isinstance(path, ad.AnnData):
+        adata, path = path, adata
+    if not isinstance(adata, ad.AnnData):
+        raise TypeError(
+            f"write(adata, path) needs an AnnData and a path; got {type(adata).__name__} and {type(path).__name__}"
+        )
+    if compression not in COMPRESSIONS:
+        raise ValueError(f"compression {compression!r} is not supported; choose one of {COMPRESSIONS}")
     path = Path(path)
+    _check_target(adata, path)
+    adata = sanitized(adata, include=include)
     if path.suffix == ".zarr":
         return write_stores({path: adata}, scheduler=scheduler, progress=progress)[0]
-    _check_target(adata, path)
+    dataset_kwargs = {"compression": compression, "compression_opts": compression_opts} if compression else {}
     tmp = _sibling(path, "tmp")
     try:
         streamed = _streamed_elements(adata)
-        if streamed:
-            adata = adata.copy()  # shallow for lazy arrays: only their graphs are copied
-            for attr, key in streamed:
-                if key is None:
-                    adata.X = None
-                else:
-                    del getattr(adata, attr)[key]
-        if lazy_elements(adata):
+        for attr, key in streamed:
+            if key is None:
+                adata.X = None
+            else:
+                del getattr(adata, attr)[key]
+        if lazy_elements(adata, nested=True):
             adata = compute(adata, scheduler=scheduler, progress=progress, desc=f"computing {path.name}")
         try:
-            adata.write_h5ad(tmp)
+            adata.write_h5ad(
+                tmp, **({"compression": compression, "compression_opts": compression_opts} if compression else {})
+            )
             if streamed:
                 with h5py.File(tmp, "a") as file:
-                    _stream_sparse(file, streamed, scheduler=scheduler, progress=progress, name=path.name)
+                    _stream_sparse(
+                        file,
+                        streamed,
+                        scheduler=scheduler,
+                        progress=progress,
+                        name=path.name,
+                        dataset_kwargs=dataset_kwargs,
+                    )
         except ValueError as err:
             if "object header message is too large" not in str(err):
                 raise
@@ -146,6 +215,85 @@ def write(adata: ad.AnnData, path: str | Path, *, scheduler=None, progress: bool
         if tmp.exists():
             tmp.unlink()
     return path
+
+
+#: HDF5 compression filters :func:`write` accepts.
+COMPRESSIONS = ("gzip", "lzf", None)
+#: Namespaces of ``include`` patterns.
+NAMESPACES = ("obs", "var", "obsm", "varm", "layers", "uns", "obsp", "varp")
+
+
+def _include_rule(include: Sequence[str] | None):
+    """``keep(namespace, key) -> bool`` for the ``include`` patterns (everything for ``None``)."""
+    if include is None:
+        return lambda namespace, key: True
+    if isinstance(include, str):
+        include = [include]
+    patterns = []
+    for pattern in include:
+        namespace, _, rest = str(pattern).partition("/")
+        if namespace not in NAMESPACES:
+            raise ValueError(
+                f"include pattern {pattern!r} does not start with a namespace; use 'namespace/key' with namespace "
+                f"one of {NAMESPACES} (X and raw are always written)"
+            )
+        patterns.append((namespace, rest or "*"))
+    return lambda namespace, key: any(ns == namespace and fnmatch.fnmatchcase(str(key), p) for ns, p in patterns)
+
+
+def _text_if_mixed(frame: pd.DataFrame) -> pd.DataFrame:
+    """Object columns holding more than one type (numbers and text) as text; missing values stay missing."""
+    for col in frame.columns:
+        values = frame[col]
+        if values.dtype == object:
+            kinds = {type(v) for v in values.dropna()}
+            if len(kinds) > 1:
+                frame[col] = values.map(lambda v: v if pd.isna(v) else str(v)).astype(object)
+    return frame
+
+
+def _copy_tree(node):
+    """New containers (dicts, AnnData objects) over the same arrays, which a writer may change freely."""
+    if isinstance(node, dict):
+        return {k: _copy_tree(v) for k, v in node.items()}
+    if isinstance(node, ad.AnnData):
+        return ad.AnnData(
+            X=node.X,
+            obs=node.obs,
+            var=node.var,
+            layers=dict(node.layers),
+            obsm=dict(node.obsm),
+            varm=dict(node.varm),
+            uns=_copy_tree(dict(node.uns)),
+        )
+    return node
+
+
+def sanitized(adata: ad.AnnData, *, include: Sequence[str] | None = None) -> ad.AnnData:
+    """What :func:`write` writes: a new AnnData over the same arrays, filtered by ``include``, store keys as text.
+
+    Raises
+    ------
+    ValueError
+        If an ``include`` pattern names an unknown namespace.
+    """
+    from ..store import STORE, serialized_store
+
+    keep = _include_rule(include)
+    obs = _text_if_mixed(adata.obs[[c for c in adata.obs.columns if keep("obs", c)]].copy())
+    var = _text_if_mixed(adata.var[[c for c in adata.var.columns if keep("var", c)]].copy())
+    parts = {
+        attr: {k: v for k, v in getattr(adata, attr).items() if keep(attr, k)}
+        for attr in ("obsm", "varm", "layers", "obsp", "varp")
+    }
+    written = {f"{attr}/{k}" for attr, items in parts.items() for k in items}
+    uns = {k: v for k, v in adata.uns.items() if keep("uns", k) and k != STORE}
+    if STORE in adata.uns and keep("uns", STORE):
+        uns[STORE] = serialized_store(adata, written=written)
+    out = ad.AnnData(X=adata.X, obs=obs, var=var, uns=_copy_tree(uns), **parts)
+    if adata.raw is not None:
+        out.raw = adata.raw
+    return out
 
 
 def _streamed_elements(adata: ad.AnnData) -> dict[tuple[str, str | None], da.Array]:
@@ -162,7 +310,9 @@ def _csr(block, dtype) -> sp.csr_matrix:
     return block if block.dtype == dtype else block.astype(dtype)
 
 
-def _stream_sparse(file: h5py.File, arrays: dict, *, scheduler, progress: bool | None, name: str) -> None:
+def _stream_sparse(
+    file: h5py.File, arrays: dict, *, scheduler, progress: bool | None, name: str, dataset_kwargs: dict | None = None
+) -> None:
     """Append the row blocks of lazy sparse matrices to an open ``.h5ad`` file, a window of blocks at a time.
 
     Each window (as many consecutive row blocks as the scheduler has
@@ -194,7 +344,9 @@ def _stream_sparse(file: h5py.File, arrays: dict, *, scheduler, progress: bool |
                     block = _csr(next(values), x.dtype)
                     if (attr, key) not in written:
                         block.indptr = block.indptr.astype("int64")
-                        ad.io.write_elem(group, elem, block, dataset_kwargs={"chunks": (H5_CHUNK,)})
+                        ad.io.write_elem(
+                            group, elem, block, dataset_kwargs={"chunks": (H5_CHUNK,), **(dataset_kwargs or {})}
+                        )
                         written[(attr, key)] = ad.io.sparse_dataset(group[elem])
                     elif block.shape[0]:
                         written[(attr, key)].append(block)

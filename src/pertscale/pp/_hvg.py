@@ -224,6 +224,11 @@ def _select(df: pd.DataFrame, *, n_top_genes, cutoffs) -> np.ndarray:
     return _in_bounds(df["means"].to_numpy(), np.nan_to_num(df["dispersions_norm"].to_numpy()), cutoffs)
 
 
+def _check_flavor(flavor) -> None:
+    if flavor not in FLAVORS:
+        raise ValueError(f"flavor {flavor!r} is not known; use one of {', '.join(map(repr, FLAVORS))}")
+
+
 def highly_variable_genes(
     adata: ad.AnnData,
     *,
@@ -241,6 +246,8 @@ def highly_variable_genes(
     perturbation_column: str | None = None,
     control_label: str | None = None,
     inplace: bool = True,
+    key_added: str = "hvg",
+    force: bool = False,
     scheduler=None,
     progress: bool | None = None,
 ) -> pd.DataFrame | None:
@@ -301,6 +308,10 @@ def highly_variable_genes(
         Where the control cells are (``control_only=True``).
     inplace
         Write the columns into ``adata.var`` (default) or return them.
+    key_added
+        Readable name of this result in the result store.
+    force
+        Compute again even when a result with equal settings is stored.
     scheduler, progress
         Where to compute and whether to show a progress bar.
 
@@ -314,7 +325,10 @@ def highly_variable_genes(
         ``seurat_v3``, ``variances``, ``variances_norm`` and
         ``highly_variable_rank`` (0 = most variable; NaN outside the top).
         With ``inplace=True`` they go to ``adata.var`` and
-        ``adata.uns['hvg'] = {'flavor': flavor}``.
+        ``adata.uns['hvg'] = {'flavor': flavor}``. Either way they are stored
+        in ``adata``'s result store, keyed by :class:`pertscale.HVGSettings`:
+        asked again with equal settings, no pass is made (the stored columns
+        are put back in ``var``).
 
     Raises
     ------
@@ -327,8 +341,63 @@ def highly_variable_genes(
     KeyError
         If the layer, the perturbation column or the batch column is missing.
     """
-    if flavor not in FLAVORS:
-        raise ValueError(f"flavor {flavor!r} is not known; use one of {', '.join(map(repr, FLAVORS))}")
+    from ..analysis import HVGSettings, build
+    from ..store import cached
+
+    options = dict(
+        flavor=flavor,
+        n_top_genes=n_top_genes,
+        min_mean=min_mean,
+        max_mean=max_mean,
+        min_disp=min_disp,
+        max_disp=max_disp,
+        n_bins=n_bins,
+        span=span,
+        layer=layer,
+        batch_key=batch_key,
+        control_only=control_only,
+        perturbation_column=perturbation_column,
+        control_label=None if control_label is None else str(control_label),
+    )
+    _check_flavor(flavor)
+    settings = build(HVGSettings, **options)
+
+    def restore(df: pd.DataFrame) -> None:
+        if inplace:
+            for col in df.columns:
+                adata.var[col] = df[col].to_numpy()
+            adata.uns["hvg"] = {"flavor": flavor}
+
+    def run():
+        df = _highly_variable_genes(adata, **options, scheduler=scheduler, progress=progress)
+        restore(df)
+        return df, [f"var/{c}" for c in df.columns] + ["uns/hvg"] if inplace else []
+
+    df = cached(adata, settings, run, key_added=key_added, force=force, restore=restore)
+    return None if inplace else df.copy()
+
+
+def _highly_variable_genes(
+    adata: ad.AnnData,
+    *,
+    flavor,
+    n_top_genes,
+    min_mean,
+    max_mean,
+    min_disp,
+    max_disp,
+    n_bins,
+    span,
+    layer,
+    batch_key,
+    control_only,
+    perturbation_column,
+    control_label,
+    scheduler,
+    progress,
+) -> pd.DataFrame:
+    """:func:`highly_variable_genes`'s table, without the store (``adata`` is not changed)."""
+    _check_flavor(flavor)
     n_top_genes = check_number(n_top_genes, "n_top_genes", integer=True, minimum=1, allow_none=True)
     if flavor == "seurat_v3" and n_top_genes is None:
         raise ValueError("flavor='seurat_v3' needs n_top_genes (e.g. n_top_genes=2000)")
@@ -387,9 +456,4 @@ def highly_variable_genes(
         df["highly_variable"] = _select(df, n_top_genes=n_top_genes, cutoffs=cutoffs)
     df.index = adata.var_names
     logger.info("highly_variable_genes (%s): %d of %d genes", flavor, int(df["highly_variable"].sum()), df.shape[0])
-    if not inplace:
-        return df
-    for col in df.columns:
-        adata.var[col] = df[col].to_numpy()
-    adata.uns["hvg"] = {"flavor": flavor}
-    return None
+    return df

@@ -100,6 +100,8 @@ def pca(
     n_oversamples: int = 50,
     n_iter: int = 6,
     random_state: int = 0,
+    key_added: str | None = None,
+    force: bool = False,
     scheduler=None,
     progress: bool | None = None,
 ) -> None:
@@ -139,6 +141,13 @@ def pca(
     n_oversamples, n_iter, random_state
         Extra dimensions of the random subspace, its power iterations and
         the seed of its start (``method="randomized"``).
+    key_added
+        As scanpy: ``None`` writes ``obsm['X_pca']``, ``varm['PCs']`` and
+        ``uns['pca']``; a name writes ``obsm[key_added]``,
+        ``varm[key_added]`` and ``uns[key_added]``. Also the readable name
+        of the result in the result store (default ``"pca"``).
+    force
+        Compute again even when a result with equal settings is stored.
     scheduler, progress
         Where to compute and whether to show a progress bar.
 
@@ -150,7 +159,10 @@ def pca(
         ``varm['PCs']`` (``n_vars x n_comps`` loadings; zero for genes not
         used), ``uns['pca']`` with ``variance`` (eigenvalues of the
         covariance, ``n_comps``), ``variance_ratio`` (their share of the
-        total variance of the genes used) and ``params``.
+        total variance of the genes used) and ``params``. The same arrays
+        are kept in ``adata``'s result store, keyed by
+        :class:`pertscale.PCASettings` (with a digest of the genes used):
+        asked again with equal settings, they are put back without a pass.
 
     Raises
     ------
@@ -162,6 +174,74 @@ def pca(
         If ``use_highly_variable=True`` without ``var['highly_variable']``,
         or the layer is missing.
     """
+    from ..analysis import PCASettings, array_digest, build
+    from ..store import cached
+
+    _check_method(method)
+    if use_highly_variable is None:
+        use_highly_variable = "highly_variable" in adata.var.columns
+    use_hvg = bool(use_highly_variable) and "highly_variable" in adata.var.columns
+    settings = build(
+        PCASettings,
+        n_comps=n_comps,
+        use_highly_variable=bool(use_highly_variable),
+        solver=method,
+        layer=layer,
+        n_oversamples=n_oversamples,
+        n_iter=n_iter,
+        random_state=random_state,
+        genes=array_digest(adata.var["highly_variable"].to_numpy(dtype=bool)) if use_hvg else None,
+    )
+    obsm_key, varm_key, uns_key = ("X_pca", "PCs", "pca") if key_added is None else (key_added,) * 3
+
+    def restore(stored: dict) -> None:
+        adata.obsm[obsm_key] = stored["X_pca"]
+        adata.varm[varm_key] = stored["PCs"]
+        adata.uns[uns_key] = {
+            "variance": stored["variance"],
+            "variance_ratio": stored["variance_ratio"],
+            "params": {"zero_center": True, "use_highly_variable": bool(use_highly_variable), "method": method},
+        }
+
+    def run():
+        scores, loadings, variance, total = _pca(
+            adata,
+            n_comps=n_comps,
+            use_highly_variable=use_highly_variable,
+            method=method,
+            layer=layer,
+            n_oversamples=n_oversamples,
+            n_iter=n_iter,
+            random_state=random_state,
+            scheduler=scheduler,
+            progress=progress,
+        )
+        stored = {"X_pca": scores, "PCs": loadings, "variance": variance, "variance_ratio": variance / total}
+        restore(stored)
+        return stored, [f"obsm/{obsm_key}", f"varm/{varm_key}", f"uns/{uns_key}"]
+
+    cached(adata, settings, run, key_added=key_added or "pca", force=force, restore=restore)
+
+
+def _check_method(method) -> None:
+    if method not in METHODS:
+        raise ValueError(f"method {method!r} is not known; use one of {', '.join(map(repr, METHODS))}")
+
+
+def _pca(
+    adata: ad.AnnData,
+    *,
+    n_comps,
+    use_highly_variable,
+    method,
+    layer,
+    n_oversamples,
+    n_iter,
+    random_state,
+    scheduler,
+    progress,
+):
+    """Scores, loadings, variances and total variance of :func:`pca`, without the store (``adata`` not changed)."""
     if method not in METHODS:
         raise ValueError(f"method {method!r} is not known; use one of {', '.join(map(repr, METHODS))}")
     n_comps = check_number(n_comps, "n_comps", integer=True, minimum=1)
@@ -210,10 +290,4 @@ def pca(
         (scores,) = compute(scores, scheduler=scheduler, progress=False)
     loadings = np.zeros((adata.n_vars, n_comps), dtype=np.float64)
     loadings[genes] = axes
-    adata.obsm["X_pca"] = scores
-    adata.varm["PCs"] = loadings
-    adata.uns["pca"] = {
-        "variance": variance,
-        "variance_ratio": variance / total,
-        "params": {"zero_center": True, "use_highly_variable": bool(use_highly_variable), "method": method},
-    }
+    return scores, loadings, variance, total

@@ -299,6 +299,8 @@ def qc_summary(
     min_cells_per_perturbation: int = 50,
     min_cells_per_gene: int = 100,
     exclude_labels: Iterable[str] = (),
+    key_added: str = "qc",
+    force: bool = False,
     scheduler=None,
     progress: bool | None = None,
 ) -> QCSummary:
@@ -335,6 +337,10 @@ def qc_summary(
         Labels whose cells are dropped first, e.g. ``("multiple",
         "unassigned")`` (:data:`pertscale.pp.DEFAULT_EXCLUDE`); a single
         string is one label.
+    key_added
+        Readable name of this result in the result store.
+    force
+        Run the pass even when a summary with equal settings is stored.
     scheduler, progress
         Where to compute (:func:`pertscale.cluster.resolve_scheduler`) and
         whether to show a progress bar.
@@ -344,7 +350,9 @@ def qc_summary(
     QCSummary
         Per-cell, per-gene and per-perturbation metrics with what is kept
         and why the rest is dropped; ``.table`` counts them, ``.apply``
-        filters.
+        filters. Its tables are also stored in ``adata``'s result store,
+        keyed by :class:`pertscale.QCSettings`: asked again with equal
+        settings, it is returned without a pass.
 
     Raises
     ------
@@ -361,6 +369,80 @@ def qc_summary(
         some); or the matrix has no cells or genes, or holds NaN, infinite
         or negative values.
     """
+    from ..analysis import QCSettings, build
+    from ..store import cached
+
+    exclude = (exclude_labels,) if isinstance(exclude_labels, str) else tuple(str(x) for x in exclude_labels)
+    settings = build(
+        QCSettings,
+        perturbation_column=perturbation_column,
+        control_label=None if control_label is None else str(control_label),
+        min_genes=min_genes,
+        min_cells_per_perturbation=min_cells_per_perturbation,
+        min_cells_per_gene=min_cells_per_gene,
+        exclude_labels=exclude,
+    )
+
+    def run():
+        summary = _qc_summary(
+            adata,
+            perturbation_column=perturbation_column,
+            control_label=control_label,
+            min_genes=min_genes,
+            min_cells_per_perturbation=min_cells_per_perturbation,
+            min_cells_per_gene=min_cells_per_gene,
+            exclude_labels=exclude_labels,
+            scheduler=scheduler,
+            progress=progress,
+        )
+        stored = {
+            "cells": summary.cells,
+            "genes": summary.genes,
+            "perturbations": summary.perturbations,
+            "n_noninteger_values": summary.n_noninteger_values,
+        }
+        return stored, []
+
+    return summary_from_store(settings, cached(adata, settings, run, key_added=key_added, force=force))
+
+
+def summary_from_store(settings, stored: dict) -> QCSummary:
+    """The :class:`QCSummary` of a stored QC result (its tables) and its settings.
+
+    Raises
+    ------
+    ValueError
+        If :func:`pertscale.cleanup` removed its per-cell table.
+    """
+    if "cells" not in stored:
+        raise ValueError("the per-cell table of this QC result was removed by ps.cleanup; run qc_summary again")
+    return QCSummary(
+        cells=stored["cells"],
+        genes=stored["genes"],
+        perturbations=stored["perturbations"],
+        perturbation_column=settings.perturbation_column,
+        control_label=settings.control_label,
+        min_genes=settings.min_genes,
+        min_cells_per_perturbation=settings.min_cells_per_perturbation,
+        min_cells_per_gene=settings.min_cells_per_gene,
+        exclude_labels=settings.exclude_labels,
+        n_noninteger_values=int(stored["n_noninteger_values"]),
+    )
+
+
+def _qc_summary(
+    adata: ad.AnnData,
+    *,
+    perturbation_column: str,
+    control_label,
+    min_genes,
+    min_cells_per_perturbation,
+    min_cells_per_gene,
+    exclude_labels,
+    scheduler,
+    progress,
+) -> QCSummary:
+    """:func:`qc_summary` without the store."""
     thresholds = {
         name: check_number(value, name, integer=True, minimum=0)
         for name, value in (

@@ -86,6 +86,8 @@ def rank_genes_groups(
     lfc_base: str = "log2",
     min_cells: int = 2,
     scanpy_format: bool = False,
+    key_added: str | None = None,
+    force: bool = False,
     scheduler=None,
     progress: bool | None = None,
 ) -> ad.AnnData:
@@ -174,6 +176,11 @@ def rank_genes_groups(
         so that ``scanpy.get.rank_genes_groups_df`` works on them (its record
         arrays hold up to about 1,100 perturbations in an ``.h5ad`` file).
         Otherwise nothing is computed here.
+    key_added
+        Readable name of this result in the result store (default
+        ``"de_<method>"``): ``ps.get.result(adata, key="de_wilcoxon")``.
+    force
+        Test again even when a result with equal settings is stored.
     scheduler
         Where to compute what is computed here: the results with
         ``scanpy_format=True``, nb-glm's missing size factors and dispersions;
@@ -184,6 +191,11 @@ def rank_genes_groups(
     Returns
     -------
     anndata.AnnData
+        Also stored in ``adata``'s result store, keyed by its settings
+        (:class:`pertscale.WilcoxonSettings`, :class:`pertscale.TTestSettings`,
+        :class:`pertscale.NBGLMSettings`): asked again with equal settings,
+        the stored object is returned without any pass (see
+        :mod:`pertscale.store`; :func:`pertscale.get.result` reads it back).
         Lazy (unless ``scanpy_format``): the layers are Dask arrays, computed
         by :func:`pertscale.compute`, written block by block by
         :func:`pertscale.write` (``.zarr``), or viewed with
@@ -252,6 +264,83 @@ def rank_genes_groups(
     small). P-values come from the MLE, as in DESeq2. Where a side has no
     count of a gene, the Wald test is undefined (NaN).
     """
+    from ..analysis import NBGLMSettings, TTestSettings, WilcoxonSettings, array_digest, build
+    from ..store import cached
+
+    options = dict(
+        method=method,
+        perturbations=perturbations,
+        layer=layer,
+        tie_correct=tie_correct,
+        use_continuity=use_continuity,
+        corr_method=corr_method,
+        alternative=alternative,
+        min_pct=min_pct,
+        min_mean=min_mean,
+        size_factors=size_factors,
+        size_factor_method=size_factor_method,
+        dispersions=dispersions,
+        dispersion_method=dispersion_method,
+        covariates=covariates,
+        shrink=shrink,
+        lfc_base=lfc_base,
+        min_cells=min_cells,
+        scheduler=scheduler,
+        progress=progress,
+    )
+    if method not in METHODS:
+        raise ValueError(f"method {method!r} is not available; choose one of {tuple(METHODS)}")
+    cls = {"wilcoxon": WilcoxonSettings, "nb-glm": NBGLMSettings}.get(method, TTestSettings)
+    fields = {k: v for k, v in options.items() if k in cls.model_fields}
+    for name in ("size_factors", "dispersions"):
+        if name in fields and fields[name] is not None and not isinstance(fields[name], str):
+            fields[name] = array_digest(fields[name])
+    if "covariates" in fields:
+        fields["covariates"] = tuple(fields["covariates"] or ())
+    settings = build(cls, perturbation_column=perturbation_column, control_label=str(control_label), **fields)
+    res = cached(
+        adata,
+        settings,
+        lambda: (_test(adata, perturbation_column, control_label, **options), []),
+        key_added=key_added or f"de_{method}",
+        force=force,
+    )
+    if scanpy_format and "rank_genes_groups" not in res.uns:
+        from .._compute import compute
+        from ..store import results
+
+        res = compute(res, scheduler=scheduler, progress=progress, desc=method)
+        scanpy_uns(res)
+        results(adata)[settings] = res
+    return res
+
+
+def _test(
+    adata: ad.AnnData,
+    perturbation_column: str,
+    control_label: str,
+    *,
+    method: str,
+    perturbations,
+    layer,
+    tie_correct,
+    use_continuity,
+    corr_method,
+    alternative,
+    min_pct,
+    min_mean,
+    size_factors,
+    size_factor_method,
+    dispersions,
+    dispersion_method,
+    covariates,
+    shrink,
+    lfc_base,
+    min_cells,
+    scheduler,
+    progress,
+) -> ad.AnnData:
+    """The lazy results of :func:`rank_genes_groups`, its options checked (no store)."""
     if method not in METHODS:
         raise ValueError(f"method {method!r} is not available; choose one of {tuple(METHODS)}")
     if corr_method not in CORR_METHODS:
@@ -370,11 +459,6 @@ def rank_genes_groups(
             if column in adata.var:
                 res.var[column] = adata.var[column].to_numpy()
     res.uns["pertscale"]["skipped"] = np.asarray(skipped, dtype=object) if skipped else np.asarray([], dtype=str)
-    if scanpy_format:
-        from .._compute import compute
-
-        res = compute(res, scheduler=scheduler, progress=progress, desc=method)
-        scanpy_uns(res)
     return res
 
 

@@ -1,0 +1,279 @@
+"""Frozen settings of every analysis: what a result is keyed by in the result store.
+
+Each analysis has one settings model (pydantic, frozen, extra fields
+refused) that groups every option that changes its result, with the
+function's defaults. The public functions take plain keyword arguments and
+build their model; the model is the key under which the result is stored
+(:mod:`pertscale.store`), so calling again with equal settings reuses the
+stored result. Models compare by value, hash, print as
+``WilcoxonSettings(method='wilcoxon', perturbation_column='gene', ...)``
+and turn into a string key and back::
+
+    >>> s = ps.WilcoxonSettings(perturbation_column="gene", control_label="NT")
+    >>> s == ps.WilcoxonSettings.from_key(s.key())
+    True
+
+Options that do not change a result (``scheduler``, ``progress``,
+``key_added``, ``inplace``) are not settings. Arrays given where a column
+name is expected (nb-glm's ``size_factors=`` or ``dispersions=``) are
+recorded by a digest of their bytes, ``"array:<sha1 prefix>"``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any, ClassVar, Literal
+from urllib.parse import unquote
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+#: Separates the class name from the settings' JSON in a stored key.
+KEY_SEPARATOR = "::"
+#: Characters percent-encoded in a key ('%' first, so that decoding is exact).
+_ENCODED = ("%", "/", "\\")
+
+
+class AnalysisSettings(BaseModel):
+    """Base of the settings models: frozen, compared by value, keyed as ``ClassName::{json}``."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", ser_json_inf_nan="constants")
+
+    #: The public function that runs the analysis (dotted path under ``pertscale``).
+    function: ClassVar[str] = ""
+    #: Settings fields whose function argument has another name.
+    argument_names: ClassVar[dict[str, str]] = {}
+    #: Fields derived from the data, not arguments of the function.
+    derived: ClassVar[tuple[str, ...]] = ()
+    #: Whether the function takes the analysis name as its ``method`` argument (the tests do).
+    method_is_argument: ClassVar[bool] = False
+
+    def key(self) -> str:
+        r"""The settings as a string: ``ClassName::{sorted JSON}``, a valid name for an HDF5 or zarr group.
+
+        ``%``, ``/`` and ``\\`` inside it are percent-encoded (``%25``, ``%2F``,
+        ``%5C``): HDF5 and zarr read the last two as path separators.
+        """
+        text = json.dumps(json.loads(self.model_dump_json()), sort_keys=True, separators=(",", ":"))
+        for char in _ENCODED:
+            text = text.replace(char, f"%{ord(char):02X}")
+        return f"{type(self).__name__}{KEY_SEPARATOR}{text}"
+
+    @staticmethod
+    def from_key(key: str) -> AnalysisSettings:
+        """The settings object a :meth:`key` was made from.
+
+        Raises
+        ------
+        ValueError
+            If ``key`` is not a settings key of a known analysis.
+        """
+        name, sep, text = key.partition(KEY_SEPARATOR)
+        cls = SETTINGS_CLASSES.get(name)
+        if not sep or cls is None:
+            raise ValueError(f"{key[:80]!r} is not a pertscale settings key (known: {sorted(SETTINGS_CLASSES)})")
+        return cls.model_validate_json(unquote(text))
+
+    def __str__(self) -> str:
+        """``ClassName(field=value, ...)``."""
+        return repr(self)
+
+    def call_args(self) -> dict[str, Any]:
+        """Keyword arguments of :attr:`function` that reproduce this analysis (edit them to vary it)."""
+        args = {}
+        for field in type(self).model_fields:
+            if (field == "method" and not self.method_is_argument) or field in self.derived:
+                continue
+            value = getattr(self, field)
+            if isinstance(value, tuple):
+                value = list(value)
+            args[self.argument_names.get(field, field)] = value
+        return args
+
+    def differences(self, other: AnalysisSettings) -> dict[str, tuple[Any, Any]]:
+        """Fields whose values differ, as ``{field: (this, other)}`` (``None`` for a field one side lacks)."""
+        mine, theirs = self.model_dump(), other.model_dump()
+        return {
+            k: (mine.get(k), theirs.get(k))
+            for k in dict.fromkeys([*mine, *theirs])
+            if mine.get(k) != theirs.get(k)
+        }
+
+
+Pair = float | tuple[float, float]
+
+
+class DESettings(AnalysisSettings):
+    """Options shared by the tests of every perturbation against control (:func:`pertscale.tl.rank_genes_groups`)."""
+
+    function: ClassVar[str] = "tl.rank_genes_groups"
+    method_is_argument: ClassVar[bool] = True
+
+    perturbation_column: str
+    control_label: str
+    perturbations: tuple[str, ...] | None = None
+    layer: str | None = None
+    corr_method: Literal["benjamini-hochberg", "bonferroni"] = "benjamini-hochberg"
+    alternative: Literal["two-sided", "greater", "less"] = "two-sided"
+    min_pct: Pair = 0.0
+    min_mean: Pair = 0.0
+    min_cells: int = 2
+
+
+class WilcoxonSettings(DESettings):
+    """Wilcoxon rank-sum test against control."""
+
+    method: Literal["wilcoxon"] = "wilcoxon"
+    tie_correct: bool = True
+    use_continuity: bool = False
+
+
+class TTestSettings(DESettings):
+    """Welch's t-test against control (``"t-test_overestim_var"``: scanpy's variant)."""
+
+    method: Literal["t-test", "t-test_overestim_var"] = "t-test"
+
+
+class NBGLMSettings(DESettings):
+    """Negative-binomial GLM Wald test against control, DESeq2's model, apeGLM shrinkage."""
+
+    method: Literal["nb-glm"] = "nb-glm"
+    size_factors: str = "size_factors"
+    size_factor_method: Literal["sparse", "poscounts", "ratio"] = "sparse"
+    dispersions: str | None = None
+    dispersion_method: Literal["cox-reid", "moments"] = "cox-reid"
+    covariates: tuple[str, ...] = ()
+    shrink: bool = True
+    lfc_base: Literal["log2", "natural"] = "log2"
+
+
+class QCSettings(AnalysisSettings):
+    """The filters of :func:`pertscale.pp.qc_summary` (the main job's)."""
+
+    function: ClassVar[str] = "pp.qc_summary"
+
+    method: Literal["qc"] = "qc"
+    perturbation_column: str
+    control_label: str | None = None
+    min_genes: int = 100
+    min_cells_per_perturbation: int = 50
+    min_cells_per_gene: int = 100
+    exclude_labels: tuple[str, ...] = ()
+
+
+class HVGSettings(AnalysisSettings):
+    """Highly variable genes (:func:`pertscale.pp.highly_variable_genes`)."""
+
+    function: ClassVar[str] = "pp.highly_variable_genes"
+
+    method: Literal["hvg"] = "hvg"
+    flavor: Literal["seurat", "cell_ranger", "seurat_v3"] = "seurat"
+    n_top_genes: int | None = None
+    min_mean: float = 0.0125
+    max_mean: float = 3.0
+    min_disp: float = 0.5
+    max_disp: float = float("inf")
+    n_bins: int = 20
+    span: float = 0.3
+    layer: str | None = None
+    batch_key: str | None = None
+    control_only: bool = False
+    perturbation_column: str | None = None
+    control_label: str | None = None
+
+
+class PCASettings(AnalysisSettings):
+    """Principal components (:func:`pertscale.pp.pca`).
+
+    ``solver`` is the function's ``method``; ``genes`` a digest of
+    ``var['highly_variable']`` when it selects the genes (another selection
+    is another result), derived from the data rather than passed.
+    """
+
+    function: ClassVar[str] = "pp.pca"
+    argument_names: ClassVar[dict[str, str]] = {"solver": "method"}
+    derived: ClassVar[tuple[str, ...]] = ("genes",)
+
+    method: Literal["pca"] = "pca"
+    n_comps: int = 50
+    use_highly_variable: bool | None = None
+    solver: Literal["auto", "covariance", "randomized"] = "auto"
+    layer: str | None = None
+    n_oversamples: int = 50
+    n_iter: int = 6
+    random_state: int = 0
+    genes: str | None = None
+
+
+class PseudobulkSettings(AnalysisSettings):
+    """Pseudo-bulk profiles (:func:`pertscale.pb.pseudobulk`)."""
+
+    function: ClassVar[str] = "pb.pseudobulk"
+
+    method: Literal["pseudobulk"] = "pseudobulk"
+    groupby: tuple[str, ...] = ("perturbation",)
+    layer: str | None = None
+    target_sum: float = 1e4
+
+
+#: Settings model of each analysis, by class name (how keys name them).
+SETTINGS_CLASSES: dict[str, type[AnalysisSettings]] = {
+    cls.__name__: cls
+    for cls in (
+        WilcoxonSettings,
+        TTestSettings,
+        NBGLMSettings,
+        QCSettings,
+        HVGSettings,
+        PCASettings,
+        PseudobulkSettings,
+    )
+}
+
+#: Settings model by analysis name (the ``method`` filter of the getters).
+ANALYSES: dict[str, type[AnalysisSettings]] = {
+    "wilcoxon": WilcoxonSettings,
+    "t-test": TTestSettings,
+    "t-test_overestim_var": TTestSettings,
+    "nb-glm": NBGLMSettings,
+    "qc": QCSettings,
+    "hvg": HVGSettings,
+    "pca": PCASettings,
+    "pseudobulk": PseudobulkSettings,
+}
+
+
+def array_digest(values) -> str:
+    """``"array:<sha1 prefix>"``: how an array given as an option is recorded in settings."""
+    arr = np.ascontiguousarray(np.asarray(values))
+    digest = hashlib.sha1(arr.dtype.str.encode() + str(arr.shape).encode() + arr.tobytes()).hexdigest()
+    return f"array:{digest[:16]}"
+
+
+def build(cls: type[AnalysisSettings], **options) -> AnalysisSettings:
+    """``cls(**options)``, with a :class:`ValueError` that names the option when one is not valid.
+
+    Lists become tuples (settings must hash); numpy scalars become Python
+    numbers.
+
+    Raises
+    ------
+    ValueError
+        Naming the option, the value given and what it must be.
+    """
+    clean = {k: _plain(v) for k, v in options.items()}
+    try:
+        return cls(**clean)
+    except ValidationError as err:
+        first = err.errors()[0]
+        field = ".".join(str(p) for p in first["loc"][:1]) or "option"
+        raise ValueError(f"{field} {clean.get(field)!r} is not valid: {first['msg']}") from None
+
+
+def _plain(value):
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, (list, tuple, np.ndarray)) and not isinstance(value, str):
+        return tuple(_plain(v) for v in value)
+    return value

@@ -1,0 +1,649 @@
+"""The result store: every analysis's output kept in the AnnData, keyed by the settings that produced it.
+
+Layout, in ``adata.uns['pertscale']``:
+
+- ``results``: ``{settings: result}``, one entry per settings object
+  (:mod:`pertscale.analysis`) an analysis ran with. A result is written in
+  the form anndata writes: the results AnnData of a test or of pseudo-bulk
+  (lazy until computed or written), a ``DataFrame`` (highly variable genes),
+  a dict of tables (QC) or of arrays (PCA). In a file the keys are the
+  settings' :meth:`~pertscale.analysis.AnalysisSettings.key` strings
+  (``'WilcoxonSettings::{...json...}'``); :func:`ensure_result_keys` turns
+  them back into settings objects (:func:`pertscale.read` does it).
+- ``latest``: ``{key_added: settings key}``, the latest result of each
+  readable name (``'de_wilcoxon'``, ``'pca'``, ...).
+- ``history``: one JSON record per run (settings, versions, start and end,
+  input fingerprint, fields written, fields removed), read with
+  :class:`RunInfo`.
+
+An analysis asked again with equal settings returns the stored result
+without computing (``force=True`` recomputes), unless the matrix it was
+computed on had other cells or genes (their names are fingerprinted) or
+:func:`cleanup` removed part of it. What the fingerprint cannot see is a
+change of the values in place (normalizing ``X`` again under the same
+names): recompute with ``force=True`` then.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import json
+import logging
+import sys
+import time
+from collections.abc import Callable, Iterable
+from datetime import UTC, datetime
+from typing import Any
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+
+from .analysis import ANALYSES, AnalysisSettings, _plain
+
+logger = logging.getLogger(__name__)
+
+#: ``adata.uns`` key of the store.
+STORE = "pertscale"
+#: Prefix of a stored reference to an array kept elsewhere in the same AnnData (``'ref:obsm/X_pca'``).
+REF = "ref:"
+#: Packages whose versions a run records.
+VERSIONED = ("pertscale", "anndata", "dask", "distributed", "numpy", "scipy", "pandas", "zarr", "h5py", "numba")
+
+
+# --------------------------------------------------------------------------- the store in uns
+
+
+def _root(adata: ad.AnnData) -> dict:
+    root = adata.uns.get(STORE)
+    if root is None:
+        root = adata.uns[STORE] = {}
+    return root
+
+
+def results(adata: ad.AnnData) -> dict[AnalysisSettings, Any]:
+    """The stored results of ``adata``, ``{settings: result}`` (keys restored if they are strings)."""
+    ensure_result_keys(adata)
+    return _root(adata).setdefault("results", {})
+
+
+def ensure_result_keys(adata: ad.AnnData) -> ad.AnnData:
+    """Turn stored settings keys back into settings objects, in place; idempotent.
+
+    For files opened with ``anndata.read_h5ad``/``read_zarr`` (or
+    ``scanpy.read_h5ad``): afterwards the getters and the analyses' reuse of
+    stored results work on it as on the object that wrote it.
+    :func:`pertscale.read` calls it. References to arrays stored once
+    elsewhere in the file (PCA's scores are ``obsm['X_pca']``) are resolved.
+
+    Returns
+    -------
+    anndata.AnnData
+        ``adata`` itself.
+
+    Raises
+    ------
+    ValueError
+        If a stored key is not a settings key of a known analysis.
+    """
+    root = adata.uns.get(STORE)
+    if not isinstance(root, dict) or not root.get("results"):
+        return adata
+    restored = {}
+    for key, value in root["results"].items():
+        if isinstance(value, dict) and isinstance(value.get("settings"), str) and "result" in value:
+            key, value = value["settings"], value["result"]  # as written: {'<Class>-<digest>': {settings, result}}
+        settings = AnalysisSettings.from_key(key) if isinstance(key, str) else key
+        restored[settings] = _resolve_refs(adata, value)
+    root["results"] = restored
+    return adata
+
+
+def serialized_store(adata: ad.AnnData, *, written: set[str] | None = None) -> dict | None:
+    """A copy of ``uns['pertscale']`` that anndata can write.
+
+    Each result becomes ``{'<Class>-<digest>': {'settings': key, 'result':
+    result}}``: the settings' prefixed JSON key
+    (:meth:`~pertscale.analysis.AnalysisSettings.key`) is a value, since a
+    file system limits the length of the directory names a ``.zarr`` store
+    uses for keys. A result array that is the very object at
+    ``obsm/<key>``, ``varm/<key>`` or ``layers/<key>`` of ``adata`` (PCA's
+    scores and loadings) is stored as a reference to it when that element
+    is written too (``written``: the ``'attr/key'`` names that will be;
+    default all), so it is written once.
+    """
+    root = adata.uns.get(STORE)
+    if not isinstance(root, dict):
+        return None
+    out = dict(root)
+    if root.get("results"):
+        out["results"] = {}
+        for settings, value in root["results"].items():
+            key = settings.key() if isinstance(settings, AnalysisSettings) else str(settings)
+            name = f"{key.partition('::')[0]}-{hashlib.sha1(key.encode()).hexdigest()[:12]}"
+            out["results"][name] = {"settings": key, "result": _with_refs(adata, value, written)}
+    return out
+
+
+def _shared_elements(adata: ad.AnnData, written: set[str] | None) -> dict[int, str]:
+    found = {}
+    for attr in ("obsm", "varm", "layers"):
+        for key, value in getattr(adata, attr).items():
+            name = f"{attr}/{key}"
+            if written is None or name in written:
+                found[id(value)] = name
+    return found
+
+
+def _with_refs(adata: ad.AnnData, value, written):
+    if not isinstance(value, dict):
+        return value
+    shared = _shared_elements(adata, written)
+    return {k: (REF + shared[id(v)] if id(v) in shared else v) for k, v in value.items()}
+
+
+def _resolve_refs(adata: ad.AnnData, value):
+    if not isinstance(value, dict):
+        return value
+    out = {}
+    for k, v in value.items():
+        if isinstance(v, str) and v.startswith(REF):
+            attr, _, key = v[len(REF) :].partition("/")
+            mapping = getattr(adata, attr, {})
+            if key not in mapping:
+                continue  # not in this file (left out by ``include``): the result is incomplete
+            v = mapping[key]
+        out[k] = v
+    return out
+
+
+# --------------------------------------------------------------------------- fingerprints and history
+
+
+def input_fingerprint(adata: ad.AnnData) -> dict[str, Any]:
+    """What identifies the cells and genes an analysis ran on: shape, a digest of their names, the source file."""
+    digest = hashlib.sha1()
+    for index in (adata.obs_names, adata.var_names):
+        digest.update(pd.util.hash_pandas_object(pd.Index(index), index=False).to_numpy().tobytes())
+    source = ((adata.uns.get(STORE) or {}).get("source") or {}).get("path")
+    return {
+        "n_obs": int(adata.n_obs),
+        "n_vars": int(adata.n_vars),
+        "names_sha1": digest.hexdigest()[:16],
+        **({"source": str(source)} if source else {}),
+    }
+
+
+def _history(adata: ad.AnnData) -> list[dict]:
+    raw = (adata.uns.get(STORE) or {}).get("history")
+    if raw is None:
+        return []
+    return [json.loads(str(r)) for r in np.atleast_1d(np.asarray(raw, dtype=object))]
+
+
+def _set_history(adata: ad.AnnData, records: list[dict]) -> None:
+    _root(adata)["history"] = np.asarray([json.dumps(r, sort_keys=True) for r in records], dtype=object)
+
+
+def _versions() -> dict[str, str]:
+    out = {"python": sys.version.split()[0]}
+    for name in VERSIONED:
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return out
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+# --------------------------------------------------------------------------- running an analysis through the store
+
+
+def _location(settings: AnalysisSettings) -> str:
+    return f"uns/{STORE}/results/{settings.key()}"
+
+
+def _last_run(adata: ad.AnnData, settings: AnalysisSettings) -> dict | None:
+    key = settings.key()
+    return next((r for r in reversed(_history(adata)) if r["settings_key"] == key), None)
+
+
+def _reusable(adata: ad.AnnData, settings: AnalysisSettings, stored) -> str | None:
+    """Why the stored result cannot be reused, or ``None`` if it can."""
+    run = _last_run(adata, settings)
+    if run is None:
+        return None  # stored by hand or by a file without history: trust the key
+    if run.get("removed"):
+        return f"ps.cleanup removed {', '.join(run['removed'][:3])}"
+    then, now = run.get("input", {}), input_fingerprint(adata)
+    for field in ("n_obs", "n_vars", "names_sha1"):
+        if then.get(field) != now[field]:
+            return f"it was computed on other cells or genes ({then.get('n_obs')} x {then.get('n_vars')})"
+    return None
+
+
+def cached(
+    adata: ad.AnnData,
+    settings: AnalysisSettings,
+    run: Callable[[], tuple[Any, list[str]]],
+    *,
+    key_added: str,
+    force: bool = False,
+    restore: Callable[[Any], None] | None = None,
+):
+    """Return the stored result for ``settings``, or run the analysis, store and record it.
+
+    Parameters
+    ----------
+    adata
+        The AnnData whose ``uns['pertscale']`` holds the store.
+    settings
+        The analysis's settings: the key.
+    run
+        Runs the analysis; returns the result to store and the fields it
+        wrote outside the store (``'obsm/X_pca'``, ``'var/highly_variable'``).
+    key_added
+        Readable name of the latest result of this kind (``uns['pertscale']['latest']``).
+    force
+        Run even when an equal result is stored.
+    restore
+        Puts a reused result back in its readable places (PCA's ``obsm``).
+
+    Returns
+    -------
+    The result (as ``run`` made it, or as stored).
+    """
+    store = results(adata)
+    if settings in store and not force:
+        why = _reusable(adata, settings, store[settings])
+        if why is None:
+            logger.info("reusing the stored result of %r", settings)
+            if restore is not None:
+                restore(store[settings])
+            _root(adata).setdefault("latest", {})[key_added] = settings.key()
+            return store[settings]
+        logger.info("recomputing %s: the stored result cannot be reused (%s)", type(settings).__name__, why)
+    started, clock = _now(), time.perf_counter()
+    value, fields = run()
+    store = results(adata)  # the analysis may have replaced uns['pertscale']
+    store.pop(settings, None)  # keep insertion order = order of computation
+    store[settings] = value
+    _root(adata).setdefault("latest", {})[key_added] = settings.key()
+    records = _history(adata)
+    records.append(
+        {
+            "run_id": len(records),
+            "method": settings.method,
+            "function": f"pertscale.{settings.function}",
+            "settings_key": settings.key(),
+            "settings": json.loads(settings.model_dump_json()),
+            "key_added": key_added,
+            "fields": [_location(settings), *fields],
+            "removed": [],
+            "started": started,
+            "finished": _now(),
+            "seconds": round(time.perf_counter() - clock, 3),
+            "input": input_fingerprint(adata),
+            "versions": _versions(),
+        }
+    )
+    _set_history(adata, records)
+    return value
+
+
+# --------------------------------------------------------------------------- selecting stored results
+
+
+def _matches(settings: AnalysisSettings, filters: dict[str, Any]) -> bool:
+    return all(getattr(settings, k, _MISSING) == _plain(v) for k, v in filters.items())
+
+
+_MISSING = object()
+
+
+def select(adata: ad.AnnData, *, method: str | None = None, key: str | None = None, **filters):
+    """The one stored result that ``method``, ``key`` and the settings ``filters`` pick: ``(settings, result)``.
+
+    Raises
+    ------
+    ValueError
+        If nothing is stored, the filters match no result or several (the
+        message lists them and the fields in which they differ), ``method``
+        is unknown, or a filter names no settings field.
+    """
+    store = results(adata)
+    if not store:
+        raise ValueError("no results are stored in this AnnData: run an analysis first (e.g. ps.tl.rank_genes_groups)")
+    if method is not None and method not in ANALYSES:
+        raise ValueError(f"method {method!r} is not an analysis; choose one of {tuple(ANALYSES)}")
+    candidates = list(store)
+    if key is not None:
+        latest = _root(adata).get("latest", {})
+        if key not in latest:
+            raise ValueError(f"no stored result is named {key!r}; names: {sorted(latest)}")
+        candidates = [s for s in candidates if s.key() == latest[key]]
+    if method is not None:
+        candidates = [s for s in candidates if s.method == method]
+    known = set().union(*(type(s).model_fields for s in candidates)) if candidates else set()
+    unknown = sorted(set(filters) - known)
+    if candidates and unknown:
+        raise ValueError(f"{unknown} are not settings of the {method or 'stored'} results; fields: {sorted(known)}")
+    picked = [s for s in candidates if _matches(s, filters)]
+    asked = ", ".join([*([f"method={method!r}"] if method else []), *([f"key={key!r}"] if key else [])])
+    asked = ", ".join([asked, *(f"{k}={v!r}" for k, v in filters.items())]).strip(", ")
+    if not picked:
+        stored = "; ".join(sorted({repr(s) for s in store}))[:1500]
+        raise ValueError(f"no stored result matches {asked or 'these filters'}; stored: {stored}")
+    if len(picked) > 1:
+        differing = sorted({k for s in picked for k in s.differences(picked[0])})
+        options = "; ".join("(" + ", ".join(f"{k}={getattr(s, k, None)!r}" for k in differing) + ")" for s in picked)
+        raise ValueError(
+            f"{len(picked)} stored results match {asked or 'these filters'}; they differ in {differing}: "
+            f"{options}. Add one of these fields as a filter"
+        )
+    return picked[0], store[picked[0]]
+
+
+def summary(adata: ad.AnnData) -> pd.DataFrame:
+    """One row per stored result: analysis, readable name, run, time, size and settings.
+
+    Columns ``method``, ``key_added`` (names under which it is the latest
+    result), ``run_id``, ``finished``, ``seconds``, ``shape``, ``lazy``
+    (not computed yet), ``removed`` (fields removed by :func:`cleanup`),
+    then every settings field of any stored result (``NaN`` where a result
+    has no such field).
+    """
+    store = results(adata)
+    latest = _root(adata).get("latest", {})
+    rows = []
+    for settings, value in store.items():
+        run = _last_run(adata, settings) or {}
+        rows.append(
+            {
+                "method": settings.method,
+                "key_added": ",".join(k for k, v in latest.items() if v == settings.key()),
+                "run_id": run.get("run_id"),
+                "finished": run.get("finished"),
+                "seconds": run.get("seconds"),
+                "shape": _shape(value),
+                "lazy": _is_lazy(value),
+                "removed": ",".join(run.get("removed", [])),
+                **{k: v for k, v in settings.model_dump().items() if k != "method"},
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def _shape(value) -> tuple | None:
+    if isinstance(value, (ad.AnnData, pd.DataFrame)):
+        return tuple(value.shape)
+    if isinstance(value, dict):
+        first = next((v for v in value.values() if hasattr(v, "shape")), None)
+        return tuple(first.shape) if first is not None else None
+    return None
+
+
+def _is_lazy(value) -> bool:
+    import dask.array as da
+
+    if isinstance(value, ad.AnnData):
+        return any(isinstance(v, da.Array) for v in [value.X, *value.layers.values()])
+    if isinstance(value, dict):
+        return any(isinstance(v, da.Array) for v in value.values())
+    return False
+
+
+# --------------------------------------------------------------------------- run history
+
+
+class RunInfo:
+    """A recorded run of an analysis on this AnnData: its settings, versions, times and fields.
+
+    Parameters
+    ----------
+    adata
+        The AnnData the analysis ran on (or one read back from its file).
+    run_id
+        Index into the history; negative counts from the end (default the latest).
+    method
+        Count only runs of this analysis (``"wilcoxon"``, ``"pca"``, ...).
+
+    Attributes
+    ----------
+    run_id
+        The run's index in the whole history.
+    method, function, key_added
+        The analysis, the public function that ran it, its readable name.
+    settings
+        The settings object (:mod:`pertscale.analysis`).
+    started, finished, seconds
+        UTC times (ISO 8601) and the duration.
+    input
+        ``n_obs``, ``n_vars``, a digest of the cell and gene names, and the
+        source file when it was read from one.
+    versions
+        Versions of Python, pertscale, anndata, dask and the rest.
+    fields
+        Where the run wrote: the store entry and the readable fields.
+    removed_fields
+        Fields :func:`cleanup` removed since.
+
+    Raises
+    ------
+    IndexError
+        If there is no such run.
+    """
+
+    def __init__(self, adata: ad.AnnData, run_id: int = -1, *, method: str | None = None):
+        records = _history(adata)
+        if method is not None:
+            records = [r for r in records if r["method"] == method]
+        if not records:
+            raise IndexError(f"no run{f' of {method!r}' if method else ''} is recorded in this AnnData")
+        try:
+            record = records[run_id]
+        except IndexError:
+            raise IndexError(f"run_id {run_id} is out of range: {len(records)} run(s) recorded") from None
+        self._adata = adata
+        self.record = record
+        self.run_id: int = record["run_id"]
+        self.method: str = record["method"]
+        self.function: str = record["function"]
+        self.key_added: str = record["key_added"]
+        self.settings: AnalysisSettings = AnalysisSettings.from_key(record["settings_key"])
+        self.started: str = record["started"]
+        self.finished: str = record["finished"]
+        self.seconds: float = record["seconds"]
+        self.input: dict = record["input"]
+        self.versions: dict = record["versions"]
+        self.fields: list[str] = record["fields"]
+        self.removed_fields: list[str] = record.get("removed", [])
+
+    def __repr__(self) -> str:
+        return (
+            f"RunInfo(run_id={self.run_id}, method={self.method!r}, finished={self.finished!r}, "
+            f"seconds={self.seconds}, settings={self.settings!r})"
+        )
+
+    def call_args(self) -> dict[str, Any]:
+        """Keyword arguments that reproduce the run: ``ps.<function>(adata, **run.call_args())``.
+
+        A plain dict: edit it before calling to vary the run. Arrays given
+        as options are not stored (only their digest): pass them again.
+        """
+        return self.settings.call_args()
+
+    def rerun(self, adata: ad.AnnData | None = None, **changes):
+        """Run the analysis again with these settings (and ``changes``) on ``adata`` (default the same object)."""
+        import pertscale
+
+        target = self._adata if adata is None else adata
+        func = pertscale
+        for part in self.function.split(".")[1:]:
+            func = getattr(func, part)
+        return func(target, **(self.call_args() | changes))
+
+    @property
+    def overwritten_fields(self) -> list[str]:
+        """Readable fields that a later run wrote again (``obsm/X_pca`` of a second PCA)."""
+        later = {f for r in _history(self._adata)[self.run_id + 1 :] for f in r["fields"][1:]}
+        return [f for f in self.fields[1:] if f in later]
+
+    @property
+    def missing_fields(self) -> list[str]:
+        """Fields the run wrote that are no longer in the AnnData (removed, deleted or not written to its file)."""
+        return [f for f in self.fields if not _present(self._adata, f)] + [
+            f for f in self.removed_fields if f not in self.fields
+        ]
+
+    def compare_with(self, other: RunInfo | int) -> pd.DataFrame:
+        """Settings and versions that differ between this run and ``other`` (a ``RunInfo`` or a run id).
+
+        Returns
+        -------
+        pandas.DataFrame
+            Index ``what`` (``settings.<field>``, ``versions.<package>``,
+            ``input.<field>``), columns ``this`` and ``other``; empty when
+            the runs agree.
+        """
+        if not isinstance(other, RunInfo):
+            other = RunInfo(self._adata, other)
+        rows = {f"settings.{k}": v for k, v in self.settings.differences(other.settings).items()}
+        for name, mine, theirs in (("versions", self.versions, other.versions), ("input", self.input, other.input)):
+            for k in dict.fromkeys([*mine, *theirs]):
+                if mine.get(k) != theirs.get(k):
+                    rows[f"{name}.{k}"] = (mine.get(k), theirs.get(k))
+        return pd.DataFrame([(k, *v) for k, v in rows.items()], columns=["what", "this", "other"]).set_index("what")
+
+
+def history(adata: ad.AnnData) -> pd.DataFrame:
+    """The run history as a table: ``run_id``, ``method``, ``key_added``, ``started``, ``seconds``, ``settings_key``."""
+    records = _history(adata)
+    cols = ["run_id", "method", "key_added", "started", "finished", "seconds", "settings_key"]
+    return pd.DataFrame([{c: r.get(c) for c in cols} for r in records], columns=cols)
+
+
+def _present(adata: ad.AnnData, field: str) -> bool:
+    attr, _, key = field.partition("/")
+    if attr == "uns" and key.startswith(f"{STORE}/results/"):
+        rest = key[len(f"{STORE}/results/") :]
+        settings_key, _, inner = rest.partition("/")
+        try:
+            settings = AnalysisSettings.from_key(settings_key)
+        except ValueError:
+            return False
+        value = results(adata).get(settings)
+        if value is None:
+            return False
+        if not inner:
+            return True
+        where, _, name = inner.partition("/")
+        if isinstance(value, ad.AnnData):
+            return name in getattr(value, where, {})
+        return isinstance(value, dict) and where in value
+    if attr in ("obs", "var"):
+        return key in getattr(adata, attr).columns
+    if attr in ("obsm", "varm", "layers", "uns", "obsp", "varp"):
+        return key in getattr(adata, attr)
+    return False
+
+
+# --------------------------------------------------------------------------- cleanup
+
+#: Statistics that :func:`cleanup` keeps in the results of a test by default.
+DEFAULT_KEEP_LAYERS = ("scores", "logfoldchanges", "pvals", "pvals_adj")
+#: Per-cell (large) entries of dict results, removed by :func:`cleanup`.
+PER_CELL_ENTRIES = {"pca": ("X_pca",), "qc": ("cells",)}
+
+
+def cleanup(
+    adata: ad.AnnData,
+    run_ids: int | Iterable[int] | None = None,
+    *,
+    keep_layers: Iterable[str] | bool = DEFAULT_KEEP_LAYERS,
+    keep_per_cell: bool = False,
+    inplace: bool = True,
+) -> ad.AnnData | None:
+    """Remove the large parts of stored results, keep their statistics, and mark what went in the history.
+
+    - Tests and pseudo-bulk (results AnnData): layers not in
+      ``keep_layers`` (by default ``pts``, ``pts_rest``, ``u_statistic``,
+      standard errors and the rest go; ``scores``, ``logfoldchanges``,
+      ``pvals``, ``pvals_adj`` stay).
+    - PCA: the per-cell scores (``X_pca``, also from ``obsm`` when it is
+      the same array); loadings and variances stay.
+    - QC: the per-cell table; the gene and perturbation tables stay.
+
+    A result something was removed from is not reused: the analysis runs
+    again when asked with its settings. :class:`RunInfo` lists the removed
+    fields.
+
+    Parameters
+    ----------
+    adata
+        AnnData with stored results.
+    run_ids
+        Runs (history indices; negative from the end) whose results to
+        clean; default every stored result.
+    keep_layers
+        Layers of results AnnData to keep; ``True`` keeps all, ``False`` none.
+    keep_per_cell
+        Keep PCA's scores and QC's per-cell table.
+    inplace
+        Modify ``adata`` (default) or return a cleaned copy.
+
+    Returns
+    -------
+    anndata.AnnData or None
+        The copy when ``inplace=False``.
+
+    Raises
+    ------
+    IndexError
+        If a run id is out of range.
+    """
+    if not inplace:
+        adata = adata.copy()
+    records = _history(adata)
+    store = results(adata)
+    if run_ids is None:
+        chosen = {s.key() for s in store}
+    else:
+        ids = [run_ids] if isinstance(run_ids, (int, np.integer)) else list(run_ids)
+        chosen = set()
+        for i in ids:
+            if not -len(records) <= i < len(records):
+                raise IndexError(f"run_id {i} is out of range: {len(records)} run(s) recorded")
+            chosen.add(records[i]["settings_key"])
+    shared = {id(v): (attr, key) for attr in ("obsm",) for key, v in getattr(adata, attr).items()}
+    for settings in list(store):
+        if settings.key() not in chosen:
+            continue
+        value, removed = store[settings], []
+        where = _location(settings)
+        if isinstance(value, ad.AnnData):
+            keep = set(value.layers) if keep_layers is True else set() if keep_layers is False else set(keep_layers)
+            for name in [n for n in value.layers if n not in keep]:
+                del value.layers[name]
+                removed.append(f"{where}/layers/{name}")
+        elif isinstance(value, dict) and not keep_per_cell:
+            for name in PER_CELL_ENTRIES.get(settings.method, ()):
+                if name in value:
+                    array = value.pop(name)
+                    removed.append(f"{where}/{name}")
+                    if id(array) in shared:
+                        attr, key = shared[id(array)]
+                        del getattr(adata, attr)[key]
+                        removed.append(f"{attr}/{key}")
+        if removed:
+            run = next((r for r in reversed(records) if r["settings_key"] == settings.key()), None)
+            if run is not None:
+                run["removed"] = sorted(set(run.get("removed", [])) | set(removed))
+            logger.info("cleanup: removed %s", ", ".join(removed))
+    if records:
+        _set_history(adata, records)
+    return None if inplace else adata
