@@ -27,7 +27,7 @@ from typing import Any, ClassVar, Literal
 from urllib.parse import unquote
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError, ValidationInfo, field_validator
 
 #: Separates the class name from the settings' JSON in a stored key.
 KEY_SEPARATOR = "::"
@@ -48,6 +48,19 @@ class AnalysisSettings(BaseModel):
     derived: ClassVar[tuple[str, ...]] = ()
     #: Whether the function takes the analysis name as its ``method`` argument (the tests do).
     method_is_argument: ClassVar[bool] = False
+    #: Numeric fields checked as the functions check them (:func:`pertscale._validation.check_number` options).
+    numbers: ClassVar[dict[str, dict[str, Any]]] = {}
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _check_numbers(cls, value, info: ValidationInfo):
+        """Numbers are checked by the same rules and with the same messages as the functions' own checks."""
+        rule = cls.numbers.get(info.field_name or "")
+        if rule is None:
+            return value
+        from ._validation import check_number
+
+        return check_number(value, info.field_name, **rule)
 
     def key(self) -> str:
         r"""The settings as a string: ``ClassName::{sorted JSON}``, a valid name for an HDF5 or zarr group.
@@ -95,9 +108,7 @@ class AnalysisSettings(BaseModel):
         """Fields whose values differ, as ``{field: (this, other)}`` (``None`` for a field one side lacks)."""
         mine, theirs = self.model_dump(), other.model_dump()
         return {
-            k: (mine.get(k), theirs.get(k))
-            for k in dict.fromkeys([*mine, *theirs])
-            if mine.get(k) != theirs.get(k)
+            k: (mine.get(k), theirs.get(k)) for k in dict.fromkeys([*mine, *theirs]) if mine.get(k) != theirs.get(k)
         }
 
 
@@ -120,6 +131,8 @@ class DESettings(AnalysisSettings):
     min_mean: Pair = 0.0
     min_cells: int = 2
 
+    numbers: ClassVar[dict[str, dict[str, Any]]] = {"min_cells": {"integer": True, "minimum": 1}}
+
 
 class WilcoxonSettings(DESettings):
     """Wilcoxon rank-sum test against control."""
@@ -140,12 +153,12 @@ class NBGLMSettings(DESettings):
 
     method: Literal["nb-glm"] = "nb-glm"
     size_factors: str = "size_factors"
-    size_factor_method: Literal["sparse", "poscounts", "ratio"] = "sparse"
+    size_factor_method: str = "sparse"
     dispersions: str | None = None
-    dispersion_method: Literal["cox-reid", "moments"] = "cox-reid"
+    dispersion_method: str = "cox-reid"
     covariates: tuple[str, ...] = ()
     shrink: bool = True
-    lfc_base: Literal["log2", "natural"] = "log2"
+    lfc_base: str = "log2"
 
 
 class QCSettings(AnalysisSettings):
@@ -160,6 +173,11 @@ class QCSettings(AnalysisSettings):
     min_cells_per_perturbation: int = 50
     min_cells_per_gene: int = 100
     exclude_labels: tuple[str, ...] = ()
+
+    numbers: ClassVar[dict[str, dict[str, Any]]] = {
+        name: {"integer": True, "minimum": 0}
+        for name in ("min_genes", "min_cells_per_perturbation", "min_cells_per_gene")
+    }
 
 
 class HVGSettings(AnalysisSettings):
@@ -181,6 +199,13 @@ class HVGSettings(AnalysisSettings):
     control_only: bool = False
     perturbation_column: str | None = None
     control_label: str | None = None
+
+    numbers: ClassVar[dict[str, dict[str, Any]]] = {
+        "n_top_genes": {"integer": True, "minimum": 1, "allow_none": True},
+        "n_bins": {"integer": True, "minimum": 1},
+        "span": {"minimum": 0, "maximum": 1, "min_open": True},
+        **{name: {} for name in ("min_mean", "max_mean", "min_disp")},
+    }
 
 
 class PCASettings(AnalysisSettings):
@@ -205,6 +230,12 @@ class PCASettings(AnalysisSettings):
     random_state: int = 0
     genes: str | None = None
 
+    numbers: ClassVar[dict[str, dict[str, Any]]] = {
+        "n_comps": {"integer": True, "minimum": 1},
+        "n_oversamples": {"integer": True, "minimum": 0},
+        "n_iter": {"integer": True, "minimum": 0},
+    }
+
 
 class PseudobulkSettings(AnalysisSettings):
     """Pseudo-bulk profiles (:func:`pertscale.pb.pseudobulk`)."""
@@ -215,6 +246,8 @@ class PseudobulkSettings(AnalysisSettings):
     groupby: tuple[str, ...] = ("perturbation",)
     layer: str | None = None
     target_sum: float = 1e4
+
+    numbers: ClassVar[dict[str, dict[str, Any]]] = {"target_sum": {"minimum": 0, "min_open": True}}
 
 
 #: Settings model of each analysis, by class name (how keys name them).
@@ -267,6 +300,8 @@ def build(cls: type[AnalysisSettings], **options) -> AnalysisSettings:
         return cls(**clean)
     except ValidationError as err:
         first = err.errors()[0]
+        if first["type"] == "value_error":  # our own check's message
+            raise ValueError(str(first["ctx"]["error"])) from None
         field = ".".join(str(p) for p in first["loc"][:1]) or "option"
         raise ValueError(f"{field} {clean.get(field)!r} is not valid: {first['msg']}") from None
 

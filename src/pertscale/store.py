@@ -26,6 +26,7 @@ names): recompute with ``force=True`` then.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.metadata
 import json
@@ -62,20 +63,51 @@ def _root(adata: ad.AnnData) -> dict:
     return root
 
 
+def entry_name(settings: AnalysisSettings) -> str:
+    """The short name of a result's entry: ``'<Class>-<first 12 hex of the key's SHA-1>'``."""
+    return f"{type(settings).__name__}-{hashlib.sha1(settings.key().encode()).hexdigest()[:12]}"
+
+
+@functools.lru_cache(maxsize=4096)
+def _parse(key: str) -> AnalysisSettings:
+    return AnalysisSettings.from_key(key)
+
+
 def results(adata: ad.AnnData) -> dict[AnalysisSettings, Any]:
-    """The stored results of ``adata``, ``{settings: result}`` (keys restored if they are strings)."""
+    """The stored results of ``adata`` as a new dict ``{settings: result}``, in the order they were stored.
+
+    The results are the stored objects themselves; to store or drop one use
+    :func:`put` and :func:`drop` (this dict is a view built for reading).
+    """
     ensure_result_keys(adata)
-    return _root(adata).setdefault("results", {})
+    entries = (adata.uns.get(STORE) or {}).get("results") or {}
+    return {_parse(e["settings"]): e["result"] for e in entries.values()}
+
+
+def put(adata: ad.AnnData, settings: AnalysisSettings, value) -> None:
+    """Store ``value`` as the result of ``settings`` (replacing an equal one; moved to the end)."""
+    entries = _root(adata).setdefault("results", {})
+    name = entry_name(settings)
+    entries.pop(name, None)
+    entries[name] = {"settings": settings.key(), "result": value}
 
 
 def ensure_result_keys(adata: ad.AnnData) -> ad.AnnData:
-    """Turn stored settings keys back into settings objects, in place; idempotent.
+    """Bring a result store read from a file (or built by hand) into the form the getters read; idempotent.
 
-    For files opened with ``anndata.read_h5ad``/``read_zarr`` (or
-    ``scanpy.read_h5ad``): afterwards the getters and the analyses' reuse of
-    stored results work on it as on the object that wrote it.
-    :func:`pertscale.read` calls it. References to arrays stored once
-    elsewhere in the file (PCA's scores are ``obsm['X_pca']``) are resolved.
+    In memory and in files alike, each result is an entry
+    ``uns['pertscale']['results']['<Class>-<digest>'] = {'settings':
+    "WilcoxonSettings::{...json...}", 'result': ...}``: the settings' prefixed
+    JSON key (:meth:`~pertscale.analysis.AnalysisSettings.key`) is a value,
+    since file systems limit the length of the names a ``.zarr`` store
+    gives its keys; anndata writes it as it is (``adata.write_h5ad`` works;
+    :func:`pertscale.write` also writes shared arrays once). This function
+    checks every stored key names a known analysis, converts entries keyed
+    by settings objects or by the key strings themselves, and resolves
+    references to arrays written once elsewhere in the file (PCA's scores
+    are ``obsm['X_pca']``). :func:`pertscale.read` calls it; call it on
+    files opened with ``anndata.read_h5ad``/``read_zarr`` or
+    ``scanpy.read_h5ad``.
 
     Returns
     -------
@@ -88,41 +120,43 @@ def ensure_result_keys(adata: ad.AnnData) -> ad.AnnData:
         If a stored key is not a settings key of a known analysis.
     """
     root = adata.uns.get(STORE)
-    if not isinstance(root, dict) or not root.get("results"):
+    if not isinstance(root, dict):
         return adata
-    restored = {}
-    for key, value in root["results"].items():
-        if isinstance(value, dict) and isinstance(value.get("settings"), str) and "result" in value:
-            key, value = value["settings"], value["result"]  # as written: {'<Class>-<digest>': {settings, result}}
-        settings = AnalysisSettings.from_key(key) if isinstance(key, str) else key
-        restored[settings] = _resolve_refs(adata, value)
-    root["results"] = restored
+    _alias_written(adata, root)
+    if not root.get("results"):
+        return adata
+    entries = {}
+    for name, value in root["results"].items():
+        if isinstance(value, dict) and set(value) == {"settings", "result"}:
+            settings = _parse(str(value["settings"]))
+            value = value["result"]
+        else:  # {settings object or key string: result}
+            settings = name if isinstance(name, AnalysisSettings) else _parse(str(name))
+        entries[entry_name(settings)] = {"settings": settings.key(), "result": _resolve_refs(adata, value)}
+    root["results"] = entries
     return adata
 
 
 def serialized_store(adata: ad.AnnData, *, written: set[str] | None = None) -> dict | None:
-    """A copy of ``uns['pertscale']`` that anndata can write.
+    """A copy of ``uns['pertscale']`` for :func:`pertscale.write`: shared arrays as references, matrix tokens.
 
-    Each result becomes ``{'<Class>-<digest>': {'settings': key, 'result':
-    result}}``: the settings' prefixed JSON key
-    (:meth:`~pertscale.analysis.AnalysisSettings.key`) is a value, since a
-    file system limits the length of the directory names a ``.zarr`` store
-    uses for keys. A result array that is the very object at
-    ``obsm/<key>``, ``varm/<key>`` or ``layers/<key>`` of ``adata`` (PCA's
-    scores and loadings) is stored as a reference to it when that element
-    is written too (``written``: the ``'attr/key'`` names that will be;
-    default all), so it is written once.
+    A result array that is the very object at ``obsm/<key>``, ``varm/<key>``
+    or ``layers/<key>`` of ``adata`` (PCA's scores and loadings) is stored
+    as a reference to it when that element is written too (``written``: the
+    ``'attr/key'`` names that will be; default all), so it is written once.
     """
+    ensure_result_keys(adata)
     root = adata.uns.get(STORE)
     if not isinstance(root, dict):
         return None
     out = dict(root)
+    out.pop("matrix_aliases", None)  # names of this process's Dask graphs
+    out.pop("written_matrices", None)
     if root.get("results"):
-        out["results"] = {}
-        for settings, value in root["results"].items():
-            key = settings.key() if isinstance(settings, AnalysisSettings) else str(settings)
-            name = f"{key.partition('::')[0]}-{hashlib.sha1(key.encode()).hexdigest()[:12]}"
-            out["results"][name] = {"settings": key, "result": _with_refs(adata, value, written)}
+        out["results"] = {
+            name: {"settings": e["settings"], "result": _with_refs(adata, e["result"], written)}
+            for name, e in root["results"].items()
+        }
     return out
 
 
@@ -161,8 +195,69 @@ def _resolve_refs(adata: ad.AnnData, value):
 # --------------------------------------------------------------------------- fingerprints and history
 
 
-def input_fingerprint(adata: ad.AnnData) -> dict[str, Any]:
-    """What identifies the cells and genes an analysis ran on: shape, a digest of their names, the source file."""
+def matrix_token(adata: ad.AnnData, layer: str | None = None, *, aliased: bool = True) -> str | None:
+    """What identifies the values of ``X`` (or ``layers[layer]``): the Dask graph's name, or a digest of the data.
+
+    A lazy matrix is named by its graph (normalizing makes a new graph, a new
+    name); a matrix in memory by a BLAKE2b digest of its bytes (one read of
+    it, about 1 GB/s). A matrix read by :func:`pertscale.read` from a file
+    that :func:`pertscale.write` wrote carries the token of the matrix that
+    was written (``uns['pertscale']['matrix_aliases']``), so results stored
+    with it are reused after the round trip. ``None`` for a matrix of
+    another kind (not checked) or a missing layer.
+    """
+    import dask.array as da
+    import scipy.sparse as sp
+
+    x = adata.X if layer is None else adata.layers[layer] if layer in adata.layers else None
+    if isinstance(x, da.Array):
+        token = x.name
+    elif isinstance(x, np.ndarray) or sp.issparse(x):
+        digest = hashlib.blake2b(f"{type(x).__name__}{x.shape}{x.dtype}".encode(), digest_size=16)
+        parts = (x.data, x.indices, x.indptr) if sp.issparse(x) and hasattr(x, "indptr") else (x,)
+        for part in parts:
+            if not sp.issparse(part):
+                digest.update(np.ascontiguousarray(part).view(np.uint8).ravel())
+            else:  # another sparse layout (COO, ...): its CSR form
+                csr = part.tocsr()
+                for arr in (csr.data, csr.indices, csr.indptr):
+                    digest.update(np.ascontiguousarray(arr).view(np.uint8).ravel())
+        token = f"blake2b:{digest.hexdigest()}"
+    else:
+        return None
+    aliases = ((adata.uns.get(STORE) or {}).get("matrix_aliases") or {}) if aliased else {}
+    return str(aliases.get(token, token))
+
+
+def written_matrices(adata: ad.AnnData, layers: Iterable[str]) -> dict[str, Any]:
+    """Tokens of ``X`` and ``layers`` as :func:`pertscale.write` records them: ``{'X': t, 'layers': {name: t}}``."""
+    found: dict[str, Any] = {"layers": {}}
+    if (token := matrix_token(adata)) is not None:
+        found["X"] = token
+    for name in layers:
+        if (token := matrix_token(adata, name)) is not None:
+            found["layers"][name] = token
+    return found
+
+
+def _alias_written(adata: ad.AnnData, root: dict) -> None:
+    """The matrices of a file as the tokens of the matrices written to it (once, right after reading)."""
+    written = root.pop("written_matrices", None)
+    if not isinstance(written, dict):
+        return
+    aliases = dict(root.get("matrix_aliases") or {})
+    pairs = [(None, written.get("X"))] + [(k, v) for k, v in (written.get("layers") or {}).items()]
+    for layer, token in pairs:
+        if token is None or (layer is not None and layer not in adata.layers):
+            continue
+        current = matrix_token(adata, layer, aliased=False)
+        if current is not None:
+            aliases[current] = str(token)
+    root["matrix_aliases"] = aliases
+
+
+def input_fingerprint(adata: ad.AnnData, layer: str | None = None) -> dict[str, Any]:
+    """What identifies the data an analysis ran on: shape, a digest of the names, the matrix's token, the source."""
     digest = hashlib.sha1()
     for index in (adata.obs_names, adata.var_names):
         digest.update(pd.util.hash_pandas_object(pd.Index(index), index=False).to_numpy().tobytes())
@@ -171,6 +266,8 @@ def input_fingerprint(adata: ad.AnnData) -> dict[str, Any]:
         "n_obs": int(adata.n_obs),
         "n_vars": int(adata.n_vars),
         "names_sha1": digest.hexdigest()[:16],
+        "matrix": matrix_token(adata, layer),
+        "layer": layer or "X",
         **({"source": str(source)} if source else {}),
     }
 
@@ -212,17 +309,18 @@ def _last_run(adata: ad.AnnData, settings: AnalysisSettings) -> dict | None:
     return next((r for r in reversed(_history(adata)) if r["settings_key"] == key), None)
 
 
-def _reusable(adata: ad.AnnData, settings: AnalysisSettings, stored) -> str | None:
-    """Why the stored result cannot be reused, or ``None`` if it can."""
-    run = _last_run(adata, settings)
+def _reusable(run: dict | None, now: dict) -> str | None:
+    """Why the stored result of ``run`` cannot be reused on data with fingerprint ``now``, or ``None``."""
     if run is None:
         return None  # stored by hand or by a file without history: trust the key
     if run.get("removed"):
         return f"ps.cleanup removed {', '.join(run['removed'][:3])}"
-    then, now = run.get("input", {}), input_fingerprint(adata)
+    then = run.get("input", {})
     for field in ("n_obs", "n_vars", "names_sha1"):
         if then.get(field) != now[field]:
             return f"it was computed on other cells or genes ({then.get('n_obs')} x {then.get('n_vars')})"
+    if then.get("matrix") != now["matrix"]:
+        return f"the values of {now['layer']} changed since (another graph or other data)"
     return None
 
 
@@ -258,8 +356,9 @@ def cached(
     The result (as ``run`` made it, or as stored).
     """
     store = results(adata)
+    fingerprint = input_fingerprint(adata, getattr(settings, "layer", None))
     if settings in store and not force:
-        why = _reusable(adata, settings, store[settings])
+        why = _reusable(_last_run(adata, settings), fingerprint)
         if why is None:
             logger.info("reusing the stored result of %r", settings)
             if restore is not None:
@@ -269,9 +368,7 @@ def cached(
         logger.info("recomputing %s: the stored result cannot be reused (%s)", type(settings).__name__, why)
     started, clock = _now(), time.perf_counter()
     value, fields = run()
-    store = results(adata)  # the analysis may have replaced uns['pertscale']
-    store.pop(settings, None)  # keep insertion order = order of computation
-    store[settings] = value
+    put(adata, settings, value)
     _root(adata).setdefault("latest", {})[key_added] = settings.key()
     records = _history(adata)
     records.append(
@@ -287,7 +384,7 @@ def cached(
             "started": started,
             "finished": _now(),
             "seconds": round(time.perf_counter() - clock, 3),
-            "input": input_fingerprint(adata),
+            "input": fingerprint,
             "versions": _versions(),
         }
     )
@@ -554,6 +651,17 @@ def _present(adata: ad.AnnData, field: str) -> bool:
 
 # --------------------------------------------------------------------------- cleanup
 
+
+def _own_obsm(records: list[dict], settings: AnalysisSettings) -> list[tuple[str, str]]:
+    """The ``obsm`` fields the last run with ``settings`` wrote and no later run wrote again."""
+    key = settings.key()
+    last = max((i for i, r in enumerate(records) if r["settings_key"] == key), default=None)
+    if last is None:
+        return []
+    later = {f for r in records[last + 1 :] for f in r["fields"][1:]}
+    return [tuple(f.split("/", 1)) for f in records[last]["fields"][1:] if f.startswith("obsm/") and f not in later]
+
+
 #: Statistics that :func:`cleanup` keeps in the results of a test by default.
 DEFAULT_KEEP_LAYERS = ("scores", "logfoldchanges", "pvals", "pvals_adj")
 #: Per-cell (large) entries of dict results, removed by :func:`cleanup`.
@@ -635,10 +743,10 @@ def cleanup(
                 if name in value:
                     array = value.pop(name)
                     removed.append(f"{where}/{name}")
-                    if id(array) in shared:
-                        attr, key = shared[id(array)]
-                        del getattr(adata, attr)[key]
-                        removed.append(f"{attr}/{key}")
+                    for attr, key in [shared[id(array)]] if id(array) in shared else _own_obsm(records, settings):
+                        if key in getattr(adata, attr):
+                            del getattr(adata, attr)[key]
+                            removed.append(f"{attr}/{key}")
         if removed:
             run = next((r for r in reversed(records) if r["settings_key"] == settings.key()), None)
             if run is not None:

@@ -376,6 +376,11 @@ def read(
     adata.uns["pertscale"] = (root if isinstance(root, dict) else {}) | {
         "source": {"path": stored.path, "layer": layer or ("raw" if use_raw else "X"), "format": fmt}
     }
+    written = adata.uns["pertscale"].get("written_matrices")
+    if isinstance(written, dict) and (layer or use_raw):  # X here is the layer (or raw) that was read
+        adata.uns["pertscale"]["written_matrices"] = (
+            {"X": written[f"layers/{layer}"]} if f"layers/{layer}" in written else {}
+        )
     from ..store import ensure_result_keys
 
     ensure_result_keys(adata)
@@ -430,7 +435,7 @@ def _close_h5_handles(path: Path) -> None:
 LAZY_BYTES = 16 * 2**20
 
 
-def read_tree(elem, *, lazy_bytes: int = LAZY_BYTES):
+def read_tree(elem, *, lazy_bytes: int | None = None):
     """An anndata element (``uns``, ``obsm``, a nested results AnnData), its large dense arrays lazy.
 
     Groups are walked; dense arrays above ``lazy_bytes`` become Dask arrays
@@ -441,6 +446,7 @@ def read_tree(elem, *, lazy_bytes: int = LAZY_BYTES):
     """
     from anndata.experimental import read_elem_lazy
 
+    lazy_bytes = LAZY_BYTES if lazy_bytes is None else lazy_bytes
     attrs = dict(elem.attrs)
     kind = attrs.get("encoding-type")
     if isinstance(elem, h5py.Dataset) or hasattr(elem, "dtype"):

@@ -277,7 +277,7 @@ def sanitized(adata: ad.AnnData, *, include: Sequence[str] | None = None) -> ad.
     ValueError
         If an ``include`` pattern names an unknown namespace.
     """
-    from ..store import STORE, serialized_store
+    from ..store import STORE, serialized_store, written_matrices
 
     keep = _include_rule(include)
     obs = _text_if_mixed(adata.obs[[c for c in adata.obs.columns if keep("obs", c)]].copy())
@@ -290,6 +290,8 @@ def sanitized(adata: ad.AnnData, *, include: Sequence[str] | None = None) -> ad.
     uns = {k: v for k, v in adata.uns.items() if keep("uns", k) and k != STORE}
     if STORE in adata.uns and keep("uns", STORE):
         uns[STORE] = serialized_store(adata, written=written)
+        if uns[STORE].get("results"):  # what the file's matrices were, so that results stay reusable after reading
+            uns[STORE]["written_matrices"] = written_matrices(adata, parts["layers"])
     out = ad.AnnData(X=adata.X, obs=obs, var=var, uns=_copy_tree(uns), **parts)
     if adata.raw is not None:
         out.raw = adata.raw

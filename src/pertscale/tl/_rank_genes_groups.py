@@ -288,10 +288,13 @@ def rank_genes_groups(
         scheduler=scheduler,
         progress=progress,
     )
-    if method not in METHODS:
-        raise ValueError(f"method {method!r} is not available; choose one of {tuple(METHODS)}")
+    _check_choices(method, corr_method, alternative)
     cls = {"wilcoxon": WilcoxonSettings, "nb-glm": NBGLMSettings}.get(method, TTestSettings)
     fields = {k: v for k, v in options.items() if k in cls.model_fields}
+    if perturbations is not None:
+        fields["perturbations"] = tuple(dict.fromkeys(label_list(perturbations, "perturbations")))
+    fields["min_pct"] = _thresholds(min_pct, "min_pct", maximum=1)
+    fields["min_mean"] = _thresholds(min_mean, "min_mean")
     for name in ("size_factors", "dispersions"):
         if name in fields and fields[name] is not None and not isinstance(fields[name], str):
             fields[name] = array_digest(fields[name])
@@ -307,11 +310,11 @@ def rank_genes_groups(
     )
     if scanpy_format and "rank_genes_groups" not in res.uns:
         from .._compute import compute
-        from ..store import results
+        from ..store import put
 
         res = compute(res, scheduler=scheduler, progress=progress, desc=method)
         scanpy_uns(res)
-        results(adata)[settings] = res
+        put(adata, settings, res)
     return res
 
 
@@ -341,12 +344,7 @@ def _test(
     progress,
 ) -> ad.AnnData:
     """The lazy results of :func:`rank_genes_groups`, its options checked (no store)."""
-    if method not in METHODS:
-        raise ValueError(f"method {method!r} is not available; choose one of {tuple(METHODS)}")
-    if corr_method not in CORR_METHODS:
-        raise ValueError(f"corr_method {corr_method!r} is not supported; choose one of {CORR_METHODS}")
-    if alternative not in ALTERNATIVES:
-        raise ValueError(f"alternative {alternative!r} is not supported; choose one of {ALTERNATIVES}")
+    _check_choices(method, corr_method, alternative)
     min_cells = check_number(min_cells, "min_cells", integer=True, minimum=1)
     check_shape(adata)
     labels = perturbation_labels(adata.obs, perturbation_column)
@@ -460,6 +458,15 @@ def _test(
                 res.var[column] = adata.var[column].to_numpy()
     res.uns["pertscale"]["skipped"] = np.asarray(skipped, dtype=object) if skipped else np.asarray([], dtype=str)
     return res
+
+
+def _check_choices(method: str, corr_method: str, alternative: str) -> None:
+    if method not in METHODS:
+        raise ValueError(f"method {method!r} is not available; choose one of {tuple(METHODS)}")
+    if corr_method not in CORR_METHODS:
+        raise ValueError(f"corr_method {corr_method!r} is not supported; choose one of {CORR_METHODS}")
+    if alternative not in ALTERNATIVES:
+        raise ValueError(f"alternative {alternative!r} is not supported; choose one of {ALTERNATIVES}")
 
 
 def _nbglm_inputs(
