@@ -474,3 +474,12 @@ def test_anndata_writes_and_reads_the_store_as_it_is(screen, tmp_path, monkeypat
     ours = ad.read_h5ad(written)
     ps.ensure_result_keys(ours)
     ps.tl.rank_genes_groups(ours, "perturbation", "control", method="t-test")
+
+
+def test_changed_labels_are_seen_and_recomputed(screen):
+    first = ps.tl.rank_genes_groups(screen, "perturbation", "control", method="t-test")
+    labels = screen.obs["perturbation"].astype(str).to_numpy().copy()
+    labels[labels == "P0001"] = "P0002"  # relabel: same names, same matrix, other groups
+    screen.obs["perturbation"] = pd.Categorical(labels)
+    second = ps.tl.rank_genes_groups(screen, "perturbation", "control", method="t-test")
+    assert second is not first and "P0001" not in second.obs_names and "P0001" in first.obs_names
