@@ -483,3 +483,31 @@ def test_changed_labels_are_seen_and_recomputed(screen):
     screen.obs["perturbation"] = pd.Categorical(labels)
     second = ps.tl.rank_genes_groups(screen, "perturbation", "control", method="t-test")
     assert second is not first and "P0001" not in second.obs_names and "P0001" in first.obs_names
+
+
+def test_views_are_not_stored_and_raw_is_written(screen, tmp_path):
+    first = ps.tl.rank_genes_groups(screen, "perturbation", "control")
+    view = screen[screen.obs["perturbation"].isin(["control", "P0000", "P0001"])]
+    sub = ps.tl.rank_genes_groups(view, "perturbation", "control")
+    assert sub.n_obs == 2 and view.is_view
+    assert ps.get.result(screen, "wilcoxon") is first and len(ps.store.history(screen)) == 1
+    screen.raw = screen
+    back = ps.read(ps.write(screen, tmp_path / "raw.h5ad"))
+    assert back.n_obs == screen.n_obs
+
+
+def test_reuse_survives_text_labels_and_sees_new_dispersions(screen, tmp_path):
+    screen.obs["perturbation"] = screen.obs["perturbation"].astype(str)  # anndata reads it back as categorical
+    ps.tl.rank_genes_groups(screen, "perturbation", "control", method="t-test")
+    back = ps.read(ps.write(screen, tmp_path / "s.h5ad"))
+    n = len(ps.store.history(back))
+    ps.tl.rank_genes_groups(back, "perturbation", "control", method="t-test")
+    assert len(ps.store.history(back)) == n
+    kw = {"method": "nb-glm", "layer": "counts", "perturbations": ["P0000"], "scheduler": S}
+    first = ps.tl.rank_genes_groups(screen, "perturbation", "control", **kw)
+    assert ps.tl.rank_genes_groups(screen, "perturbation", "control", **kw) is first  # size factors added: reused
+    screen.var["dispersion"] = screen.var["dispersion"] * 10
+    assert ps.tl.rank_genes_groups(screen, "perturbation", "control", **kw) is not first
+    with pytest.raises(ValueError, match="covariates are supported by method='nb-glm'"):
+        ps.tl.rank_genes_groups(screen, "perturbation", "control", covariates=["target_gene"])
+    assert ps.pp.qc_summary(screen, perturbation_column="perturbation", exclude_labels=None, min_genes=1).min_genes == 1

@@ -1,8 +1,11 @@
 """Frozen settings of every analysis: what a result is keyed by in the result store.
 
 Each analysis has one settings model (pydantic, frozen, extra fields
-refused) that groups every option that changes its result, with the
-function's defaults. The public functions take plain keyword arguments and
+refused) that groups the function's options, with its defaults. The data
+the result also depends on (the matrix, the columns the options name) are
+fingerprinted by :mod:`pertscale.store`, not part of the settings. An option
+recorded as asked may go unused: nb-glm's ``size_factor_method`` when the
+size-factor column exists already. The public functions take plain keyword arguments and
 build their model; the model is the key under which the result is stored
 (:mod:`pertscale.store`), so calling again with equal settings reuses the
 stored result. Models compare by value, hash, print as

@@ -2,14 +2,14 @@
 
 Layout, in ``adata.uns['pertscale']``:
 
-- ``results``: ``{settings: result}``, one entry per settings object
-  (:mod:`pertscale.analysis`) an analysis ran with. A result is written in
-  the form anndata writes: the results AnnData of a test or of pseudo-bulk
+- ``results``: one entry per settings object (:mod:`pertscale.analysis`)
+  an analysis ran with, ``{'<Class>-<digest>': {'settings': key, 'result':
+  result}}``, ``key`` the settings' prefixed JSON
+  (:meth:`~pertscale.analysis.AnalysisSettings.key`). A result is in the
+  form anndata writes: the results AnnData of a test or of pseudo-bulk
   (lazy until computed or written), a ``DataFrame`` (highly variable genes),
-  a dict of tables (QC) or of arrays (PCA). In a file the keys are the
-  settings' :meth:`~pertscale.analysis.AnalysisSettings.key` strings
-  (``'WilcoxonSettings::{...json...}'``); :func:`ensure_result_keys` turns
-  them back into settings objects (:func:`pertscale.read` does it).
+  a dict of tables (QC) or of arrays (PCA). :func:`results` gives them as
+  ``{settings object: result}``.
 - ``latest``: ``{key_added: settings key}``, the latest result of each
   readable name (``'de_wilcoxon'``, ``'pca'``, ...).
 - ``history``: one JSON record per run (settings, versions, start and end,
@@ -17,11 +17,13 @@ Layout, in ``adata.uns['pertscale']``:
   :class:`RunInfo`.
 
 An analysis asked again with equal settings returns the stored result
-without computing (``force=True`` recomputes), unless the matrix it was
-computed on had other cells or genes (their names are fingerprinted) or
-:func:`cleanup` removed part of it. What the fingerprint cannot see is a
-change of the values in place (normalizing ``X`` again under the same
-names): recompute with ``force=True`` then.
+without computing (``force=True`` recomputes), unless its input changed:
+the cell and gene names, the values of the matrix it read (a lazy matrix
+by its Dask graph, one in memory by a digest of its bytes), or the
+``obs``/``var`` columns its settings name (perturbation labels, batches,
+covariates, size factors; nb-glm's ``var['dispersion']``), or unless
+:func:`cleanup` removed part of it. An analysis on a view of an AnnData is
+not stored (a view's ``uns`` is its parent's).
 """
 
 from __future__ import annotations
@@ -134,7 +136,13 @@ def ensure_result_keys(adata: ad.AnnData) -> ad.AnnData:
         else:  # {settings object or key string: result}
             settings = name if isinstance(name, AnalysisSettings) else _parse(str(name))
         entries[entry_name(settings)] = {"settings": settings.key(), "result": _resolve_refs(adata, value)}
-    root["results"] = entries
+    old = root["results"]
+    same = list(entries) == list(old) and all(
+        isinstance(old[n], dict) and old[n].get("settings") == e["settings"] and old[n].get("result") is e["result"]
+        for n, e in entries.items()
+    )
+    if not same:
+        root["results"] = entries
     return adata
 
 
@@ -179,8 +187,8 @@ def _with_refs(adata: ad.AnnData, value, written):
 
 
 def _resolve_refs(adata: ad.AnnData, value):
-    if not isinstance(value, dict):
-        return value
+    if not isinstance(value, dict) or not any(isinstance(v, str) and v.startswith(REF) for v in value.values()):
+        return value  # the stored object itself
     out = {}
     for k, v in value.items():
         if isinstance(v, str) and v.startswith(REF):
@@ -285,14 +293,18 @@ COLUMN_FIELDS = ("perturbation_column", "batch_key", "groupby", "covariates", "s
 def columns_digest(adata: ad.AnnData, settings: AnalysisSettings) -> str:
     """SHA-1 prefix of the values of the ``obs``/``var`` columns the settings name (labels, batches, covariates)."""
     digest = hashlib.sha1()
+    names = []
     for field in COLUMN_FIELDS:
         value = getattr(settings, field, None)
-        for name in (value,) if isinstance(value, str) else value or ():
-            for where, frame in (("obs", adata.obs), ("var", adata.var)):
-                if name in frame.columns:
-                    column = frame[name]
-                    digest.update(f"{where}/{name}:{column.dtype}".encode())
-                    digest.update(pd.util.hash_pandas_object(column, index=False).to_numpy().tobytes())
+        names.extend((value,) if isinstance(value, str) else value or ())
+    if settings.method == "nb-glm" and getattr(settings, "dispersions", None) is None:
+        names.append("dispersion")  # the dispersions stored by ps.tl.dispersions, read when none are given
+    for name in names:
+        for where, frame in (("obs", adata.obs), ("var", adata.var)):
+            if name in frame.columns:
+                # values only: anndata reads text columns back as categoricals, which hash alike
+                digest.update(f"{where}/{name}".encode())
+                digest.update(pd.util.hash_pandas_object(frame[name], index=False).to_numpy().tobytes())
     return digest.hexdigest()[:16]
 
 
@@ -408,6 +420,10 @@ def cached(
         logger.info("recomputing %s: the stored result cannot be reused (%s)", type(settings).__name__, why)
     started, clock = _now(), time.perf_counter()
     value, fields = run()
+    if adata.is_view:  # its uns is its parent's: storing would change another object's results
+        logger.info("%s ran on a view of an AnnData: the result is not stored", type(settings).__name__)
+        return value
+    fingerprint["columns"] = columns_digest(adata, settings)  # nb-glm may have added the size factors it used
     put(adata, settings, value)
     _root(adata).setdefault("latest", {})[key_added] = settings.key()
     records = _history(adata)
@@ -560,8 +576,11 @@ class RunInfo:
     started, finished, seconds
         UTC times (ISO 8601) and the duration.
     input
-        ``n_obs``, ``n_vars``, a digest of the cell and gene names, and the
-        source file when it was read from one.
+        ``n_obs``, ``n_vars``, ``names_sha1`` (a digest of the cell and gene
+        names), ``matrix`` (the token of the matrix read: a Dask graph's name
+        or a digest of the data), ``layer``, ``columns`` (a digest of the
+        ``obs``/``var`` columns the settings name) and ``source`` (the file,
+        when it was read from one).
     versions
         Versions of Python, pertscale, anndata, dask and the rest.
     fields

@@ -378,9 +378,8 @@ def read(
     }
     written = adata.uns["pertscale"].get("written_matrices")
     if isinstance(written, dict) and (layer or use_raw):  # X here is the layer (or raw) that was read
-        adata.uns["pertscale"]["written_matrices"] = (
-            {"X": written[f"layers/{layer}"]} if f"layers/{layer}" in written else {}
-        )
+        token = (written.get("layers") or {}).get(layer) if layer else None
+        adata.uns["pertscale"]["written_matrices"] = {"X": token} if token else {}
     from ..store import ensure_result_keys
 
     ensure_result_keys(adata)

@@ -264,6 +264,8 @@ def _copy_tree(node):
             layers=dict(node.layers),
             obsm=dict(node.obsm),
             varm=dict(node.varm),
+            obsp=dict(node.obsp),
+            varp=dict(node.varp),
             uns=_copy_tree(dict(node.uns)),
         )
     return node
@@ -294,7 +296,7 @@ def sanitized(adata: ad.AnnData, *, include: Sequence[str] | None = None) -> ad.
             uns[STORE]["written_matrices"] = written_matrices(adata, parts["layers"])
     out = ad.AnnData(X=adata.X, obs=obs, var=var, uns=_copy_tree(uns), **parts)
     if adata.raw is not None:
-        out.raw = adata.raw
+        out.raw = adata.raw.to_adata()
     return out
 
 

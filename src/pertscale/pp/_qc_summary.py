@@ -372,7 +372,7 @@ def qc_summary(
     from ..analysis import QCSettings, build
     from ..store import cached
 
-    exclude = (exclude_labels,) if isinstance(exclude_labels, str) else tuple(str(x) for x in exclude_labels)
+    exclude = tuple(label_list(exclude_labels, "exclude_labels"))
     settings = build(
         QCSettings,
         perturbation_column=perturbation_column,

@@ -289,6 +289,8 @@ def rank_genes_groups(
         progress=progress,
     )
     _check_choices(method, corr_method, alternative)
+    if covariates and method != "nb-glm":
+        raise ValueError(f"covariates are supported by method='nb-glm', not by {method!r}")
     cls = {"wilcoxon": WilcoxonSettings, "nb-glm": NBGLMSettings}.get(method, TTestSettings)
     fields = {k: v for k, v in options.items() if k in cls.model_fields}
     if perturbations is not None:
@@ -521,6 +523,7 @@ def _nbglm_inputs(
             and stored.get("perturbation_column") == perturbation_column
             and stored.get("size_factors") == sf_name
             and stored.get("covariates", "") == ",".join(covariates)
+            and stored.get("method") == dispersion_method
             and sf_name != "given"
         )
         if not reusable:
