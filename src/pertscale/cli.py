@@ -166,6 +166,20 @@ def _pair(name: str, **bounds):
     "(default: chosen by the plan: threads for matrices under 2 GiB in memory, else local).",
 )
 @click.option(
+    "--cluster",
+    "batch_system",
+    default=None,
+    type=click.Choice(["slurm", "pbs", "sge", "lsf"]),
+    help="Run the workers as batch jobs through dask-jobqueue (pip install 'pertscale[hpc]'); options left out "
+    "come from dask's jobqueue.yaml. Input, --out and the working store must be on a shared file system.",
+)
+@click.option("--cores", default=None, type=click.IntRange(min=1), help="--cluster: cores per job.")
+@click.option("--memory", default=None, help="--cluster: memory per job, e.g. 32GB.")
+@click.option("--walltime", default=None, help="--cluster: time limit per job, e.g. 02:00:00.")
+@click.option("--jobs", default=1, show_default=True, type=click.IntRange(min=1), help="--cluster: jobs to submit.")
+@click.option("--queue", default=None, help="--cluster: partition or queue.")
+@click.option("--account", default=None, help="--cluster: account (project) to charge.")
+@click.option(
     "--memory-limit",
     default=None,
     help="Memory per worker to plan for, e.g. 8GB (default: the workers' limit or the available memory).",
@@ -294,6 +308,13 @@ def run(
     target_sum,
     chunk_size,
     scheduler,
+    batch_system,
+    cores,
+    memory,
+    walltime,
+    jobs,
+    queue,
+    account,
     memory_limit,
     working_store,
     dry_run,
@@ -343,6 +364,24 @@ def run(
             _quiet_libraries(click.get_current_context().find_root().obj["verbose"])
             from ._pipeline import run as run_pipeline
 
+            if batch_system is not None:
+                if scheduler is not None:
+                    raise ValueError("give --cluster or --scheduler, not both")
+                from .cluster import jobqueue
+
+                scheduler = jobqueue(
+                    batch_system,
+                    cores=cores,
+                    memory=memory,
+                    walltime=walltime,
+                    jobs=jobs,
+                    queue=queue,
+                    account=account,
+                )
+                n = len(scheduler.scheduler_info()["workers"])
+                click.echo(f"{batch_system}: {jobs} job(s) running, {n} worker(s) connected", err=True)
+            elif any(v is not None for v in (cores, memory, walltime, queue, account)):
+                raise ValueError("--cores, --memory, --walltime, --queue and --account go with --cluster")
             summary = run_pipeline(
                 input_path,
                 out_dir,
@@ -377,7 +416,16 @@ def run(
                 scheduler=scheduler,
                 progress=progress,
             )
-        except (FileNotFoundError, FileExistsError, PermissionError, ValueError, KeyError, MemoryError) as err:
+        except (
+            FileNotFoundError,
+            FileExistsError,
+            PermissionError,
+            ValueError,
+            KeyError,
+            MemoryError,
+            TimeoutError,
+            ImportError,
+        ) as err:
             message = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
             raise click.ClickException(str(message)) from err
         except (KeyboardInterrupt, Terminated) as stop:

@@ -110,6 +110,114 @@ def _workers_ignore_sigint():
         yield
 
 
+#: dask-jobqueue's cluster class for each batch system.
+JOBQUEUE_CLUSTERS = {"slurm": "SLURMCluster", "pbs": "PBSCluster", "sge": "SGECluster", "lsf": "LSFCluster"}
+
+
+def jobqueue(
+    system: str = "slurm",
+    *,
+    cores: int | None = None,
+    memory: str | None = None,
+    walltime: str | None = None,
+    jobs: int = 1,
+    queue: str | None = None,
+    account: str | None = None,
+    processes: int | None = None,
+    timeout: float = 600,
+    **options,
+):
+    """Start Dask workers as batch jobs (SLURM, PBS, SGE, LSF) through dask-jobqueue; return their client.
+
+    Each job runs ``processes`` single-threaded worker processes (default:
+    one per core, as the local cluster does: HDF5 serializes threads and
+    numba's threading layer must not be entered from several threads) and
+    shares the job's ``memory`` among them. Options left ``None`` come from
+    dask's configuration (``jobqueue.yaml``, section ``jobqueue.<system>``),
+    as with dask-jobqueue itself. The call waits until every worker has
+    connected (or ``timeout`` seconds pass), so that the memory plan of
+    :func:`pertscale.run` sees the workers' memory, not this machine's.
+    The cluster is closed when Python exits (or with ``client.cluster.close()``).
+
+    Workers must see the input, ``--out`` and the working store at the same
+    paths as this process: a shared file system.
+
+    Parameters
+    ----------
+    system
+        ``"slurm"``, ``"pbs"``, ``"sge"`` or ``"lsf"``.
+    cores, memory, walltime
+        Per job: cores (``--cpus-per-task``), memory (``"32GB"``) and time
+        limit (``"02:00:00"``).
+    jobs
+        Number of jobs to submit.
+    queue, account
+        Partition or queue, and the account (``project`` for SGE and LSF).
+    processes
+        Worker processes per job; default ``cores``.
+    timeout
+        Seconds to wait for the workers (queued jobs may wait long).
+    **options
+        Passed to the dask-jobqueue cluster class (``job_extra_directives``,
+        ``local_directory``, ``log_directory``, ``python``, ...).
+
+    Returns
+    -------
+    distributed.Client
+        Pass it as ``scheduler=`` to any function, or make it the default
+        with ``ps.settings.scheduler = client.scheduler.address``.
+
+    Raises
+    ------
+    ImportError
+        If dask-jobqueue is not installed (``pip install 'pertscale[hpc]'``).
+    ValueError
+        For an unknown ``system``, or ``jobs`` below 1.
+    TimeoutError
+        If the workers have not all connected after ``timeout`` seconds (the
+        jobs are cancelled; the message says how many came).
+    """
+    if system not in JOBQUEUE_CLUSTERS:
+        raise ValueError(f"batch system {system!r} is not supported; choose one of {tuple(JOBQUEUE_CLUSTERS)}")
+    from ._validation import check_number
+
+    jobs = check_number(jobs, "jobs", integer=True, minimum=1)
+    try:
+        import dask_jobqueue
+    except ImportError as err:
+        raise ImportError("running on a batch system needs dask-jobqueue: pip install 'pertscale[hpc]'") from err
+    from distributed import Client
+
+    cls = getattr(dask_jobqueue, JOBQUEUE_CLUSTERS[system])
+    given = {"cores": cores, "memory": memory, "walltime": walltime, "queue": queue}
+    given["project" if system in ("sge", "lsf") else "account"] = account
+    cores = cores or dask.config.get(f"jobqueue.{system}.cores", None)
+    given["processes"] = processes or cores
+    cluster = cls(**{k: v for k, v in given.items() if v is not None}, **options)
+    cluster.scale(jobs=jobs)
+    client = Client(cluster, set_as_default=False)
+    expected = jobs * int(given["processes"] or 1)
+    try:
+        client.wait_for_workers(expected, timeout=timeout)
+    except (TimeoutError, OSError) as err:
+        came = len(client.scheduler_info().get("workers", {}))
+        client.close()
+        cluster.close()
+        raise TimeoutError(
+            f"{came} of {expected} worker(s) connected within {timeout:g} s: the {system} jobs may be queued "
+            "or failing; see the queue and the job logs (log_directory=...)"
+        ) from err
+    logger.info("%s: %d job(s), %d worker(s) connected; dashboard %s", system, jobs, expected, client.dashboard_link)
+    with _lock:
+        _clients[f"{system}-{id(client)}"] = client
+    return client
+
+
+def slurm(**options):
+    """:func:`jobqueue` on SLURM: ``ps.cluster.slurm(cores=8, memory="32GB", walltime="02:00:00", jobs=4)``."""
+    return jobqueue("slurm", **options)
+
+
 def _address_client(address: str):
     from distributed import Client
 
