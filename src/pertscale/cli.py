@@ -56,6 +56,23 @@ def _silence_exit_handlers() -> None:
         os.close(devnull)
 
 
+def _infer_labels(path, column, label, *, layer, use_raw) -> tuple[str, str]:
+    """The perturbation column and control label not given, inferred from obs (said on stderr)."""
+    from .io import detect_control_label, detect_perturbation_column, read
+
+    adata = read(path, layer=layer, use_raw=use_raw)
+    if column is None:
+        column = detect_perturbation_column(adata, control_label=label)
+    if label is None:
+        if column not in adata.obs:
+            raise KeyError(
+                f"perturbation_column {column!r} not found in obs; columns present: {list(adata.obs.columns)}"
+            )
+        label = detect_control_label(adata.obs[column], column=column)
+    click.echo(f"inferred: --perturbation-column {column} --control-label {label}", err=True)
+    return column, label
+
+
 def _bytes(text: str | None) -> int | None:
     """``8GB``, ``512MiB`` or a number of bytes, as dask writes memory limits."""
     if text is None:
@@ -107,8 +124,17 @@ def _pair(name: str, **bounds):
 
 @main.command()
 @click.argument("input_path", metavar="INPUT", type=click.Path(path_type=str))
-@click.option("--perturbation-column", required=True, help="obs column naming each cell's perturbation.")
-@click.option("--control-label", required=True, help="Label of the control cells (e.g. non-targeting).")
+@click.option(
+    "--perturbation-column",
+    default=None,
+    help="obs column naming each cell's perturbation (default: inferred, when one column clearly is).",
+)
+@click.option(
+    "--control-label",
+    default=None,
+    help="Label of the control cells, e.g. non-targeting (default: inferred from the usual names: "
+    "non-targeting, NT, NTC, control, ctrl, safe-targeting, ...).",
+)
 @click.option("--out", "out_dir", required=True, type=click.Path(path_type=str), help="Output directory (created).")
 @click.option("--layer", default=None, help="Read this layer of raw counts instead of X.")
 @click.option("--use-raw", is_flag=True, default=False, help="Read raw.X (raw counts kept in .raw) instead of X.")
@@ -364,6 +390,10 @@ def run(
             _quiet_libraries(click.get_current_context().find_root().obj["verbose"])
             from ._pipeline import run as run_pipeline
 
+            if perturbation_column is None or control_label is None:
+                perturbation_column, control_label = _infer_labels(
+                    input_path, perturbation_column, control_label, layer=layer, use_raw=use_raw
+                )
             if batch_system is not None:
                 if scheduler is not None:
                     raise ValueError("give --cluster or --scheduler, not both")
