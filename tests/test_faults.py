@@ -1,4 +1,4 @@
-"""Faults: a worker process killed in the middle of a run."""
+"""Faults: a worker process killed in the middle of a run; a damaged block of the working store."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import zarr
 from dask.utils import key_split
 
 import pertscale as ps
+from pertscale.io._prepare import _file_sizes
 
 from .conftest import assert_close
 
@@ -61,3 +62,37 @@ def test_a_killed_worker_does_not_change_the_results(big_h5ad, tmp_path):
     b = zarr.open_group(str(tmp_path / "calm" / "de_wilcoxon.zarr"), mode="r")
     for name in b["layers"].keys():
         assert_close(np.asarray(a["layers"][name]), np.asarray(b["layers"][name]), err_msg=name)
+
+
+def _matrix(adata) -> np.ndarray:
+    return adata.X.compute(scheduler="synchronous").toarray()
+
+
+def test_a_damaged_working_store_block_is_detected_and_rebuilt_never_read(sim_h5ad, tmp_path, caplog):
+    import json
+
+    store = tmp_path / "work.zarr"
+    options = {"out": store, "chunk_size": 500, "scheduler": "synchronous", "progress": False}
+    expected = _matrix(ps.io.prepare(sim_h5ad, "perturbation", "control", **options))
+    # 1. a truncated chunk file: seen from the file sizes when the store is reused, and the block written again
+    chunk = next(
+        p for p in sorted((store / "blocks" / "1" / "data").rglob("*")) if p.is_file() and p.name != "zarr.json"
+    )
+    chunk.write_bytes(chunk.read_bytes()[:-7])
+    with caplog.at_level("WARNING", logger="pertscale"):
+        again = ps.io.prepare(sim_h5ad, "perturbation", "control", **options)
+    assert "block(s) [1] are missing or damaged" in caplog.text
+    np.testing.assert_array_equal(_matrix(again), expected)
+    # 2. values replaced by others of the same size (a silent corruption): the checksum catches it on reading
+    group = zarr.open_group(str(store / "blocks" / "2"), mode="a")
+    data = group["data"][:]
+    group["data"][:] = data[::-1].copy()
+    meta = json.loads((store / "blocks" / "2" / "zarr.json").read_text())
+    meta["attributes"]["sizes"] = _file_sizes(store / "blocks" / "2")  # as if written so
+    (store / "blocks" / "2" / "zarr.json").write_text(json.dumps(meta))
+    damaged = ps.io.prepare(sim_h5ad, "perturbation", "control", **options)  # sizes match: reused
+    with pytest.raises(ps.io.DamagedStoreError, match="block 2 of the working store .* is damaged .*checksum"):
+        _matrix(damaged)
+    rebuilt = ps.io.prepare(sim_h5ad, "perturbation", "control", **options)  # the block was set aside
+    np.testing.assert_array_equal(_matrix(rebuilt), expected)
+    assert not list((store / "blocks").glob(".*damaged*"))

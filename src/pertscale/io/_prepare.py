@@ -31,6 +31,7 @@ import logging
 import os
 import shutil
 import uuid
+import zlib
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -231,20 +232,56 @@ def _gather(k: int, bounds: np.ndarray, n_vars: int, dtype: str, spill: str, sto
     block = sp.vstack(parts, format="csr")[np.argsort(positions, kind="stable")]
     tmp = final.parent / f".{k}.tmp-{uuid.uuid4().hex[:8]}"
     group = zarr.open_group(str(tmp), mode="w", zarr_format=3)
-    group.attrs.update({"n_rows": hi - lo, "dtype": dtype})
-    for name, a in (
-        ("indptr", block.indptr.astype(np.int64)),
-        ("indices", _small(block.indices)),
-        ("data", _small(block.data)),
-    ):
+    arrays = {"indptr": block.indptr.astype(np.int64), "indices": _small(block.indices), "data": _small(block.data)}
+    for name, a in arrays.items():
         group.create_array(
             name,
             data=a,
             chunks=(max(1, min(a.shape[0], CHUNK_ENTRIES)),),
             compressors=zarr.codecs.BloscCodec(cname="lz4", clevel=1, shuffle="bitshuffle"),
         )
+    group.attrs.update(
+        {
+            "n_rows": hi - lo,
+            "dtype": dtype,
+            "crc32": {name: zlib.crc32(np.ascontiguousarray(a).view(np.uint8)) for name, a in arrays.items()},
+            "sizes": _file_sizes(tmp),
+        }
+    )
     os.replace(tmp, final)
     return hi - lo
+
+
+def _file_sizes(block: Path) -> dict[str, int]:
+    """Bytes of each file of a stored block but its own ``zarr.json`` (which holds this record)."""
+    return {
+        str(p.relative_to(block)): p.stat().st_size
+        for p in sorted(block.rglob("*"))
+        if p.is_file() and p.relative_to(block) != Path("zarr.json")
+    }
+
+
+def _set_aside(block: Path) -> None:
+    """Move a damaged block out of the way: the next :func:`prepare` writes it again."""
+    try:
+        os.replace(block, block.parent / f".{block.name}.damaged-{uuid.uuid4().hex[:8]}")
+    except OSError:  # another task moved it first
+        pass
+
+
+def _damaged_blocks(store: Path, n_blocks: int) -> list[int]:
+    """Blocks missing, or whose files have other sizes than when written (truncated, replaced): no data is read."""
+    damaged = []
+    for k in range(n_blocks):
+        block = store / "blocks" / str(k)
+        try:
+            recorded = json.loads((block / "zarr.json").read_text())["attributes"].get("sizes")
+        except (OSError, ValueError, KeyError):
+            damaged.append(k)
+            continue
+        if recorded is not None and _file_sizes(block) != recorded:
+            damaged.append(k)
+    return damaged
 
 
 # --------------------------------------------------------------------------- the store
@@ -281,19 +318,25 @@ class StoredBlocks:
         """
         import zarr
 
+        block = Path(self.path) / "blocks" / str(k)
         try:
-            g = zarr.open_group(str(Path(self.path) / "blocks" / str(k)), mode="r")
-            indptr = g["indptr"][:]
+            g = zarr.open_group(str(block), mode="r")
+            arrays = {name: g[name][:] for name in ("indptr", "indices", "data")}
+            for name, crc in (g.attrs.get("crc32") or {}).items():
+                if zlib.crc32(np.ascontiguousarray(arrays[name]).view(np.uint8)) != crc:
+                    raise ValueError(f"its {name} does not match the checksum it was written with")
+            indptr = arrays["indptr"]
             if indptr.size - 1 != self.rows[k]:
                 raise ValueError(f"it holds {indptr.size - 1} rows where the store's layout has {self.rows[k]}")
             return sp.csr_matrix(
-                (g["data"][:].astype(self.dtype), g["indices"][:].astype(np.int32), indptr),
+                (arrays["data"].astype(self.dtype), arrays["indices"].astype(np.int32), indptr),
                 shape=(indptr.size - 1, self.n_vars),
             )
         except Exception as err:
+            _set_aside(block)
             raise DamagedStoreError(
-                f"cannot read block {k} of the working store {self.path!r} ({type(err).__name__}: {err}); "
-                "delete it and run again to rebuild it"
+                f"block {k} of the working store {self.path!r} is damaged ({type(err).__name__}: {err}); it was "
+                "set aside and is written again when the run is started again"
             ) from err
 
 
@@ -420,8 +463,20 @@ def prepare(
     )
     state = _is_complete(store, fp)
     if state:
-        logger.info("reusing the working store %s", store)
-        return open_prepared(store)
+        bounds = json.loads((store / MARKER).read_text())["bounds"]
+        damaged = _damaged_blocks(store, len(bounds) - 1)
+        if not damaged:
+            logger.info("reusing the working store %s", store)
+            return open_prepared(store)
+        logger.warning(
+            "working store %s: block(s) %s are missing or damaged (file sizes differ from when they were "
+            "written); writing them again",
+            store,
+            damaged[:10],
+        )
+        for k in damaged:
+            _set_aside(store / "blocks" / str(k))
+        state = False
     if store.exists() and not (store / MARKER).exists() and any(store.iterdir()):
         raise ValueError(
             f"the working store path {str(store)!r} is a directory that is not a working store; "
@@ -480,6 +535,8 @@ def prepare(
         ]
         compute(*gathered, scheduler=scheduler, progress=progress, desc="sorting by perturbation")
     shutil.rmtree(spill, ignore_errors=True)
+    for old in (store / "blocks").glob(".*.damaged-*"):
+        shutil.rmtree(old, ignore_errors=True)
     _write_annotations(store, adata, plan)
     info["complete"] = True
     (store / MARKER).write_text(json.dumps(info))
