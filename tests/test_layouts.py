@@ -1,0 +1,92 @@
+"""Every common input layout gives the main job the same results: h5ad CSR/CSC/dense, layers, raw/X, zarr v2/v3."""
+
+from __future__ import annotations
+
+import warnings
+
+import h5py
+import numpy as np
+import pytest
+import scipy.sparse as sp
+import zarr
+
+import pertscale as ps
+
+from .conftest import assert_close
+
+OPTIONS = {"perturbation_column": "perturbation", "control_label": "control", "scheduler": "synchronous"}
+
+
+def _layouts(adata, tmp_path) -> dict[str, tuple]:
+    """name -> (path, read options): the same counts stored every way anndata stores them."""
+    import anndata as ad
+
+    out = {}
+    counts = adata.X.tocsr()
+
+    def save(name, obj, suffix=".h5ad", zarr_format=None):
+        path = tmp_path / f"{name}{suffix}"
+        if suffix == ".h5ad":
+            obj.write_h5ad(path)
+        else:
+            with ad.settings.override(zarr_write_format=zarr_format), warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)  # anndata: v2 will stop being its default
+                obj.write_zarr(path)
+        return path
+
+    out["csr"] = (save("csr", adata), {})
+    csc = adata.copy()
+    csc.X = sp.csc_matrix(counts)
+    out["csc"] = (save("csc", csc), {})
+    dense = adata.copy()
+    dense.X = counts.toarray()
+    out["dense"] = (save("dense", dense), {})
+    floats = adata.copy()
+    floats.X = counts.astype(np.float32)
+    out["float counts"] = (save("floats", floats), {})
+    layered = adata.copy()
+    layered.layers["counts"] = counts
+    layered.X = sp.csr_matrix(np.log1p(counts.toarray()))
+    out["layer"] = (save("layer", layered), {"layer": "counts"})
+    raw = adata.copy()
+    raw.raw = adata.copy()
+    raw.X = sp.csr_matrix(np.log1p(counts.toarray()))
+    out["raw/X"] = (save("raw", raw), {"use_raw": True})
+    out["zarr v2"] = (save("v2", adata, ".zarr", 2), {})
+    out["zarr v3"] = (save("v3", adata, ".zarr", 3), {})
+    wide = save("int64", adata)
+    with h5py.File(wide, "a") as f:  # indptr as 64-bit, as anndata writes it past 2**31 non-zeros
+        indptr = f["X/indptr"][:].astype(np.int64)
+        del f["X/indptr"]
+        f["X"].create_dataset("indptr", data=indptr)
+    out["int64 indptr"] = (wide, {})
+    return out
+
+
+@pytest.fixture(scope="module")
+def layouts(sim_adata, tmp_path_factory):
+    return _layouts(sim_adata, tmp_path_factory.mktemp("layouts"))
+
+
+@pytest.fixture(scope="module")
+def reference(layouts, tmp_path_factory):
+    path, read = layouts["csr"]
+    out = tmp_path_factory.mktemp("ref") / "csr"
+    ps.run(path, out, progress=False, **OPTIONS, **read)
+    return zarr.open_group(str(out / "de_wilcoxon.zarr"), mode="r")
+
+
+@pytest.mark.parametrize(
+    "name", ["csc", "dense", "float counts", "layer", "raw/X", "zarr v2", "zarr v3", "int64 indptr"]
+)
+def test_every_layout_gives_the_same_results(layouts, reference, tmp_path, name):
+    path, read = layouts[name]
+    with h5py.File(layouts["int64 indptr"][0]) as f:
+        assert f["X/indptr"].dtype == np.int64
+    for fmt in (2, 3):  # the stores are what they say
+        assert zarr.open_group(str(layouts[f"zarr v{fmt}"][0]), mode="r").metadata.zarr_format == fmt
+    ps.run(path, tmp_path / "out", progress=False, **OPTIONS, **read)
+    got = zarr.open_group(str(tmp_path / "out" / "de_wilcoxon.zarr"), mode="r")
+    assert list(got["layers"].keys()) == list(reference["layers"].keys())
+    for stat in reference["layers"].keys():
+        assert_close(np.asarray(got["layers"][stat]), np.asarray(reference["layers"][stat]), err_msg=f"{name}: {stat}")
