@@ -235,8 +235,11 @@ def test_damaged_working_store_block_is_named(screen, tmp_path):
     screen.write_h5ad(path)
     sorted_ = ps.io.prepare(path, "perturbation", "control", out=tmp_path / "w.zarr", chunk_size=300)
     shutil.rmtree(tmp_path / "w.zarr" / "blocks" / "2")
-    with pytest.raises(ps.io.DamagedStoreError, match=r"block 2 of the working store.*delete it and run again"):
+    with pytest.raises(ps.io.DamagedStoreError, match=r"block 2 of the working store.*written again when the run"):
         sorted_.X.compute(scheduler="synchronous")
+    again = ps.io.prepare(path, "perturbation", "control", out=tmp_path / "w.zarr", chunk_size=300)  # rebuilt
+    fresh = ps.io.prepare(path, "perturbation", "control", out=tmp_path / "fresh.zarr", chunk_size=300)
+    assert (again.X.compute(scheduler="synchronous") != fresh.X.compute(scheduler="synchronous")).nnz == 0
 
 
 # ------------------------------------------------------------------ the main job at many perturbations

@@ -96,3 +96,48 @@ def test_a_damaged_working_store_block_is_detected_and_rebuilt_never_read(sim_h5
     rebuilt = ps.io.prepare(sim_h5ad, "perturbation", "control", **options)  # the block was set aside
     np.testing.assert_array_equal(_matrix(rebuilt), expected)
     assert not list((store / "blocks").glob(".*damaged*"))
+
+
+def test_an_interrupted_run_resumes_from_its_written_blocks(sim_h5ad, tmp_path, monkeypatch):
+    import pertscale._compute as comp
+
+    monkeypatch.setattr(comp, "CHUNK_BYTES", 300 * 8)  # 1 perturbation x 300 genes per stored chunk: 12 blocks a layer
+    options = {"perturbation_column": "perturbation", "control_label": "control", "scheduler": "synchronous"}
+    ps.run(sim_h5ad, tmp_path / "calm", progress=False, **options)
+    total = []
+    original = comp._store_block
+
+    def interrupt_after(n):
+        def store(*args, **kwargs):
+            if len(total) == n:
+                raise KeyboardInterrupt
+            total.append(1)
+            return original(*args, **kwargs)
+
+        return store
+
+    out = tmp_path / "out"
+    monkeypatch.setattr(comp, "_store_block", interrupt_after(30))
+    with pytest.raises(KeyboardInterrupt):
+        ps.run(sim_h5ad, out, progress=False, **options)
+    assert not list(out.glob("de_*")), "an interrupted run left results that read as complete"
+    assert (out / ".pertscale-partial").is_dir()
+    total.clear()
+    monkeypatch.setattr(comp, "_store_block", interrupt_after(10**9))
+    ps.run(sim_h5ad, out, progress=False, resume=True, **options)
+    n_layers = len(list(zarr.open_group(str(out / "de_wilcoxon.zarr"), mode="r")["layers"].keys()))
+    assert len(total) == 12 * n_layers - 30  # the 30 blocks written before the interruption were not written again
+    assert not (out / ".pertscale-partial").exists()
+    a = zarr.open_group(str(out / "de_wilcoxon.zarr"), mode="r")
+    b = zarr.open_group(str(tmp_path / "calm" / "de_wilcoxon.zarr"), mode="r")
+    for name in b["layers"].keys():
+        assert_close(np.asarray(a["layers"][name]), np.asarray(b["layers"][name]), err_msg=name)
+    # without --resume, a run starts over
+    total.clear()
+    monkeypatch.setattr(comp, "_store_block", interrupt_after(5))
+    with pytest.raises(KeyboardInterrupt):
+        ps.run(sim_h5ad, tmp_path / "again", progress=False, **options)
+    total.clear()
+    monkeypatch.setattr(comp, "_store_block", interrupt_after(10**9))
+    ps.run(sim_h5ad, tmp_path / "again", progress=False, **options)
+    assert len(total) == 12 * n_layers

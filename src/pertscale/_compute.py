@@ -8,6 +8,7 @@ control summary) is done once.
 
 from __future__ import annotations
 
+import logging
 import math
 from pathlib import Path
 
@@ -17,6 +18,8 @@ import numpy as np
 import scipy.sparse as sp
 
 from .cluster import compute as compute_collections
+
+logger = logging.getLogger(__name__)
 
 #: Target size of one stored chunk of a dense result array, in bytes.
 CHUNK_BYTES = 16 * 2**20
@@ -115,7 +118,7 @@ def _is_dense(x: da.Array) -> bool:
     return isinstance(x._meta, np.ndarray)
 
 
-def write_zarr_stores(items, *, scheduler=None, progress: bool | None = None) -> None:
+def write_zarr_stores(items, *, scheduler=None, progress: bool | None = None, resume: bool = False) -> None:
     """Write AnnData objects as zarr stores, their dense Dask arrays block by block, in one computation.
 
     Everything else is written by anndata first; then every dense lazy
@@ -131,46 +134,91 @@ def write_zarr_stores(items, *, scheduler=None, progress: bool | None = None) ->
         ``(adata, path)`` pairs; each ``path`` a new ``.zarr`` directory.
     scheduler, progress
         Where to compute and whether to show a progress bar.
+    resume
+        Record each written block (in ``<path>.done/``, beside the store,
+        with the Dask names of the arrays), and continue a store that an
+        interrupted call with the same arrays left: its written blocks are
+        not computed again. Without it (and when the arrays differ) stores
+        are written from the start.
     """
-    import zarr
+    import shutil
 
-    written, paths = [], []
+    import zarr
+    from dask.base import tokenize
+
+    written, paths, markers = [], [], []
     for adata, path in items:
+        path = Path(path)
         lazy = {k: v for k, v in lazy_elements(adata, nested=True).items() if _is_dense(v)}
-        shallow = adata.copy() if lazy else adata
-        for where in lazy:
-            _assign(shallow, where, None)
-        with ad.settings.override(zarr_write_format=3, auto_shard_zarr_v3=False):
-            shallow.write_zarr(path)
+        done = path.with_name(path.name + ".done")
+        token = tokenize(sorted((str(k), v.name) for k, v in lazy.items()))
+        resuming = resume and path.exists() and (done / "token").exists() and (done / "token").read_text() == token
+        if not resuming:
+            for old in (path, done):
+                shutil.rmtree(old, ignore_errors=True)
+            shallow = adata.copy() if lazy else adata
+            for where in lazy:
+                _assign(shallow, where, None)
+            with ad.settings.override(zarr_write_format=3, auto_shard_zarr_v3=False):
+                shallow.write_zarr(path)
+            if resume:
+                done.mkdir()
+                (done / "token").write_text(token)
         paths.append(path)
         if not lazy:
             continue
-        group = zarr.open_group(str(path), mode="a")
-        for (attr, key), x in lazy.items():
+        markers.append(done)
+        group = zarr.open_group(str(path), mode="a", use_consolidated=False)  # the arrays added since, too
+        for j, ((attr, key), x) in enumerate(lazy.items()):
             row_bytes = max(1, math.prod(x.shape[1:]) * x.dtype.itemsize)
             rows = int(max(1, min(x.shape[0], CHUNK_BYTES // row_bytes)))
             name = attr if key is None else "/".join(map(str, (attr, *key))) if attr == "uns" else f"{attr}/{key}"
-            target = group.create_array(name, shape=x.shape, dtype=x.dtype, chunks=(rows, *x.shape[1:]))
-            target.attrs.update({"encoding-type": "array", "encoding-version": "0.2.0"})
+            if resuming:
+                target = group[name]
+            else:
+                target = group.create_array(name, shape=x.shape, dtype=x.dtype, chunks=(rows, *x.shape[1:]))
+                target.attrs.update({"encoding-type": "array", "encoding-version": "0.2.0"})
             src = x.rechunk({0: rows, **{i: -1 for i in range(1, x.ndim)}})
-            written.append(
-                src.map_blocks(
-                    _store_block,
-                    target,
-                    chunks=tuple((1,) * len(c) for c in src.chunks),
-                    dtype=np.int64,
-                    meta=np.empty((0,) * src.ndim, dtype=np.int64),
-                ).sum()
-            )
+            finished = {int(p.name) for p in (done / str(j)).glob("[0-9]*")} if resuming else set()
+            if resume:
+                (done / str(j)).mkdir(exist_ok=True)
+            starts = np.concatenate([[0], np.cumsum(src.chunks[0])])
+            if finished:
+                logger.info(
+                    "%s/%s: %d of %d blocks written before, kept", path.name, name, len(finished), src.numblocks[0]
+                )
+            for i in range(src.numblocks[0]):
+                if i in finished:
+                    continue
+                marker = str(done / str(j) / str(i)) if resume else None
+                written.append(
+                    src.blocks[i]
+                    .map_blocks(
+                        _store_block,
+                        target,
+                        int(starts[i]),
+                        marker,
+                        chunks=(1,) * src.ndim,
+                        dtype=np.int64,
+                        meta=np.empty((0,) * src.ndim, dtype=np.int64),
+                    )
+                    .sum()
+                )
     if written:
         names = ", ".join(Path(p).name.split(".tmp-")[0].lstrip(".") for p in paths)
         compute_collections(da.stack(written).sum(), scheduler=scheduler, progress=progress, desc=f"writing {names}")
     for path in paths:
         zarr.consolidate_metadata(str(path))
+    for done in markers:
+        shutil.rmtree(done, ignore_errors=True)
 
 
-def _store_block(block, target, block_info=None):
-    """Write one block into its region of a zarr array (one task per stored chunk: no two write one chunk)."""
-    region = tuple(slice(a, b) for a, b in block_info[0]["array-location"])
-    target[region] = block
+def _store_block(block, target, start: int, marker: str | None):
+    """Write a block of rows into a zarr array from row ``start``, then record it as written (``marker``).
+
+    One task per stored chunk: no two tasks write one chunk.
+    """
+    target[start : start + block.shape[0]] = block
+    if marker is not None:
+        Path(marker).touch()
     return np.ones((1,) * block.ndim, dtype=np.int64)

@@ -151,13 +151,18 @@ class OutputDir:
     """
 
     LOCK = ".pertscale.lock"
+    #: Where an interrupted run keeps its partly written result stores for ``resume``.
+    PARTIAL = ".pertscale-partial"
 
-    def __init__(self, out: Path, *, files: dict[str, str], inputs: list[Path], overwrite: bool) -> None:
+    def __init__(
+        self, out: Path, *, files: dict[str, str], inputs: list[Path], overwrite: bool, resume: bool = False
+    ) -> None:
         """Nothing is checked or created before ``with``; ``files`` as :func:`output_files` names them."""
         self.out = Path(out)
         self.files = files
         self.inputs = inputs
         self.overwrite = overwrite
+        self.resume = resume
         self.created: list[Path] = []
         self.staging: Path | None = None
         self._lock = None
@@ -189,7 +194,15 @@ class OutputDir:
                     f"--out {str(out)!r} already holds results of an earlier run ({', '.join(earlier)}); "
                     "pass --overwrite (overwrite=True) to replace them, or choose another --out"
                 )
+            for stale in out.glob(".pertscale-run-*"):  # of runs that ended: we hold the lock, none is running
+                shutil.rmtree(stale, ignore_errors=True)
             self.staging = Path(tempfile.mkdtemp(prefix=".pertscale-run-", dir=out))
+            partial = out / self.PARTIAL
+            if self.resume and partial.is_dir():  # the stores an interrupted run left: continued, not redone
+                for item in partial.iterdir():
+                    os.replace(item, self.staging / item.name)
+                partial.rmdir()
+                logger.info("resuming from the result blocks an interrupted run wrote")
         except OSError as err:
             self._release()
             if isinstance(err, FileExistsError):
@@ -267,8 +280,31 @@ class OutputDir:
                 os.replace(previous / name, self.out / name)
             raise
 
+    def _keep_partial(self) -> None:
+        """Keep the result stores with written blocks (and their records) for a run with ``resume``."""
+        assert self.staging is not None
+        records = [d for d in self.staging.glob("*.zarr.done") if any(d.glob("*/[0-9]*"))]
+        if not records:
+            return
+        partial = self.out / self.PARTIAL
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir()
+        for done in records:
+            store = done.with_name(done.name.removesuffix(".done"))
+            for item in (store, done):
+                if item.exists():
+                    os.replace(item, partial / item.name)
+        logger.info("kept the written result blocks in %s: run again with --resume to continue", partial)
+
     def _release(self, *, failed: bool = True) -> None:
         if self.staging is not None:
+            if failed:
+                try:
+                    self._keep_partial()
+                except OSError:  # best effort: a run without them starts over
+                    pass
+            else:
+                shutil.rmtree(self.out / self.PARTIAL, ignore_errors=True)
             shutil.rmtree(self.staging, ignore_errors=True)
         if self._lock is not None:
             (self.out / self.LOCK).unlink(missing_ok=True)
@@ -359,6 +395,7 @@ def run(
     pca: int | None = None,
     pseudobulk: bool = False,
     overwrite: bool = False,
+    resume: bool = False,
     working_store: str | Path | None = None,
     memory_limit: int | None = None,
     dry_run: bool = False,
@@ -441,6 +478,14 @@ def run(
     overwrite
         Replace results of an earlier run found in ``out``; without it such
         an ``out`` is refused before any work.
+    resume
+        Continue a run on the same input with the same options that was
+        interrupted (Ctrl-C, SIGTERM, a failure) while writing its results:
+        the result blocks it wrote (kept in ``out/.pertscale-partial``) are
+        not computed again; the passes before them (QC, the control
+        summary) run again, and the working store is reused as always. The
+        results equal those of an uninterrupted run. A run with other
+        options (other Dask graphs) starts the stores over.
     working_store
         Where the perturbation-sorted working store goes when the input is
         not sorted; default ``out/working_store.zarr``. It is kept (and reused
@@ -547,7 +592,9 @@ def run(
         scheduler = "threads"
     store_path = Path(working_store) if working_store else out / WORKING_STORE
     store_existed = store_path.exists()
-    with OutputDir(out, files=output_files(methods, steps), inputs=[path], overwrite=overwrite) as output:
+    with OutputDir(
+        out, files=output_files(methods, steps), inputs=[path], overwrite=overwrite, resume=resume
+    ) as output:
         if not isinstance(working_store, type(None)):
             check_not_input(store_path, [path], what="--working-store")
         try:
@@ -783,7 +830,7 @@ def _passes(
     stores = {output.path(f"results:{m}"): r for m, r in results.items()}
     if "pca" in steps:  # the scores are written by the same pass over the blocks as the tests
         stores[output.path("pca")] = embedding
-    write_stores(stores, scheduler=scheduler, progress=progress)
+    write_stores(stores, scheduler=scheduler, progress=progress, resume=True)  # staged: written in place
     seconds["test and write"] = time.perf_counter() - t
 
     t = time.perf_counter()

@@ -216,6 +216,12 @@ def _pair(name: str, **bounds):
     type=click.Path(path_type=str),
     help="Where to write the perturbation-sorted copy of an unsorted input (default: OUT/working_store.zarr).",
 )
+@click.option(
+    "--resume",
+    is_flag=True,
+    default=False,
+    help="Continue an interrupted run with the same input and options: the result blocks it wrote are kept.",
+)
 @click.option("--dry-run", is_flag=True, default=False, help="Print the plan (memory, disk, passes) and stop.")
 @click.option(
     "--method",
@@ -343,6 +349,7 @@ def run(
     account,
     memory_limit,
     working_store,
+    resume,
     dry_run,
     method,
     size_factor_method,
@@ -428,6 +435,7 @@ def run(
                 chunk_size=chunk_size,
                 memory_limit=_bytes(memory_limit),
                 working_store=working_store,
+                resume=resume,
                 dry_run=dry_run,
                 method=method,
                 size_factor_method=size_factor_method,

@@ -375,12 +375,20 @@ def _check_target(adata: ad.AnnData, path: Path) -> None:
         raise PermissionError(f"cannot write {str(path)!r}: directory {str(parent)!r} is not writable")
 
 
-def write_stores(items: dict[Path, ad.AnnData], *, scheduler=None, progress: bool | None = None) -> list[Path]:
+def write_stores(
+    items: dict[Path, ad.AnnData], *, scheduler=None, progress: bool | None = None, resume: bool = False
+) -> list[Path]:
     """Write several AnnData objects as ``.zarr`` stores, their lazy arrays computed in one graph.
 
     As :func:`write` for each, but work the objects share (a pass over the
     matrix, a control summary) is done once. Each store is written to a
     temporary sibling and renamed into place once all are written.
+
+    With ``resume``, the stores are written in place (the caller stages
+    them, as ``pertscale run`` does) and record their written blocks, so
+    that a call after an interruption continues them
+    (:func:`pertscale._compute.write_zarr_stores`); nothing is removed on
+    failure.
 
     Raises
     ------
@@ -392,7 +400,7 @@ def write_stores(items: dict[Path, ad.AnnData], *, scheduler=None, progress: boo
         if path.suffix != ".zarr":
             raise ValueError(f"write_stores writes .zarr stores; {str(path)!r} is not one")
         _check_target(adata, path)
-    tmps = [_sibling(path, "tmp") for path in paths]
+    tmps = paths if resume else [_sibling(path, "tmp") for path in paths]
     try:
         with ad.settings.override(zarr_write_format=3, auto_shard_zarr_v3=False), warnings.catch_warnings():
             # anndata consolidates zarr v3 metadata; zarr warns that this is not yet in the v3 spec
@@ -401,7 +409,9 @@ def write_stores(items: dict[Path, ad.AnnData], *, scheduler=None, progress: boo
             # the layers are the canonical results, the record arrays a convenience view
             warnings.filterwarnings("ignore", message="The data type", category=Warning)
             try:
-                write_zarr_stores(list(zip(items.values(), tmps, strict=True)), scheduler=scheduler, progress=progress)
+                write_zarr_stores(
+                    list(zip(items.values(), tmps, strict=True)), scheduler=scheduler, progress=progress, resume=resume
+                )
             except ValueError as err:
                 if "slash" not in str(err).lower():
                     raise
@@ -410,9 +420,10 @@ def write_stores(items: dict[Path, ad.AnnData], *, scheduler=None, progress: boo
                     "perturbation label or column name holds one. Write .h5ad instead, or rename it"
                 ) from err
         for tmp, path in zip(tmps, paths, strict=True):
-            _replace_dir(tmp, path)
+            if tmp != path:
+                _replace_dir(tmp, path)
     finally:
-        for tmp in tmps:
+        for tmp in tmps if not resume else ():
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
     return paths
