@@ -81,3 +81,22 @@ def test_bad_cluster_options_fail_early(sim_h5ad, tmp_path):
     assert both.returncode != 0 and "give --cluster or --scheduler, not both" in both.stderr
     alone = _run([*common, "--out", str(tmp_path / "y"), "--cores", "4"])
     assert alone.returncode != 0 and "go with --cluster" in alone.stderr
+
+
+def test_jobqueue_settings_come_from_dask_config_as_dask_jobqueue_users_keep_them(slurm):
+    import dask
+
+    import pertscale as ps
+
+    config = {"jobqueue.slurm.cores": 1, "jobqueue.slurm.memory": "2GB", "jobqueue.slurm.walltime": "00:05:00"}
+    with dask.config.set(config):  # as ~/.config/dask/jobqueue.yaml would set them (for as long as the cluster runs)
+        client = ps.cluster.slurm(jobs=1)
+        try:
+            (worker,) = client.scheduler_info()["workers"].values()
+            assert worker["memory_limit"] == pytest.approx(2e9, rel=0.01)
+            script = client.cluster.job_script()
+            assert "--mem=" in script and "00:05:00" in script
+            assert client.submit(sum, [1, 2]).result() == 3
+        finally:
+            client.close()
+            client.cluster.close()
