@@ -90,3 +90,31 @@ def test_every_layout_gives_the_same_results(layouts, reference, tmp_path, name)
     assert list(got["layers"].keys()) == list(reference["layers"].keys())
     for stat in reference["layers"].keys():
         assert_close(np.asarray(got["layers"][stat]), np.asarray(reference["layers"][stat]), err_msg=f"{name}: {stat}")
+
+
+def test_convert_transposes_csc_out_of_core_and_copies_between_formats(sim_adata, tmp_path, monkeypatch):
+    import anndata as ad
+
+    import pertscale.io._convert as convert_module
+
+    monkeypatch.setattr(convert_module, "SLAB_ENTRIES", 2_000)  # many slabs: the transposition is exercised
+    expected = sim_adata.X.tocsr()
+    csc = sim_adata.copy()
+    csc.X = sp.csc_matrix(expected)
+    csc.obsm["X_umap"] = np.arange(2 * csc.n_obs, dtype=float).reshape(-1, 2)
+    csc.write_h5ad(tmp_path / "csc.h5ad")
+    as_zarr = ps.io.convert(tmp_path / "csc.h5ad", tmp_path / "csr.zarr", scheduler="synchronous")
+    back = ps.io.convert(as_zarr, tmp_path / "csr.h5ad", compression="lzf", scheduler="synchronous")
+    for path in (as_zarr, back):
+        got = ad.read_zarr(path) if path.suffix == ".zarr" else ad.read_h5ad(path)
+        assert sp.isspmatrix_csr(got.X) and got.X.has_sorted_indices
+        assert (got.X != expected).nnz == 0 and got.X.dtype == expected.dtype
+        np.testing.assert_array_equal(got.obsm["X_umap"], csc.obsm["X_umap"])
+        assert list(got.obs["perturbation"]) == list(sim_adata.obs["perturbation"])
+    with h5py.File(back) as f:
+        assert f["X/data"].compression == "lzf"
+    assert not list(tmp_path.glob(".*transpose*"))  # the memory-mapped files are gone
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        ps.io.convert(tmp_path / "csc.h5ad", back)
+    with pytest.raises(ValueError, match="would overwrite the input"):
+        ps.io.convert(back, back, overwrite=True)

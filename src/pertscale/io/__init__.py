@@ -1,6 +1,7 @@
 """Reading and writing AnnData stores, and the perturbation-sorted working store."""
 
 from ._blocks import DamagedStoreError
+from ._convert import convert
 from ._infer import (
     detect_control_label,
     detect_gene_symbol_column,
@@ -15,6 +16,7 @@ from ._write import write
 __all__ = [
     "DamagedStoreError",
     "auto_chunk_size",
+    "convert",
     "detect_control_label",
     "detect_gene_symbol_column",
     "detect_perturbation_column",
