@@ -138,6 +138,21 @@ EARLIER_OUTPUTS = ("de_*.zarr", "de_*.h5ad", "de_*_significant.csv", "qc.csv", "
 WORKING_STORE = "working_store.zarr"
 
 
+def _warn_if_large_csc(path: Path, *, layer, use_raw) -> None:
+    """A CSC matrix larger than memory should be converted first: each pass re-blocks all its columns."""
+    from .io._convert import stored_encoding
+
+    encoding, size = stored_encoding(path, layer=layer, use_raw=use_raw)
+    if encoding == "csc_matrix" and size > THREADS_BELOW_BYTES:
+        warnings.warn(
+            f"{path.name} stores its matrix by columns (CSC, {size / 2**30:.1f} GiB in memory): every pass reads "
+            "all columns to re-block them by rows, which may hold much of it in memory. Convert it to CSR once, "
+            f"out of core: ps.io.convert({str(path)!r}, 'screen.zarr'), and run on the copy",
+            UserWarning,
+            stacklevel=3,
+        )
+
+
 class OutputDir:
     """The main job's output directory: checked first, filled all at once or not at all.
 
@@ -546,6 +561,7 @@ def run(
         raise ValueError(f"alternative {alternative!r} is not supported; choose one of {ALTERNATIVES} (--alternative)")
     path, out = Path(path), Path(out)
     adata = read(path, layer=layer, use_raw=use_raw, chunk_size=chunk_size)
+    _warn_if_large_csc(path, layer=layer, use_raw=use_raw)
     check_shape(adata, f"the matrix in {str(path)!r}")
     labels = perturbation_labels(adata.obs, perturbation_column)
     scanpy_format, testable = _check_labels_before_passes(

@@ -81,6 +81,20 @@ def _slabs(col_ptr: np.ndarray, n_vars: int) -> list[tuple[int, int]]:
     return slabs
 
 
+def stored_encoding(path: str | Path, *, layer: str | None = None, use_raw: bool = False) -> tuple[str, float]:
+    """The stored matrix's encoding (``"csr_matrix"``, ``"csc_matrix"``, ``"array"``) and its bytes in memory."""
+    path = Path(path)
+    store, fmt = _open(path)
+    try:
+        key = _matrix_key(store, path, layer, use_raw=use_raw)
+        shape = store[key].attrs.get("shape") if "shape" in store[key].attrs else store[key].shape
+        encoding, _, bytes_per_row = _describe(store[key], key, path, int(shape[0]), int(shape[1]))
+        return encoding, bytes_per_row * int(shape[0])
+    finally:
+        if fmt == "h5ad":
+            store.close()
+
+
 def convert(
     src: str | Path,
     dst: str | Path,
