@@ -90,6 +90,14 @@ def test_every_layout_gives_the_same_results(layouts, reference, tmp_path, name)
     assert list(got["layers"].keys()) == list(reference["layers"].keys())
     for stat in reference["layers"].keys():
         assert_close(np.asarray(got["layers"][stat]), np.asarray(reference["layers"][stat]), err_msg=f"{name}: {stat}")
+    copy = tmp_path / "out" / "input_csr.zarr"
+    assert copy.exists() == (name == "csc")  # a CSC input is transposed once, out of core, into a CSR copy
+    if name == "csc":
+        made = (copy / ".pertscale-input.json").stat().st_mtime_ns
+        ps.run(path, tmp_path / "out", progress=False, overwrite=True, **OPTIONS, **read)
+        assert (copy / ".pertscale-input.json").stat().st_mtime_ns == made  # reused while the input is unchanged
+        settings = zarr.open_group(str(tmp_path / "out" / "de_wilcoxon.zarr"), mode="r")["uns/pertscale/settings"]
+        assert settings["input"][()] == str(path.resolve())  # the input recorded, not the copy
 
 
 def test_convert_transposes_csc_out_of_core_and_copies_between_formats(sim_adata, tmp_path, monkeypatch):

@@ -13,6 +13,7 @@ gathered whole.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -39,7 +40,7 @@ from ._validation import (
 )
 from .cluster import active_client
 from .io import read, write
-from .io._prepare import is_sorted, prepare
+from .io._prepare import fingerprint, is_sorted, prepare
 from .io._read import row_nonzeros, subset
 from .io._write import check_not_input, overlap, write_stores
 from .kernels._common import ALTERNATIVES
@@ -138,19 +139,30 @@ EARLIER_OUTPUTS = ("de_*.zarr", "de_*.h5ad", "de_*_significant.csv", "qc.csv", "
 WORKING_STORE = "working_store.zarr"
 
 
-def _warn_if_large_csc(path: Path, *, layer, use_raw) -> None:
-    """A CSC matrix larger than memory should be converted first: each pass re-blocks all its columns."""
-    from .io._convert import stored_encoding
+#: The CSR copy of a CSC input, beside the working store.
+CSR_COPY = "input_csr.zarr"
 
-    encoding, size = stored_encoding(path, layer=layer, use_raw=use_raw)
-    if encoding == "csc_matrix" and size > THREADS_BELOW_BYTES:
-        warnings.warn(
-            f"{path.name} stores its matrix by columns (CSC, {size / 2**30:.1f} GiB in memory): every pass reads "
-            "all columns to re-block them by rows, which may hold much of it in memory. Convert it to CSR once, "
-            f"out of core: ps.io.convert({str(path)!r}, 'screen.zarr'), and run on the copy",
-            UserWarning,
-            stacklevel=3,
-        )
+
+def _csr_copy(path: Path, copy: Path, *, layer, use_raw, scheduler, progress) -> Path | None:
+    """A CSR copy of a CSC input (made once, out of core, and reused while the input is unchanged), else ``None``.
+
+    Every pass reads rows; a matrix stored by columns would have each pass
+    read all its columns to re-block them. :func:`pertscale.io.convert`
+    transposes it once instead.
+    """
+    from .io._convert import convert, stored_encoding
+
+    if stored_encoding(path, layer=layer, use_raw=use_raw)[0] != "csc_matrix":
+        return None
+    fp = fingerprint(path, matrix=layer or ("raw" if use_raw else "X"))
+    record = copy / ".pertscale-input.json"
+    if record.exists() and json.loads(record.read_text()) == fp:
+        logger.info("reusing the CSR copy %s of the CSC input", copy)
+        return copy
+    logger.info("the input stores its matrix by columns (CSC): transposing it once into %s", copy)
+    convert(path, copy, layer=layer, use_raw=use_raw, overwrite=True, scheduler=scheduler, progress=progress)
+    record.write_text(json.dumps(fp))
+    return copy
 
 
 class OutputDir:
@@ -561,7 +573,6 @@ def run(
         raise ValueError(f"alternative {alternative!r} is not supported; choose one of {ALTERNATIVES} (--alternative)")
     path, out = Path(path), Path(out)
     adata = read(path, layer=layer, use_raw=use_raw, chunk_size=chunk_size)
-    _warn_if_large_csc(path, layer=layer, use_raw=use_raw)
     check_shape(adata, f"the matrix in {str(path)!r}")
     labels = perturbation_labels(adata.obs, perturbation_column)
     scanpy_format, testable = _check_labels_before_passes(
@@ -614,6 +625,12 @@ def run(
         if not isinstance(working_store, type(None)):
             check_not_input(store_path, [path], what="--working-store")
         try:
+            t = time.perf_counter()
+            csr = _csr_copy(
+                path, store_path.parent / CSR_COPY, layer=layer, use_raw=use_raw, scheduler=scheduler, progress=progress
+            )
+            if csr is not None:
+                seconds["transpose"] = time.perf_counter() - t
             res, qc, dropped, n_kept = _passes(
                 path,
                 adata,
@@ -649,6 +666,7 @@ def run(
                 scheduler=scheduler,
                 progress=progress,
                 seconds=seconds,
+                matrix_path=csr,
             )
         except Exception:
             # kept after Ctrl-C (to resume), and after a failure once complete and costly to make again
@@ -698,9 +716,14 @@ def _passes(
     scheduler,
     progress,
     seconds: dict[str, float],
+    matrix_path: Path | None = None,
 ):
     """The passes of the main job and the writing of its outputs into the staging directory."""
+    input_path = path
     before = perturbation_labels(adata.obs, perturbation_column).value_counts()
+    if matrix_path is not None:  # a CSR copy of a CSC input: read it, record the input
+        path, layer, use_raw = matrix_path, None, False
+        adata = read(path, chunk_size=plan.block_rows)
     if store_path is not None:
         t = time.perf_counter()
         logger.info("the cells are not stored by perturbation: sorting them into %s (once)", store_path)
@@ -831,7 +854,7 @@ def _passes(
         )
         res.uns["pertscale"]["settings"].update(
             {
-                "input": str(path.resolve()),
+                "input": str(input_path.resolve()),
                 "input_matrix": f"layers/{layer}" if layer else ("raw/X" if use_raw else "X"),
                 "min_genes": int(min_genes),
                 "min_cells": int(min_cells),
