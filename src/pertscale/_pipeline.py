@@ -150,9 +150,9 @@ def _csr_copy(path: Path, copy: Path, *, layer, use_raw, scheduler, progress) ->
     read all its columns to re-block them. :func:`pertscale.io.convert`
     transposes it once instead.
     """
-    from .io._convert import convert, stored_encoding
+    from .io._convert import convert, stored_matrix
 
-    if stored_encoding(path, layer=layer, use_raw=use_raw)[0] != "csc_matrix":
+    if stored_matrix(path, layer=layer, use_raw=use_raw).encoding != "csc_matrix":
         return None
     fp = fingerprint(path, matrix=layer or ("raw" if use_raw else "X"))
     record = copy / ".pertscale-input.json"

@@ -81,15 +81,18 @@ def _slabs(col_ptr: np.ndarray, n_vars: int) -> list[tuple[int, int]]:
     return slabs
 
 
-def stored_encoding(path: str | Path, *, layer: str | None = None, use_raw: bool = False) -> tuple[str, float]:
-    """The stored matrix's encoding (``"csr_matrix"``, ``"csc_matrix"``, ``"array"``) and its bytes in memory."""
+def stored_matrix(path: str | Path, *, layer: str | None = None, use_raw: bool = False) -> StoredMatrix:
+    """What and where the matrix of ``path`` is (encoding ``"csr_matrix"``, ``"csc_matrix"`` or ``"array"``,
+    shape, dtype), from its metadata: no values are read.
+    """
     path = Path(path)
     store, fmt = _open(path)
     try:
         key = _matrix_key(store, path, layer, use_raw=use_raw)
-        shape = store[key].attrs.get("shape") if "shape" in store[key].attrs else store[key].shape
-        encoding, _, bytes_per_row = _describe(store[key], key, path, int(shape[0]), int(shape[1]))
-        return encoding, bytes_per_row * int(shape[0])
+        attrs = store[key].attrs
+        shape = tuple(int(n) for n in (attrs["shape"] if "shape" in attrs else store[key].shape))
+        encoding, dtype, _ = _describe(store[key], key, path, *shape)
+        return StoredMatrix(str(path.resolve()), fmt, key, encoding, shape, dtype)
     finally:
         if fmt == "h5ad":
             store.close()
@@ -153,18 +156,11 @@ def convert(
 
     check_not_input(dst, [src], what="cannot convert to")
     adata = read(src, layer=layer, use_raw=use_raw, chunk_size=chunk_size)
-    store, fmt = _open(src)
-    try:
-        key = _matrix_key(store, src, layer, use_raw=use_raw)
-        encoding, dtype, _ = _describe(store[key], key, src, adata.n_obs, adata.n_vars)
-    finally:
-        if fmt == "h5ad":
-            store.close()
+    stored = stored_matrix(src, layer=layer, use_raw=use_raw)
     workdir = None
     try:
-        if encoding == "csc_matrix":
+        if stored.encoding == "csc_matrix":
             workdir = Path(tempfile.mkdtemp(prefix=f".{dst.name}.transpose-", dir=dst.parent))
-            stored = StoredMatrix(str(src.resolve()), fmt, key, encoding, adata.shape, dtype)
             logger.info("transposing the CSC matrix of %s into CSR (out of core, in %s)", src, workdir)
             adata = ad.AnnData(
                 X=csc_to_csr(stored, workdir), obs=adata.obs, var=adata.var, obsm=dict(adata.obsm),
