@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import warnings
 
 import h5py
@@ -111,6 +112,7 @@ def test_convert_transposes_csc_out_of_core_and_copies_between_formats(sim_adata
     csc.X = sp.csc_matrix(expected)
     csc.obsm["X_umap"] = np.arange(2 * csc.n_obs, dtype=float).reshape(-1, 2)
     csc.write_h5ad(tmp_path / "csc.h5ad")
+    before = hashlib.sha256((tmp_path / "csc.h5ad").read_bytes()).hexdigest()
     as_zarr = ps.io.convert(tmp_path / "csc.h5ad", tmp_path / "csr.zarr", scheduler="synchronous")
     back = ps.io.convert(as_zarr, tmp_path / "csr.h5ad", compression="lzf", scheduler="synchronous")
     for path in (as_zarr, back):
@@ -126,3 +128,4 @@ def test_convert_transposes_csc_out_of_core_and_copies_between_formats(sim_adata
         ps.io.convert(tmp_path / "csc.h5ad", back)
     with pytest.raises(ValueError, match="would overwrite the input"):
         ps.io.convert(back, back, overwrite=True)
+    assert hashlib.sha256((tmp_path / "csc.h5ad").read_bytes()).hexdigest() == before  # the input is unchanged
