@@ -31,9 +31,10 @@ def slurm():
         pytest.skip("no SLURM cluster is up on this machine: run .ci/slurm-up (needs root and Debian's slurm-wlm)")
 
 
-def _run(args: list[str]) -> subprocess.CompletedProcess:
+def _run(args: list[str], cwd) -> subprocess.CompletedProcess:
+    # sbatch writes each job's log (slurm-<id>.out) into the directory it is called from: a temporary one
     return subprocess.run(
-        [sys.executable, "-m", "pertscale.cli", "run", *args, "--no-progress"], capture_output=True, text=True
+        [sys.executable, "-m", "pertscale.cli", "run", *args, "--no-progress"], capture_output=True, text=True, cwd=cwd
     )
 
 
@@ -53,7 +54,8 @@ def test_main_job_runs_its_workers_as_slurm_jobs_and_equals_a_local_run(slurm, s
     t = time.perf_counter()
     on_slurm = _run(
         [*common, "--out", str(tmp_path / "slurm"), "--cluster", "slurm", "--cores", "1", "--memory", "3GB"]
-        + ["--walltime", "00:15:00", "--jobs", "2"]
+        + ["--walltime", "00:15:00", "--jobs", "2"],
+        cwd=tmp_path,
     )
     seconds = time.perf_counter() - t
     done.set()
@@ -62,7 +64,7 @@ def test_main_job_runs_its_workers_as_slurm_jobs_and_equals_a_local_run(slurm, s
     assert "slurm: 2 job(s) running, 2 worker(s) connected" in on_slurm.stderr
     jobs = {line.split()[0] for line in seen if line.split()[-1] == "RUNNING"}
     assert len(jobs) == 2, seen[:10]
-    local = _run([*common, "--out", str(tmp_path / "local"), "--scheduler", "synchronous"])
+    local = _run([*common, "--out", str(tmp_path / "local"), "--scheduler", "synchronous"], cwd=tmp_path)
     assert local.returncode == 0, local.stderr[-3000:]
     a = zarr.open_group(str(tmp_path / "slurm" / "de_wilcoxon.zarr"), mode="r")
     b = zarr.open_group(str(tmp_path / "local" / "de_wilcoxon.zarr"), mode="r")
@@ -77,17 +79,18 @@ def test_main_job_runs_its_workers_as_slurm_jobs_and_equals_a_local_run(slurm, s
 
 def test_bad_cluster_options_fail_early(sim_h5ad, tmp_path):
     common = [str(sim_h5ad), "--perturbation-column", "perturbation", "--control-label", "control"]
-    both = _run([*common, "--out", str(tmp_path / "x"), "--cluster", "slurm", "--scheduler", "threads"])
+    both = _run([*common, "--out", str(tmp_path / "x"), "--cluster", "slurm", "--scheduler", "threads"], cwd=tmp_path)
     assert both.returncode != 0 and "give --cluster or --scheduler, not both" in both.stderr
-    alone = _run([*common, "--out", str(tmp_path / "y"), "--cores", "4"])
+    alone = _run([*common, "--out", str(tmp_path / "y"), "--cores", "4"], cwd=tmp_path)
     assert alone.returncode != 0 and "go with --cluster" in alone.stderr
 
 
-def test_jobqueue_settings_come_from_dask_config_as_dask_jobqueue_users_keep_them(slurm):
+def test_jobqueue_settings_come_from_dask_config_as_dask_jobqueue_users_keep_them(slurm, tmp_path, monkeypatch):
     import dask
 
     import pertscale as ps
 
+    monkeypatch.chdir(tmp_path)  # where sbatch writes the job's log
     config = {"jobqueue.slurm.cores": 1, "jobqueue.slurm.memory": "2GB", "jobqueue.slurm.walltime": "00:05:00"}
     with dask.config.set(config):  # as ~/.config/dask/jobqueue.yaml would set them (for as long as the cluster runs)
         client = ps.cluster.slurm(jobs=1)
