@@ -148,7 +148,7 @@ def write_zarr_stores(items, *, scheduler=None, progress: bool | None = None, re
 
     written, paths, markers = [], [], []
     for adata, path in items:
-        path = Path(path)
+        path = Path(path).absolute()  # the workers write into it: their working directory may not be ours
         lazy = {k: v for k, v in lazy_elements(adata, nested=True).items() if _is_dense(v)}
         done = path.with_name(path.name + ".done")
         token = tokenize(sorted((str(k), v.name) for k, v in lazy.items()))

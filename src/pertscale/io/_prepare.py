@@ -454,6 +454,7 @@ def prepare(
     labels = adata.obs[perturbation_column]
     exclude = label_list(exclude_labels, "exclude_labels")
     store = Path(out) if out is not None else path.with_name(path.name + ".pertscale-sorted.zarr")
+    store = store.absolute()  # the workers write it: their working directory may not be this process's
     fp = fingerprint(
         path,
         matrix=layer or ("raw" if use_raw else "X"),
