@@ -454,7 +454,8 @@ def test_values_changed_in_place_are_seen_and_recomputed(screen, tmp_path, monke
     ps.tl.rank_genes_groups(lazy, "perturbation", "control", method="t-test")
     assert len(ps.store.history(lazy)) == n_runs + 1
     ps.pp.normalize_total(lazy)
-    ps.tl.rank_genes_groups(lazy, "perturbation", "control", method="t-test")
+    with pytest.warns(UserWarning, match="not marked as log1p"):  # normalize_total's values are not log1p ones
+        ps.tl.rank_genes_groups(lazy, "perturbation", "control", method="t-test")
     assert len(ps.store.history(lazy)) == n_runs + 2
 
 
@@ -494,6 +495,17 @@ def test_views_are_not_stored_and_raw_is_written(screen, tmp_path):
     screen.raw = screen
     back = ps.read(ps.write(screen, tmp_path / "raw.h5ad"))
     assert back.n_obs == screen.n_obs
+
+
+def test_a_result_reused_on_a_view_leaves_the_parents_records_alone(screen):
+    ps.tl.rank_genes_groups(screen, "perturbation", "control", alternative="greater")
+    ps.tl.rank_genes_groups(screen, "perturbation", "control")  # the latest de_wilcoxon: two-sided
+    latest = dict(screen.uns["pertscale"]["latest"])
+    view = screen[:, :]  # the same cells and genes: the stored result is reused
+    assert view.is_view
+    again = ps.tl.rank_genes_groups(view, "perturbation", "control", alternative="greater")
+    assert again is ps.get.result(screen, "wilcoxon", alternative="greater")
+    assert dict(screen.uns["pertscale"]["latest"]) == latest
 
 
 def test_reuse_survives_text_labels_and_sees_new_dispersions(screen, tmp_path):

@@ -17,6 +17,7 @@ import dask.array as da
 import numpy as np
 import scipy.sparse as sp
 
+from .cluster import check_scheduler
 from .cluster import compute as compute_collections
 
 logger = logging.getLogger(__name__)
@@ -103,7 +104,27 @@ def compute(adata: ad.AnnData, *, scheduler=None, progress: bool | None = None, 
     anndata.AnnData
         A new object; ``adata`` itself is left lazy. Sparse Dask arrays
         become ``scipy.sparse.csr_matrix``.
+
+    Raises
+    ------
+    TypeError
+        If ``adata`` is not an AnnData (Dask collections go to
+        ``dask.compute`` or :func:`pertscale.cluster.compute`).
+    ValueError, ConnectionError
+        For a scheduler that is not known or does not answer (see
+        :func:`pertscale.cluster.resolve_scheduler`).
     """
+    check_scheduler(scheduler)
+    if not isinstance(adata, ad.AnnData):
+        hint = (
+            "; for Dask arrays and other collections use dask.compute(...) or ps.cluster.compute(...)"
+            if hasattr(adata, "__dask_graph__")
+            else ""
+        )
+        raise TypeError(
+            "ps.compute takes an AnnData (whose lazy arrays, in X, layers, obsm, varm or uns, it computes), "
+            f"not {'None' if adata is None else type(adata).__name__}{hint}"
+        )
     lazy = lazy_elements(adata, nested=True)
     out = adata.copy()
     if not lazy:
@@ -127,6 +148,9 @@ def write_zarr_stores(items, *, scheduler=None, progress: bool | None = None, re
     All objects' arrays are computed in one graph, so work they share
     (reading a block of the matrix, the control summary of the cells they
     were tested on) is done once. Sparse Dask arrays are left to anndata.
+    Every array is compressed with zstd and carries a CRC-32C of each chunk
+    (:func:`pertscale.io._blocks.checksummed`), which zarr checks on every
+    read: a flipped bit fails the read instead of changing a number.
 
     Parameters
     ----------
@@ -146,6 +170,8 @@ def write_zarr_stores(items, *, scheduler=None, progress: bool | None = None, re
     import zarr
     from dask.base import tokenize
 
+    from .io._blocks import checksummed
+
     written, paths, markers = [], [], []
     for adata, path in items:
         path = Path(path).absolute()  # the workers write into it: their working directory may not be ours
@@ -160,7 +186,7 @@ def write_zarr_stores(items, *, scheduler=None, progress: bool | None = None, re
             for where in lazy:
                 _assign(shallow, where, None)
             with ad.settings.override(zarr_write_format=3, auto_shard_zarr_v3=False):
-                shallow.write_zarr(path)
+                ad.io.write_zarr(path, shallow, compressors=checksummed())  # every chunk with a CRC-32C
             if resume:
                 done.mkdir()
                 (done / "token").write_text(token)
@@ -176,7 +202,9 @@ def write_zarr_stores(items, *, scheduler=None, progress: bool | None = None, re
             if resuming:
                 target = group[name]
             else:
-                target = group.create_array(name, shape=x.shape, dtype=x.dtype, chunks=(rows, *x.shape[1:]))
+                target = group.create_array(
+                    name, shape=x.shape, dtype=x.dtype, chunks=(rows, *x.shape[1:]), compressors=checksummed()
+                )
                 target.attrs.update({"encoding-type": "array", "encoding-version": "0.2.0"})
             src = x.rechunk({0: rows, **{i: -1 for i in range(1, x.ndim)}})
             finished = {int(p.name) for p in (done / str(j)).glob("[0-9]*")} if resuming else set()

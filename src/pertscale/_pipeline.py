@@ -13,10 +13,13 @@ gathered whole.
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
 import logging
 import os
 import shutil
+import stat
 import tempfile
 import time
 import warnings
@@ -34,11 +37,12 @@ from ._validation import (
     check_control,
     check_number,
     check_shape,
+    check_target_sum,
     check_writable_labels,
     label_list,
     perturbation_labels,
 )
-from .cluster import active_client
+from .cluster import active_client, check_scheduler, resolve_scheduler
 from .io import read, write
 from .io._prepare import fingerprint, is_sorted, prepare
 from .io._read import row_nonzeros, subset
@@ -133,8 +137,8 @@ def output_files(methods: Iterable[str], steps: Iterable[str] = ()) -> dict[str,
 
 #: The optional steps of the main job and the file each writes.
 STEP_FILES = {"hvg": "genes.csv", "pca": "pca.zarr", "pseudobulk": "pseudobulk.h5ad"}
-#: Every output the main job can write (``de_*`` of any method, ``qc.csv``, ...): results of an earlier run.
-EARLIER_OUTPUTS = ("de_*.zarr", "de_*.h5ad", "de_*_significant.csv", "qc.csv", "size_factors.csv", *STEP_FILES.values())
+#: Every name the main job can write into ``--out`` (of any method and step): what may be in a run's way.
+OUTPUT_NAMES = frozenset(output_files(METHODS, STEP_FILES).values())
 #: The working store's name inside the output directory, unless given.
 WORKING_STORE = "working_store.zarr"
 
@@ -165,21 +169,146 @@ def _csr_copy(path: Path, copy: Path, *, layer, use_raw, scheduler, progress) ->
     return copy
 
 
+class DiskFullError(OSError, MemoryError):
+    """The disk filled up while the main job wrote (ENOSPC): one line naming the directory and the space needed.
+
+    An :class:`OSError` (``errno.ENOSPC``) and, like the plan's refusal of
+    a run that does not fit the disk, a :class:`MemoryError`.
+    """
+
+
+def _no_space(err: BaseException) -> OSError | None:
+    """The "no space left on device" error (errno 28) in ``err`` or what caused it, as zarr, dask or h5py wrap it."""
+    seen: set[int] = set()
+    todo = [err]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+            return e
+        todo += [e.__cause__, e.__context__, *getattr(e, "exceptions", ())]
+    return None
+
+
+def _disk_full(err: OSError, *, out: Path, store: Path, plan: Plan) -> DiskFullError:
+    """The one-line error of a disk that filled up, naming the directory and the space the plan counted for it."""
+    where = Path(err.filename) if isinstance(err.filename, str | os.PathLike) else None
+
+    def free_now(directory: Path) -> int:
+        return shutil.disk_usage(next((p for p in (directory, *directory.parents) if p.exists()), Path("."))).free
+
+    if plan.disk_free_working is None:  # one disk for both
+        on_store_disk = False
+    elif where is not None:
+        on_store_disk = store.parent.resolve() in where.resolve().parents
+    else:  # not said: the disk with less space left
+        on_store_disk = free_now(store) < free_now(out)
+    if on_store_disk:
+        flag, directory, need, free = "--working-store", store, plan.disk_needed_working, plan.disk_free_working
+    else:
+        flag, directory, need, free = "--out", out, plan.disk_needed, plan.disk_free
+    now = free_now(directory)
+    writing = None
+    if where is not None:  # from the output's name on (not the run's staging directory)
+        first = next((i for i, p in enumerate(where.parts) if p in OUTPUT_NAMES or p == store.name), None)
+        writing = "/".join(where.parts[first:]) if first is not None else str(where)
+    full = DiskFullError(
+        f"no space left on the disk of {flag} {str(directory)!r}"
+        + (f" while writing {writing}" if writing else "")
+        + f": the plan counted about {_size(need)} for the run there, {_size(free)} were free when it started, "
+        f"{_size(now)} are now; "
+        f"free space, or choose {flag} on a larger disk; no results were written"
+    )
+    full.errno = errno.ENOSPC
+    return full
+
+
+def _size(n: float) -> str:
+    from ._plan import _gib
+
+    return _gib(n)
+
+
+def _identity(path: Path) -> dict | None:
+    """What identifies ``path`` as the file (or ``.zarr`` directory) a run wrote; ``None`` if it is not there.
+
+    A file: its size and modification time (ns). A directory: the number
+    of files in it, their total size, their latest modification time and a
+    digest of their relative names (so a file changed, added, removed or
+    renamed inside shows). Symbolic links are not followed.
+    """
+    try:
+        st = path.lstat()
+    except FileNotFoundError:
+        return None
+    if stat.S_ISREG(st.st_mode):
+        return {"type": "file", "bytes": st.st_size, "mtime_ns": st.st_mtime_ns}
+    if not stat.S_ISDIR(st.st_mode):
+        return {"type": "other"}  # a link or a special file: never one a run wrote
+    names = hashlib.sha256()
+    n = size = mtime = 0
+    for root, dirs, files in os.walk(path):
+        dirs.sort()
+        for name in sorted(files):
+            file = os.path.join(root, name)
+            s = os.lstat(file)
+            names.update(os.path.relpath(file, path).encode() + b"\0")
+            n, size, mtime = n + 1, size + s.st_size, max(mtime, s.st_mtime_ns)
+    return {"type": "directory", "files": n, "bytes": size, "mtime_ns": mtime, "names": names.hexdigest()}
+
+
+def _unwritable(directory: Path, *, probe: bool) -> str | None:
+    """Why no file can be made in ``directory`` (an existing path), or ``None``.
+
+    From its mode and its file system's read-only flag; with ``probe``,
+    also by making (and removing) an empty directory there, which catches
+    what the mode does not show (network file systems, ACLs).
+    """
+    if not directory.is_dir():
+        return "not a directory"
+    try:
+        if os.statvfs(directory).f_flag & os.ST_RDONLY:
+            return "read-only file system"
+    except (OSError, AttributeError):  # pragma: no cover - no statvfs
+        pass
+    if not os.access(directory, os.W_OK | os.X_OK):
+        return "permission denied"
+    if probe:
+        try:
+            os.rmdir(tempfile.mkdtemp(prefix=".pertscale-probe-", dir=directory))
+        except OSError as err:
+            return err.strerror or str(err)
+    return None
+
+
 class OutputDir:
     """The main job's output directory: checked first, filled all at once or not at all.
 
     Files are written into a hidden staging directory inside ``out`` and
     moved into place only when every one of them is written, so a failed or
-    interrupted run leaves no partial results. Results of an earlier run are
-    replaced only with ``overwrite``, and restored if the move of the new
-    ones fails half-way. A lock file keeps two runs from writing into the
-    same ``out`` at once. Directories this run created are removed again if
-    it fails.
+    interrupted run leaves no partial results. A lock file keeps two runs
+    from writing into the same ``out`` at once. Directories this run
+    created are removed again if it fails.
+
+    Each successful run records the files it wrote, with what identifies
+    each (:func:`_identity`), in ``out/.pertscale-manifest.json``, written
+    atomically as the last step of the commit. Only such files, unchanged
+    since, are "results of an earlier run": replaced with ``overwrite``
+    (all of them, also those of other methods, so that none is mixed with
+    the new ones; restored if a move fails half-way), refused without it.
+    A file at a name the job writes that no manifest lists, or that changed
+    since, is never replaced or removed, not even with ``overwrite``: the
+    run is refused, naming it. Other files (notes, a user's
+    ``de_my_scanpy.h5ad``) are never touched.
     """
 
     LOCK = ".pertscale.lock"
     #: Where an interrupted run keeps its partly written result stores for ``resume``.
     PARTIAL = ".pertscale-partial"
+    #: The record of the files the last successful run wrote (names, sizes, times).
+    MANIFEST = ".pertscale-manifest.json"
 
     def __init__(
         self, out: Path, *, files: dict[str, str], inputs: list[Path], overwrite: bool, resume: bool = False
@@ -194,7 +323,14 @@ class OutputDir:
         self.staging: Path | None = None
         self._lock = None
 
-    def __enter__(self) -> OutputDir:
+    def check_paths(self) -> None:
+        """Refuse an ``out`` that is a file, a dangling link, or would overwrite or lie inside an input.
+
+        Raises
+        ------
+        ValueError
+            Naming the path and the fix.
+        """
         out = self.out
         if out.is_symlink() and not out.exists():
             raise ValueError(f"--out {str(out)!r} is a symbolic link to a missing path; choose an existing directory")
@@ -208,6 +344,10 @@ class OutputDir:
                         f"--out {str(out)!r} would overwrite the input {str(source)!r} (the job writes {name} "
                         "there); inputs are never modified: choose another --out"
                     )
+
+    def __enter__(self) -> OutputDir:
+        out = self.out
+        self.check_paths()
         missing = [d for d in (out, *out.parents) if not d.exists()]  # deepest first
         try:
             try:
@@ -215,12 +355,7 @@ class OutputDir:
             finally:
                 self.created = [d for d in missing if d.exists()]
             self._take_lock()
-            earlier = [p.name for p in self._earlier()]
-            if earlier and not self.overwrite:
-                raise FileExistsError(
-                    f"--out {str(out)!r} already holds results of an earlier run ({', '.join(earlier)}); "
-                    "pass --overwrite (overwrite=True) to replace them, or choose another --out"
-                )
+            self._check_contents()
             for stale in out.glob(".pertscale-run-*"):  # of runs that ended: we hold the lock, none is running
                 shutil.rmtree(stale, ignore_errors=True)
             self.staging = Path(tempfile.mkdtemp(prefix=".pertscale-run-", dir=out))
@@ -230,17 +365,47 @@ class OutputDir:
                     os.replace(item, self.staging / item.name)
                 partial.rmdir()
                 logger.info("resuming from the result blocks an interrupted run wrote")
+            elif self.resume:
+                logger.info("nothing to resume in %s (no interrupted run left blocks): starting from the start", out)
         except OSError as err:
             self._release()
-            if isinstance(err, FileExistsError):
+            if isinstance(err, FileExistsError) or err.errno == errno.ENOSPC:
                 raise
-            raise PermissionError(
-                f"cannot write to output directory {str(out)!r} ({err.strerror or err}); choose a writable --out"
-            ) from err
+            raise PermissionError(self._unwritable_message(err.strerror or str(err))) from err
         except BaseException:
             self._release()
             raise
         return self
+
+    def refusal(self) -> str | None:
+        """Why entering would refuse the run as ``out`` is now, or ``None``; nothing on disk changes.
+
+        What ``--dry-run`` reports: an ``out`` that cannot be written,
+        another run's lock, files in the way, results of an earlier run
+        without ``overwrite``, a ``resume`` with nothing to resume.
+        """
+        out = self.out
+        try:
+            self.check_paths()
+            where = next((p for p in (out, *out.parents) if p.exists()), Path("."))
+            reason = _unwritable(where, probe=False)
+            if reason:
+                return self._unwritable_message(reason if where == out else f"{str(where)!r}: {reason}")
+            if out.is_dir():
+                self._check_lock_free()
+                self._check_contents()
+        except (OSError, ValueError) as err:
+            return str(err)
+        return None
+
+    def _unwritable_message(self, reason: str) -> str:
+        return f"cannot write to output directory {str(self.out)!r} ({reason}); choose a writable --out"
+
+    def _lock_message(self) -> str:
+        return (
+            f"another pertscale run is writing to --out {str(self.out)!r} (it holds {self.LOCK}); "
+            "wait for it to finish or choose another --out"
+        )
 
     def _take_lock(self) -> None:
         try:
@@ -253,14 +418,90 @@ class OutputDir:
         except BlockingIOError:
             self._lock.close()
             self._lock = None
-            raise ValueError(
-                f"another pertscale run is writing to --out {str(self.out)!r} (it holds {self.LOCK}); "
-                "wait for it to finish or choose another --out"
-            ) from None
+            raise ValueError(self._lock_message()) from None
 
-    def _earlier(self) -> list[Path]:
-        """Outputs of an earlier run in ``out``: of any method, also those this run does not write."""
-        return sorted({p for pattern in EARLIER_OUTPUTS for p in self.out.glob(pattern)})
+    def _check_lock_free(self) -> None:
+        """Raise if another run holds the lock (without creating the lock file)."""
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - not POSIX: no lock
+            return
+        try:
+            handle = open(self.out / self.LOCK)  # noqa: SIM115 - closed below
+        except OSError:
+            return  # no lock file: no run holds it
+        with handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise ValueError(self._lock_message()) from None
+
+    def _survey(self) -> tuple[list[str], dict[str, str]]:
+        """The outputs of an earlier run in ``out``, and the files in the way with why each may not be replaced.
+
+        Earlier outputs: names the job writes (of any method or step) that
+        the manifest lists, unchanged since. In the way: files at such names
+        that it does not list (or that changed since).
+        """
+        try:
+            record = json.loads((self.out / self.MANIFEST).read_text())
+            written = record.get("written") if isinstance(record, dict) else None
+            recorded = written if isinstance(written, dict) else {}
+        except FileNotFoundError:
+            recorded = None
+        except (OSError, ValueError):  # a damaged record vouches for nothing
+            recorded = {}
+        earlier, foreign = [], {}
+        for name in sorted(OUTPUT_NAMES):
+            path = self.out / name
+            if not os.path.lexists(path):
+                continue
+            if recorded is not None and name in recorded and _identity(path) == recorded[name]:
+                earlier.append(name)
+            elif recorded is None:
+                foreign[name] = "no record"
+            else:
+                foreign[name] = "changed since pertscale wrote it" if name in recorded else "not written by pertscale"
+        return earlier, foreign
+
+    def _foreign_message(self, foreign: dict[str, str]) -> str:
+        if all(why == "no record" for why in foreign.values()):
+            what = (
+                f"{', '.join(foreign)}: not written by pertscale, or by a pertscale version that kept no record "
+                f"of its outputs (there is no {self.MANIFEST})"
+            )
+        else:
+            what = ", ".join(
+                f"{name} ({'not written by pertscale' if why == 'no record' else why})" for name, why in foreign.items()
+            )
+        return (
+            f"--out {str(self.out)!r} holds {what}. The job writes files of these names, and replaces only what an "
+            "earlier pertscale run recorded writing, unchanged; these are never replaced or removed, not even with "
+            "--overwrite: move or delete them, or choose another --out"
+        )
+
+    def _check_contents(self) -> None:
+        """Refuse files in the way, results of an earlier run without ``overwrite``, and a ``resume`` of nothing.
+
+        Raises
+        ------
+        FileExistsError
+            Naming the files and the fix.
+        """
+        earlier, foreign = self._survey()
+        if foreign:
+            raise FileExistsError(self._foreign_message(foreign))
+        if earlier and self.resume and not (self.out / self.PARTIAL).is_dir():
+            raise FileExistsError(
+                f"nothing to resume: --out {str(self.out)!r} holds the results of a finished run "
+                f"({', '.join(earlier)}) and no blocks of an interrupted one ({self.PARTIAL}); leave out --resume, "
+                "and pass --overwrite to compute the results again"
+            )
+        if earlier and not self.overwrite:
+            raise FileExistsError(
+                f"--out {str(self.out)!r} already holds results of an earlier run ({', '.join(earlier)}); "
+                "pass --overwrite (overwrite=True) to replace them, or choose another --out"
+            )
 
     def path(self, key: str) -> Path:
         """Where to write output ``key`` now (inside the staging directory)."""
@@ -279,26 +520,32 @@ class OutputDir:
             self._release(failed=exc_type is not None)
 
     def _commit(self) -> None:
-        """Move every staged output into place, or none.
+        """Move every staged output into place and record them in the manifest, or change nothing.
 
-        Earlier outputs (all of them, of any method, also those this run
-        does not write, so that no result of an earlier run is mixed with
-        the new ones) are moved aside first and put back if a move fails.
+        The outputs of an earlier run (all of them, of any method, also
+        those this run does not write, so that none is mixed with the new
+        ones) are moved aside first and put back if a later step fails. The
+        new manifest replaces the old one last, in one rename.
         """
         assert self.staging is not None
         _signals.check()  # a Ctrl-C swallowed by a finalizer during the run stops it here, before any move
+        earlier, foreign = self._survey()  # again: files may have appeared in --out while the run computed
+        in_the_way = {self.files[k]: foreign[self.files[k]] for k in self.files if self.files[k] in foreign}
+        if in_the_way:
+            raise FileExistsError(self._foreign_message(in_the_way))
         previous = self.staging / "previous"
         previous.mkdir()
         aside: list[str] = []
         moved: list[str] = []
         try:
-            for earlier in self._earlier():
-                os.replace(earlier, previous / earlier.name)
-                aside.append(earlier.name)
+            for name in earlier:
+                os.replace(self.out / name, previous / name)
+                aside.append(name)
             for key in self.files:
                 if self.path(key).exists():
                     os.replace(self.path(key), self.final(key))
                     moved.append(key)
+            self._write_manifest({self.files[key]: _identity(self.final(key)) for key in moved})
         except BaseException:
             for key in moved:
                 target = self.final(key)
@@ -306,6 +553,20 @@ class OutputDir:
             for name in aside:
                 os.replace(previous / name, self.out / name)
             raise
+
+    def _write_manifest(self, written: dict[str, dict | None]) -> None:
+        from . import __version__
+
+        record = {"format": 1, "pertscale": __version__, "written": written}
+        tmp = self.out / f"{self.MANIFEST}.tmp-{os.getpid()}"
+        try:
+            with open(tmp, "w") as f:
+                json.dump(record, f, indent=1)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.out / self.MANIFEST)
+        finally:
+            tmp.unlink(missing_ok=True)
 
     def _keep_partial(self) -> None:
         """Keep the result stores with written blocks (and their records) for a run with ``resume``."""
@@ -448,17 +709,18 @@ def run(
     record arrays fit: about 1,100 perturbations),
     ``de_<method>_significant.csv`` (rows with ``pval_adj < 0.05``); and
     ``qc.csv`` (cells per perturbation before and after filtering, and why a
-    perturbation was dropped). They appear together when the run succeeds;
-    a failed or interrupted run leaves none of them (and removes ``out`` if
-    it created it and nothing else is in it). The input is only read.
+    perturbation was dropped). They appear together when the run succeeds,
+    recorded (names, sizes, times) in ``out/.pertscale-manifest.json``; a
+    failed or interrupted run leaves none of them (and removes ``out`` if it
+    created it and nothing else is in it). The input is only read.
 
     Parameters
     ----------
     path
         ``.h5ad`` file or ``.zarr`` store of raw UMI counts.
     out
-        Output directory, created if missing; it must not be, or lie inside,
-        the input.
+        Output directory, created if missing; it must not be empty (``''``),
+        be, or lie inside, the input.
     perturbation_column, control_label
         The ``obs`` column of perturbation labels and the label of the
         control cells.
@@ -467,7 +729,8 @@ def run(
     exclude_labels
         Labels whose cells are dropped; a single string is one label.
     target_sum
-        Counts per cell after ``normalize_total``; finite and > 0.
+        Counts per cell after ``normalize_total``; between 1e-28 and 1e37
+        (float32 normalization's range, see ``check_target_sum``).
     layer, use_raw
         Read ``layers[layer]`` or ``raw.X`` instead of ``X``.
     chunk_size
@@ -503,8 +766,14 @@ def run(
         change against control (layer ``log2_fold_change``, control row
         0; :func:`pertscale.pb.log_fold_change`). Off by default.
     overwrite
-        Replace results of an earlier run found in ``out``; without it such
-        an ``out`` is refused before any work.
+        Replace the results of an earlier run found in ``out``: the files an
+        earlier pertscale run recorded in ``out/.pertscale-manifest.json``,
+        unchanged since (all of them, of any method, so that none is mixed
+        with the new ones). Without it such an ``out`` is refused before any
+        work. Files at an output's name that no run recorded (another
+        program's, a pertscale version's from before the record, or changed
+        since) refuse the run even with ``overwrite``; other files in
+        ``out`` are never touched.
     resume
         Continue a run on the same input with the same options that was
         interrupted (Ctrl-C, SIGTERM, a failure) while writing its results:
@@ -512,18 +781,27 @@ def run(
         not computed again; the passes before them (QC, the control
         summary) run again, and the working store is reused as always. The
         results equal those of an uninterrupted run. A run with other
-        options (other Dask graphs) starts the stores over.
+        options (other Dask graphs) starts the stores over. On an ``out``
+        that holds a finished run's results and no interrupted run's blocks
+        there is nothing to resume: ``FileExistsError`` (with or without
+        ``overwrite``); with neither, the run starts from the beginning.
     working_store
         Where the perturbation-sorted working store goes when the input is
         not sorted; default ``out/working_store.zarr``. It is kept (and reused
         by later runs on the same input) after a success or an interruption,
-        and removed after a failure of a run that created it.
+        and removed after a failure of a run that created it. It must not be
+        empty, ``out`` itself, hold ``out``, or overlap the input, and its
+        directory must be writable (checked before any pass).
     memory_limit
         Bytes of memory per worker to plan for; default the workers' limit
-        or this machine's available memory.
+        or this machine's available memory. With the threads scheduler, the
+        memory of this one process, which its threads share.
     dry_run
         Only make the plan and return it: nothing is read but the labels and
-        the row pointer, nothing is written.
+        the row pointer, nothing is written. ``Plan.refusals`` says why the
+        real run would be refused as ``out`` is now (results of an earlier
+        run without ``overwrite``, files in the way, another run's lock, an
+        unwritable ``out`` or working store, nothing to resume).
     scheduler, progress
         Where to compute (default: chosen by the plan: threads in this process
         for matrices under 2 GiB in memory, else the local process cluster or
@@ -542,14 +820,30 @@ def run(
         written, an option out of range or bad values. Everything that
         ``obs``, ``var`` and the file's metadata can show is checked before
         the first pass over the matrix.
+    ValueError
+        Also for an empty ``out`` or ``working_store``, a working store that
+        is ``out``, holds it or overlaps the input (before any pass).
     MemoryError
         If the plan does not fit the workers' memory or the disk (before any
         pass).
     FileExistsError
-        If ``out`` holds results of an earlier run and ``overwrite`` is off.
+        If ``out`` holds results of an earlier run and ``overwrite`` is off;
+        if it holds files at an output's name that no run recorded writing
+        (or that changed since), with or without ``overwrite``; with
+        ``resume``, if it holds a finished run's results and nothing to
+        resume.
     PermissionError
-        If ``out`` cannot be written (checked before any computation).
+        If ``out`` or the working store's directory cannot be written
+        (checked before any computation).
+    ConnectionError
+        If ``scheduler`` is an address where no Dask scheduler answers within
+        ``ps.settings.connect_timeout`` seconds (before any pass).
+    DiskFullError
+        If the disk fills up while the run writes (an ``OSError`` with errno
+        ENOSPC, also a ``MemoryError``): one line naming ``out`` (or the
+        working store) and the space the run needs there.
     """
+    check_scheduler(scheduler)
     t0 = time.perf_counter()
     seconds: dict[str, float] = {}
     min_genes = check_number(min_genes, "min_genes", integer=True, minimum=0, flag="--min-genes")
@@ -561,7 +855,7 @@ def run(
         minimum=2,
         flag="--min-cells-per-perturbation",
     )
-    target_sum = check_number(target_sum, "target_sum", minimum=0, min_open=True, flag="--target-sum")
+    target_sum = check_target_sum(target_sum)  # float32 normalization's range: the CLI's check and message
     memory_limit = check_number(memory_limit, "memory_limit", minimum=2**20, allow_none=True, flag="--memory-limit")
     exclude_labels = label_list(exclude_labels, "exclude_labels")
     methods = _methods(method)
@@ -571,9 +865,14 @@ def run(
         raise ValueError("--covariates are taken out by the nb-glm test only; add nb-glm to --method")
     if alternative not in ALTERNATIVES:
         raise ValueError(f"alternative {alternative!r} is not supported; choose one of {ALTERNATIVES} (--alternative)")
-    path, out = Path(path), Path(out)
+    path, out = Path(path), _directory(out, "out", "--out")
+    given_store = working_store is not None
+    store_path = _directory(working_store, "working_store", "--working-store") if given_store else out / WORKING_STORE
     adata = read(path, layer=layer, use_raw=use_raw, chunk_size=chunk_size)
     check_shape(adata, f"the matrix in {str(path)!r}")
+    files = output_files(methods, steps)
+    output = OutputDir(out, files=files, inputs=[path], overwrite=overwrite, resume=resume)
+    output.check_paths()  # --out is not, and is not inside, the input: before anything, also for a dry run
     labels = perturbation_labels(adata.obs, perturbation_column)
     scanpy_format, testable = _check_labels_before_passes(
         labels,
@@ -595,86 +894,110 @@ def run(
         scheduler = "local"  # the active distributed.Client
     needs_sort = not is_sorted(labels, control_label, exclude_labels)
     kept = ~labels.isin(exclude_labels).to_numpy()
+    csc_nnz = _csc_nonzeros(path, layer=layer, use_raw=use_raw)
+    uses_store = needs_sort or csc_nnz is not None  # the sorted store, or the CSR copy beside it
+    _check_working_store(store_path, out, path, given=given_store, uses_store=uses_store, csc=csc_nnz is not None)
+    row_nnz = row_nonzeros(path, layer=layer, use_raw=use_raw)
+    if row_nnz is None and csc_nnz is not None:  # a CSC matrix: its total from the column pointer, spread evenly
+        row_nnz = np.full(adata.n_obs, csc_nnz // max(adata.n_obs, 1), dtype=np.int64)
+        row_nnz[: csc_nnz - int(row_nnz.sum())] += 1
+    csr_record = store_path.parent / CSR_COPY / ".pertscale-input.json"
     plan = make_plan(
         adata,
         kept=kept,
         control=(labels == str(control_label)).to_numpy(),
         group_sizes=labels[kept & (labels != str(control_label)).to_numpy()].value_counts().to_numpy(),
         needs_sort=needs_sort,
-        out=Path(working_store).parent if working_store else out,
+        out=out,
         scheduler=scheduler if isinstance(scheduler, str) or scheduler is None else "distributed",  # a Client
         memory_limit=memory_limit,
         chunk_size=chunk_size,
         n_groups_tested=len(testable),
-        row_nnz=row_nonzeros(path, layer=layer, use_raw=use_raw),
+        row_nnz=row_nnz,
         workers=_client_workers(scheduler),
-        n_statistics=sum(len(TESTS[m].statistics) for m in methods),
+        statistics={m: len(TESTS[m].statistics) for m in methods},
+        files=files,
+        h5ad=scanpy_format,
         nb_glm="nb-glm" in methods,
         steps=steps,
+        working_store=store_path,
+        store_reused=needs_sort and _store_complete(store_path),
+        csr_copy=None if csc_nnz is None else ("reused" if csr_record.exists() else "new"),
     )
-    if dry_run:
+    if dry_run:  # what the run would refuse, said without creating or changing anything
+        refusals = (output.refusal(), _store_refusal(store_path, out, uses_store=uses_store, probe=False))
+        plan.refusals = [r for r in refusals if r]
         return plan
     plan.check()
+    refused = _store_refusal(store_path, out, uses_store=uses_store, probe=True)
+    if refused:
+        raise PermissionError(refused)
     if scheduler is None and plan.scheduler == "threads":
         scheduler = "threads"
-    store_path = Path(working_store) if working_store else out / WORKING_STORE
     store_existed = store_path.exists()
-    with OutputDir(
-        out, files=output_files(methods, steps), inputs=[path], overwrite=overwrite, resume=resume
-    ) as output:
-        if not isinstance(working_store, type(None)):
-            check_not_input(store_path, [path], what="--working-store")
-        try:
-            t = time.perf_counter()
-            csr = _csr_copy(
-                path, store_path.parent / CSR_COPY, layer=layer, use_raw=use_raw, scheduler=scheduler, progress=progress
-            )
-            if csr is not None:
-                seconds["transpose"] = time.perf_counter() - t
-            res, qc, dropped, n_kept = _passes(
-                path,
-                adata,
-                plan,
-                store_path if needs_sort else None,
-                output,
-                perturbation_column=perturbation_column,
-                control_label=str(control_label),
-                min_genes=min_genes,
-                min_cells=min_cells,
-                min_cells_per_perturbation=min_cells_per_perturbation,
-                exclude_labels=exclude_labels,
-                target_sum=target_sum,
-                layer=layer,
-                use_raw=use_raw,
-                methods=methods,
-                nb_options={
-                    "size_factor_method": size_factor_method,
-                    "dispersion_method": dispersion_method,
-                    "shrink": shrink,
-                    "covariates": covariates,
-                },
-                options={
-                    "tie_correct": tie_correct,
-                    "use_continuity": use_continuity,
-                    "corr_method": corr_method,
-                    "alternative": alternative,
-                    "min_pct": min_pct,
-                    "min_mean": min_mean,
-                },
-                scanpy_format=scanpy_format,
-                steps=steps,
-                scheduler=scheduler,
-                progress=progress,
-                seconds=seconds,
-                matrix_path=csr,
-            )
-        except Exception:
-            # kept after Ctrl-C (to resume), and after a failure once complete and costly to make again
-            # (out-of-core inputs: the user fixes an option and runs again); otherwise removed
-            costly = plan.kept_nnz * BYTES_PER_NONZERO >= THREADS_BELOW_BYTES and _store_complete(store_path)
-            if needs_sort and not store_existed and not costly:
-                shutil.rmtree(store_path, ignore_errors=True)
+    try:
+        with output:
+            try:
+                t = time.perf_counter()
+                csr = _csr_copy(
+                    path,
+                    store_path.parent / CSR_COPY,
+                    layer=layer,
+                    use_raw=use_raw,
+                    scheduler=scheduler,
+                    progress=progress,
+                )
+                if csr is not None:
+                    seconds["transpose"] = time.perf_counter() - t
+                res, qc, dropped, n_kept = _passes(
+                    path,
+                    adata,
+                    plan,
+                    store_path if needs_sort else None,
+                    output,
+                    perturbation_column=perturbation_column,
+                    control_label=str(control_label),
+                    min_genes=min_genes,
+                    min_cells=min_cells,
+                    min_cells_per_perturbation=min_cells_per_perturbation,
+                    exclude_labels=exclude_labels,
+                    target_sum=target_sum,
+                    layer=layer,
+                    use_raw=use_raw,
+                    methods=methods,
+                    nb_options={
+                        "size_factor_method": size_factor_method,
+                        "dispersion_method": dispersion_method,
+                        "shrink": shrink,
+                        "covariates": covariates,
+                    },
+                    options={
+                        "tie_correct": tie_correct,
+                        "use_continuity": use_continuity,
+                        "corr_method": corr_method,
+                        "alternative": alternative,
+                        "min_pct": min_pct,
+                        "min_mean": min_mean,
+                    },
+                    scanpy_format=scanpy_format,
+                    steps=steps,
+                    scheduler=scheduler,
+                    progress=progress,
+                    seconds=seconds,
+                    matrix_path=csr,
+                )
+            except Exception:
+                # kept after Ctrl-C (to resume), and after a failure once complete and costly to make again
+                # (out-of-core inputs: the user fixes an option and runs again); otherwise removed
+                costly = plan.kept_nnz * BYTES_PER_NONZERO >= THREADS_BELOW_BYTES and _store_complete(store_path)
+                if needs_sort and not store_existed and not costly:
+                    shutil.rmtree(store_path, ignore_errors=True)
+                raise
+    except Exception as err:  # a full disk, also as zarr, dask or h5py wrap it: one line with the space needed
+        full = _no_space(err)
+        if full is None or isinstance(err, DiskFullError):
             raise
+        raise _disk_full(full, out=out, store=store_path, plan=plan) from err
     seconds["total"] = time.perf_counter() - t0
     return RunSummary(
         n_obs_input=int(qc["n_cells_before"].sum()),
@@ -1004,14 +1327,96 @@ def _methods(method: str | Iterable[str]) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-def _client_workers(scheduler) -> tuple[int, int] | None:
-    """Number and smallest memory limit of the workers of the distributed client the job will use, if any."""
-    client = active_client() if scheduler in (None, "local") else scheduler
+def _client_workers(scheduler) -> tuple[int, int, int] | None:
+    """Number, smallest memory limit and most threads of the workers of the distributed client the job will use."""
+    client = active_client() if scheduler in (None, "local") else resolve_scheduler(scheduler)  # an address: connect
     if client is None or isinstance(client, str):
         return None
     workers = client.scheduler_info().get("workers", {})
     limits = [w.get("memory_limit") or 0 for w in workers.values()]
-    return (len(workers), min(limits)) if workers else None
+    threads = [w.get("nthreads") or 1 for w in workers.values()]
+    return (len(workers), min(limits), max(threads)) if workers else None
+
+
+def _directory(value, name: str, flag: str) -> Path:
+    """A directory option as a path; an empty one (``--out ''``, which would mean the current directory) is refused.
+
+    Raises
+    ------
+    ValueError
+        For an empty or blank path.
+    """
+    if not str(value).strip():
+        raise ValueError(
+            f"{name} ({flag}) is empty: give a directory, for example {flag} results/ "
+            "(an empty path would write into the current directory)"
+        )
+    return Path(value)
+
+
+def _csc_nonzeros(path: Path, *, layer, use_raw) -> int | None:
+    """The non-zeros of a matrix stored by columns (CSC), from its column pointer; ``None`` for other layouts."""
+    from .io._convert import stored_matrix
+
+    stored = stored_matrix(path, layer=layer, use_raw=use_raw)
+    if stored.encoding != "csc_matrix":
+        return None
+    elem, handle = stored.open()
+    try:
+        return int(elem["indptr"][-1])
+    finally:
+        if handle is not None:
+            handle.close()
+
+
+def _check_working_store(store: Path, out: Path, source: Path, *, given: bool, uses_store: bool, csc: bool) -> None:
+    """Refuse a working store that is ``out``, holds it, is where an output goes, or would touch the input.
+
+    Raises
+    ------
+    ValueError
+        Naming both paths and the fix.
+    """
+    what = "--working-store" if given else f"the working store (default: {WORKING_STORE} in --out)"
+    s, o = store.resolve(), out.resolve()
+    if s == o:
+        raise ValueError(
+            f"--working-store {str(store)!r} is --out itself; the working store is a directory of its own, rebuilt "
+            f"when the input changes: leave --working-store out (it goes to {str(out / WORKING_STORE)!r}) or give "
+            "another path"
+        )
+    if s in o.parents:
+        raise ValueError(
+            f"--out {str(out)!r} lies inside --working-store {str(store)!r}, which is rebuilt when the input "
+            "changes; choose a --working-store that does not hold --out"
+        )
+    for name in sorted(OUTPUT_NAMES):
+        if s == o / name or o / name in s.parents:
+            raise ValueError(
+                f"--working-store {str(store)!r} is where the job writes {name} in --out; choose another path"
+            )
+    if uses_store:
+        check_not_input(store, [source], what=what)
+        if csc:
+            check_not_input(store.parent / CSR_COPY, [source], what=f"the CSR copy of the CSC input, beside {what},")
+
+
+def _store_refusal(store: Path, out: Path, *, uses_store: bool, probe: bool) -> str | None:
+    """Why the working store (or the CSR copy beside it) cannot be written, or ``None``.
+
+    Not asked when no store is written, when a complete one is there
+    (reused), or when it goes straight into ``out`` (checked with it).
+    """
+    if not uses_store or store.parent.resolve() == out.resolve() or _store_complete(store):
+        return None
+    where = next((p for p in (store, *store.parents) if p.exists()), Path("."))
+    reason = _unwritable(where, probe=probe)
+    if reason is None:
+        return None
+    return (
+        f"cannot write the working store {str(store)!r} ({str(where)!r}: {reason}); "
+        "choose a --working-store on a writable disk, or leave it out (it then goes into --out)"
+    )
 
 
 def _store_complete(store: Path) -> bool:

@@ -1,4 +1,4 @@
-"""Package-wide settings: scheduler, progress bars, chunk budget."""
+"""Package-wide settings: scheduler, progress bars, chunk budget, connection timeout."""
 
 from __future__ import annotations
 
@@ -18,9 +18,18 @@ class Settings:
         one, else a ``LocalCluster`` started on first use with one
         single-threaded worker process per core), ``"synchronous"``,
         ``"threads"``, ``"processes"``, or a scheduler address such as
-        ``"tcp://10.0.0.5:8786"``.
+        ``"tcp://10.0.0.5:8786"``. A name that is none of these is
+        refused when set.
     progress
-        Show a progress bar on computations over the matrix.
+        Show a progress bar on computations over the matrix: tqdm's where
+        stderr is a terminal (or in Jupyter), else plain lines (a log).
+    progress_interval
+        Seconds between two lines of progress when stderr is not a
+        terminal (a batch job's log, ``2> log``); ``> 0``.
+    connect_timeout
+        Seconds to wait for a scheduler address to answer before failing
+        with a message that names it (``pertscale run --connect-timeout``);
+        ``> 0``.
     n_workers
         Worker processes of the default local cluster; ``None`` uses the
         number of cores.
@@ -34,6 +43,8 @@ class Settings:
 
     scheduler: str = "local"
     progress: bool = True
+    progress_interval: float = 30.0
+    connect_timeout: float = 5.0
     n_workers: int | None = None
     memory_fraction: float = 0.5
 
@@ -47,6 +58,12 @@ class Settings:
             value = check_number(value, "settings.memory_fraction", minimum=0, min_open=True, maximum=1)
         elif name == "progress" and not isinstance(value, bool):
             raise TypeError(f"settings.progress must be True or False, got {value!r}")
+        elif name in ("progress_interval", "connect_timeout"):
+            value = check_number(value, f"settings.{name}", minimum=0, min_open=True)
+        elif name == "scheduler" and value != "local":  # the default needs no check (nor, while this loads, an import)
+            from .cluster import check_scheduler
+
+            check_scheduler(value)
         super().__setattr__(name, value)
 
     @contextmanager

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import numbers
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 import numpy as np
 import pandas as pd
@@ -32,8 +32,10 @@ def check_number(
     minimum: float | None = None,
     maximum: float | None = None,
     min_open: bool = False,
+    max_open: bool = False,
     allow_none: bool = False,
     flag: str | None = None,
+    why: str | None = None,
 ):
     """A finite number within bounds, or an error that names it.
 
@@ -50,10 +52,14 @@ def check_number(
         Inclusive bounds.
     min_open
         Make the lower bound exclusive (``value > minimum``).
+    max_open
+        Make the upper bound exclusive (``value < maximum``).
     allow_none
         Accept ``None`` (returned as it is).
     flag
         The command-line flag of the same option, named in the message.
+    why
+        Why the bounds are what they are, said after an out-of-bounds value.
 
     Returns
     -------
@@ -77,18 +83,126 @@ def check_number(
         raise TypeError(f"{label} must be a number, got {value!r} ({type(value).__name__})")
     if not math.isfinite(value):
         raise ValueError(f"{label} must be a finite number, got {value!r}")
+    given = value
     if integer:
-        if float(value) != int(value):
+        # an int is whole as it is (float(10**30) is not 10**30: compare as floats only what is a float)
+        if not isinstance(value, numbers.Integral) and not float(value).is_integer():
             raise ValueError(f"{label} must be a whole number, got {value!r}")
         value = int(value)
     else:
         value = float(value)
     below = value <= minimum if (minimum is not None and min_open) else minimum is not None and value < minimum
-    if below or (maximum is not None and value > maximum):
+    above = value >= maximum if (maximum is not None and max_open) else maximum is not None and value > maximum
+    if below or above:
         low = "" if minimum is None else (f"> {minimum}" if min_open else f">= {minimum}")
-        high = "" if maximum is None else f"<= {maximum}"
-        raise ValueError(f"{label} must be {' and '.join(b for b in (low, high) if b)}, got {value!r}")
+        high = "" if maximum is None else (f"< {maximum}" if max_open else f"<= {maximum}")
+        raise ValueError(
+            f"{label} must be {' and '.join(b for b in (low, high) if b)}, got {given!r}" + (f": {why}" if why else "")
+        )
     return value
+
+
+#: ``target_sum`` between these (see :func:`check_target_sum` for where they come from).
+TARGET_SUM_RANGE = (1e-28, 1e37)
+
+
+def check_target_sum(value, *, flag: str | None = "--target-sum", allow_none: bool = False):
+    """``target_sum`` of ``normalize_total``: a number whose normalized values float32 holds.
+
+    The bounds come from the arithmetic of
+    :func:`pertscale.kernels.qc.normalize_rows` (scanpy's): each count ``x``
+    of a cell with ``t`` counts is divided by the cell's factor
+    ``t / target_sum``, both in float32, so the values lie between
+    ``target_sum / t_max`` (one count in the largest cell) and ``target_sum``
+    (a cell with all its counts in one gene). Nothing is lost while the
+    factor and the values are normal float32 numbers, between
+    ``tiny = 1.18e-38`` and ``max = 3.40e38``:
+
+    - the factor, for ``1 <= t <= t_max``: ``t_max / target_sum <= max`` and
+      ``1 / target_sum >= tiny``, so ``target_sum <= 1 / tiny = 8.5e37``;
+    - the values: ``target_sum <= max`` and ``target_sum / t_max >= tiny``,
+      so ``target_sum >= t_max * tiny``.
+
+    With ``t_max = 2**31`` counts in one cell (single-cell libraries hold
+    about 1e6 UMIs), ``target_sum`` lies between 2.5e-29 and 8.5e37, taken
+    inwards to powers of ten: :data:`TARGET_SUM_RANGE`. Beyond, normalizing
+    breaks without an error: at 1e300, ``float32(target_sum)`` is infinite,
+    every factor 0 (then set to 1) and normalization a no-op; at 1e-300 it
+    is 0, every factor infinite and every value 0. Everything downstream is
+    float64 (the log1p values, at most ``ln(1e37) = 85``; HVG's ``expm1``
+    and squares; PCA's Gram matrix; the t-test's variances; the pseudo-bulk
+    sums), so the float32 step is the one that binds. float64 matrices stay
+    float64 and could go further; one range keeps the API and the command
+    line alike.
+
+    Parameters
+    ----------
+    value
+        The number (``None`` too with ``allow_none``: the median total).
+    flag
+        The command-line flag named in the message.
+    allow_none
+        Accept ``None``.
+
+    Returns
+    -------
+    float or None
+
+    Raises
+    ------
+    TypeError
+        If it is not a number.
+    ValueError
+        If it is not finite, not above 0, or outside :data:`TARGET_SUM_RANGE`.
+    """
+    value = check_number(value, "target_sum", minimum=0, min_open=True, allow_none=allow_none, flag=flag)
+    low, high = TARGET_SUM_RANGE
+    if value is not None and not low <= value <= high:
+        label = f"target_sum ({flag})" if flag else "target_sum"
+        raise ValueError(
+            f"{label} must be between {low:g} and {high:g}, got {value!r}: beyond, the normalized values (float32, "
+            "as scanpy computes them) leave float32's range, and normalization silently becomes a no-op (too "
+            "large) or sets every value to 0 (too small); 1e4 is usual"
+        )
+    return value
+
+
+#: A key written to, then removed from, a view's ``uns``: anndata's copy-on-write makes the view actual.
+_ACTUALIZE = "pertscale_actualize"
+
+
+def as_actual(adata) -> None:
+    """Make a view of an AnnData an actual AnnData before an in-place function writes to it.
+
+    A write to a view otherwise reaches its parent: anndata's ``X`` setter
+    writes into the parent's matrix (in the parent's dtype, so normalized
+    counts are truncated to integers), and the nested dictionaries of a
+    view's ``uns`` are the parent's own. A write to one of a view's mappings
+    is anndata's public copy-on-write: the view becomes an actual AnnData
+    holding a copy of its data (lazy matrices stay lazy), with anndata's
+    ``ImplicitModificationWarning``, and the parent is left as it was, as
+    scanpy's in-place functions do with views. Does nothing to an actual
+    AnnData.
+    """
+    if adata.is_view:
+        adata.uns[_ACTUALIZE] = True
+        del adata.uns[_ACTUALIZE]
+
+
+def log1p_record(adata, layer: str | None) -> dict | None:
+    """How ``X`` or a layer was log1p-transformed (``{'base': ...}``), or ``None`` if it is not marked.
+
+    ``X``'s record is scanpy's ``uns['log1p']``; a layer's is
+    ``uns['pertscale']['log1p_layers'][layer]`` (written by
+    :func:`pertscale.pp.log1p`), so logging a layer does not mark ``X``.
+    """
+    if layer is None:
+        record = adata.uns.get("log1p")
+    else:
+        record = ((adata.uns.get("pertscale") or {}).get("log1p_layers") or {}).get(layer)
+    if record is None:
+        return None
+    return dict(record) if isinstance(record, Mapping) else {}
 
 
 def label_list(values, name: str) -> list[str]:
@@ -231,6 +345,10 @@ def perturbation_labels(obs: pd.DataFrame, perturbation_column: str) -> pd.Serie
     names = np.array([str(u) for u in uniques], dtype=object)
     as_str = pd.Series(names[codes] if names.size else np.empty(0, dtype=object), index=labels.index, name=labels.name)
     _check_distinct_as_strings(labels, as_str, perturbation_column)
+    from .io._blocks import warn_absent_chunks
+
+    as_str.attrs = dict(obs.attrs)  # what pertscale.read found in the store (absent label chunks), for the checks
+    warn_absent_chunks(obs, perturbation_column)
     return as_str
 
 
@@ -294,15 +412,19 @@ def check_control(labels: pd.Series, control_label: str, perturbation_column: st
         If the label is not present (the message lists the labels seen) or
         fewer than ``min_cells`` cells carry it.
     """
+    from .io._blocks import absent_chunks_note
+
     mask = (labels == str(control_label)).to_numpy()
     if not mask.any():
         seen = labels.value_counts().index
         raise ValueError(
             f"control_label {control_label!r} not found in obs[{perturbation_column!r}]; labels seen: {_listing(seen)}"
+            + absent_chunks_note(labels, perturbation_column)
         )
     if mask.sum() < min_cells:
         raise ValueError(
             f"only {int(mask.sum())} cell(s) labelled {control_label!r} in obs[{perturbation_column!r}]; "
             f"at least {min_cells} control cells are needed to test against control"
+            + absent_chunks_note(labels, perturbation_column)
         )
     return mask

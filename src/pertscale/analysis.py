@@ -172,10 +172,10 @@ class QCSettings(AnalysisSettings):
     method: Literal["qc"] = "qc"
     perturbation_column: str
     control_label: str | None = None
-    min_genes: int = 100
-    min_cells_per_perturbation: int = 50
-    min_cells_per_gene: int = 100
-    exclude_labels: tuple[str, ...] = ()
+    min_genes: int = 20
+    min_cells_per_perturbation: int = 20
+    min_cells_per_gene: int = 3
+    exclude_labels: tuple[str, ...] = ("multiple", "unassigned")
 
     numbers: ClassVar[dict[str, dict[str, Any]]] = {
         name: {"integer": True, "minimum": 0}

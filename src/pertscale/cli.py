@@ -11,18 +11,41 @@ import click
 from . import __version__
 
 
+def _count_verbose(ctx: click.Context, param, value: int) -> None:
+    """Count -v/--verbose before the subcommand (``pertscale -v run``) and after it (``pertscale run ... -vv``)."""
+    root = ctx.find_root()
+    root.ensure_object(dict)
+    root.obj["verbose"] = root.obj.get("verbose", 0) + value
+
+
+#: -v/--verbose, taken by the group and by each subcommand alike
+verbose_option = click.option(
+    "-v",
+    "--verbose",
+    count=True,
+    expose_value=False,
+    callback=_count_verbose,
+    help="More log messages (-v info, -vv debug); before or after the subcommand.",
+)
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="pertscale")
-@click.option("-v", "--verbose", count=True, help="More log messages (-v info, -vv debug).")
+@verbose_option
 @click.pass_context
-def main(ctx: click.Context, verbose: int) -> None:
+def main(ctx: click.Context) -> None:
     """pertscale: out-of-core analysis of single-cell CRISPR screens on Dask.
 
     Run `pertscale run --help` for the main job.
     """
-    level = logging.WARNING - 10 * min(verbose, 2)
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
-    ctx.obj = {"verbose": verbose}
+    ctx.ensure_object(dict)
+
+
+def _configure_logging() -> int:
+    """Configure logging from every -v given (the subcommand's options are parsed by now); return the count."""
+    verbose = click.get_current_context().find_root().ensure_object(dict).get("verbose", 0)
+    logging.basicConfig(level=logging.WARNING - 10 * min(verbose, 2), format="%(levelname)s %(name)s: %(message)s")
+    return verbose
 
 
 def _quiet_libraries(verbose: int) -> None:
@@ -99,6 +122,16 @@ def _finite(name: str, **bounds):
     return callback
 
 
+def _target_sum(ctx, param, value):
+    """A click callback: --target-sum in the range float32 normalization holds (the API's check and message)."""
+    from ._validation import check_target_sum
+
+    try:
+        return check_target_sum(value, flag=param.opts[0])
+    except (TypeError, ValueError) as err:
+        raise click.UsageError(str(err), ctx) from err
+
+
 def _pair(name: str, **bounds):
     """A click callback: one number, or two comma-separated (control, perturbation), each finite and in range."""
 
@@ -142,7 +175,9 @@ def _pair(name: str, **bounds):
     "--overwrite",
     is_flag=True,
     default=False,
-    help="Replace results of an earlier run in --out (refused without it).",
+    help="Replace the results of an earlier pertscale run in --out (refused without it). Only files a run "
+    "recorded writing (.pertscale-manifest.json), unchanged since, are replaced; other files of an output's name "
+    "refuse the run, and no other file is touched.",
 )
 @click.option(
     "--min-genes",
@@ -176,8 +211,9 @@ def _pair(name: str, **bounds):
     default=1e4,
     show_default=True,
     type=float,
-    callback=_finite("target_sum", minimum=0, min_open=True),
-    help="Counts per cell after normalize_total, before log1p (finite, > 0).",
+    callback=_target_sum,
+    help="Counts per cell after normalize_total, before log1p (between 1e-28 and 1e37: beyond, the float32 "
+    "normalized values overflow or underflow).",
 )
 @click.option(
     "--chunk-size",
@@ -190,6 +226,12 @@ def _pair(name: str, **bounds):
     default=None,
     help="local (LocalCluster, one process per core), synchronous, threads, processes, or an address "
     "(default: chosen by the plan: threads for matrices under 2 GiB in memory, else local).",
+)
+@click.option(
+    "--connect-timeout",
+    default=None,
+    type=click.FloatRange(min=0, min_open=True),
+    help="Seconds to wait for a --scheduler address to answer (default 5).",
 )
 @click.option(
     "--cluster",
@@ -220,9 +262,17 @@ def _pair(name: str, **bounds):
     "--resume",
     is_flag=True,
     default=False,
-    help="Continue an interrupted run with the same input and options: the result blocks it wrote are kept.",
+    help="Continue an interrupted run with the same input and options: the result blocks it wrote are kept. "
+    "On an --out holding a finished run's results and nothing interrupted it stops with 'nothing to resume' "
+    "(exit code 1); with neither, it starts from the beginning.",
 )
-@click.option("--dry-run", is_flag=True, default=False, help="Print the plan (memory, disk, passes) and stop.")
+@click.option(
+    "--dry-run",
+    is_flag=True,
+    default=False,
+    help="Print the plan (memory, disk, passes) and whether the run would be refused (results already in --out, "
+    "files in the way, a lock held), and stop; exit code 1 if it would not run. Nothing is written.",
+)
 @click.option(
     "--method",
     default="wilcoxon",
@@ -323,7 +373,13 @@ def _pair(name: str, **bounds):
     help="Also write pseudobulk.h5ad: summed counts, mean log1p and log2 fold change against control per "
     "perturbation (one pass).",
 )
-@click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bars.")
+@click.option(
+    "--progress/--no-progress",
+    default=True,
+    show_default=True,
+    help="Progress bars; plain lines, one every 30 s, where stderr is not a terminal (a batch job's log).",
+)
+@verbose_option
 def run(
     *,
     input_path,
@@ -340,6 +396,7 @@ def run(
     target_sum,
     chunk_size,
     scheduler,
+    connect_timeout,
     batch_system,
     cores,
     memory,
@@ -387,15 +444,21 @@ def run(
     """
     import warnings
 
+    from ._settings import settings
     from ._signals import Terminated, recorded
 
+    verbose = _configure_logging()
     labels = tuple(s.strip() for s in exclude_labels.split(",") if s.strip())
+    timeout = {} if connect_timeout is None else {"connect_timeout": connect_timeout}
     # Ctrl-C, and a batch system's SIGTERM, clean up and are never lost (see _signals)
-    with warnings.catch_warnings(record=True) as caught, recorded():
+    with warnings.catch_warnings(record=True) as caught, recorded(), settings.override(**timeout):
         warnings.simplefilter("always", UserWarning)
         try:
-            _quiet_libraries(click.get_current_context().find_root().obj["verbose"])
+            _quiet_libraries(verbose)
             from ._pipeline import run as run_pipeline
+            from .cluster import check_scheduler
+
+            check_scheduler(scheduler)  # a misspelt name or malformed address: at once, before reading the input
 
             if perturbation_column is None or control_label is None:
                 perturbation_column, control_label = _infer_labels(
@@ -462,6 +525,7 @@ def run(
             KeyError,
             MemoryError,
             TimeoutError,
+            ConnectionError,
             ImportError,
         ) as err:
             message = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
@@ -478,7 +542,7 @@ def run(
             warnings.showwarning(w.message, w.category, w.filename, w.lineno)
     for line in summary.lines():
         click.echo(line)
-    if dry_run and getattr(summary, "problems", None):
+    if dry_run and (getattr(summary, "problems", None) or getattr(summary, "refusals", None)):
         raise click.exceptions.Exit(1)
 
 

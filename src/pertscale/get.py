@@ -84,12 +84,15 @@ def dataset(results: ad.AnnData | str | Path, method: str | None = None, *, key:
         A results AnnData (from :func:`pertscale.tl.rank_genes_groups`, lazy
         or in memory); an AnnData whose result store holds tests (then
         ``method``, ``key`` and ``filters`` pick one, as :func:`result`); or
-        the path of a results ``.zarr`` store written by
-        :func:`pertscale.write` or ``pertscale run`` (``de_wilcoxon.zarr``),
-        or of an ``.h5ad``/``.zarr`` file holding a result store (its
-        statistics are read lazily, block by block).
+        the path of a results file written by :func:`pertscale.write` or
+        ``pertscale run`` (``de_wilcoxon.zarr``, ``de_wilcoxon.h5ad``), or of
+        an ``.h5ad``/``.zarr`` file holding a result store (its statistics
+        are read lazily, block by block).
     method, key, **filters
-        Pick a stored test, as :func:`result` does.
+        Pick a stored test, as :func:`result` does. For the results of one
+        test (a ``de_*`` file) they are optional and checked against it:
+        ``method="wilcoxon"`` on ``de_wilcoxon.h5ad`` is that file, on
+        ``de_t_test.h5ad`` an error.
 
     Returns
     -------
@@ -106,13 +109,17 @@ def dataset(results: ad.AnnData | str | Path, method: str | None = None, *, key:
     FileNotFoundError
         If the path does not exist.
     ValueError
-        If it holds no perturbation x gene statistics.
+        If it holds no perturbation x gene statistics, or the results of
+        one test were asked for with a ``method``, ``key`` or settings that
+        are not theirs (the message says what they hold).
     """
     import xarray as xr
 
     if isinstance(results, (str, Path)):
         results = _open_results(Path(results))
-    if _has_store(results) or method is not None or key is not None or filters:
+    if not _has_store(results) and _held_method(results) is not None:
+        _check_held(results, method, key, filters)  # one test's results: method= and filters must describe it
+    elif _has_store(results) or method is not None or key is not None or filters:
         from .analysis import DESettings
 
         settings, results = result(results, method, key=key, return_settings=True, **filters)
@@ -216,24 +223,75 @@ def compare(
     return out.assign_coords({dim: names})
 
 
+def _held_method(results: ad.AnnData) -> str | None:
+    """The test whose results ``results`` is (``uns['pertscale']['settings']['method']``), or ``None``."""
+    settings = (results.uns.get("pertscale") or {}).get("settings") if isinstance(results, ad.AnnData) else None
+    method = settings.get("method") if isinstance(settings, dict) else None
+    return str(method) if method is not None else None
+
+
+def _check_held(results: ad.AnnData, method: str | None, key: str | None, filters: dict) -> None:
+    """Refuse a ``method``, ``key`` or settings filter that the results of one test do not match."""
+    from .analysis import _plain
+
+    held = _held_method(results)
+    settings = dict(results.uns["pertscale"]["settings"])
+    if method is not None and method != held:
+        raise ValueError(
+            f"these are the results of {held!r}, not {method!r}; pass method={held!r} or omit method=, or open the "
+            f"file of the {method} results (pertscale run writes de_{method.replace('-', '_')}.zarr/.h5ad)"
+        )
+    if key is not None and key.replace("-", "_") != f"de_{held}".replace("-", "_"):
+        raise ValueError(f"these are the results of {held!r} (key 'de_{held}'), not {key!r}; omit key=")
+    unknown = sorted(set(filters) - set(settings))
+    if unknown:
+        raise ValueError(f"{unknown} are not settings of these {held} results; settings: {sorted(settings)}")
+    differ = {k: settings[k] for k, v in filters.items() if _plain(settings[k]) != _plain(v)}
+    if differ:
+        shown = ", ".join(f"{k}={_plain(v)!r}" for k, v in differ.items())
+        raise ValueError(f"these {held} results were computed with {shown}, not as asked")
+
+
 def _open_results(path: Path) -> ad.AnnData:
-    """A results ``.zarr`` store as an AnnData whose layers are Dask arrays over its chunks.
+    """A results file (``de_wilcoxon.zarr`` or ``.h5ad``) as an AnnData whose layers are Dask arrays over its chunks.
 
     A file that holds a result store (a cell-level ``.h5ad`` or ``.zarr``
     written by :func:`pertscale.write`) is opened with :func:`pertscale.read`.
+    Of a results file only ``obs``, ``var``, ``uns['pertscale']`` and the
+    layers (lazily) are read: scanpy's ``uns['rank_genes_groups']`` view
+    can be as large as the layers.
     """
     import dask.array as da
+    import h5py
     import zarr
 
     if not path.exists():
         raise FileNotFoundError(f"no such file or directory: {str(path)!r}")
-    group = zarr.open_group(str(path), mode="r") if path.suffix == ".zarr" else None
-    if group is None or "settings" not in group.get("uns/pertscale", {}):
-        from .io._read import read
+    if path.is_dir():
+        group = zarr.open_group(str(path), mode="r")
+        if _is_results(group):
+            layers = {name: da.from_zarr(group["layers"][name]) for name in group["layers"].keys()}
+            return _results_adata(group, layers)
+    elif h5py.is_hdf5(path):
+        from anndata.experimental import read_elem_lazy
 
-        return read(path)
-    obs = ad.io.read_elem(group["obs"])
-    var = ad.io.read_elem(group["var"])
-    uns = ad.io.read_elem(group["uns"]) if "uns" in group else {}
-    layers = {name: da.from_zarr(group["layers"][name]) for name in group["layers"].keys()} if "layers" in group else {}
-    return ad.AnnData(obs=obs, var=var, layers=layers, uns=uns)
+        with h5py.File(path, "r") as f:
+            if _is_results(f):
+                layers = {name: read_elem_lazy(f["layers"][name]) for name in f["layers"].keys()}
+                return _results_adata(f, layers)
+    from .io._read import read
+
+    return read(path)
+
+
+def _is_results(group) -> bool:
+    """A results AnnData as written: layers of statistics and its settings in ``uns/pertscale/settings``."""
+    try:
+        return "settings" in group["uns/pertscale"] and "layers" in group and len(list(group["layers"].keys())) > 0
+    except (KeyError, TypeError):
+        return False
+
+
+def _results_adata(group, layers: dict) -> ad.AnnData:
+    uns = {"pertscale": ad.io.read_elem(group["uns/pertscale"])}
+    return ad.AnnData(obs=ad.io.read_elem(group["obs"]), var=ad.io.read_elem(group["var"]), layers=layers, uns=uns)

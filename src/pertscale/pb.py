@@ -19,8 +19,17 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from ._validation import check_control, check_number, check_shape, get_matrix, obs_categorical, perturbation_labels
-from .cluster import compute
+from ._validation import (
+    check_control,
+    check_number,
+    check_shape,
+    check_target_sum,
+    get_matrix,
+    log1p_record,
+    obs_categorical,
+    perturbation_labels,
+)
+from .cluster import check_scheduler, compute
 from .io._read import as_dask
 
 logger = logging.getLogger(__name__)
@@ -76,6 +85,25 @@ def _encode_groups(obs: pd.DataFrame, columns: list[str]) -> tuple[np.ndarray, p
     return combined.astype(np.int64, copy=False), groups
 
 
+#: What to pass instead of normalized or log1p values, said by every refusal of them.
+_COUNTS_FIX = (
+    "pseudo-bulk sums need raw UMI counts: pass the layer that holds them (layer='counts'; keep "
+    "adata.layers['counts'] = adata.X before normalizing), or, if they are in .raw, "
+    "ps.pb.pseudobulk(adata.raw.to_adata(), ...)"
+)
+
+
+def _refuse_log1p(adata: ad.AnnData, layer: str | None) -> None:
+    """Refuse a matrix marked as log1p data (``uns['log1p']`` for X): free, before any pass."""
+    if log1p_record(adata, layer) is not None:
+        where = "X" if layer is None else f"layers[{layer!r}]"
+        mark = "uns['log1p']" if layer is None else f"uns['pertscale']['log1p_layers'][{layer!r}]"
+        raise ValueError(
+            f"{where} holds log1p values ({mark} is set): summing them would add logarithms; {_COUNTS_FIX}. If "
+            f"{where} holds counts and the mark is left over from an earlier log1p, delete {mark}"
+        )
+
+
 def _check_values(total) -> None:
     if total["n_nan"] or total["n_infinite"]:
         raise ValueError(
@@ -88,10 +116,9 @@ def _check_values(total) -> None:
             "(non-negative integers): pass the raw counts (e.g. layer='counts'), not scaled data"
         )
     if total["n_noninteger"]:
-        logger.warning(
-            "the matrix holds %d values that are not whole numbers: the sums are of normalized data, "
-            "not of UMI counts, and are not counts for DESeq2",
-            total["n_noninteger"],
+        raise ValueError(
+            f"the matrix holds {total['n_noninteger']:,} values that are not whole numbers (normalized or log1p "
+            f"data, found in the pass, which stopped there); {_COUNTS_FIX}"
         )
 
 
@@ -103,10 +130,9 @@ def _totals(x, codes: np.ndarray, n_groups: int, target_sum: float, *, scheduler
     live only in this process, which returns them anyway.
     """
     from dask import delayed
-    from tqdm.auto import tqdm
 
     from ._settings import settings
-    from .cluster import n_workers_of, resolve_scheduler
+    from .cluster import n_workers_of, progress_bar_class, resolve_scheduler
     from .kernels.pseudobulk import group_sums
 
     bounds = np.cumsum((0,) + x.chunks[0])
@@ -121,7 +147,7 @@ def _totals(x, codes: np.ndarray, n_groups: int, target_sum: float, *, scheduler
     totals |= {"n_cells": np.zeros(n_groups, dtype=np.int64)}
     totals |= dict.fromkeys(("n_negative", "n_nan", "n_infinite", "n_noninteger"), 0)
     show = settings.progress if progress is None else progress
-    with tqdm(total=len(parts), desc="pseudo-bulk", disable=not show, leave=False) as bar:
+    with progress_bar_class()(total=len(parts), desc="pseudo-bulk", disable=not show, leave=False) as bar:
         for start in range(0, len(parts), at_once):
             for part in compute(*parts[start : start + at_once], scheduler=sched, progress=False):
                 for name in ("counts", "normalized", "log1p"):
@@ -133,6 +159,7 @@ def _totals(x, codes: np.ndarray, n_groups: int, target_sum: float, *, scheduler
                 for name in ("n_negative", "n_nan", "n_infinite", "n_noninteger"):
                     totals[name] += getattr(part, name)
                 bar.update(1)
+            _check_values(totals)  # refused as soon as a block shows it: the rest of the pass is not run
     return totals
 
 
@@ -212,16 +239,23 @@ def pseudobulk(
         If a ``groupby`` column or the layer is missing (the message lists those present).
     ValueError
         If a ``groupby`` column has missing values (the message says how
-        many and how to drop or fill them), the matrix has no cells or genes
-        or holds NaN, infinite or negative values, or ``target_sum`` is not
-        a finite number above 0.
+        many and how to drop or fill them), the matrix has no cells or
+        genes, ``target_sum`` is not a finite number between 1e-28 and 1e37
+        (:func:`pertscale.pp.normalize_total`'s range), or the matrix is not
+        raw counts: marked as log1p data (``uns['log1p']`` for ``X``; before
+        any pass), or holding NaN, infinite, negative or non-integer values
+        (during the pass, which stops at the first block that shows them).
+        The fix named: ``layer=`` the counts layer, or
+        ``adata.raw.to_adata()``.
     TypeError
         If ``groupby`` is neither a column name nor a list of them.
     """
+    check_scheduler(scheduler)
     from .analysis import PseudobulkSettings, build
     from .store import cached
 
     columns = _groupby_columns(groupby)
+    target_sum = check_target_sum(target_sum, flag=None)
     settings = build(PseudobulkSettings, groupby=tuple(columns), layer=layer, target_sum=target_sum)
     run = lambda: (_pseudobulk(adata, columns, layer, target_sum, scheduler=scheduler, progress=progress), [])  # noqa: E731
     return cached(adata, settings, run, key_added=key_added, force=force)
@@ -230,12 +264,12 @@ def pseudobulk(
 def _pseudobulk(adata: ad.AnnData, columns: list[str], layer, target_sum, *, scheduler, progress) -> ad.AnnData:
     """:func:`pseudobulk` without the store."""
     check_shape(adata)
-    target_sum = check_number(target_sum, "target_sum", minimum=0, min_open=True)
+    target_sum = check_target_sum(target_sum, flag=None)
     codes, groups = _encode_groups(adata.obs, columns)
     x = as_dask(get_matrix(adata, layer))
+    _refuse_log1p(adata, layer)
     _warn_if_spread(x, codes, len(groups), adata.n_vars)
     total = _totals(x, codes, len(groups), target_sum, scheduler=scheduler, progress=progress)
-    _check_values(total)
     n_cells = total["n_cells"]
     if not (n_cells > 0).all():  # every group has cells: a broken pass otherwise
         raise RuntimeError(f"the pass returned {int((n_cells > 0).sum())} groups of {len(groups)}; please report this")
@@ -283,6 +317,26 @@ def _pooled(pb: ad.AnnData, labels: pd.Series) -> tuple[pd.Index, np.ndarray, np
     n_cells = np.asarray(member.sum(axis=1)).ravel()
     means = np.asarray(member @ np.asarray(pb.layers["mean_normalized"], dtype=np.float64)) / n_cells[:, None]
     return pd.Index(uniques), n_cells.astype(np.int64), means
+
+
+def _check_baseline(baseline_count: float, means: np.ndarray) -> None:
+    """Refuse a ``baseline_count`` whose product with a non-zero mean leaves float64's normal range.
+
+    ``log1p(b * m)`` is float64: ``b * m`` above the largest float64 is
+    infinite (fold changes NaN), below the smallest normal one it loses its
+    digits or becomes 0 (fold changes 0). The means are in memory: no pass.
+    """
+    positive = means[means > 0]
+    if positive.size == 0:
+        return
+    info = np.finfo(np.float64)
+    low, high = float(info.tiny / positive.min()), float(info.max / positive.max())
+    if not low <= baseline_count <= high:
+        raise ValueError(
+            f"baseline_count must be between {low:.3g} and {high:.3g} for these profiles (mean normalized values "
+            f"{positive.min():.3g} to {positive.max():.3g}), got {baseline_count!r}: beyond, baseline_count x the "
+            "mean leaves float64's range and the fold changes become NaN (too large) or 0 (too small); 1 is usual"
+        )
 
 
 def log_fold_change(
@@ -342,13 +396,15 @@ def log_fold_change(
     ValueError
         If ``control_label`` is not among the labels (the message lists
         them), ``pb`` is not a :func:`pseudobulk` result, or
-        ``baseline_count``/``log_base`` are out of range.
+        ``baseline_count``/``log_base`` are out of range (``baseline_count``
+        times every non-zero mean must stay a normal float64 number).
     """
     baseline_count = check_number(baseline_count, "baseline_count", minimum=0, min_open=True)
     log_base = check_number(log_base, "log_base", minimum=1, min_open=True)
     labels = perturbation_labels(pb.obs, perturbation_column)
     check_control(labels, control_label, perturbation_column, min_cells=1)
     names, n_cells, means = _pooled(pb, labels)
+    _check_baseline(baseline_count, means)
     bulk = np.log1p(baseline_count * means)  # natural log
     is_control = np.asarray(names == str(control_label))
     control = bulk[is_control][0]

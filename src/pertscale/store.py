@@ -415,7 +415,8 @@ def cached(
             logger.info("reusing the stored result of %r", settings)
             if restore is not None:
                 restore(store[settings])
-            _root(adata).setdefault("latest", {})[key_added] = settings.key()
+            if not adata.is_view:  # a view's uns is its parent's: leave the parent's records alone
+                _root(adata).setdefault("latest", {})[key_added] = settings.key()
             return store[settings]
         logger.info("recomputing %s: the stored result cannot be reused (%s)", type(settings).__name__, why)
     started, clock = _now(), time.perf_counter()

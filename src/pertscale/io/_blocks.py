@@ -35,6 +35,20 @@ class DamagedStoreError(ValueError):
     """A stored matrix is incomplete or unreadable."""
 
 
+def checksummed(compressor=None) -> tuple:
+    """The ``compressors=`` of a zarr v3 array: ``compressor`` (default zstd level 0), then a CRC-32C of each chunk.
+
+    zarr's ``Crc32cCodec`` appends the checksum of the compressed chunk
+    when it writes and checks it when it reads, so a flipped bit fails the
+    read (``ValueError: Stored and computed checksum do not match``) instead
+    of decoding into other numbers. Every zarr store pertscale writes uses
+    it (the working store, result stores, ``ps.write``, ``ps.io.convert``).
+    """
+    import zarr
+
+    return (compressor if compressor is not None else zarr.codecs.ZstdCodec(level=0), zarr.codecs.Crc32cCodec())
+
+
 @dataclass(frozen=True)
 class StoredMatrix:
     """Where a matrix lives and how it is stored; what a read task needs.
@@ -124,7 +138,7 @@ class StoredMatrix:
         except Exception as err:  # any failure to read is reported as a damaged store, with where
             span = self._unreadable_chunks(start, stop) or span
             raise DamagedStoreError(
-                f"cannot read {what} {start:,}-{stop - 1:,} of {self.where}{span}: {type(err).__name__}: {err}. "
+                f"cannot read {what} {start:,}-{stop - 1:,} of {self.where}{span}: {reason(err)}. "
                 "The store is damaged or incomplete; write or copy it again"
             ) from err
         finally:
@@ -181,6 +195,13 @@ class StoredMatrix:
             return  # zarr omits all-zero dense chunks by design: nothing to tell apart
         try:
             indptr = np.asarray(elem["indptr"][:], dtype=np.int64)
+        except Exception as err:  # a chunk that does not decode, or fails its checksum
+            bad = unreadable_chunks(elem["indptr"], self.fmt)
+            raise DamagedStoreError(
+                f"cannot read the row pointer (indptr) of {self.where}{bad}: {reason(err)}. The store is damaged "
+                "or incomplete; write or copy it again"
+            ) from err
+        try:
             _check_pointer(indptr, elem["data"].shape[0], full=True)
         except Exception as err:
             raise DamagedStoreError(
@@ -211,6 +232,30 @@ class StoredMatrix:
             "and would be read as zeros. The store was probably written or copied only in part: write or "
             f"copy it again.{hint}"
         )
+
+
+def reason(err: BaseException) -> str:
+    """What a failed chunk read says, in words: a CRC-32C mismatch is named as such, anything else as raised."""
+    if "checksum do not match" in str(err):
+        return "its CRC-32C checksum does not match (the chunk changed after it was written)"
+    return f"{type(err).__name__}: {err}"
+
+
+def unreadable_chunks(arr, fmt: str, *, limit: int = 5) -> str:
+    """`` (indptr chunk 'c/2')``: the stored chunks of ``arr`` that fail when read one by one (after a failure)."""
+    try:
+        size = _chunk_length(arr, fmt)
+        bad = []
+        for first in range(0, arr.shape[0], size):
+            try:
+                arr[first : min(first + size, arr.shape[0])]
+            except Exception:
+                bad.append(_chunk_names(arr, fmt, first, first + 1).strip(" ()"))
+                if len(bad) >= limit:
+                    break
+        return f" ({', '.join(bad)})" if bad else ""
+    except Exception:  # naming is a courtesy; never hide the real error behind it
+        return ""
 
 
 def _crowded(indptr: np.ndarray, lo: int, hi: int) -> bool:
@@ -291,6 +336,100 @@ def _missing_h5_chunks(ds) -> list[tuple[str, int | None, int | None]]:
         for o in offsets
         if o not in have
     ]
+
+
+# --------------------------------------------------------------------------- absent chunks of obs labels
+
+#: The ``obs.attrs`` key under which :func:`pertscale.read` records label columns of a zarr store with absent chunks.
+ABSENT_CHUNKS = "pertscale_absent_chunks"
+#: Stores and columns warned about in this process (one warning each, however often the labels are read).
+_WARNED: set[tuple] = set()
+
+
+def absent_label_chunks(obs, root: Path) -> dict[str, dict]:
+    """Label columns of a zarr store's ``obs`` whose stored chunks are absent: ``{column: record}``.
+
+    zarr leaves out a chunk whose values all equal the array's fill value
+    (0 for categorical codes: the first category; ``""`` for strings), so
+    an absent chunk is either such a chunk or one lost in an incomplete
+    copy; nothing in the store tells which. The record (``chunks``: their
+    keys, ``cells``: how many cells they hold, ``reads_as``: the label those
+    cells get) lets the label checks say so.
+    """
+    found = {}
+    for column in obs.attrs.get("column-order", []):
+        try:
+            elem = obs[column]
+            kind = elem.attrs.get("encoding-type")
+            if kind == "categorical":
+                arr = elem["codes"]
+                fill = int(arr.metadata.fill_value or 0)
+                categories = elem["categories"][:]
+                reads_as = str(categories[fill]) if 0 <= fill < len(categories) else "a missing label"
+            elif kind == "string-array":
+                arr, reads_as = elem, ""
+            else:
+                continue
+            missing = [m for m in _missing_zarr_chunks(arr, root) if m[1] is not None]
+        except Exception:  # a column anndata cannot describe is read (and refused) elsewhere
+            continue
+        if missing:
+            found[str(column)] = {
+                "store": str(root),
+                "chunks": [m[0] for m in missing],
+                "cells": int(sum(m[2] - m[1] for m in missing)),
+                "reads_as": reads_as,
+            }
+    return found
+
+
+def _absent_record(frame_or_labels, column: str) -> dict | None:
+    record = (getattr(frame_or_labels, "attrs", None) or {}).get(ABSENT_CHUNKS) or {}
+    return record.get(str(column))
+
+
+def _chunk_list(record: dict) -> str:
+    keys = record["chunks"]
+    return ", ".join(repr(k) for k in keys[:5]) + (f", ... ({len(keys)} in all)" if len(keys) > 5 else "")
+
+
+def absent_chunks_note(labels, column: str) -> str:
+    """For an error about ``column``'s labels: ``"; obs['gene'] ... absent chunk(s) ..."``, or ``""``.
+
+    ``labels`` is ``obs`` or the labels read from it (their ``attrs`` carry
+    what :func:`pertscale.read` found).
+    """
+    record = _absent_record(labels, column)
+    if not record:
+        return ""
+    return (
+        f". Note: {len(record['chunks'])} chunk(s) of obs[{str(column)!r}] are absent from the zarr store "
+        f"{record['store']!r} ({_chunk_list(record)}), so their {record['cells']:,} cells read as "
+        f"{record['reads_as']!r}; the likely cause is an incompletely copied or written store: copy or write it "
+        "again (zarr leaves out only chunks whose cells all carry that label)"
+    )
+
+
+def warn_absent_chunks(obs, column: str) -> None:
+    """Warn (once per store and column) when the labels of ``column`` come from absent zarr chunks."""
+    import warnings
+
+    record = _absent_record(obs, column)
+    if not record:
+        return
+    seen = (record["store"], str(column), tuple(record["chunks"]))
+    if seen in _WARNED:
+        return
+    _WARNED.add(seen)
+    warnings.warn(
+        f"{len(record['chunks'])} chunk(s) of obs[{str(column)!r}] are absent from the zarr store "
+        f"{record['store']!r} ({_chunk_list(record)}): their {record['cells']:,} cells read as "
+        f"{record['reads_as']!r}. zarr leaves out a chunk whose cells all carry that label, so this is right "
+        "if they do; if the store was copied or written incompletely, those cells are mislabelled: copy or "
+        "write it again",
+        UserWarning,
+        stacklevel=3,
+    )
 
 
 def read_block(stored: StoredMatrix, block_info=None):

@@ -11,6 +11,7 @@ import anndata as ad
 import numpy as np
 import scipy.sparse as sp
 
+from ..cluster import check_scheduler
 from ._blocks import StoredMatrix
 from ._read import _describe, _matrix_key, _open, read
 
@@ -147,13 +148,17 @@ def convert(
     FileExistsError
         If ``dst`` exists and ``overwrite`` is not set.
     ValueError
-        If ``dst`` is ``src`` or inside it, or as :func:`pertscale.read` for ``src``.
+        If ``dst`` is ``src`` or inside it, if it ends in neither ``.h5ad``
+        nor ``.zarr`` (the message names the formats), or as
+        :func:`pertscale.read` for ``src``.
     """
+    check_scheduler(scheduler)
+    from ._write import check_format, check_not_input, write
+
     src, dst = Path(src), Path(dst)
+    check_format(dst, what="cannot convert to")
     if dst.exists() and not overwrite:
         raise FileExistsError(f"{str(dst)!r} exists; pass overwrite=True to replace it")
-    from ._write import check_not_input, write
-
     check_not_input(dst, [src], what="cannot convert to")
     adata = read(src, layer=layer, use_raw=use_raw, chunk_size=chunk_size)
     stored = stored_matrix(src, layer=layer, use_raw=use_raw)

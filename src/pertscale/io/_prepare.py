@@ -16,16 +16,45 @@ How, out of core (memory is bounded by a block, never by the matrix):
    rows in sorted order and writes the block to ``blocks/<k>`` of the
    store, under a temporary name renamed into place when complete.
 
-The store records the input's fingerprint (resolved path, size,
-modification time, the matrix read, the labels and the settings). It is
-reused while the fingerprint matches, resumed block by block after an
-interruption, and rebuilt when the input changed. ``obs`` holds the sorted
-cells and ``obs['input_row']`` their row in the input, so per-cell outputs
-map back to the input's order.
+The store records the input's fingerprint (:func:`fingerprint`: resolved
+path, size, modification time, a digest of the content, the matrix read
+and the settings). It is reused while the fingerprint matches, resumed
+block by block after an interruption, and rebuilt when the input changed.
+``obs`` holds the sorted cells and ``obs['input_row']`` their row in the
+input, so per-cell outputs map back to the input's order. Every chunk of
+the store carries zarr's CRC-32C (:func:`pertscale.io._blocks.checksummed`)
+and each block the CRC-32 of its arrays, so damage is never read as data.
+
+The content digest (:func:`content_digest`), a SHA-256, covers:
+
+- every value of ``obs`` and ``var`` (and ``raw/var``): the labels, the
+  cell and gene names (of a zarr store: every file under them);
+- the matrix's row pointer (``indptr``), its attributes (shape,
+  encoding), and of a zarr store every metadata file and the list of all
+  files with their sizes, of an HDF5 file every stored chunk's offset and
+  size;
+- the matrix's ``data`` and ``indices`` (a dense matrix's values): all of
+  them when they take at most :data:`FULL_HASH_BYTES` (64 MiB) on disk,
+  else :data:`SAMPLES` (64) stored chunks of each, evenly spread, read raw
+  without decoding, :data:`PIECE_BYTES` (256 KiB) of each (a smaller
+  chunk whole, a larger one its first and last halves); of an unchunked
+  HDF5 dataset, 64 evenly spread slices of 256 KiB.
+
+So an input replaced by another of the same size and modification time
+(a sync tool, ``touch -r``, h5ad files of one shape) is told apart. Not
+covered: a change confined to chunks (or slices) that are not sampled, of
+a matrix over 64 MiB on disk, that keeps every chunk's stored size and the
+input's total size and modification time; nor ``obsm``, ``uns`` or other
+layers, which the store does not hold. It reads about 32 MiB of the matrix
+at most, plus ``obs``, ``var`` and the row pointer: 0.08 s on a simulated
+200,000 x 2,000 ``.h5ad`` (its QC pass: 0.75 s warm, 2.8 s cold), 0.04 s
+on its ``.zarr`` copy (QC pass 1.2-2.7 s), 0.016 s on the 20,729-cell
+Papalexi file (QC pass 0.04 s).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -43,7 +72,8 @@ import pandas as pd
 import scipy.sparse as sp
 
 from .._validation import check_control, label_list, perturbation_labels
-from ._blocks import DamagedStoreError
+from ..cluster import check_scheduler
+from ._blocks import DamagedStoreError, checksummed, reason, unreadable_chunks
 
 logger = logging.getLogger(__name__)
 
@@ -59,20 +89,194 @@ MARKER = "pertscale_working_store.json"
 
 
 def fingerprint(path: Path, **settings) -> dict:
-    """What identifies the input of a working store: resolved path, size, modification time, settings.
+    """What identifies the input of a working store: resolved path, size, modification time, content, settings.
 
-    For a ``.zarr`` directory, size and time are the sum and the latest over
-    its files (a changed chunk changes both).
+    ``content`` is :func:`content_digest` of the matrix named by
+    ``settings['matrix']`` (``"X"``, ``"raw"`` or a layer's name; default
+    ``X``): what it covers is in this module's docstring. For a ``.zarr``
+    directory, size and time are the sum and the latest over its files.
     """
     path = Path(path).resolve()
     if path.is_dir():
-        files = [p for p in path.rglob("*") if p.is_file()]
-        size = sum(p.stat().st_size for p in files)
-        mtime = max((p.stat().st_mtime_ns for p in files), default=0)
+        stats = [p.stat() for p in path.rglob("*") if p.is_file()]
+        size = sum(st.st_size for st in stats)
+        mtime = max((st.st_mtime_ns for st in stats), default=0)
     else:
         st = path.stat()
         size, mtime = st.st_size, st.st_mtime_ns
-    return {"input": str(path), "size": int(size), "mtime_ns": int(mtime), "version": FORMAT_VERSION, **settings}
+    content = content_digest(path, _matrix_element(settings.get("matrix")))
+    return {
+        "input": str(path),
+        "size": int(size),
+        "mtime_ns": int(mtime),
+        "content": content,
+        "version": FORMAT_VERSION,
+        **settings,
+    }
+
+
+#: A matrix that takes at most this many bytes on disk is hashed whole; a larger one is sampled.
+FULL_HASH_BYTES = 64 * 2**20
+#: Stored chunks (or slices) hashed of each of a larger matrix's ``data`` and ``indices`` (or its dense array).
+SAMPLES = 64
+#: Bytes hashed of each sampled chunk: all of a smaller one, else its first and last half of this.
+PIECE_BYTES = 256 * 2**10
+#: zarr's metadata files (v3, v2, consolidated): always hashed whole.
+ZARR_METADATA = frozenset({"zarr.json", ".zarray", ".zattrs", ".zgroup", ".zmetadata"})
+
+
+def _matrix_element(matrix: str | None) -> str:
+    """The store key of the matrix that the settings' ``matrix`` names."""
+    return {None: "X", "X": "X", "raw": "raw/X"}.get(matrix, f"layers/{matrix}")
+
+
+def content_digest(path: str | Path, key: str = "X") -> str:
+    """A SHA-256 over what a working store is made from: ``obs``, ``var`` and the matrix at ``key``.
+
+    - ``obs``, ``var`` (and ``raw/var``): every value (the labels, the
+      cell and gene names); of a zarr store, every file of them.
+    - The matrix's row pointer (``indptr``), its metadata (shape, encoding)
+      and, of a zarr store, every metadata file and the list of every file
+      with its size; of an HDF5 file, every stored chunk's offset and size.
+    - The matrix's ``data`` and ``indices`` (a dense matrix's values): all
+      of them when they take at most :data:`FULL_HASH_BYTES` on disk; else
+      :data:`SAMPLES` stored chunks of each, evenly spread (read raw, not
+      decoded; :data:`PIECE_BYTES` of each: a smaller chunk whole, a larger
+      one its first and last halves), or as many slices of an unchunked HDF5
+      dataset.
+
+    Not covered: a change confined to chunks (or slices) that are not
+    sampled and that keeps every chunk's stored size, of a matrix larger
+    than :data:`FULL_HASH_BYTES`; the caller (:func:`fingerprint`) also
+    compares the total size and the modification time, so such a change
+    must also keep those. Nor other elements (``obsm``, ``uns``, other
+    layers), which the working store does not hold.
+    """
+    h = hashlib.sha256()
+    path = Path(path)
+    if path.is_dir():
+        _digest_zarr(h, path, key)
+    else:
+        import h5py
+
+        with h5py.File(path, "r") as f:
+            _digest_h5(h, f, key)
+    return h.hexdigest()
+
+
+def _evenly(n: int, k: int) -> list[int]:
+    """``k`` indices of ``range(n)`` spread evenly, first and last included (all of them when ``n <= k``)."""
+    return list(range(n)) if n <= k else sorted({int(round(i)) for i in np.linspace(0, n - 1, k)})
+
+
+def _piece(read, size: int) -> bytes:
+    """The bytes hashed of a sampled chunk: all of it up to :data:`PIECE_BYTES`, else its two ends."""
+    if size <= PIECE_BYTES:
+        return read(0, size)
+    half = PIECE_BYTES // 2
+    return read(0, half) + read(size - half, half)
+
+
+def _digest_zarr(h, root: Path, key: str) -> None:
+    files = sorted((p.relative_to(root).as_posix(), p) for p in root.rglob("*") if p.is_file())
+    whole, sampled = [], {}
+    for rel, p in files:
+        size = p.stat().st_size
+        h.update(f"{rel}\0{size}\n".encode())
+        if p.name in ZARR_METADATA or rel.startswith(("obs/", "var/", "raw/var/", f"{key}/indptr/")):
+            whole.append(p)
+        elif rel.startswith(f"{key}/"):
+            part = rel[len(key) + 1 :].split("/", 1)[0]
+            sampled.setdefault(part if part in ("data", "indices") else "", []).append((p, size))
+    for p in whole:
+        h.update(p.read_bytes())
+    full = sum(size for chunks in sampled.values() for _, size in chunks) <= FULL_HASH_BYTES
+    for name in sorted(sampled):
+        chunks = sampled[name]
+        for i in range(len(chunks)) if full else _evenly(len(chunks), SAMPLES):
+            p, size = chunks[i]
+            if full:
+                h.update(p.read_bytes())
+                continue
+            with open(p, "rb") as f:
+
+                def read(offset, n, f=f):
+                    f.seek(offset)
+                    return f.read(n)
+
+                h.update(_piece(read, size))
+
+
+def _digest_h5(h, f, key: str) -> None:
+    for name in ("obs", "var", "raw/var"):
+        if name in f:
+            _hash_values(h, f[name])
+            items = []
+            f[name].visititems(lambda n, obj, items=items: items.append((n, obj)))
+            for _, obj in sorted(items, key=lambda item: item[0]):
+                _hash_values(h, obj)
+    if key not in f:
+        return  # read() says where the matrix is
+    elem = f[key]
+    h.update(_attrs(elem))
+    if hasattr(elem, "keys"):  # sparse: indptr whole, data and indices sampled
+        h.update(np.ascontiguousarray(elem["indptr"][()]).tobytes())
+        arrays = [elem[name] for name in ("data", "indices") if name in elem]
+    else:
+        arrays = [elem]
+    full = sum(ds.id.get_storage_size() for ds in arrays) <= FULL_HASH_BYTES
+    for ds in arrays:
+        _hash_dataset(h, ds, full=full)
+
+
+def _attrs(obj) -> bytes:
+    return json.dumps({k: np.asarray(v).tolist() for k, v in obj.attrs.items()}, sort_keys=True, default=str).encode()
+
+
+def _hash_values(h, obj) -> None:
+    """An HDF5 group's attributes, or a dataset's name, attributes and values (strings as their bytes)."""
+    h.update(obj.name.encode() + _attrs(obj))
+    if not hasattr(obj, "dtype"):
+        return
+    values = np.asarray(obj[()])
+    h.update(f"{values.dtype}{values.shape}".encode())
+    if values.dtype.kind == "O":  # h5py reads variable-length strings as bytes objects
+        try:
+            values = values.astype("S")  # fixed width: one vectorized copy
+        except (TypeError, ValueError):  # text that is not ASCII, or other objects
+            values = np.array([v if isinstance(v, bytes) else str(v).encode() for v in values.ravel()], dtype="S")
+    h.update(np.ascontiguousarray(values).tobytes())
+
+
+def _hash_dataset(h, ds, *, full: bool) -> None:
+    """A matrix dataset: all its stored chunks raw (``full``), or their offsets and sizes and a sample of them."""
+    h.update(f"{ds.name}{ds.shape}{ds.dtype}".encode())
+    if ds.size == 0:
+        return
+    if ds.chunks is None:  # contiguous: the values themselves (uncompressed), whole or in evenly spread slices
+        row = max(1, int(np.prod(ds.shape[1:]))) * ds.dtype.itemsize
+        step = max(1, PIECE_BYTES // row)
+        starts = [0] if full else [i * step for i in _evenly(-(-ds.shape[0] // step), SAMPLES)]
+        for a in starts:
+            h.update(np.ascontiguousarray(ds[a : ds.shape[0] if full else a + step]).tobytes())
+        return
+    chunks = []
+    try:
+        ds.id.chunk_iter(lambda info: chunks.append((list(info.chunk_offset), int(info.byte_offset), int(info.size))))
+    except (AttributeError, NotImplementedError):  # HDF5 before 1.12.3: one call per chunk
+        for i in range(ds.id.get_num_chunks()):
+            info = ds.id.get_chunk_info(i)
+            chunks.append((list(info.chunk_offset), int(info.byte_offset), int(info.size)))
+    h.update(json.dumps([(offset, size) for offset, _, size in chunks]).encode())
+    with open(ds.file.filename, "rb") as f:  # the stored (compressed) bytes, read where they lie: nothing decoded
+
+        def read(a: int, n: int) -> bytes:
+            f.seek(where + a)
+            return f.read(n)
+
+        for i in range(len(chunks)) if full else _evenly(len(chunks), SAMPLES):
+            _, where, size = chunks[i]
+            h.update(read(0, size) if full else _piece(read, size))
 
 
 @dataclass(frozen=True)
@@ -234,12 +438,14 @@ def _gather(k: int, bounds: np.ndarray, n_vars: int, dtype: str, spill: str, sto
     group = zarr.open_group(str(tmp), mode="w", zarr_format=3)
     arrays = {"indptr": block.indptr.astype(np.int64), "indices": _small(block.indices), "data": _small(block.data)}
     for name, a in arrays.items():
-        group.create_array(
+        stored = group.create_array(  # shape and dtype, then the values: zarr 3.0's create_array takes no data=
             name,
-            data=a,
+            shape=a.shape,
+            dtype=a.dtype,
             chunks=(max(1, min(a.shape[0], CHUNK_ENTRIES)),),
-            compressors=zarr.codecs.BloscCodec(cname="lz4", clevel=1, shuffle="bitshuffle"),
+            compressors=checksummed(zarr.codecs.BloscCodec(cname="lz4", clevel=1, shuffle="bitshuffle")),
         )
+        stored[:] = a
     group.attrs.update(
         {
             "n_rows": hi - lo,
@@ -321,7 +527,13 @@ class StoredBlocks:
         block = Path(self.path) / "blocks" / str(k)
         try:
             g = zarr.open_group(str(block), mode="r")
-            arrays = {name: g[name][:] for name in ("indptr", "indices", "data")}
+            arrays = {}
+            for name in ("indptr", "indices", "data"):
+                try:
+                    arrays[name] = g[name][:]
+                except Exception as err:
+                    where = unreadable_chunks(g[name], "zarr")
+                    raise ValueError(f"its {name} array cannot be read{where}: {reason(err)}") from err
             for name, crc in (g.attrs.get("crc32") or {}).items():
                 if zlib.crc32(np.ascontiguousarray(arrays[name]).view(np.uint8)) != crc:
                     raise ValueError(f"its {name} does not match the checksum it was written with")
@@ -335,8 +547,8 @@ class StoredBlocks:
         except Exception as err:
             _set_aside(block)
             raise DamagedStoreError(
-                f"block {k} of the working store {self.path!r} is damaged ({type(err).__name__}: {err}); it was "
-                "set aside and is written again when the run is started again"
+                f"block {k} of the working store {self.path!r} is damaged ({err}); it was set aside and is "
+                "written again when the run (or ps.io.prepare) is started again"
             ) from err
 
 
@@ -371,8 +583,14 @@ def open_prepared(store: str | Path) -> ad.AnnData:
     import zarr
 
     group = zarr.open_group(str(store), mode="r")
-    obs = ad.io.read_elem(group["obs"])
-    var = ad.io.read_elem(group["var"])
+    try:
+        obs = ad.io.read_elem(group["obs"])
+        var = ad.io.read_elem(group["var"])
+    except Exception as err:  # a chunk that fails its checksum, or a lost file
+        raise DamagedStoreError(
+            f"the cell or gene table of the working store {str(store)!r} cannot be read ({reason(err)}); delete "
+            "the working store and run again (it is rebuilt from the input)"
+        ) from err
     rows = tuple(int(n) for n in np.diff(info["bounds"]))
     stored = StoredBlocks(str(store.resolve()), len(var), info["dtype"], rows)
     dtype = np.dtype(info["dtype"])
@@ -435,7 +653,9 @@ def prepare(
     ------
     ValueError
         For a bad input, column or control label (as :func:`pertscale.read`
-        and the analyses).
+        and the analyses); a control label in ``exclude_labels``; an ``out``
+        that is the input, lies inside a ``.zarr`` input or would replace
+        the directory holding it, or is a file (all before any pass).
     pertscale.io.DamagedStoreError
         If an existing store cannot be used.
 
@@ -445,15 +665,28 @@ def prepare(
     kept data, compressed; the working store takes about as much disk as a
     compressed copy of the kept counts.
     """
+    check_scheduler(scheduler)
     from ..cluster import compute
     from ._read import read
+    from ._write import check_not_input
 
     path = Path(path)
+    store = Path(out) if out is not None else path.with_name(path.name + ".pertscale-sorted.zarr")
+    check_not_input(store, [path], what="the working store (out=)")
+    if store.exists() and not store.is_dir():
+        raise ValueError(
+            f"the working store (out=) {str(store)!r} is a file, not a directory; choose a new path "
+            "(--working-store / out=), ending in .zarr"
+        )
+    exclude = label_list(exclude_labels, "exclude_labels")
+    if str(control_label) in exclude:
+        raise ValueError(
+            f"exclude_labels (--exclude-labels) includes the control label {str(control_label)!r}: no control cell "
+            "would be left; remove it from exclude_labels"
+        )
     adata = read(path, layer=layer, use_raw=use_raw, chunk_size=chunk_size)
     check_control(perturbation_labels(adata.obs, perturbation_column), control_label, perturbation_column)
     labels = adata.obs[perturbation_column]
-    exclude = label_list(exclude_labels, "exclude_labels")
-    store = Path(out) if out is not None else path.with_name(path.name + ".pertscale-sorted.zarr")
     store = store.absolute()  # the workers write it: their working directory may not be this process's
     fp = fingerprint(
         path,
@@ -558,8 +791,8 @@ def _write_annotations(store: Path, adata: ad.AnnData, plan: SortPlan) -> None:
         for key in ("obs", "var"):
             if key in group:
                 del group[key]
-        ad.io.write_elem(group, "obs", obs)
-        ad.io.write_elem(group, "var", adata.var)
+        ad.io.write_elem(group, "obs", obs, dataset_kwargs={"compressors": checksummed()})
+        ad.io.write_elem(group, "var", adata.var, dataset_kwargs={"compressors": checksummed()})
 
 
 def is_sorted(labels: pd.Series, control_label: str, exclude: list[str]) -> bool:

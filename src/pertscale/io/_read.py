@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import itertools
 import logging
 import os
 import warnings
@@ -21,7 +22,16 @@ import scipy.sparse as sp
 from .._settings import settings
 from .._validation import check_number, unique_var_names
 from ..cluster import n_cores
-from ._blocks import SPARSE, DamagedStoreError, StoredMatrix, read_block
+from ._blocks import (
+    ABSENT_CHUNKS,
+    SPARSE,
+    DamagedStoreError,
+    StoredMatrix,
+    _chunk_length,
+    absent_label_chunks,
+    read_block,
+    reason,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -43,11 +53,45 @@ def _not_anndata(path: Path, why: str) -> ValueError:
     )
 
 
-def _damaged(path: Path, err: BaseException) -> DamagedStoreError:
+def _damaged(path: Path, err: BaseException, group=None) -> DamagedStoreError:
+    where = _unreadable_annotations(group) if group is not None else ""
     return DamagedStoreError(
-        f"{str(path)!r} is truncated or damaged and cannot be read ({type(err).__name__}: {err}); "
-        "copy or write it again"
+        f"{str(path)!r} is truncated or damaged and cannot be read{where} ({reason(err)}); copy or write it again"
     )
+
+
+def _failed_checksum(err: BaseException) -> bool:
+    """Whether ``err``, or what caused it, is zarr's CRC-32C mismatch (anndata re-raises it with the key read)."""
+    while err is not None:
+        if "checksum do not match" in str(err):
+            return True
+        err = err.__cause__ or err.__context__
+    return False
+
+
+def _unreadable_annotations(group, limit: int = 5) -> str:
+    """`` (chunk 'obs/gene/codes/c/1')``: chunks of a zarr store's obs, var, obsm, varm, uns that fail to read."""
+    try:
+        bad = list(itertools.islice(_failing_chunks(group), limit))
+    except Exception:  # naming is a courtesy; never hide the real error behind it
+        return ""
+    return f" (chunk{'s' if len(bad) > 1 else ''} {', '.join(bad)})" if bad else ""
+
+
+def _failing_chunks(group):
+    for name in ("obs", "var", "obsm", "varm", "uns"):
+        if name not in group or not hasattr(group[name], "members"):
+            continue
+        for _, arr in group[name].members(max_depth=None):
+            if not hasattr(arr, "dtype"):
+                continue  # a group
+            step = _chunk_length(arr, "zarr") if arr.ndim else 1
+            for first in range(0, arr.shape[0] if arr.ndim else 1, step):
+                try:
+                    arr[first : first + step] if arr.ndim else arr[()]
+                except Exception:
+                    coords = (first // step, *(0,) * (arr.ndim - 1)) if arr.ndim else ()
+                    yield f"'{arr.path}/{arr.metadata.encode_chunk_key(coords)}'"
 
 
 def _open(path: Path):
@@ -133,7 +177,28 @@ def _describe(elem, key: str, path: Path, n_obs: int, n_vars: int) -> tuple[str,
         )
     if not (np.issubdtype(dtype, np.number) or dtype == np.bool_):
         raise ValueError(f"{str(path)!r}: {key} holds {dtype} values, not numbers")
+    if not _accepted_dtype(np.dtype(dtype)):
+        raise ValueError(
+            f"{str(path)!r}: {key} holds {dtype} values; pertscale reads integer, float32 or float64 matrices "
+            f"(the kernels compute in float32/float64). Convert it and write the file again, e.g. "
+            f"{_conversion(key)}{' (complex values: keep their real part, .real, first)' if dtype.kind == 'c' else ''}"
+        )
     return encoding, np.dtype(dtype), bytes_per_row
+
+
+def _accepted_dtype(dtype: np.dtype) -> bool:
+    """Integers, booleans, float32 and float64: not float16 (too coarse), longdouble or complex."""
+    return dtype.kind in "biu" or dtype in (np.dtype(np.float32), np.dtype(np.float64))
+
+
+def _conversion(key: str) -> str:
+    """The anndata line that converts the matrix at ``key`` to float32."""
+    if key.startswith("layers/"):
+        where = f"adata.layers[{key.split('/', 1)[1]!r}]"
+        return f"{where} = {where}.astype(np.float32)"
+    if key == "raw/X":
+        return "raw = adata.raw.to_adata(); raw.X = raw.X.astype(np.float32); adata.raw = raw"
+    return "adata.X = adata.X.astype(np.float32)"
 
 
 def auto_chunk_size(
@@ -318,10 +383,26 @@ def read(
     ValueError
         If ``path`` is not an AnnData store, the matrix asked for is not
         there (the message says where the matrix is and which option reads
-        it), or ``chunk_size`` is not a positive whole number.
+        it), it holds values of another dtype than integers, booleans,
+        float32 or float64 (float16, complex: the message names the dtypes
+        accepted and the conversion), or ``chunk_size`` is not a positive
+        whole number.
     pertscale.io.DamagedStoreError
-        (a ``ValueError``) If the file is truncated or damaged, or a chunk of
-        a sparse matrix is missing (zarr would read it as zeros).
+        (a ``ValueError``) If the file is truncated or damaged, a chunk of
+        a sparse matrix is missing (zarr would read it as zeros), or a chunk
+        of a zarr store written with a ``crc32c`` codec fails its checksum
+        (the message names the chunk; for the matrix's ``data`` and
+        ``indices`` this is raised when the block is read).
+
+    Notes
+    -----
+    Of a zarr store, the categorical (and string) ``obs`` columns whose
+    stored chunks are absent are recorded in
+    ``adata.obs.attrs['pertscale_absent_chunks']``: zarr leaves out a chunk
+    whose cells all carry the first category, and such cells are read as
+    that category, which is wrong if the chunk was lost in a copy. Reading
+    the column as perturbation labels (the main job, :func:`pertscale.io.prepare`, the
+    analyses) warns, and a failed label check names the chunks.
     """
     path = Path(path)
     chunk_size = check_number(chunk_size, "chunk_size", integer=True, minimum=1, allow_none=True, flag="--chunk-size")
@@ -330,14 +411,20 @@ def read(
         key = _matrix_key(store, path, layer, use_raw=use_raw)
         try:
             obs = ad.io.read_elem(store["obs"])
+            if fmt == "zarr":  # label chunks zarr left out, or lost: the label checks name them (see ABSENT_CHUNKS)
+                absent = absent_label_chunks(store["obs"], path.resolve())
+                if absent:
+                    obs.attrs[ABSENT_CHUNKS] = absent
             var = ad.io.read_elem(store["raw/var" if use_raw else "var"])
             extras = {name: read_tree(store[name]) for name in ("obsm", "varm", "uns") if name in store}
             elem = store[key]
             encoding, dtype, bytes_per_row = _describe(elem, key, path, len(obs), len(var))
-        except (ValueError, PermissionError):
+        except (ValueError, PermissionError) as err:
+            if _failed_checksum(err):  # zarr's Crc32cCodec: a chunk changed after it was written
+                raise _damaged(path, err, store if fmt == "zarr" else None) from err
             raise
         except Exception as err:  # h5py/zarr/codec errors of a damaged file
-            raise _damaged(path, err) from err
+            raise _damaged(path, err, store if fmt == "zarr" else None) from err
         stored = StoredMatrix(str(path.resolve()), fmt, key, encoding, (len(obs), len(var)), dtype)
         stored.check_complete(elem, path)
     finally:
@@ -380,6 +467,11 @@ def read(
     if isinstance(written, dict) and (layer or use_raw):  # X here is the layer (or raw) that was read
         token = (written.get("layers") or {}).get(layer) if layer else None
         adata.uns["pertscale"]["written_matrices"] = {"X": token} if token else {}
+    if layer or use_raw:  # uns['log1p'] marks the file's X as log1p data, not the layer (or raw) read as X here
+        logged = (adata.uns["pertscale"].pop("log1p_layers", None) or {}).get(layer) if layer else None
+        adata.uns.pop("log1p", None)
+        if logged is not None:
+            adata.uns["log1p"] = logged
     from ..store import ensure_result_keys
 
     ensure_result_keys(adata)

@@ -18,8 +18,8 @@ import pandas as pd
 import scipy.sparse as sp
 
 from .._compute import compute, lazy_elements, write_zarr_stores
+from ..cluster import check_scheduler, n_workers_of, progress_bar_class, resolve_scheduler
 from ..cluster import compute as compute_collections
-from ..cluster import n_workers_of, resolve_scheduler
 
 logger = logging.getLogger(__name__)
 
@@ -72,6 +72,26 @@ def check_not_input(target: str | Path, sources, *, what: str, replaces: bool = 
                 f"{what} {str(target)!r} {how} {str(source)!r}; inputs are never modified: "
                 "choose a path outside the input"
             )
+
+
+#: The formats :func:`write` and :func:`pertscale.io.convert` write, by the target's suffix.
+FORMATS = {".h5ad": "HDF5 (anndata's .h5ad)", ".zarr": "a zarr v3 directory store"}
+
+
+def check_format(path: Path, *, what: str) -> None:
+    """Refuse a target whose suffix names no format we write (``x.csv`` would otherwise get HDF5 bytes).
+
+    Raises
+    ------
+    ValueError
+        Naming the suffix and the formats.
+    """
+    if Path(path).suffix.lower() not in FORMATS:
+        suffix = repr(Path(path).suffix) if Path(path).suffix else "no extension"
+        raise ValueError(
+            f"{what} {str(path)!r}: {suffix} is not a format pertscale writes; end the path with .h5ad (HDF5) "
+            "or .zarr (a zarr directory store)"
+        )
 
 
 def write(
@@ -137,7 +157,8 @@ def write(
     compression, compression_opts
         HDF5 compression of the ``.h5ad`` datasets (``"gzip"`` default,
         ``"lzf"`` or ``None``) and its level; a ``.zarr`` store uses zarr's
-        default compressor.
+        default compressor (zstd) followed by a CRC-32C of every chunk, which
+        zarr checks on every read.
     scheduler, progress
         Where lazy arrays are computed, and whether to show a progress bar.
 
@@ -153,9 +174,10 @@ def write(
     ValueError
         If ``path`` is, is inside, or holds a store that :func:`pertscale.read`
         opened in this process (its lazy matrices still read from it) or the
-        source recorded in ``adata.uns['pertscale']['source']``; if an
-        ``include`` pattern names an unknown namespace; if ``compression`` is
-        not one of those.
+        source recorded in ``adata.uns['pertscale']['source']``; if ``path``
+        ends in neither ``.h5ad`` nor ``.zarr`` (``x.csv``: the message names
+        the formats); if an ``include`` pattern names an unknown namespace; if
+        ``compression`` is not one of those.
     TypeError
         If neither argument is an AnnData.
 
@@ -164,6 +186,7 @@ def write(
     ``include`` and the sanitizing follow valency-anndata's ``write``; the
     string keys of the result store follow ParTIpy's ``write_h5ad``.
     """
+    check_scheduler(scheduler)
     if isinstance(adata, (str, Path)) and isinstance(path, ad.AnnData):
         adata, path = path, adata
     if not isinstance(adata, ad.AnnData):
@@ -174,8 +197,9 @@ def write(
         raise ValueError(f"compression {compression!r} is not supported; choose one of {COMPRESSIONS}")
     path = Path(path)
     _check_target(adata, path)
+    check_format(path, what="cannot write")
     adata = sanitized(adata, include=include)
-    if path.suffix == ".zarr":
+    if path.suffix.lower() == ".zarr":
         return write_stores({path: adata}, scheduler=scheduler, progress=progress)[0]
     dataset_kwargs = {"compression": compression, "compression_opts": compression_opts} if compression else {}
     tmp = _sibling(path, "tmp")
@@ -327,8 +351,6 @@ def _stream_sparse(
     it; HDF5 chunks of :data:`H5_CHUNK` elements, as the first block may be
     empty), the others appended with ``sparse_dataset(...).append``.
     """
-    from tqdm.auto import tqdm
-
     from .._settings import settings
 
     arrays = {where: (x.rechunk({1: -1}) if x.numblocks[1] != 1 else x) for where, x in arrays.items()}
@@ -337,7 +359,9 @@ def _stream_sparse(
     window = max(1, n_workers_of(resolve_scheduler(scheduler)))
     written: dict = {}
     progress = settings.progress if progress is None else progress
-    with tqdm(total=len(chunks), desc=f"writing {name}", unit="block", leave=False, disable=not progress) as bar:
+    with progress_bar_class()(
+        total=len(chunks), desc=f"writing {name}", unit="block", leave=False, disable=not progress
+    ) as bar:
         for start in range(0, len(chunks), window):
             stop = min(start + window, len(chunks))
             pieces = [x.blocks[i] for x in arrays.values() for i in range(start, stop)]

@@ -9,8 +9,16 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 
-from .._validation import check_control, check_number, get_matrix, obs_categorical, perturbation_labels
-from ..cluster import compute
+from .._validation import (
+    as_actual,
+    check_control,
+    check_number,
+    get_matrix,
+    log1p_record,
+    obs_categorical,
+    perturbation_labels,
+)
+from ..cluster import check_scheduler, compute
 from ..io._read import as_dask, per_block, select
 from ..kernels.moments import MOMENTS, gene_moments
 
@@ -153,8 +161,22 @@ def _seurat_v3(x, m, batches, n_cells, *, n_top_genes: int, span: float, schedul
     reg_std = np.ones_like(mean)
     for b in range(n_batches):
         not_const = var[b] > 0
+        n_fit = int(not_const.sum())
+        # a local quadratic needs 3 points in each window; with fewer than 1 scikit-misc crashes the process
+        if span * n_fit < 3:
+            raise ValueError(
+                f"span={span} puts {span * n_fit:.2g} genes in each loess window (span x the {n_fit:,} genes with "
+                f"a non-zero variance{' in batch ' + str(b) if n_batches > 1 else ''}); the degree-2 fit of "
+                f"flavor='seurat_v3' needs at least 3: use span >= {min(1.0, 3 / max(n_fit, 1)):.3g} (0.3 is usual)"
+            )
         model = loess(np.log10(mean[b, not_const]), np.log10(var[b, not_const]), span=span, degree=2)
-        model.fit()
+        try:
+            model.fit()
+        except ValueError as err:  # scikit-misc's own words (e.g. 'k-d tree limited by memory'): too few points
+            raise ValueError(
+                f"the loess fit of flavor='seurat_v3' failed ({err}) with span={span} over {n_fit:,} genes "
+                f"({span * n_fit:.0f} in each window): use a larger span (0.3 is usual), or more genes"
+            ) from err
         reg_std[b, not_const] = np.sqrt(10**model.outputs.fitted_values)
     clip = reg_std * np.sqrt(n_cells)[:, None] + mean
     clipped = _moments(x, batches, n_batches, clip=clip, scheduler=scheduler, progress=progress, desc="HVG (clipped)")
@@ -287,9 +309,10 @@ def highly_variable_genes(
         Cutoffs (exclusive) on ``means`` and ``dispersions_norm`` when
         ``n_top_genes`` is not given (``seurat``/``cell_ranger``).
     n_bins
-        Bins of mean expression (``seurat``).
+        Bins of mean expression (``seurat``); at most the number of genes.
     span
-        Fraction of genes in each loess window (``seurat_v3``).
+        Fraction of genes in each loess window (``seurat_v3``); each window
+        must hold at least 3 genes (``span x genes >= 3``).
     layer
         Use ``layers[layer]`` instead of ``X``.
     batch_key
@@ -336,11 +359,20 @@ def highly_variable_genes(
         For an unknown flavor, ``seurat_v3`` without ``n_top_genes`` or on
         data with non-integer values, ``seurat``/``cell_ranger`` on raw
         counts (every value an integer), non-finite or out-of-range
-        numbers, ``control_only`` without the control's column and label,
-        or fewer than 2 cells.
+        numbers (``n_bins`` above the number of genes, loess windows of
+        fewer than 3 genes, or a loess fit that fails), ``control_only``
+        without the control's column and label, or fewer than 2 cells.
     KeyError
         If the layer, the perturbation column or the batch column is missing.
+
+    Notes
+    -----
+    With ``inplace=True`` on a view (``adata[mask]``), ``adata`` first
+    becomes an actual AnnData holding a copy of its data, as scanpy does
+    (anndata's ``ImplicitModificationWarning``); its parent is left as it
+    was.
     """
+    check_scheduler(scheduler)
     from ..analysis import HVGSettings, build
     from ..store import cached
 
@@ -364,6 +396,7 @@ def highly_variable_genes(
 
     def restore(df: pd.DataFrame) -> None:
         if inplace:
+            as_actual(adata)  # a view becomes an actual AnnData (a copy), as scanpy's: its parent is not written to
             for col in df.columns:
                 adata.var[col] = df[col].to_numpy()
             adata.uns["hvg"] = {"flavor": flavor}
@@ -405,7 +438,15 @@ def _highly_variable_genes(
         check_number(value, name)
     if not (isinstance(max_disp, int | float) and max_disp == np.inf):
         check_number(max_disp, "max_disp")
-    n_bins = check_number(n_bins, "n_bins", integer=True, minimum=1)
+    n_bins = check_number(
+        n_bins,
+        "n_bins",
+        integer=True,
+        minimum=1,
+        maximum=max(adata.n_vars, 1),
+        why=f"bins of mean expression hold genes, and there are {adata.n_vars:,}; more bins than genes leave "
+        "bins empty (and pandas makes every bin's edges)",
+    )
     span = check_number(span, "span", minimum=0, maximum=1, min_open=True)
     x = as_dask(get_matrix(adata, layer))
     rows = np.ones(adata.n_obs, dtype=bool)
@@ -435,7 +476,7 @@ def _highly_variable_genes(
             + (" ..." if len(names) > 5 else "")
         )
     transform = "expm1" if flavor == "seurat" else "none"
-    base = (adata.uns.get("log1p") or {}).get("base")
+    base = (log1p_record(adata, layer) or {}).get("base")
     scale = 1.0 if base is None else float(np.log(base))  # log1p of another base, undone as scanpy does
     m = _moments(
         x, batches, len(names), transform=transform, scale=scale, scheduler=scheduler, progress=progress, desc="HVG"

@@ -8,8 +8,8 @@ import anndata as ad
 import dask.array as da
 import numpy as np
 
-from .._validation import check_number, get_matrix
-from ..cluster import compute
+from .._validation import as_actual, check_number, get_matrix
+from ..cluster import check_scheduler, compute
 from ..io._read import as_dask, per_block, select
 from ..kernels.moments import gram, project
 
@@ -168,16 +168,26 @@ def pca(
     ------
     ValueError
         For an unknown method, ``n_comps`` not below both the number of
-        cells and of genes used, no highly variable genes, or non-finite
-        values.
+        cells and of genes used, ``n_iter`` above 100 (each is a pass),
+        ``random_state`` not a whole number >= 0, no highly variable genes,
+        or non-finite values.
     KeyError
         If ``use_highly_variable=True`` without ``var['highly_variable']``,
         or the layer is missing.
+
+    Notes
+    -----
+    On a view (``adata[mask]``), ``adata`` first becomes an actual AnnData
+    holding a copy of its data, as scanpy does (anndata's
+    ``ImplicitModificationWarning``); its parent is left as it was.
     """
+    check_scheduler(scheduler)
     from ..analysis import PCASettings, array_digest, build
     from ..store import cached
 
     _check_method(method)
+    n_iter = _check_n_iter(n_iter)
+    random_state = check_number(random_state, "random_state", integer=True, minimum=0)  # numpy's seeds
     if use_highly_variable is None:
         use_highly_variable = "highly_variable" in adata.var.columns
     use_hvg = bool(use_highly_variable) and "highly_variable" in adata.var.columns
@@ -195,6 +205,7 @@ def pca(
     obsm_key, varm_key, uns_key = ("X_pca", "PCs", "pca") if key_added is None else (key_added,) * 3
 
     def restore(stored: dict) -> None:
+        as_actual(adata)  # a view becomes an actual AnnData (a copy), as scanpy's: its parent is not written to
         adata.obsm[obsm_key] = stored["X_pca"]
         adata.varm[varm_key] = stored["PCs"]
         adata.uns[uns_key] = {
@@ -223,6 +234,22 @@ def pca(
     cached(adata, settings, run, key_added=key_added or "pca", force=force, restore=restore)
 
 
+#: Most power iterations of ``method="randomized"`` (each one a pass over the matrix).
+MAX_ITER = 100
+
+
+def _check_n_iter(n_iter) -> int:
+    return check_number(
+        n_iter,
+        "n_iter",
+        integer=True,
+        minimum=0,
+        maximum=MAX_ITER,
+        why="each iteration is a pass over the matrix, and subspace iteration converges geometrically: a few "
+        "are enough (6 by default; scikit-learn takes 4 to 7)",
+    )
+
+
 def _check_method(method) -> None:
     if method not in METHODS:
         raise ValueError(f"method {method!r} is not known; use one of {', '.join(map(repr, METHODS))}")
@@ -246,7 +273,7 @@ def _pca(
         raise ValueError(f"method {method!r} is not known; use one of {', '.join(map(repr, METHODS))}")
     n_comps = check_number(n_comps, "n_comps", integer=True, minimum=1)
     n_oversamples = check_number(n_oversamples, "n_oversamples", integer=True, minimum=0)
-    n_iter = check_number(n_iter, "n_iter", integer=True, minimum=0)
+    n_iter = _check_n_iter(n_iter)
     if use_highly_variable is None:
         use_highly_variable = "highly_variable" in adata.var.columns
     if use_highly_variable:

@@ -12,8 +12,8 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from .._validation import check_number, check_shape, label_list, perturbation_labels
-from ..cluster import compute
+from .._validation import as_actual, check_control, check_number, check_shape, label_list, perturbation_labels
+from ..cluster import check_scheduler, compute
 from ..io._read import as_dask, subset
 from ..kernels.qc import CELL_STATS, GENE_STATS, cell_stats, gene_stats
 
@@ -137,6 +137,7 @@ def qc_pass(
     ValueError
         If the matrix holds NaN, infinite or negative values.
     """
+    check_scheduler(scheduler)
     x = as_dask(adata.X)
     mt = mitochondrial_genes(adata.var)
     cells, genes = _stats_graphs(x, mt if mt.any() else None)
@@ -216,7 +217,10 @@ def calculate_qc_metrics(
         ``pct_dropout_by_counts`` (percent), ``total_counts``,
         ``log1p_total_counts``. Natural logarithms. The number of
         non-integer values (a sign of normalized data) goes to
-        ``uns['pertscale']['n_noninteger_values']``.
+        ``uns['pertscale']['n_noninteger_values']``. With ``inplace=True``
+        on a view (``adata[mask]``), ``adata`` first becomes an actual
+        AnnData holding a copy of its data, as scanpy does (anndata's
+        ``ImplicitModificationWarning``); its parent is left as it was.
 
     Raises
     ------
@@ -224,6 +228,7 @@ def calculate_qc_metrics(
         If the matrix has no cells or no genes, or holds NaN, infinite or
         negative values.
     """
+    check_scheduler(scheduler)
     check_shape(adata)
     mt = mitochondrial_genes(adata.var)
     has_mt = bool(mt.any())
@@ -250,6 +255,7 @@ def calculate_qc_metrics(
     var["log1p_total_counts"] = np.log1p(_gene_stat(genes, "total_counts"))
     if not inplace:
         return obs, var
+    as_actual(adata)  # a view becomes an actual AnnData (a copy), as scanpy's: its parent is not written to
     for col in obs.columns:
         adata.obs[col] = obs[col].to_numpy()
     for col in var.columns:
@@ -291,18 +297,41 @@ _FILTERS = {
 }
 
 
-def _filter(adata: ad.AnnData, which: str, detected: tuple, counts: tuple, *, scheduler, progress):
-    """The one implementation of filter_cells and filter_genes: one pass, then a lazy subset."""
+#: How the drop-everything error names the largest and the smallest of each number a filter bounds.
+_WHAT = {
+    "n_genes_by_counts": ("the most genes detected in one cell", "the fewest genes detected in one cell"),
+    "n_cells_by_counts": ("the most cells that detect one gene", "the fewest cells that detect one gene"),
+    "total_counts": ("the largest total count of one {item}", "the smallest total count of one {item}"),
+}
+
+
+def _filter(adata: ad.AnnData, which: str, detected: tuple, counts: tuple, *, names: tuple, scheduler, progress):
+    """The one implementation of filter_cells and filter_genes: one pass, then a lazy subset.
+
+    ``names`` are the names of the four bounds (min and max of detected
+    entries, min and max of counts), for the error when nothing is kept.
+    """
+    check_shape(adata)
     axis, detected_stat, detected_col, counts_col = _FILTERS[which]
     cells, genes = _matrix_stats(adata, scheduler=scheduler, progress=progress, desc=f"filter {which}")
     by_detected = any(b is not None for b in detected)
-    if axis == "obs":
-        numbers = _cell_stat(cells, detected_stat if by_detected else "total_counts")
-    else:
-        numbers = _gene_stat(genes, detected_stat if by_detected else "total_counts")
+    stat = detected_stat if by_detected else "total_counts"
+    numbers = _cell_stat(cells, stat) if axis == "obs" else _gene_stat(genes, stat)
     numbers = numbers.astype(np.int64) if by_detected else numbers
-    mask = _bounds_mask(numbers, *(detected if by_detected else counts))
+    bounds = detected if by_detected else counts
+    mask = _bounds_mask(numbers, *bounds)
     logger.info("filter_%s: %d of %d kept", which, int(mask.sum()), mask.size)
+    if not mask.any():
+        low = bounds[0] is not None
+        name = names[(0 if by_detected else 2) + (0 if low else 1)]
+        item = "cell" if axis == "obs" else "gene"
+        best = numbers.max() if low else numbers.min()
+        best = int(best) if by_detected else float(best)
+        raise ValueError(
+            f"{name}={bounds[0] if low else bounds[1]!r} drops every {item}: "
+            f"{_WHAT[stat][0 if low else 1].format(item=item)} is {best!r}; "
+            f"{name} {'<=' if low else '>='} {best!r} keeps some"
+        )
     out = subset(adata, obs_mask=mask) if axis == "obs" else subset(adata, var_mask=mask)
     getattr(out, axis)[detected_col if by_detected else counts_col] = numbers[mask]
     return out
@@ -347,13 +376,22 @@ def filter_cells(
     ------
     ValueError
         If not exactly one bound is given, the bound is not a finite number
-        >= 0 (a whole number of genes), or the matrix holds NaN, infinite or
-        negative values.
+        >= 0 (a whole number of genes), the matrix has no cells or genes or
+        holds NaN, infinite or negative values, or the bound keeps no cell
+        (after the pass; the message names the bound and a value that keeps
+        some).
     """
+    check_scheduler(scheduler)
     bounds = _check_bounds(min_genes=min_genes, min_counts=min_counts, max_genes=max_genes, max_counts=max_counts)
     min_genes, min_counts, max_genes, max_counts = bounds
     return _filter(
-        adata, "cells", (min_genes, max_genes), (min_counts, max_counts), scheduler=scheduler, progress=progress
+        adata,
+        "cells",
+        (min_genes, max_genes),
+        (min_counts, max_counts),
+        names=("min_genes", "max_genes", "min_counts", "max_counts"),
+        scheduler=scheduler,
+        progress=progress,
     )
 
 
@@ -394,14 +432,42 @@ def filter_genes(
     ------
     ValueError
         If not exactly one bound is given, the bound is not a finite number
-        >= 0 (a whole number of cells), or the matrix holds NaN, infinite or
-        negative values.
+        >= 0 (a whole number of cells), the matrix has no cells or genes or
+        holds NaN, infinite or negative values, or the bound keeps no gene
+        (after the pass; the message names the bound and a value that keeps
+        some).
     """
+    check_scheduler(scheduler)
     bounds = _check_bounds(min_cells=min_cells, min_counts=min_counts, max_cells=max_cells, max_counts=max_counts)
     min_cells, min_counts, max_cells, max_counts = bounds
     return _filter(
-        adata, "genes", (min_cells, max_cells), (min_counts, max_counts), scheduler=scheduler, progress=progress
+        adata,
+        "genes",
+        (min_cells, max_cells),
+        (min_counts, max_counts),
+        names=("min_cells", "max_cells", "min_counts", "max_counts"),
+        scheduler=scheduler,
+        progress=progress,
     )
+
+
+def _check_labels(adata, perturbation_column, control_label, exclude_labels) -> tuple[pd.Series, list[str]]:
+    """The labels as text and the excluded ones, refused when the control is absent or excluded or nothing is left."""
+    labels = perturbation_labels(adata.obs, perturbation_column)
+    exclude = label_list(exclude_labels, "exclude_labels")
+    if control_label is not None:
+        check_control(labels, str(control_label), perturbation_column, min_cells=1)
+        if str(control_label) in exclude:
+            raise ValueError(
+                f"exclude_labels includes the control label {str(control_label)!r}: no control cell would be left; "
+                "remove it from exclude_labels"
+            )
+    if labels.isin(exclude).all():
+        raise ValueError(
+            f"every cell's label in obs[{perturbation_column!r}] is in exclude_labels "
+            f"({', '.join(map(repr, exclude))}): no cell is left; remove some labels from exclude_labels"
+        )
+    return labels, exclude
 
 
 def filter_perturbations(
@@ -444,19 +510,29 @@ def filter_perturbations(
     KeyError
         If the column is missing.
     ValueError
-        If ``min_cells`` is not a whole number >= 0, or labels are missing
-        or collide as text.
+        If ``min_cells`` is not a whole number >= 0; labels are missing or
+        collide as text; ``control_label`` is not among the labels (the
+        message lists those seen) or is excluded; every cell is excluded; or
+        ``min_cells`` drops every perturbation (the message names the
+        largest). All from ``obs``, before anything is read.
     """
     min_cells = check_number(min_cells, "min_cells", integer=True, minimum=0, allow_none=True)
-    labels = perturbation_labels(adata.obs, perturbation_column)
+    labels, exclude = _check_labels(adata, perturbation_column, control_label, exclude_labels)
     before = labels.value_counts()
-    exclude = set(label_list(exclude_labels, "exclude_labels"))
+    exclude = set(exclude)
     reason = pd.Series("", index=before.index, dtype=object)
     reason[before.index.isin(exclude)] = "excluded"
     if min_cells is not None:
         small = (before < min_cells) & (reason == "") & (before.index != str(control_label))
         reason[small] = "min_cells"
     keep_labels = set(reason.index[reason == ""])
+    if not keep_labels:  # only min_cells can leave nothing here: with a control label, the control stays
+        left = before[reason != "excluded"]
+        raise ValueError(
+            f"min_cells={min_cells} drops every perturbation: the largest, {left.index[0]!r}, has "
+            f"{int(left.iloc[0])} cells; min_cells <= {int(left.iloc[0])} keeps some (or give control_label: the "
+            "control is never dropped for its size)"
+        )
     mask = labels.isin(keep_labels).to_numpy()
     table = pd.DataFrame({"n_cells_before": before, "n_cells_after": before.where(reason == "", 0), "reason": reason})
     table.index.name = perturbation_column

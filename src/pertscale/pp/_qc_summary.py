@@ -32,9 +32,10 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 
-from .._validation import check_control, check_number, check_shape, label_list, perturbation_labels
+from .._validation import check_number, check_shape, label_list
+from ..cluster import check_scheduler
 from ..io._read import subset
-from ._qc import _cell_stat, _gene_stat, _matrix_stats, mitochondrial_genes, qc_pass
+from ._qc import DEFAULT_EXCLUDE, _cell_stat, _check_labels, _gene_stat, _matrix_stats, mitochondrial_genes, qc_pass
 
 logger = logging.getLogger(__name__)
 
@@ -273,32 +274,15 @@ def _check_something_left(kept: dict, n_genes: np.ndarray, codes: np.ndarray, na
         )
 
 
-def _check_labels(adata, perturbation_column, control_label, exclude_labels) -> tuple[pd.Series, list[str]]:
-    labels = perturbation_labels(adata.obs, perturbation_column)
-    exclude = label_list(exclude_labels, "exclude_labels")
-    if control_label is not None:
-        check_control(labels, str(control_label), perturbation_column, min_cells=1)
-        if str(control_label) in exclude:
-            raise ValueError(
-                f"exclude_labels includes the control label {str(control_label)!r}; remove it from exclude_labels"
-            )
-    if labels.isin(exclude).all():
-        raise ValueError(
-            f"every cell's label in obs[{perturbation_column!r}] is in exclude_labels "
-            f"({', '.join(map(repr, exclude))}): no cell is left; remove some labels from exclude_labels"
-        )
-    return labels, exclude
-
-
 def qc_summary(
     adata: ad.AnnData,
     *,
     perturbation_column: str,
     control_label: str | None = None,
-    min_genes: int = 100,
-    min_cells_per_perturbation: int = 50,
-    min_cells_per_gene: int = 100,
-    exclude_labels: Iterable[str] = (),
+    min_genes: int = 20,
+    min_cells_per_perturbation: int = 20,
+    min_cells_per_gene: int = 3,
+    exclude_labels: Iterable[str] = DEFAULT_EXCLUDE,
     key_added: str = "qc",
     force: bool = False,
     scheduler=None,
@@ -310,8 +294,9 @@ def qc_summary(
     cells with fewer than ``min_genes`` detected genes, then perturbations
     left with fewer than ``min_cells_per_perturbation`` cells (never the
     control), then genes detected in fewer than ``min_cells_per_gene`` of
-    the cells kept. The same as, in scanpy on the data in memory,
-    ``sc.pp.filter_cells(min_genes=...)``, dropping the small perturbations
+    the cells kept. The defaults are the main job's (``pertscale run``), so
+    the summary shows what a default run keeps. The same as, in scanpy on
+    the data in memory, ``sc.pp.filter_cells(min_genes=...)``, dropping the small perturbations
     by ``obs[perturbation_column].value_counts()``, then
     ``sc.pp.filter_genes(min_cells=...)`` on the cells left. Nothing is
     filtered here: :meth:`QCSummary.apply` returns the filtered AnnData
@@ -328,15 +313,19 @@ def qc_summary(
         The control label: never dropped by ``min_cells_per_perturbation``.
         ``None``: every label is filtered by its size.
     min_genes
-        Cells with fewer genes with a non-zero count are dropped.
+        Cells with fewer genes with a non-zero count are dropped (20, as
+        ``pertscale run --min-genes``).
     min_cells_per_perturbation
-        Perturbations with fewer cells after ``min_genes`` are dropped.
+        Perturbations with fewer cells after ``min_genes`` are dropped (20,
+        as ``--min-cells-per-perturbation``).
     min_cells_per_gene
-        Genes detected (non-zero) in fewer of the kept cells are dropped.
+        Genes detected (non-zero) in fewer of the kept cells are dropped (3,
+        as ``--min-cells``).
     exclude_labels
-        Labels whose cells are dropped first, e.g. ``("multiple",
-        "unassigned")`` (:data:`pertscale.pp.DEFAULT_EXCLUDE`); a single
-        string is one label.
+        Labels whose cells are dropped first; default
+        :data:`pertscale.pp.DEFAULT_EXCLUDE` (``("multiple",
+        "unassigned")``, as ``--exclude-labels``; labels not present are
+        ignored); ``()`` or ``None`` for none; a single string is one label.
     key_added
         Readable name of this result in the result store.
     force
@@ -369,6 +358,7 @@ def qc_summary(
         some); or the matrix has no cells or genes, or holds NaN, infinite
         or negative values.
     """
+    check_scheduler(scheduler)
     from ..analysis import QCSettings, build
     from ..store import cached
 
@@ -642,10 +632,12 @@ def adaptive_qc_thresholds(
         If ``perturbation_column`` is not in ``obs``.
     ValueError
         If ``mode`` is unknown, ``percentile`` is outside [0, 100],
-        ``sample_size`` is not a whole number >= 1, ``control_label`` is not
+        ``sample_size`` is not a whole number >= 1, ``random_state`` not a
+        whole number >= 0 (numpy's seeds), ``control_label`` is not
         among the labels, every cell is excluded, or the matrix is empty or
         holds NaN, infinite or negative values.
     """
+    check_scheduler(scheduler)
     if percentile is None:
         if mode not in MODES:
             known = ", ".join(f"{m!r} ({p:g}th percentile)" for m, p in MODES.items())
@@ -655,6 +647,7 @@ def adaptive_qc_thresholds(
         percentile = check_number(percentile, "percentile", minimum=0, maximum=100)
         mode = "percentile"
     sample_size = check_number(sample_size, "sample_size", integer=True, minimum=1, allow_none=True)
+    random_state = check_number(random_state, "random_state", integer=True, minimum=0)  # numpy's seeds
     check_shape(adata)
     labels, exclude = _check_labels(adata, perturbation_column, control_label, exclude_labels)
     kept = ~labels.isin(exclude).to_numpy()

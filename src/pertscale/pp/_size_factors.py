@@ -7,8 +7,8 @@ import warnings
 import anndata as ad
 import numpy as np
 
-from .._validation import check_shape, get_matrix
-from ..cluster import compute
+from .._validation import as_actual, check_shape, get_matrix
+from ..cluster import check_scheduler, compute
 from ..io._read import as_dask, per_block
 
 
@@ -74,7 +74,15 @@ def size_factors(
         If the matrix is not raw counts (non-integer, negative or NaN
         values), the method is unknown, or (``"ratio"``) every gene has a
         zero count: use ``"sparse"`` or ``"poscounts"`` for single cells.
+
+    Notes
+    -----
+    On a view (``adata[mask]``), ``adata`` becomes an actual AnnData holding
+    a copy of its data before ``obs[key_added]`` is written, as scanpy does
+    (anndata's ``ImplicitModificationWarning``); its parent is left as it
+    was.
     """
+    check_scheduler(scheduler)
     from ..kernels.nbglm import SIZE_FACTOR_METHODS, finish_size_factors, reference_log_means
 
     if method not in SIZE_FACTOR_METHODS:
@@ -101,5 +109,6 @@ def size_factors(
             UserWarning,
             stacklevel=2,
         )
+    as_actual(adata)  # a view becomes an actual AnnData (a copy), as scanpy's: its parent is not written to
     adata.obs[key_added] = factors
     return factors

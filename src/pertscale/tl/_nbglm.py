@@ -21,8 +21,8 @@ import pandas as pd
 import scipy.sparse as sp
 from scipy import special
 
-from .._validation import check_number, check_shape, get_matrix, perturbation_labels
-from ..cluster import compute
+from .._validation import as_actual, check_number, check_shape, get_matrix, label_list, perturbation_labels
+from ..cluster import check_scheduler, compute
 from ..io._read import as_dask
 from ._engine import Groups, aligned
 
@@ -325,7 +325,7 @@ def dispersions(
     perturbation_column: str,
     *,
     size_factors: str | np.ndarray = "size_factors",
-    covariates: list[str] | None = None,
+    covariates: str | list[str] | None = None,
     method: str = "cox-reid",
     min_mu: float = 0.5,
     max_iter: int = 20,
@@ -370,8 +370,9 @@ def dispersions(
         ``obs`` column of size factors (:func:`pertscale.pp.size_factors`),
         or an ``(n_obs,)`` array of them.
     covariates
-        ``obs`` columns (e.g. ``["bio_rep"]``): the design's groups are then
-        every label within every level of them.
+        ``obs`` columns (e.g. ``["bio_rep"]``, or ``"bio_rep"``: a string is
+        one column): the design's groups are then every label within every
+        level of them; checked before any pass.
     method
         ``"cox-reid"`` (default) or ``"moments"`` (fast, one pass).
     min_mu
@@ -379,12 +380,13 @@ def dispersions(
         ``minmu``): 0.5 as DESeq2, PyDESeq2 and crispyx (their estimates agree
         best with it). For sparse single-cell genes it pushes the
         dispersions up; DESeq2's documentation suggests 1e-6 for single-cell
-        counts.
+        counts. At most ``sqrt(float64 max / max(10, n_obs))`` (about 1e152),
+        where the variance ``alpha mu^2`` stays finite.
     max_iter
         Newton passes at most, for each of the two fits.
     tol
         A gene's fit stops when its Newton step in ``log alpha`` is shorter
-        (1e-3: the dispersion to 0.1 %).
+        (1e-3: the dispersion to 0.1 %); below 3, the longest step.
     layer
         Use ``layers[layer]`` instead of ``X``.
     cache
@@ -410,16 +412,46 @@ def dispersions(
         If the label or size factor column is missing.
     ValueError
         If the matrix is not raw counts, the size factors are not positive
-        and finite, or an option is out of range.
+        and finite, a covariate is missing values or has one level, or an
+        option is out of range (the message gives the range and why).
+
+    Notes
+    -----
+    On a view (``adata[mask]``), ``adata`` becomes an actual AnnData holding
+    a copy of its data before ``var`` is written, as scanpy does (anndata's
+    ``ImplicitModificationWarning``); its parent is left as it was.
     """
+    check_scheduler(scheduler)
     from ..kernels.nbglm import MIN_DISP, starting_dispersions
 
     if method not in DISPERSION_METHODS:
         raise ValueError(f"dispersion method {method!r} is not supported; choose one of {DISPERSION_METHODS}")
-    min_mu = check_number(min_mu, "min_mu", minimum=0, min_open=True)
-    max_iter = check_number(max_iter, "max_iter", integer=True, minimum=1)
-    tol = check_number(tol, "tol", minimum=0, min_open=True)
     check_shape(adata)
+    # alpha mu^2, the NB variance's second term, for alpha up to max(10, n_obs) (the upper bound of the fits) and
+    # mu >= min_mu, must stay a finite float64
+    largest_mu = float(np.sqrt(np.finfo(np.float64).max / max(10.0, float(adata.n_obs))))
+    largest_mu = 10.0 ** np.floor(np.log10(largest_mu))  # a power of ten below it, to name in the message
+    min_mu = check_number(
+        min_mu,
+        "min_mu",
+        minimum=0,
+        min_open=True,
+        maximum=largest_mu,
+        why="the fitted means are at least min_mu, and the negative-binomial variance alpha x mu^2 (alpha up to "
+        "max(10, n_obs)) must stay a finite float64; 0.5 as DESeq2, or 1e-6 for single cells",
+    )
+    max_iter = check_number(max_iter, "max_iter", integer=True, minimum=1)
+    tol = check_number(
+        tol,
+        "tol",
+        minimum=0,
+        min_open=True,
+        maximum=MAX_STEP,
+        max_open=True,
+        why=f"a Newton step in log alpha is at most {MAX_STEP:g} long, so a larger tol would end every fit at "
+        "its starting value, marked as converged; 1e-3 (the dispersion to 0.1 %) is usual",
+    )
+    covariates = label_list(covariates, "covariates")  # a single string is one column, not its letters
     labels = perturbation_labels(adata.obs, perturbation_column)
     if covariates:
         codes, _ = covariate_levels(adata.obs, covariates)
@@ -511,6 +543,7 @@ def dispersions(
         },
         index=adata.var_names,
     )
+    as_actual(adata)  # a view becomes an actual AnnData (a copy), as scanpy's: its parent is not written to
     for column in table:
         adata.var[column] = table[column].to_numpy()
     adata.uns.setdefault("pertscale", {})["dispersion"] = {

@@ -24,9 +24,10 @@ from .._validation import (
     check_writable_labels,
     get_matrix,
     label_list,
+    log1p_record,
     perturbation_labels,
 )
-from ..cluster import n_cores
+from ..cluster import check_scheduler, n_cores
 from ..io._read import as_dask
 from ..kernels._common import ALTERNATIVES, CORR_METHODS
 from ..kernels.nbglm import NBGLM_STATS, nb_control, nbglm_block
@@ -46,12 +47,13 @@ METHODS = {"wilcoxon": WILCOXON, "t-test": TTEST, "t-test_overestim_var": TTEST,
 
 
 def _warn_if_counts(adata: ad.AnnData, dtype: np.dtype, layer: str | None) -> None:
-    """Warn when the matrix is not log1p data, from its dtype and ``uns['log1p']``: no data is read."""
+    """Warn when the matrix is not log1p data, from its dtype and its log1p mark: no data is read."""
     where = f"layers[{layer!r}]" if layer else "X"
+    mark = "uns['log1p']" if layer is None else f"uns['pertscale']['log1p_layers'][{layer!r}]"
     if np.issubdtype(dtype, np.integer):
         reason = f"{where} holds integers: raw counts"
-    elif "log1p" not in adata.uns:
-        reason = f"{where} is not marked as log1p data (uns['log1p'] is missing)"
+    elif log1p_record(adata, layer) is None:
+        reason = f"{where} is not marked as log1p data ({mark} is missing)"
     else:
         return
     warnings.warn(
@@ -81,7 +83,7 @@ def rank_genes_groups(
     size_factor_method: str = "sparse",
     dispersions: str | np.ndarray | None = None,
     dispersion_method: str = "cox-reid",
-    covariates: list[str] | None = None,
+    covariates: str | list[str] | None = None,
     shrink: bool = True,
     lfc_base: str = "log2",
     min_cells: int = 2,
@@ -132,8 +134,9 @@ def rank_genes_groups(
     min_pct, min_mean
         A gene is tested in a comparison when, on the perturbation's side or
         the control's, at least ``min_pct`` of the cells have a count and its
-        mean is at least ``min_mean`` (log1p units; nb-glm: normalized
-        counts); otherwise its statistics are NaN (``pts``/``pts_rest`` kept)
+        mean is at least ``min_mean`` (log1p units, at most
+        ``log1p(target_sum)``; nb-glm: normalized counts); otherwise its
+        statistics are NaN (``pts``/``pts_rest`` kept)
         and it leaves the multiple-testing family: reported, never dropped.
         One number for both sides or ``(control, perturbation)``, as crispyx's
         ``min_pct_ctrl``/``min_pct_pert``; 0 (default) tests every gene.
@@ -154,9 +157,11 @@ def rank_genes_groups(
     dispersion_method
         nb-glm: how they are estimated then (``"cox-reid"`` or ``"moments"``).
     covariates
-        nb-glm: ``obs`` columns whose effects (e.g. ``["bio_rep"]``) are taken
-        out: each level (combination of levels) of them gets its own
-        intercept, estimated on that level's control cells and frozen; the
+        nb-glm: ``obs`` columns whose effects (e.g. ``["bio_rep"]``, or
+        ``"bio_rep"``: a string is one column) are taken out, checked before
+        any pass (columns, missing values, levels, control cells per level):
+        each level (combination of levels) of them gets its own intercept,
+        estimated on that level's control cells and frozen; the
         perturbation's effect ``beta1`` is shared by all levels. This is an
         approximation: in the full GLM the level intercepts would also be
         fitted to the perturbation's cells; with many control cells per level
@@ -227,15 +232,21 @@ def rank_genes_groups(
         If ``control_label`` is unknown, fewer than two control cells remain,
         every cell is a control cell, no perturbation can be tested, a label
         is empty or two labels are the same text (the integer ``1`` and the
-        string ``"1"``), an option is not supported or out of range, the
-        matrix has no cells or genes, or it holds NaN or negative values.
-        All but the last are raised before any pass over the matrix.
+        string ``"1"``), an option is not supported or out of range
+        (``min_mean`` above ``log1p(target_sum)`` of the
+        :func:`pertscale.pp.normalize_total` that made the matrix: no gene
+        could be tested), nb-glm is given a matrix marked as log1p data or
+        ``covariates`` that do not fit (a missing column, missing values, a
+        single level, a level without control cells), the matrix has no
+        cells or genes, or it holds NaN or negative values. All but the last
+        are raised before any pass over the matrix.
 
     Warns
     -----
     UserWarning
         If the matrix holds raw counts (an integer dtype) or is a float
-        matrix not marked by ``log1p`` (``uns['log1p']``): fold changes assume
+        matrix not marked by ``log1p`` (``uns['log1p']`` for ``X``,
+        ``uns['pertscale']['log1p_layers']`` for a layer): fold changes assume
         log1p values. Also when gene names repeat (made unique).
 
     Notes
@@ -264,6 +275,7 @@ def rank_genes_groups(
     small). P-values come from the MLE, as in DESeq2. Where a side has no
     count of a gene, the Wald test is undefined (NaN).
     """
+    check_scheduler(scheduler)
     from ..analysis import NBGLMSettings, TTestSettings, WilcoxonSettings, array_digest, build
     from ..store import cached
 
@@ -289,6 +301,8 @@ def rank_genes_groups(
         progress=progress,
     )
     _check_choices(method, corr_method, alternative)
+    covariates = label_list(covariates, "covariates")  # a single string is one column, not its letters
+    options["covariates"] = covariates
     if covariates and method != "nb-glm":
         raise ValueError(f"covariates are supported by method='nb-glm', not by {method!r}")
     cls = {"wilcoxon": WilcoxonSettings, "nb-glm": NBGLMSettings}.get(method, TTestSettings)
@@ -301,7 +315,7 @@ def rank_genes_groups(
         if name in fields and fields[name] is not None and not isinstance(fields[name], str):
             fields[name] = array_digest(fields[name])
     if "covariates" in fields:
-        fields["covariates"] = tuple(fields["covariates"] or ())
+        fields["covariates"] = tuple(covariates)
     settings = build(cls, perturbation_column=perturbation_column, control_label=str(control_label), **fields)
     res = cached(
         adata,
@@ -418,6 +432,7 @@ def _test(
         if covariates:
             raise ValueError(f"covariates are supported by method='nb-glm', not by {method!r}")
         _warn_if_counts(adata, x.dtype, layer)
+        _check_min_mean_reachable(adata, layer, options["min_mean"])
         if test is WILCOXON:
             options |= {"tie_correct": bool(tie_correct), "use_continuity": bool(use_continuity)}
         else:
@@ -462,6 +477,29 @@ def _test(
     return res
 
 
+def _check_min_mean_reachable(adata: ad.AnnData, layer: str | None, min_mean) -> None:
+    """Refuse a ``min_mean`` that no gene can reach on log1p(normalize_total(target_sum)) values.
+
+    Every such value is at most ``log1p(target_sum)`` (a cell with all its
+    counts in one gene), and so is every mean: above it on both sides, no
+    gene would be tested and every p-value would be NaN. Known only when
+    :func:`pertscale.pp.normalize_total` and :func:`pertscale.pp.log1p` made
+    the matrix (their records in ``uns``); otherwise nothing is refused.
+    """
+    record = (adata.uns.get("pertscale") or {}).get("normalize_total") or {}
+    if "target_sum" not in record or record.get("layer", "X") != (layer or "X"):
+        return
+    if log1p_record(adata, layer) is None:
+        return
+    largest = float(np.log1p(float(record["target_sum"])))
+    if min(np.atleast_1d(min_mean)) > largest:
+        raise ValueError(
+            f"min_mean (--min-mean) {min_mean!r} is above {largest:.4g} = log1p(target_sum={record['target_sum']:g}), "
+            "the largest mean log1p-normalized values can have: no gene would be tested and every p-value would be "
+            f"NaN; use min_mean <= {largest:.4g} (log1p units, natural log)"
+        )
+
+
 def _check_choices(method: str, corr_method: str, alternative: str) -> None:
     if method not in METHODS:
         raise ValueError(f"method {method!r} is not available; choose one of {tuple(METHODS)}")
@@ -491,11 +529,15 @@ def _nbglm_inputs(
     from ._nbglm import dispersions as estimate_dispersions
 
     where = f"layers[{layer!r}]" if layer else "X"
-    if layer is None and "log1p" in adata.uns:
+    if log1p_record(adata, layer) is not None:
+        mark = "uns['log1p']" if layer is None else f"uns['pertscale']['log1p_layers'][{layer!r}]"
         raise ValueError(
-            f"{where} holds log1p-normalized values (uns['log1p'] is set), but nb-glm models raw counts; "
+            f"{where} holds log1p-normalized values ({mark} is set), but nb-glm models raw counts; "
             "pass the raw counts layer (layer='counts'), e.g. keep adata.layers['counts'] = adata.X before normalizing"
         )
+    covariates = label_list(covariates, "covariates")
+    # obs alone tells: columns, missing values, levels, control cells per level; before size factors' passes
+    levels = covariate_levels(adata.obs, covariates, control=control)[0] if covariates else None
     if isinstance(size_factors, str) and size_factors not in adata.obs:
         logger.info("nb-glm: computing size factors (%s) into obs[%r]", size_factor_method, size_factors)
         pp.size_factors(
@@ -507,8 +549,6 @@ def _nbglm_inputs(
             progress=progress,
         )
     sf = size_factor_values(adata, size_factors)
-    covariates = list(covariates or [])
-    levels = covariate_levels(adata.obs, covariates, control=control)[0] if covariates else None
     stored = (adata.uns.get("pertscale") or {}).get("dispersion") or {}
     sf_name = size_factors if isinstance(size_factors, str) else "given"
     if dispersions is not None:
