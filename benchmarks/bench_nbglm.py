@@ -4,9 +4,9 @@ Each tool runs in its own process from the raw-count file to its results
 (timed from start to exit; peak resident memory of the process tree):
 
 - ``pertscale``: ``ps.read`` -> drop ``multiple``/``unassigned`` ->
-  ``ps.tl.rank_genes_groups(method="nb-glm")`` (size factors, dispersions,
-  the test; threads in one process, as the main job's plan picks for
-  inputs of this size), results computed;
+  ``ps.pp.size_factors`` -> ``ps.tl.dispersions`` ->
+  ``ps.tl.rank_genes_groups(method="nb-glm")`` (threads in one process, as
+  the main job's plan picks for inputs of this size), results computed;
 - ``crispyx``: ``crispyx.de.nb_glm_test(path, ..., n_jobs=2)`` with its
   defaults (global sparse size factors and Cox-Reid dispersions), the same
   perturbations;
@@ -50,8 +50,11 @@ PERTSCALE = textwrap.dedent(
         ps.settings.progress = False
         a = ps.read(path)
         a = ps.pp.filter_perturbations(a, "perturbation", "control", exclude_labels=["multiple", "unassigned"])
-        r = ps.tl.rank_genes_groups(a, "perturbation", "control", method="nb-glm", shrink=False, scheduler="threads")
-        r = ps.compute(r, scheduler="threads")
+        with ps.cluster.using("threads"):  # nb-glm's steps, then the test
+            ps.pp.size_factors(a)
+            ps.tl.dispersions(a, "perturbation")
+            r = ps.tl.rank_genes_groups(a, "perturbation", "control", method="nb-glm", shrink=False)
+            r = ps.compute(r)
         np.savez(out, lfc=r.layers["logfoldchanges_raw"], p=r.layers["pvals"], groups=np.array(r.obs_names, dtype=str),
                  genes=np.array(r.var_names, dtype=str))
     if __name__ == "__main__":

@@ -31,9 +31,7 @@ BLOCK = re.compile(
 def blocks(page: str) -> list[tuple[str, str, str | None, int]]:
     """``(language, code, reason not run, line)`` for each fenced Python or bash block of a page."""
     text = (ROOT / page).read_text()
-    return [
-        (m["lang"], m["code"], m["why"], text.count("\n", 0, m.start("code")) + 1) for m in BLOCK.finditer(text)
-    ]
+    return [(m["lang"], m["code"], m["why"], text.count("\n", 0, m.start("code")) + 1) for m in BLOCK.finditer(text)]
 
 
 @pytest.fixture()

@@ -373,7 +373,8 @@ def test_filters_keep_the_blocks_of_whole_groups(screen, tmp_path):
     path = tmp_path / "s.h5ad"
     screen.write_h5ad(path)
     sorted_ = ps.io.prepare(path, "perturbation", "control", out=tmp_path / "w.zarr", chunk_size=300)
-    kept = ps.pp.filter_cells(sorted_, min_genes=95, scheduler="synchronous")  # drops about a third
+    with ps.cluster.using("synchronous"):
+        kept = ps.pp.filter_cells(sorted_, min_genes=95)  # drops about a third
     assert kept.n_obs < sorted_.n_obs
     assert kept.X.numblocks == sorted_.X.numblocks  # each block filtered where it is, not re-blocked
     from pertscale.tl._engine import aligned, find_groups

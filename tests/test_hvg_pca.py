@@ -40,7 +40,8 @@ def test_hvg_equals_scanpy_on_real_screens(real_screen, flavor, n_top):
     ref = _reference(real_screen, log=log)
     sc.pp.highly_variable_genes(ref, flavor=flavor, n_top_genes=n_top)
     ours = _lazy(real_screen, log=log)
-    ps.pp.highly_variable_genes(ours, flavor=flavor, n_top_genes=n_top, scheduler="synchronous")
+    with ps.cluster.using("synchronous"):
+        ps.pp.highly_variable_genes(ours, flavor=flavor, n_top_genes=n_top)
     np.testing.assert_array_equal(ours.var["highly_variable"].to_numpy(), ref.var["highly_variable"].to_numpy())
     assert ours.var["highly_variable"].any()
     assert ours.uns["hvg"] == {"flavor": flavor}
@@ -112,7 +113,8 @@ def test_hvg_does_not_depend_on_chunks_or_scheduler(sim_h5ad, chunk_size, schedu
     base = ps.read(sim_h5ad, chunk_size=3_000)
     expected = ps.pp.highly_variable_genes(base, flavor="seurat_v3", n_top_genes=50, inplace=False)
     adata = ps.read(sim_h5ad, chunk_size=chunk_size)
-    got = ps.pp.highly_variable_genes(adata, flavor="seurat_v3", n_top_genes=50, inplace=False, scheduler=scheduler)
+    with ps.cluster.using(scheduler):
+        got = ps.pp.highly_variable_genes(adata, flavor="seurat_v3", n_top_genes=50, inplace=False)
     np.testing.assert_array_equal(got["highly_variable"], expected["highly_variable"])
     assert_close(got["variances_norm"], expected["variances_norm"], rtol=1e-12)
 
@@ -166,7 +168,8 @@ def test_pca_equals_scanpy_arpack(name):
     n_comps = min(30, ref.n_vars - 1)
     sc.pp.pca(ref, n_comps=n_comps, svd_solver="arpack", mask_var=None)
     ours = _lazy(path)
-    ps.pp.pca(ours, n_comps=n_comps, method="covariance", scheduler="synchronous")
+    with ps.cluster.using("synchronous"):
+        ps.pp.pca(ours, n_comps=n_comps, method="covariance")
     assert isinstance(ours.obsm["X_pca"], da.Array)  # scores stay lazy
     assert_close(ours.uns["pca"]["variance_ratio"], ref.uns["pca"]["variance_ratio"], rtol=1e-6)
     assert_close(ours.uns["pca"]["variance"], ref.uns["pca"]["variance"], rtol=1e-6)
@@ -187,7 +190,8 @@ def test_pca_randomized_agrees_on_the_leading_components():
     ref = _reference(path, dtype=np.float64)
     sc.pp.pca(ref, n_comps=20, svd_solver="arpack", mask_var=None)
     ours = _lazy(path)
-    ps.pp.pca(ours, n_comps=20, method="randomized", n_iter=8, scheduler="synchronous")
+    with ps.cluster.using("synchronous"):
+        ps.pp.pca(ours, n_comps=20, method="randomized", n_iter=8)
     assert_close(ours.uns["pca"]["variance_ratio"][:10], ref.uns["pca"]["variance_ratio"][:10], rtol=1e-4)
     assert _cosines(ours.varm["PCs"][:, :5], ref.varm["PCs"][:, :5]).min() >= 0.999
 
@@ -220,9 +224,11 @@ def test_pca_does_not_depend_on_chunks_or_scheduler(sim_h5ad, chunk_size, schedu
     if scheduler == "cluster":
         scheduler = request.getfixturevalue("cluster_client")
     base = _lazy(sim_h5ad, chunk_size=3_000)
-    ps.pp.pca(base, n_comps=10, scheduler="synchronous")
+    with ps.cluster.using("synchronous"):
+        ps.pp.pca(base, n_comps=10)
     adata = _lazy(sim_h5ad, chunk_size=chunk_size)
-    ps.pp.pca(adata, n_comps=10, scheduler=scheduler)
+    with ps.cluster.using(scheduler):
+        ps.pp.pca(adata, n_comps=10)
     assert_close(adata.uns["pca"]["variance"], base.uns["pca"]["variance"], rtol=1e-10)
     np.testing.assert_allclose(adata.varm["PCs"], base.varm["PCs"], atol=1e-9)
     (scores,) = ps.cluster.compute(adata.obsm["X_pca"], scheduler=scheduler, progress=False)
@@ -311,7 +317,8 @@ def test_hvg_seurat_undoes_a_log1p_of_another_base_as_scanpy():
     ref.X = sp.csr_matrix(ref.X, dtype=np.float32)
     ours = ref.copy()
     sc.pp.highly_variable_genes(ref, flavor="seurat", n_top_genes=40)
-    ps.pp.highly_variable_genes(ours, flavor="seurat", n_top_genes=40, scheduler="synchronous")
+    with ps.cluster.using("synchronous"):
+        ps.pp.highly_variable_genes(ours, flavor="seurat", n_top_genes=40)
     np.testing.assert_array_equal(ours.var["highly_variable"].to_numpy(), ref.var["highly_variable"].to_numpy())
     assert_close(ours.var["means"], ref.var["means"], rtol=5e-4)
 

@@ -396,7 +396,6 @@ def _calls(tmp: Path, path: Path, adata: ad.AnnData) -> dict:
         "ps.pp.pca": lambda s: ps.pp.pca(prepared, scheduler=s),
         "ps.pp.neighbors": lambda s: ps.pp.neighbors(with_pca, scheduler=s),
         "ps.tl.umap": lambda s: ps.tl.umap(with_pca, scheduler=s),
-        "ps.pp.size_factors": lambda s: ps.pp.size_factors(adata, scheduler=s),
         "ps.pp.qc_summary": lambda s: ps.pp.qc_summary(adata, perturbation_column="perturbation", scheduler=s),
         "ps.pp.adaptive_qc_thresholds": lambda s: ps.pp.adaptive_qc_thresholds(
             adata, perturbation_column="perturbation", scheduler=s
@@ -406,7 +405,6 @@ def _calls(tmp: Path, path: Path, adata: ad.AnnData) -> dict:
         ),
         "ps.pb.pseudobulk": lambda s: ps.pb.pseudobulk(adata, groupby="perturbation", scheduler=s),
         "ps.tl.rank_genes_groups": lambda s: ps.tl.rank_genes_groups(prepared, "perturbation", "control", scheduler=s),
-        "ps.tl.dispersions": lambda s: ps.tl.dispersions(adata, "perturbation", scheduler=s),
     }
 
 

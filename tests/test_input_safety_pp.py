@@ -475,6 +475,8 @@ def test_whole_numbers_beyond_float_precision_are_whole(tiny):
 def test_covariate_as_a_string_is_one_column(tiny):
     a = _counts(tiny)
     a.layers["counts"] = a.X
+    ps.pp.size_factors(a, layer="counts")  # nb-glm's steps, made first
+    ps.tl.dispersions(a, "perturbation", covariates="bio_rep", method="moments", layer="counts")
     kw = {"method": "nb-glm", "layer": "counts", "dispersion_method": "moments", "perturbations": ["P0000"]}
     by_string = ps.compute(ps.tl.rank_genes_groups(a.copy(), "perturbation", "control", covariates="bio_rep", **kw))
     by_list = ps.compute(ps.tl.rank_genes_groups(a.copy(), "perturbation", "control", covariates=["bio_rep"], **kw))

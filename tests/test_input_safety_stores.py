@@ -106,12 +106,14 @@ def _unchecksummed_arrays(store: Path) -> list[str]:
 def test_prepare_rebuilds_for_an_input_replaced_with_the_same_size_and_mtime(what, tiny, tmp_path, caplog):
     path = h5ad(tiny, tmp_path / "in.h5ad")
     store = tmp_path / "sorted.zarr"
-    ps.io.prepare(path, "perturbation", "control", out=store, scheduler="synchronous")
+    with ps.cluster.using("synchronous"):
+        ps.io.prepare(path, "perturbation", "control", out=store)
     other = _same_size_other_content(tiny, what)
     _replace_keeping_size_and_mtime(path, other)
     before = checksum(path)
     with caplog.at_level(logging.INFO, logger="pertscale.io._prepare"):
-        again = ps.io.prepare(path, "perturbation", "control", out=store, scheduler="synchronous")
+        with ps.cluster.using("synchronous"):
+            again = ps.io.prepare(path, "perturbation", "control", out=store)
     assert "rebuilding it" in caplog.text and "reusing" not in caplog.text
     rows = again.obs["input_row"].to_numpy()
     np.testing.assert_array_equal(_sorted_rows(again), other.X[rows].toarray())
@@ -122,9 +124,11 @@ def test_prepare_rebuilds_for_an_input_replaced_with_the_same_size_and_mtime(wha
 
 def test_prepare_reuses_an_unchanged_input(tiny, tmp_path, caplog):
     path = h5ad(tiny, tmp_path / "in.h5ad")
-    ps.io.prepare(path, "perturbation", "control", out=tmp_path / "s.zarr", scheduler="synchronous")
+    with ps.cluster.using("synchronous"):
+        ps.io.prepare(path, "perturbation", "control", out=tmp_path / "s.zarr")
     with caplog.at_level(logging.INFO, logger="pertscale.io._prepare"):
-        ps.io.prepare(path, "perturbation", "control", out=tmp_path / "s.zarr", scheduler="synchronous")
+        with ps.cluster.using("synchronous"):
+            ps.io.prepare(path, "perturbation", "control", out=tmp_path / "s.zarr")
     assert "reusing the working store" in caplog.text
 
 
@@ -230,7 +234,8 @@ def test_every_store_pertscale_writes_is_checksummed(tiny, tmp_path):
     assert {p.name for p in written} >= {"de_wilcoxon.zarr", "pca.zarr", "working_store.zarr"}
     a = ps.read(path)
     written.append(ps.write(a, tmp_path / "w.zarr", scheduler="synchronous"))
-    written.append(ps.io.convert(path, tmp_path / "c.zarr", scheduler="synchronous"))
+    with ps.cluster.using("synchronous"):
+        written.append(ps.io.convert(path, tmp_path / "c.zarr"))
     for store in written:
         assert _unchecksummed_arrays(store) == [], store
     assert checksum(path) == before
@@ -261,16 +266,19 @@ def test_flipped_bit_in_a_written_store_fails_loudly(tiny, tmp_path):
 def test_flipped_bit_in_the_working_store_is_caught_and_rewritten(tiny, tmp_path):
     path = h5ad(tiny, tmp_path / "in.h5ad")
     store = tmp_path / "sorted.zarr"
-    good = _sorted_rows(ps.io.prepare(path, "perturbation", "control", out=store, scheduler="synchronous"))
+    with ps.cluster.using("synchronous"):
+        good = _sorted_rows(ps.io.prepare(path, "perturbation", "control", out=store))
     _flip_byte(store / "blocks" / "0" / "data" / "c" / "0")
-    again = ps.io.prepare(path, "perturbation", "control", out=store, scheduler="synchronous")  # sizes unchanged
+    with ps.cluster.using("synchronous"):
+        again = ps.io.prepare(path, "perturbation", "control", out=store)  # sizes unchanged
     with pytest.raises(
         ps.io.DamagedStoreError,
         match=r"block 0 of the working store .* is damaged \(its data array cannot be read \(data chunk 'c/0'\): "
         r"its CRC-32C checksum does not match.*written again",
     ):
         _sorted_rows(again)
-    rebuilt = ps.io.prepare(path, "perturbation", "control", out=store, scheduler="synchronous")
+    with ps.cluster.using("synchronous"):
+        rebuilt = ps.io.prepare(path, "perturbation", "control", out=store)
     np.testing.assert_array_equal(_sorted_rows(rebuilt), good)
 
 
@@ -517,7 +525,8 @@ def test_cli_working_store_on_the_input_is_refused(tiny, tmp_path, monkeypatch):
 
 def test_store_marker_records_the_content(tiny, tmp_path):
     path = h5ad(tiny, tmp_path / "in.h5ad")
-    ps.io.prepare(path, "perturbation", "control", out=tmp_path / "s.zarr", scheduler="synchronous")
+    with ps.cluster.using("synchronous"):
+        ps.io.prepare(path, "perturbation", "control", out=tmp_path / "s.zarr")
     recorded = json.loads((tmp_path / "s.zarr" / "pertscale_working_store.json").read_text())["fingerprint"]
     assert len(recorded["content"]) == 64 and recorded["perturbation_column"] == "perturbation"
     shutil.rmtree(tmp_path / "s.zarr")

@@ -87,10 +87,10 @@ def test_auto_chunk_size_follows_memory():
     gib = 1 << 30
     small = auto_chunk_size(2_000_000, 4_000, n_workers=2, available_bytes=1 * gib)
     large = auto_chunk_size(2_000_000, 4_000, n_workers=2, available_bytes=64 * gib)
-    assert 1_000 <= small < large <= 1_000_000  # never more than one block per worker
+    assert 1_000 <= small < large <= 250_000  # at least four blocks per worker
     assert auto_chunk_size(500, 4_000, n_workers=2) == 500  # tiny data: one block
-    # budget: memory_fraction * available / (8 * n_workers) bytes per block
-    assert small == int(0.5 * gib / 16 // 4_000)
+    # the main job's model: memory_fraction of a worker's share holds six copies of a block
+    assert small == int(ps.settings.memory_fraction * gib / 2 // (6 * 4_000))
 
 
 def test_write_is_atomic_and_overwrites(sim_adata, tmp_path):

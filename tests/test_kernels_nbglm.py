@@ -277,3 +277,33 @@ def test_covariate_levels_take_out_a_replicate_effect_as_the_full_glm_does():
         assert abs(ignored[0, stat["logfoldchanges_raw"], j] - fit.params[2]) > 0.2, j  # ~log(3) x 0.35
     with pytest.raises(ValueError, match="covariate level 2 has no control fit"):
         K.nbglm_block(y[n_c:], [n_g], control, rows=np.column_stack([sf[n_c:], np.full(n_g, 2)]), alpha=alpha)
+
+
+def test_dispersion_prior_and_outliers_from_their_definitions():
+    rng = np.random.default_rng(3)
+    trend = rng.uniform(0.05, 2.0, 200)
+    genewise = trend * np.exp(rng.normal(0.0, 0.8, 200))
+    genewise[:3] = np.nan  # genes without counts
+    genewise[3] = 1e-9  # below 100 x the smallest dispersion: left out of the spread
+    prior, squared_logres = K.dispersion_prior(genewise, trend, n_cells=50, n_params=5)
+    residuals = np.log(genewise[4:]) - np.log(trend[4:])
+    assert_close(squared_logres, stats.median_abs_deviation(residuals, scale="normal") ** 2, rtol=1e-6)
+    assert_close(prior, max(squared_logres - special.polygamma(1, (50 - 5) / 2), 0.25), rtol=1e-12)
+    posterior = trend * 1.1
+    final, outlier = K.final_dispersions(genewise, trend, posterior, squared_logres=squared_logres, max_disp=10.0)
+    with np.errstate(invalid="ignore"):
+        far = np.log(genewise) - np.log(trend) > 2 * np.sqrt(squared_logres)
+    assert outlier.any() and (outlier == far).all()
+    expected = np.clip(np.where(far, genewise, posterior), K.MIN_DISP, 10.0)
+    assert np.isnan(final[:3]).all()
+    assert_close(final[3:], expected[3:], rtol=0)
+
+
+def test_groups_pack_into_blocks_without_being_split():
+    from pertscale.kernels.groups import group_pointers, pack_groups
+
+    sizes = np.array([3, 4, 10, 2, 2])
+    assert pack_groups(sizes, 6) == (3, 4, 10, 4)  # the group of 10 alone, longer than the budget
+    assert pack_groups(sizes, 100) == (21,)
+    assert pack_groups(np.array([], dtype=int), 6) == (0,)
+    assert group_pointers(sizes).tolist() == [0, 3, 7, 17, 19, 21]

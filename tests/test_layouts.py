@@ -113,8 +113,9 @@ def test_convert_transposes_csc_out_of_core_and_copies_between_formats(sim_adata
     csc.obsm["X_umap"] = np.arange(2 * csc.n_obs, dtype=float).reshape(-1, 2)
     csc.write_h5ad(tmp_path / "csc.h5ad")
     before = hashlib.sha256((tmp_path / "csc.h5ad").read_bytes()).hexdigest()
-    as_zarr = ps.io.convert(tmp_path / "csc.h5ad", tmp_path / "csr.zarr", scheduler="synchronous")
-    back = ps.io.convert(as_zarr, tmp_path / "csr.h5ad", compression="lzf", scheduler="synchronous")
+    with ps.cluster.using("synchronous"):
+        as_zarr = ps.io.convert(tmp_path / "csc.h5ad", tmp_path / "csr.zarr")
+        back = ps.io.convert(as_zarr, tmp_path / "csr.h5ad", compression="lzf")
     for path in (as_zarr, back):
         got = ad.read_zarr(path) if path.suffix == ".zarr" else ad.read_h5ad(path)
         assert sp.isspmatrix_csr(got.X) and got.X.has_sorted_indices

@@ -58,7 +58,8 @@ def _assert_flat(peaks: dict[int, float], per_cell_nnz: float, what: str) -> Non
 @pytest.mark.slow
 def test_qc_and_sorted_wilcoxon_memory_does_not_grow_with_cells(tmp_path):
     def qc(path):
-        ps.pp.calculate_qc_metrics(ps.read(path, chunk_size=2_000), scheduler="synchronous")
+        with ps.cluster.using("synchronous"):
+            ps.pp.calculate_qc_metrics(ps.read(path, chunk_size=2_000))
 
     def wilcoxon(path, out):
         a = ps.read(path, chunk_size=2_000)

@@ -23,7 +23,8 @@ def test_relative_outputs_land_in_the_callers_directory(tmp_path, monkeypatch):
     here = tmp_path / "elsewhere"
     here.mkdir()
     monkeypatch.chdir(here)
-    sorted_ = ps.io.prepare(tmp_path / "in.h5ad", "perturbation", "control", out="sorted.zarr", scheduler="local")
+    with ps.cluster.using("local"):
+        sorted_ = ps.io.prepare(tmp_path / "in.h5ad", "perturbation", "control", out="sorted.zarr")
     assert (here / "sorted.zarr" / "blocks" / "0").is_dir()
     ps.pp.normalize_total(sorted_)
     ps.pp.log1p(sorted_)

@@ -134,7 +134,8 @@ def test_group_sums_count_bad_values():
 def test_real_screen_equals_scanpy_aggregate(name, two_columns):
     by = ["perturbation", SECOND[name]] if two_columns else "perturbation"
     adata = ps.read(real_path(name), chunk_size=4_000)
-    pb = ps.pb.pseudobulk(adata, groupby=by, scheduler="synchronous")
+    with ps.cluster.using("synchronous"):
+        pb = ps.pb.pseudobulk(adata, groupby=by)
     _assert_equals_aggregate(pb, *_scanpy_inputs(name), by)
     assert pb.uns["pertscale"]["pseudobulk"]["groupby"] == ([by] if isinstance(by, str) else by)
 
@@ -153,7 +154,8 @@ def test_simulated_screen_equals_scanpy_aggregate(sim_adata, tmp_path, kind, by)
     sc.pp.normalize_total(normalized, target_sum=1e4)
     logged = normalized.copy()
     sc.pp.log1p(logged)
-    pb = ps.pb.pseudobulk(adata, groupby=by, scheduler="synchronous")
+    with ps.cluster.using("synchronous"):
+        pb = ps.pb.pseudobulk(adata, groupby=by)
     _assert_equals_aggregate(pb, counts, normalized, logged, by)
     assert (pb.var == sim_adata.var).all().all()
 
@@ -162,7 +164,8 @@ def test_layer_and_target_sum(sim_adata):
     adata = sim_adata.copy()
     adata.layers["counts"] = adata.X.copy()
     adata.X = sp.csr_matrix(adata.X.shape, dtype=np.float32)  # X is something else
-    pb = ps.pb.pseudobulk(adata, layer="counts", target_sum=1e6, scheduler="synchronous")
+    with ps.cluster.using("synchronous"):
+        pb = ps.pb.pseudobulk(adata, layer="counts", target_sum=1e6)
     logged = sim_adata.copy()
     sc.pp.normalize_total(logged, target_sum=1e6)
     sc.pp.log1p(logged)
@@ -174,7 +177,8 @@ def test_layer_and_target_sum(sim_adata):
 def test_non_categorical_column_groups_in_sorted_order(sim_adata):
     adata = sim_adata.copy()
     adata.obs["label"] = adata.obs["perturbation"].astype(str).to_numpy()[::-1]  # plain strings, another order
-    pb = ps.pb.pseudobulk(adata, groupby="label", scheduler="synchronous")
+    with ps.cluster.using("synchronous"):
+        pb = ps.pb.pseudobulk(adata, groupby="label")
     assert list(pb.obs_names) == sorted(set(adata.obs["label"]))
     ref = sc.get.aggregate(adata, by="label", func="sum")[pb.obs_names]
     assert_close(pb.X, ref.layers["sum"], rtol=1e-12)
@@ -194,25 +198,29 @@ def _assert_same(a, b, rtol=1e-12):
 def test_chunk_size_invariance(sim_adata, tmp_path):
     _with_rep(sim_adata).write_h5ad(tmp_path / "rep.h5ad")
     by = ["perturbation", "rep"]
-    results = [
-        ps.pb.pseudobulk(ps.read(tmp_path / "rep.h5ad", chunk_size=c), groupby=by, scheduler="synchronous")
-        for c in (97, 1_000, 3_000)
-    ]
+    with ps.cluster.using("synchronous"):
+        results = [
+            ps.pb.pseudobulk(ps.read(tmp_path / "rep.h5ad", chunk_size=c), groupby=by) for c in (97, 1_000, 3_000)
+        ]
     assert ps.read(tmp_path / "rep.h5ad", chunk_size=97).X.numblocks[0] > 2 * 8  # a tree of several levels
     for other in results[1:]:
         _assert_same(results[0], other)
 
 
 def test_threads_equal_synchronous(sim_h5ad):
-    sync = ps.pb.pseudobulk(ps.read(sim_h5ad, chunk_size=400), scheduler="synchronous")
-    threads = ps.pb.pseudobulk(ps.read(sim_h5ad, chunk_size=400), scheduler="threads")
+    with ps.cluster.using("synchronous"):
+        sync = ps.pb.pseudobulk(ps.read(sim_h5ad, chunk_size=400))
+    with ps.cluster.using("threads"):
+        threads = ps.pb.pseudobulk(ps.read(sim_h5ad, chunk_size=400))
     _assert_same(sync, threads, rtol=0)  # the same tree of merges: identical
 
 
 @pytest.mark.cluster
 def test_distributed_equals_synchronous(sim_h5ad, cluster_client):
-    sync = ps.pb.pseudobulk(ps.read(sim_h5ad, chunk_size=400), scheduler="synchronous")
-    dist = ps.pb.pseudobulk(ps.read(sim_h5ad, chunk_size=400), scheduler=cluster_client)
+    with ps.cluster.using("synchronous"):
+        sync = ps.pb.pseudobulk(ps.read(sim_h5ad, chunk_size=400))
+    with ps.cluster.using(cluster_client):
+        dist = ps.pb.pseudobulk(ps.read(sim_h5ad, chunk_size=400))
     _assert_same(sync, dist, rtol=0)
 
 
@@ -230,7 +238,8 @@ def _lfc_reference(counts, control, baseline_count, log_base):
 
 @pytest.mark.parametrize(("baseline_count", "log_base"), [(1.0, 2.0), (0.5, math.e), (3.0, 10.0)])
 def test_log_fold_change_equals_formula(sim_adata, baseline_count, log_base):
-    pb = ps.pb.pseudobulk(sim_adata, scheduler="synchronous")
+    with ps.cluster.using("synchronous"):
+        pb = ps.pb.pseudobulk(sim_adata)
     lfc = ps.pb.log_fold_change(pb, control_label="control", baseline_count=baseline_count, log_base=log_base)
     ref, bulk = _lfc_reference(sim_adata, "control", baseline_count, log_base)
     assert "control" not in lfc.obs_names
@@ -243,7 +252,8 @@ def test_log_fold_change_equals_formula(sim_adata, baseline_count, log_base):
 
 
 def test_log_fold_change_finds_knockdowns(sim_adata):
-    lfc = ps.pb.log_fold_change(ps.pb.pseudobulk(sim_adata, scheduler="synchronous"), control_label="control")
+    with ps.cluster.using("synchronous"):
+        lfc = ps.pb.log_fold_change(ps.pb.pseudobulk(sim_adata), control_label="control")
     targets = sim_adata.obs.groupby("perturbation", observed=True)["target_gene"].first()
     for pert in lfc.obs_names:
         assert lfc[pert, targets[pert]].X[0, 0] < -0.5, pert  # knock-down to 10-50 %: log2 below -1 in truth
@@ -251,10 +261,11 @@ def test_log_fold_change_finds_knockdowns(sim_adata):
 
 def test_log_fold_change_pools_replicates(sim_adata):
     adata = _with_rep(sim_adata)
-    pooled = ps.pb.log_fold_change(
-        ps.pb.pseudobulk(adata, groupby=["perturbation", "rep"], scheduler="synchronous"), control_label="control"
-    )
-    single = ps.pb.log_fold_change(ps.pb.pseudobulk(adata, scheduler="synchronous"), control_label="control")
+    with ps.cluster.using("synchronous"):
+        pooled = ps.pb.log_fold_change(
+            ps.pb.pseudobulk(adata, groupby=["perturbation", "rep"]), control_label="control"
+        )
+        single = ps.pb.log_fold_change(ps.pb.pseudobulk(adata), control_label="control")
     assert sorted(pooled.obs_names) == sorted(single.obs_names)
     assert_close(pooled[single.obs_names].X, single.X, rtol=1e-10, atol=1e-12)
 
@@ -269,7 +280,8 @@ def test_to_pydeseq2_builds_and_fits(sim_adata):
     adata = _with_rep(sim_adata)
     pert = "P0000"
     target = sim_adata.obs.loc[sim_adata.obs["perturbation"] == pert, "target_gene"].iloc[0]
-    pb = ps.pb.pseudobulk(adata, groupby=["perturbation", "rep"], scheduler="synchronous")
+    with ps.cluster.using("synchronous"):
+        pb = ps.pb.pseudobulk(adata, groupby=["perturbation", "rep"])
     pb = pb[:, list(pb.var_names[-60:].union([target]))].copy()  # fewer genes: a fast fit
     dds = ps.pb.to_pydeseq2(pb, design="perturbation", control_label="control", quiet=True, n_cpus=1)
     assert dds.n_obs == pb.n_obs and (dds.X == pb.X.astype(np.int64)).all()
@@ -283,7 +295,8 @@ def test_to_pydeseq2_builds_and_fits(sim_adata):
 
 
 def test_to_pydeseq2_refuses_non_counts_and_explains_import(sim_adata, monkeypatch):
-    pb = ps.pb.pseudobulk(sim_adata, scheduler="synchronous")
+    with ps.cluster.using("synchronous"):
+        pb = ps.pb.pseudobulk(sim_adata)
     bad = pb.copy()
     bad.X = bad.layers["mean_log1p"]
     with pytest.raises(ValueError, match="whole numbers"):
@@ -320,7 +333,8 @@ def test_bad_values(sim_adata, value, match):
     adata.X = adata.X.astype(np.float64)
     adata.X.data[5] = value
     with pytest.raises(ValueError, match=match):
-        ps.pb.pseudobulk(adata, scheduler="synchronous")
+        with ps.cluster.using("synchronous"):
+            ps.pb.pseudobulk(adata)
 
 
 def test_bad_options(sim_adata):
@@ -335,7 +349,8 @@ def test_bad_options(sim_adata):
 
 
 def test_log_fold_change_bad_input(sim_adata):
-    pb = ps.pb.pseudobulk(sim_adata, scheduler="synchronous")
+    with ps.cluster.using("synchronous"):
+        pb = ps.pb.pseudobulk(sim_adata)
     with pytest.raises(ValueError, match=r"control_label 'NT' not found in obs\['perturbation'\]; labels seen: "):
         ps.pb.log_fold_change(pb, control_label="NT")
     with pytest.raises(KeyError, match="'gene' not found"):
@@ -352,9 +367,11 @@ def test_log_fold_change_bad_input(sim_adata):
 def test_unsorted_cells_are_told_to_sort_first(sim_h5ad, tmp_path, monkeypatch):
     monkeypatch.setattr(ps.pb, "SPREAD_WARN_ENTRIES", 0)
     with pytest.warns(UserWarning, match="not stored by group.*ps.io.prepare"):
-        ps.pb.pseudobulk(ps.read(sim_h5ad, chunk_size=300), groupby="perturbation", scheduler="synchronous")
+        with ps.cluster.using("synchronous"):
+            ps.pb.pseudobulk(ps.read(sim_h5ad, chunk_size=300), groupby="perturbation")
     ps.io.prepare(sim_h5ad, "perturbation", "control", out=tmp_path / "sorted.zarr", chunk_size=300)
     sorted_cells = ps.io.open_prepared(tmp_path / "sorted.zarr")
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # sorted: no warning
-        ps.pb.pseudobulk(sorted_cells, groupby="perturbation", scheduler="synchronous")
+        with ps.cluster.using("synchronous"):
+            ps.pb.pseudobulk(sorted_cells, groupby="perturbation")

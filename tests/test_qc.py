@@ -23,7 +23,8 @@ def _scanpy_qc(path):
 
 def test_qc_metrics_equal_scanpy(real_screen):
     adata = ps.read(real_screen, chunk_size=4_000)
-    ps.pp.calculate_qc_metrics(adata, perturbation_column="perturbation", scheduler="synchronous")
+    with ps.cluster.using("synchronous"):
+        ps.pp.calculate_qc_metrics(adata, perturbation_column="perturbation")
     ref = _scanpy_qc(real_screen)
     for col in ref.obs.columns.difference(adata.obs.columns.drop(ref.obs.columns, errors="ignore")):
         if col in ("n_genes_by_counts", "total_counts", "pct_counts_mt", "total_counts_mt", "log1p_total_counts"):
@@ -36,7 +37,8 @@ def test_qc_metrics_equal_scanpy(real_screen):
 
 def test_qc_metrics_with_mitochondrial_genes(sim_adata):
     adata = sim_adata.copy()
-    ps.pp.calculate_qc_metrics(adata, scheduler="synchronous")
+    with ps.cluster.using("synchronous"):
+        ps.pp.calculate_qc_metrics(adata)
     ref = sim_adata.copy()
     ref.var["mt"] = ref.var_names.str.startswith("MT-")
     assert ref.var["mt"].sum() > 0
@@ -49,8 +51,9 @@ def test_qc_metrics_with_mitochondrial_genes(sim_adata):
 def test_filters_equal_scanpy(real_screen, chunk_size):
     adata = ps.read(real_screen, chunk_size=chunk_size)
     adata = ps.pp.filter_perturbations(adata, "perturbation", "control", exclude_labels=("multiple", "unassigned"))
-    adata = ps.pp.filter_cells(adata, min_genes=40, scheduler="synchronous")
-    adata = ps.pp.filter_genes(adata, min_cells=200, scheduler="synchronous")
+    with ps.cluster.using("synchronous"):
+        adata = ps.pp.filter_cells(adata, min_genes=40)
+        adata = ps.pp.filter_genes(adata, min_cells=200)
     ref = ad.read_h5ad(real_screen)
     ref = ref[~ref.obs["perturbation"].isin(["multiple", "unassigned"])].copy()
     sc.pp.filter_cells(ref, min_genes=40)
@@ -63,12 +66,14 @@ def test_filters_equal_scanpy(real_screen, chunk_size):
 
 def test_filter_counts_bounds_return_new_objects(sim_adata):
     adata = sim_adata.copy()
-    kept = ps.pp.filter_cells(adata, max_counts=2_000, scheduler="synchronous")
+    with ps.cluster.using("synchronous"):
+        kept = ps.pp.filter_cells(adata, max_counts=2_000)
     assert adata.n_obs == sim_adata.n_obs and "n_counts" not in adata.obs  # untouched
     totals = np.asarray(sim_adata.X.sum(axis=1)).ravel()
     assert list(kept.obs_names) == list(sim_adata.obs_names[totals <= 2_000])
     assert (kept.obs["n_counts"].to_numpy() == totals[totals <= 2_000]).all()
-    genes = ps.pp.filter_genes(adata, min_counts=100, scheduler="synchronous")
+    with ps.cluster.using("synchronous"):
+        genes = ps.pp.filter_genes(adata, min_counts=100)
     assert list(genes.var_names) == list(sim_adata.var_names[np.asarray(sim_adata.X.sum(axis=0)).ravel() >= 100])
     with pytest.raises(ValueError, match="exactly one"):
         ps.pp.filter_cells(adata, min_genes=1, min_counts=1)
@@ -106,7 +111,8 @@ def test_normalize_log1p_equal_scanpy_bitwise(real_screen):
 
 def test_normalize_median_target_equals_scanpy(sim_adata):
     adata = sim_adata.copy()
-    ps.pp.normalize_total(adata, target_sum=None, scheduler="synchronous")
+    with ps.cluster.using("synchronous"):
+        ps.pp.normalize_total(adata, target_sum=None)
     ref = sim_adata.copy()
     sc.pp.normalize_total(ref)
     assert_close(adata.X.compute().toarray(), ref.X.toarray(), rtol=1e-6)
@@ -118,4 +124,5 @@ def test_qc_rejects_nan_and_negative(sim_adata, bad):
     adata.X = sp.csr_matrix(adata.X.astype(np.float32))
     adata.X.data[3] = bad
     with pytest.raises(ValueError, match="NaN|negative"):
-        ps.pp.calculate_qc_metrics(adata, scheduler="synchronous")
+        with ps.cluster.using("synchronous"):
+            ps.pp.calculate_qc_metrics(adata)

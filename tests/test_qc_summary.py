@@ -259,7 +259,8 @@ def test_adaptive_thresholds_equal_numpy_percentiles(sim_adata, chunk_size):
     lazy = ad.AnnData(as_dask(small.X, chunk_size=chunk_size), obs=small.obs, var=small.var)
     found = {}
     for mode, percentile in (("conservative", 5), ("aggressive", 10)):
-        t = ps.pp.adaptive_qc_thresholds(lazy, perturbation_column=COL, mode=mode, scheduler="synchronous")
+        with ps.cluster.using("synchronous"):
+            t = ps.pp.adaptive_qc_thresholds(lazy, perturbation_column=COL, mode=mode)
         raw, clipped = _expected_thresholds(small, percentile)
         for name, value in raw.items():
             assert_close(getattr(t, name), value, err_msg=name)
@@ -283,13 +284,15 @@ def test_adaptive_thresholds_equal_numpy_percentiles(sim_adata, chunk_size):
 
 def test_adaptive_thresholds_sample_and_feed_qc_summary(sim_adata, sim_h5ad):
     lz = ps.read(sim_h5ad, chunk_size=700)
-    t = ps.pp.adaptive_qc_thresholds(lz, perturbation_column=COL, sample_size=800, random_state=3, scheduler="threads")
+    with ps.cluster.using("threads"):
+        t = ps.pp.adaptive_qc_thresholds(lz, perturbation_column=COL, sample_size=800, random_state=3)
     rows = np.sort(np.random.default_rng(3).choice(sim_adata.n_obs, size=800, replace=False))
     raw, clipped = _expected_thresholds(sim_adata, 5, rows=rows)
     assert t.n_cells_used == 800 and t.as_kwargs() == clipped
     for name, value in raw.items():
         assert_close(getattr(t, name), value, err_msg=name)
-    s = ps.pp.qc_summary(lz, perturbation_column=COL, control_label="control", **t.as_kwargs(), scheduler="threads")
+    with ps.cluster.using("threads"):
+        s = ps.pp.qc_summary(lz, perturbation_column=COL, control_label="control", **t.as_kwargs())
     assert s.min_genes == t.min_genes and s.cell_mask.sum() > 0.9 * sim_adata.n_obs
 
 

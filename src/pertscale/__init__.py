@@ -23,7 +23,7 @@ _FUNCTIONS = {
     "compute": "._compute",
     "open": ".io",
     "read": ".io",
-    "write": ".io",
+    "write": "._compute",
     "run": "._pipeline",
     "settings": "._settings",
     "RunInfo": ".store",
@@ -87,7 +87,7 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:  # pragma: no cover
     from . import analysis, cluster, datasets, get, io, pb, pp, store, tl
-    from ._compute import compute
+    from ._compute import compute, write
     from ._pipeline import run
     from ._settings import settings
     from .analysis import (
@@ -99,5 +99,5 @@ if TYPE_CHECKING:  # pragma: no cover
         TTestSettings,
         WilcoxonSettings,
     )
-    from .io import open, read, write
+    from .io import open, read
     from .store import RunInfo, cleanup, ensure_result_keys

@@ -1,89 +1,28 @@
-"""The face of lazy analyses: compute an AnnData's lazy arrays at once, or write them block by block.
+"""The face of lazy analyses: compute an AnnData's lazy arrays, or write them, on a scheduler chosen once.
 
 Analyses return AnnData objects whose large arrays are Dask arrays. Nothing
-is computed until one of these runs; each runs every lazy array of the
-object in one graph, so work they share (a pass over the matrix, the
-control summary) is done once.
+is computed until one of these runs. Each opens the face's context
+(:func:`pertscale.cluster.using`): an active ``distributed.Client``, else
+threads in this process when the data fit comfortably in memory, else the
+local process cluster; inside an outer ``using`` block, that block's choice.
+Then every lazy array of the object is computed in one graph, so work they
+share (a pass over the matrix, the control summary) is done once.
 """
 
 from __future__ import annotations
 
-import logging
-import math
 from pathlib import Path
+from typing import Any
 
 import anndata as ad
-import dask.array as da
-import numpy as np
-import scipy.sparse as sp
 
-from .cluster import check_scheduler
-from .cluster import compute as compute_collections
+from .cluster import using
+from .io._lazy import lazy_elements, materialize, nbytes_in_memory
 
-logger = logging.getLogger(__name__)
-
-#: Target size of one stored chunk of a dense result array, in bytes.
-CHUNK_BYTES = 16 * 2**20
+__all__ = ["compute", "lazy_elements", "write"]
 
 
-def lazy_elements(adata: ad.AnnData, *, nested: bool = False) -> dict[tuple, da.Array]:
-    """The Dask arrays of ``X``, ``layers``, ``obsm`` and ``varm``, keyed by ``(attribute, key)``.
-
-    With ``nested=True`` also those inside ``uns`` (stored results: a
-    results AnnData's layers, PCA's scores), keyed by ``("uns", path)``
-    with ``path`` the tuple of names that leads to them.
-    """
-    found: dict[tuple, da.Array] = {}
-    if isinstance(adata.X, da.Array):
-        found[("X", None)] = adata.X
-    for attr in ("layers", "obsm", "varm"):
-        for key, value in getattr(adata, attr).items():
-            if isinstance(value, da.Array):
-                found[(attr, key)] = value
-    if nested:
-        for path, value in _walk(adata.uns, ()):
-            found[("uns", path)] = value
-    return found
-
-
-def _walk(node, path: tuple):
-    if isinstance(node, da.Array):
-        yield path, node
-    elif isinstance(node, dict):
-        for key, value in node.items():
-            yield from _walk(value, (*path, key))
-    elif isinstance(node, ad.AnnData):
-        for (attr, key), value in lazy_elements(node, nested=True).items():
-            inner = () if key is None else key if attr == "uns" else (key,)
-            yield (*path, attr, *inner), value
-
-
-def _assign(adata: ad.AnnData, where: tuple, value) -> None:
-    """Set ``value`` (or delete, for ``None``) at a key of :func:`lazy_elements`."""
-    attr, key = where
-    _set_in(adata, (attr,) if key is None else (attr, *key) if attr == "uns" else (attr, key), value)
-
-
-def _set_in(node, path: tuple, value) -> None:
-    if isinstance(node, ad.AnnData):
-        attr, rest = path[0], path[1:]
-        if attr == "X":
-            node.X = value
-        elif attr == "uns":
-            _set_in(node.uns, rest, value)
-        elif value is None:
-            del getattr(node, attr)[rest[0]]
-        else:
-            getattr(node, attr)[rest[0]] = value
-    elif len(path) > 1:
-        _set_in(node[path[0]], path[1:], value)
-    elif value is None:
-        del node[path[0]]
-    else:
-        node[path[0]] = value
-
-
-def compute(adata: ad.AnnData, *, scheduler=None, progress: bool | None = None, desc: str | None = None) -> ad.AnnData:
+def compute(adata: ad.AnnData, *, scheduler=None, progress: bool | None = None) -> ad.AnnData:
     """An in-memory copy of ``adata``: every lazy array computed, in one graph.
 
     Parameters
@@ -93,11 +32,10 @@ def compute(adata: ad.AnnData, *, scheduler=None, progress: bool | None = None, 
         hold Dask arrays (the results of :func:`pertscale.tl.rank_genes_groups`,
         a normalized lazy matrix, the results stored in ``uns['pertscale']``).
     scheduler
-        Where to compute; see :func:`pertscale.cluster.resolve_scheduler`.
+        Where to compute (see :func:`pertscale.cluster.using`); default
+        chosen from the data's size, or the enclosing ``using`` block's.
     progress
         Show a progress bar; default ``pertscale.settings.progress``.
-    desc
-        Label of the progress bar.
 
     Returns
     -------
@@ -111,10 +49,8 @@ def compute(adata: ad.AnnData, *, scheduler=None, progress: bool | None = None, 
         If ``adata`` is not an AnnData (Dask collections go to
         ``dask.compute`` or :func:`pertscale.cluster.compute`).
     ValueError, ConnectionError
-        For a scheduler that is not known or does not answer (see
-        :func:`pertscale.cluster.resolve_scheduler`).
+        For a scheduler that is not known or does not answer.
     """
-    check_scheduler(scheduler)
     if not isinstance(adata, ad.AnnData):
         hint = (
             "; for Dask arrays and other collections use dask.compute(...) or ps.cluster.compute(...)"
@@ -125,128 +61,62 @@ def compute(adata: ad.AnnData, *, scheduler=None, progress: bool | None = None, 
             "ps.compute takes an AnnData (whose lazy arrays, in X, layers, obsm, varm or uns, it computes), "
             f"not {'None' if adata is None else type(adata).__name__}{hint}"
         )
-    lazy = lazy_elements(adata, nested=True)
-    out = adata.copy()
-    if not lazy:
-        return out
-    values = compute_collections(*lazy.values(), scheduler=scheduler, progress=progress, desc=desc)
-    for where, value in zip(lazy, values, strict=True):
-        _assign(out, where, sp.csr_matrix(value) if sp.issparse(value) else value)
-    return out
+    with using(scheduler, progress=progress, nbytes=nbytes_in_memory(adata)):
+        return _with_scanpy_view(materialize(adata))
 
 
-def _is_dense(x: da.Array) -> bool:
-    return isinstance(x._meta, np.ndarray)
+def _with_scanpy_view(adata: ad.AnnData) -> ad.AnnData:
+    """Add scanpy's ``uns['rank_genes_groups']`` to computed test results that asked for it (``scanpy_format=True``)."""
+    root = adata.uns.get("pertscale") if isinstance(adata.uns.get("pertscale"), dict) else {}
+    if root.get("scanpy_format") and "rank_genes_groups" not in adata.uns:
+        from .tl._results import scanpy_uns
+
+        scanpy_uns(adata)
+    return adata
 
 
-def write_zarr_stores(items, *, scheduler=None, progress: bool | None = None, resume: bool = False) -> None:
-    """Write AnnData objects as zarr stores, their dense Dask arrays block by block, in one computation.
+def write(
+    adata: ad.AnnData | str | Path,
+    path: str | Path | ad.AnnData,
+    *,
+    scheduler=None,
+    progress: bool | None = None,
+    **options: Any,
+) -> Path:
+    """Write AnnData atomically as ``.h5ad`` or ``.zarr``, computing its lazy arrays on a scheduler chosen once.
 
-    Everything else is written by anndata first; then every dense lazy
-    array goes straight from the workers into its zarr array (chunks of
-    about :data:`CHUNK_BYTES`, whole rows), never gathered in one process.
-    All objects' arrays are computed in one graph, so work they share
-    (reading a block of the matrix, the control summary of the cells they
-    were tested on) is done once. Sparse Dask arrays are left to anndata.
-    Every array is compressed with zstd and carries a CRC-32C of each chunk
-    (:func:`pertscale.io._blocks.checksummed`), which zarr checks on every
-    read: a flipped bit fails the read instead of changing a number.
+    :func:`pertscale.io.write` (its options: ``include``, ``compression``,
+    ``compression_opts``; scanpy's argument order ``write(path, adata)``
+    too) inside the face's context (:func:`pertscale.cluster.using`).
 
     Parameters
     ----------
-    items
-        ``(adata, path)`` pairs; each ``path`` a new ``.zarr`` directory.
+    adata, path
+        The object and where to write it.
     scheduler, progress
-        Where to compute and whether to show a progress bar.
-    resume
-        Record each written block (in ``<path>.done/``, beside the store,
-        with the Dask names of the arrays), and continue a store that an
-        interrupted call with the same arrays left: its written blocks are
-        not computed again. Without it (and when the arrays differ) stores
-        are written from the start.
+        Where to compute (default: chosen from the data's size, or the
+        enclosing ``using`` block's) and whether to show progress bars.
+    **options
+        Passed to :func:`pertscale.io.write`.
+
+    Returns
+    -------
+    pathlib.Path
+        The path written.
+
+    Raises
+    ------
+    ValueError, TypeError, ConnectionError
+        As :func:`pertscale.io.write`, and for a scheduler that is not known
+        or does not answer.
     """
-    import shutil
+    from .io._write import write as write_file
 
-    import zarr
-    from dask.base import tokenize
-
-    from .io._blocks import checksummed
-
-    written, paths, markers = [], [], []
-    for adata, path in items:
-        path = Path(path).absolute()  # the workers write into it: their working directory may not be ours
-        lazy = {k: v for k, v in lazy_elements(adata, nested=True).items() if _is_dense(v)}
-        done = path.with_name(path.name + ".done")
-        token = tokenize(sorted((str(k), v.name) for k, v in lazy.items()))
-        resuming = resume and path.exists() and (done / "token").exists() and (done / "token").read_text() == token
-        if not resuming:
-            for old in (path, done):
-                shutil.rmtree(old, ignore_errors=True)
-            shallow = adata.copy() if lazy else adata
-            for where in lazy:
-                _assign(shallow, where, None)
-            with ad.settings.override(zarr_write_format=3, auto_shard_zarr_v3=False):
-                ad.io.write_zarr(path, shallow, compressors=checksummed())  # every chunk with a CRC-32C
-            if resume:
-                done.mkdir()
-                (done / "token").write_text(token)
-        paths.append(path)
-        if not lazy:
-            continue
-        markers.append(done)
-        group = zarr.open_group(str(path), mode="a", use_consolidated=False)  # the arrays added since, too
-        for j, ((attr, key), x) in enumerate(lazy.items()):
-            row_bytes = max(1, math.prod(x.shape[1:]) * x.dtype.itemsize)
-            rows = int(max(1, min(x.shape[0], CHUNK_BYTES // row_bytes)))
-            name = attr if key is None else "/".join(map(str, (attr, *key))) if attr == "uns" else f"{attr}/{key}"
-            if resuming:
-                target = group[name]
-            else:
-                target = group.create_array(
-                    name, shape=x.shape, dtype=x.dtype, chunks=(rows, *x.shape[1:]), compressors=checksummed()
-                )
-                target.attrs.update({"encoding-type": "array", "encoding-version": "0.2.0"})
-            src = x.rechunk({0: rows, **{i: -1 for i in range(1, x.ndim)}})
-            finished = {int(p.name) for p in (done / str(j)).glob("[0-9]*")} if resuming else set()
-            if resume:
-                (done / str(j)).mkdir(exist_ok=True)
-            starts = np.concatenate([[0], np.cumsum(src.chunks[0])])
-            if finished:
-                logger.info(
-                    "%s/%s: %d of %d blocks written before, kept", path.name, name, len(finished), src.numblocks[0]
-                )
-            for i in range(src.numblocks[0]):
-                if i in finished:
-                    continue
-                marker = str(done / str(j) / str(i)) if resume else None
-                written.append(
-                    src.blocks[i]
-                    .map_blocks(
-                        _store_block,
-                        target,
-                        int(starts[i]),
-                        marker,
-                        chunks=(1,) * src.ndim,
-                        dtype=np.int64,
-                        meta=np.empty((0,) * src.ndim, dtype=np.int64),
-                    )
-                    .sum()
-                )
-    if written:
-        names = ", ".join(Path(p).name.split(".tmp-")[0].lstrip(".") for p in paths)
-        compute_collections(da.stack(written).sum(), scheduler=scheduler, progress=progress, desc=f"writing {names}")
-    for path in paths:
-        zarr.consolidate_metadata(str(path))
-    for done in markers:
-        shutil.rmtree(done, ignore_errors=True)
-
-
-def _store_block(block, target, start: int, marker: str | None):
-    """Write a block of rows into a zarr array from row ``start``, then record it as written (``marker``).
-
-    One task per stored chunk: no two tasks write one chunk.
-    """
-    target[start : start + block.shape[0]] = block
-    if marker is not None:
-        Path(marker).touch()
-    return np.ones((1,) * block.ndim, dtype=np.int64)
+    if isinstance(adata, (str, Path)) and isinstance(path, ad.AnnData):
+        adata, path = path, adata
+    nbytes = nbytes_in_memory(adata) if isinstance(adata, ad.AnnData) else None
+    with using(scheduler, progress=progress, nbytes=nbytes):
+        root = adata.uns.get("pertscale") if isinstance(adata, ad.AnnData) else None
+        if isinstance(root, dict) and root.get("scanpy_format") and str(path).lower().endswith(".h5ad"):
+            adata = _with_scanpy_view(materialize(adata))  # scanpy's view is made from the computed statistics
+        return write_file(adata, path, **options)

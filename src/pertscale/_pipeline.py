@@ -42,7 +42,7 @@ from ._validation import (
     label_list,
     perturbation_labels,
 )
-from .cluster import active_client, check_scheduler, resolve_scheduler
+from .cluster import active_client, check_scheduler, resolve_scheduler, using
 from .io import read, write
 from .io._prepare import fingerprint, is_sorted, prepare
 from .io._read import row_nonzeros, subset
@@ -147,7 +147,7 @@ WORKING_STORE = "working_store.zarr"
 CSR_COPY = "input_csr.zarr"
 
 
-def _csr_copy(path: Path, copy: Path, *, layer, use_raw, scheduler, progress) -> Path | None:
+def _csr_copy(path: Path, copy: Path, *, layer, use_raw) -> Path | None:
     """A CSR copy of a CSC input (made once, out of core, and reused while the input is unchanged), else ``None``.
 
     Every pass reads rows; a matrix stored by columns would have each pass
@@ -164,7 +164,7 @@ def _csr_copy(path: Path, copy: Path, *, layer, use_raw, scheduler, progress) ->
         logger.info("reusing the CSR copy %s of the CSC input", copy)
         return copy
     logger.info("the input stores its matrix by columns (CSC): transposing it once into %s", copy)
-    convert(path, copy, layer=layer, use_raw=use_raw, overwrite=True, scheduler=scheduler, progress=progress)
+    convert(path, copy, layer=layer, use_raw=use_raw, overwrite=True)
     record.write_text(json.dumps(fp))
     return copy
 
@@ -803,9 +803,11 @@ def run(
         run without ``overwrite``, files in the way, another run's lock, an
         unwritable ``out`` or working store, nothing to resume).
     scheduler, progress
-        Where to compute (default: chosen by the plan: threads in this process
-        for matrices under 2 GiB in memory, else the local process cluster or
-        an active ``distributed.Client``) and whether to show progress bars.
+        Where to compute (default ``ps.settings.scheduler``, ``"auto"``: an
+        active ``distributed.Client``, else chosen by the plan: threads in
+        this process for matrices under 2 GiB in memory, else the local
+        process cluster) and whether to show progress bars. Every pass runs
+        inside one :func:`pertscale.cluster.using` block.
 
     Returns
     -------
@@ -888,10 +890,9 @@ def run(
         covariate_levels(
             adata.obs[kept_cells], covariates, control=(labels[kept_cells] == str(control_label)).to_numpy()
         )
-    if scheduler is None and settings.scheduler != "local":
-        scheduler = settings.scheduler  # asked for in ps.settings
-    elif scheduler is None and active_client() is not None:
-        scheduler = "local"  # the active distributed.Client
+    scheduler = settings.scheduler if scheduler is None else scheduler
+    if scheduler == "auto":  # an active distributed.Client, or the plan chooses (None)
+        scheduler = "local" if active_client() is not None else None
     needs_sort = not is_sorted(labels, control_label, exclude_labels)
     kept = ~labels.isin(exclude_labels).to_numpy()
     csc_nnz = _csc_nonzeros(path, layer=layer, use_raw=use_raw)
@@ -932,11 +933,11 @@ def run(
     refused = _store_refusal(store_path, out, uses_store=uses_store, probe=True)
     if refused:
         raise PermissionError(refused)
-    if scheduler is None and plan.scheduler == "threads":
-        scheduler = "threads"
+    if scheduler is None:  # the plan's choice (the local cluster falls back to threads where it cannot start)
+        scheduler = "auto" if plan.scheduler == "local" else plan.scheduler
     store_existed = store_path.exists()
     try:
-        with output:
+        with output, using(scheduler, progress=progress, nbytes=plan.kept_nnz * BYTES_PER_NONZERO):
             try:
                 t = time.perf_counter()
                 csr = _csr_copy(
@@ -944,8 +945,6 @@ def run(
                     store_path.parent / CSR_COPY,
                     layer=layer,
                     use_raw=use_raw,
-                    scheduler=scheduler,
-                    progress=progress,
                 )
                 if csr is not None:
                     seconds["transpose"] = time.perf_counter() - t
@@ -981,8 +980,6 @@ def run(
                     },
                     scanpy_format=scanpy_format,
                     steps=steps,
-                    scheduler=scheduler,
-                    progress=progress,
                     seconds=seconds,
                     matrix_path=csr,
                 )
@@ -1036,8 +1033,6 @@ def _passes(
     options: dict,
     scanpy_format: bool,
     steps: dict,
-    scheduler,
-    progress,
     seconds: dict[str, float],
     matrix_path: Path | None = None,
 ):
@@ -1059,8 +1054,6 @@ def _passes(
             use_raw=use_raw,
             exclude_labels=exclude_labels,
             chunk_size=plan.block_rows,
-            scheduler=scheduler,
-            progress=progress,
         )
         seconds["sort"] = time.perf_counter() - t
     elif max(adata.X.chunks[0]) != plan.block_rows:
@@ -1071,7 +1064,7 @@ def _passes(
     labels = perturbation_labels(adata.obs, perturbation_column)
     names = [control_label] + [g for g in before.index if g != control_label and g not in set(exclude_labels)]
     codes = pd.Categorical(labels.to_numpy(), categories=names).codes.astype(np.int64)
-    qc_pass = pp.qc_pass(adata, codes, len(names), min_genes=min_genes, scheduler=scheduler, progress=progress)
+    qc_pass = pp.qc_pass(adata, codes, len(names), min_genes=min_genes)
     seconds["qc and filters"] = time.perf_counter() - t
     n_fractional = int(qc_pass.gene("n_noninteger").sum())
     if n_fractional:
@@ -1107,10 +1100,10 @@ def _passes(
         raise ValueError(f"no gene is detected in at least {min_cells} cells; lower --min-cells")
     filtered = subset(adata, obs_mask=keep_cells, var_mask=keep_genes)  # blocks keep whole groups
 
-    if "nb-glm" in methods:  # on the raw counts: size factors and dispersions, each their own passes
+    if "nb-glm" in methods:  # nb-glm's steps on the raw counts: size factors, then dispersions (their own passes)
         filtered.layers["counts"] = filtered.X  # the same lazy blocks; normalization below replaces X only
         t = time.perf_counter()
-        pp.size_factors(filtered, method=nb_options["size_factor_method"], scheduler=scheduler, progress=progress)
+        pp.size_factors(filtered, method=nb_options["size_factor_method"], layer="counts")
         seconds["size factors"] = time.perf_counter() - t
         t = time.perf_counter()
         tl.dispersions(
@@ -1119,8 +1112,6 @@ def _passes(
             covariates=nb_options["covariates"] or None,
             method=nb_options["dispersion_method"],
             layer="counts",
-            scheduler=scheduler,
-            progress=progress,
         )
         seconds["dispersions"] = time.perf_counter() - t
         sf = filtered.obs[[perturbation_column, "size_factors"]].rename(columns={"size_factors": "size_factor"})
@@ -1133,8 +1124,6 @@ def _passes(
             perturbation_column,
             control_label,
             target_sum=target_sum,
-            scheduler=scheduler,
-            progress=progress,
         )
         seconds["pseudo-bulk"] = time.perf_counter() - t
     if steps.get("hvg", {}).get("flavor") == "seurat_v3":
@@ -1149,15 +1138,13 @@ def _passes(
             flavor=flavor,
             n_top_genes=steps["hvg"]["n_top_genes"],
             layer="counts" if flavor == "seurat_v3" else None,
-            scheduler=scheduler,
-            progress=progress,
         )
         _write_csv(filtered.var.rename_axis("gene").reset_index(), output.path("hvg"))
         seconds["hvg"] = time.perf_counter() - t
     if "pca" in steps:
         t = time.perf_counter()
         embedding = _pca(
-            filtered, steps["pca"]["n_comps"], use_hvg="hvg" in steps, scheduler=scheduler, progress=progress
+            filtered, steps["pca"]["n_comps"], use_hvg="hvg" in steps
         )
         seconds["pca"] = time.perf_counter() - t
     stored = perturbation_labels(filtered.obs, perturbation_column)
@@ -1173,7 +1160,8 @@ def _passes(
             perturbations=in_storage_order,  # results rows in storage order: written as they come, never reordered
             layer="counts" if nb else None,
             **options,
-            **({"shrink": nb_options["shrink"], "covariates": nb_options["covariates"] or None} if nb else {}),
+            **({k: nb_options[k] for k in ("shrink", "size_factor_method", "dispersion_method")} if nb else {}),
+            **({"covariates": nb_options["covariates"] or None} if nb else {}),
         )
         res.uns["pertscale"]["settings"].update(
             {
@@ -1192,7 +1180,7 @@ def _passes(
     stores = {output.path(f"results:{m}"): r for m, r in results.items()}
     if "pca" in steps:  # the scores are written by the same pass over the blocks as the tests
         stores[output.path("pca")] = embedding
-    write_stores(stores, scheduler=scheduler, progress=progress, resume=True)  # staged: written in place
+    write_stores(stores, resume=True)  # staged: written in place
     seconds["test and write"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -1276,13 +1264,13 @@ def _steps(*, hvg, hvg_flavor: str, pca, pseudobulk: bool) -> dict[str, dict]:
 
 
 def _pseudobulk(
-    filtered, path: Path, perturbation_column: str, control_label: str, *, target_sum: float, scheduler, progress
+    filtered, path: Path, perturbation_column: str, control_label: str, *, target_sum: float
 ):
     """Pseudo-bulk profiles of the kept cells and their log2 fold change against control, written to ``path``."""
     from . import pb
 
     bulk = pb.pseudobulk(
-        filtered, groupby=perturbation_column, target_sum=target_sum, scheduler=scheduler, progress=progress
+        filtered, groupby=perturbation_column, target_sum=target_sum
     )
     lfc = pb.log_fold_change(bulk, control_label=control_label, perturbation_column=perturbation_column)
     values = np.zeros(bulk.shape, dtype=np.float64)
@@ -1292,14 +1280,14 @@ def _pseudobulk(
     write(bulk, path, compression=None)
 
 
-def _pca(filtered, n_comps: int, *, use_hvg: bool, scheduler, progress):
+def _pca(filtered, n_comps: int, *, use_hvg: bool):
     """Principal components of the kept cells (one pass): obs, var, lazy obsm, varm and uns, no matrix.
 
     On the genes of this run's ``--hvg`` only: a ``highly_variable`` column the input carried is not used.
     """
     import anndata as ad
 
-    pp.pca(filtered, n_comps=n_comps, use_highly_variable=use_hvg, scheduler=scheduler, progress=progress)
+    pp.pca(filtered, n_comps=n_comps, use_highly_variable=use_hvg)
     embedding = ad.AnnData(
         obs=filtered.obs.copy(),
         var=filtered.var.copy(),

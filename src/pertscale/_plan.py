@@ -5,12 +5,13 @@ pointer gives the exact non-zeros per cell), never from a pass over the
 values, so ``pertscale run --dry-run`` answers in seconds and a run that
 cannot fit is refused before it starts.
 
-Memory model of one task of the test pass, per row of its block: the CSR
-block as read, its normalized and log1p copies (float32), the gene-major
-copy and the kernel's buffers: about :data:`COPIES_PER_BLOCK` copies of
-``12 bytes x non-zeros`` (value and index). Each worker process also holds
-the control summary (every part), at most ``12 bytes`` per non-zero
-control value (value, multiplicity, count below). Measured peaks are in
+Blocks are sized by the one planner of the package,
+:func:`pertscale._memory.block_rows` (the reader's default chunks use it
+too), within ``ps.settings.memory_fraction`` of a worker's memory: about
+:data:`~pertscale._memory.COPIES_PER_BLOCK` copies of ``12 bytes x
+non-zeros`` (value and index) per task. Each worker process also holds the
+control summary (every part), at most ``12 bytes`` per non-zero control
+value (value, multiplicity, count below). Measured peaks are in
 ``benchmarks/RESULTS.md``. With the threads scheduler the workers are
 threads of one process: they share its memory (``memory_limit`` is that
 process's), hold one copy of the control summary and one block each.
@@ -33,23 +34,25 @@ from pathlib import Path
 import numpy as np
 import psutil
 
+from ._memory import BLOCKS_PER_WORKER, BYTES_PER_NONZERO, COPIES_PER_BLOCK, MIN_BLOCK_ROWS, block_rows, n_cores
 from ._settings import settings
-from .cluster import n_cores
+from .cluster import THREADS_BELOW_BYTES, processes_blocked
 
-#: Copies of a block's non-zeros a test task holds at its peak (measured, with margin).
-COPIES_PER_BLOCK = 6
-#: Bytes per non-zero of a block in memory (float32 value + int32 index + slack).
-BYTES_PER_NONZERO = 12
+__all__ = [
+    "BLOCKS_PER_WORKER",
+    "BYTES_PER_NONZERO",
+    "COPIES_PER_BLOCK",
+    "MIN_BLOCK_ROWS",
+    "THREADS_BELOW_BYTES",
+    "Plan",
+    "make_plan",
+]
+
 #: Bytes per non-zero control value in the frozen Wilcoxon summary (float32 value, int32 count, int32 below).
 SUMMARY_BYTES_PER_NONZERO = 12
-#: Fraction of a worker's memory the plan may fill.
-MEMORY_FRACTION = 0.6
 #: Compressed bytes per non-zero in the working store and its spill (small integers, lz4 with bit shuffling;
 #: 1.5 measured on simulated screens at 38 % density), with margin.
 STORE_BYTES_PER_NONZERO = 2.0
-#: Below this size of the matrix in memory, threads in this process beat a process cluster (no start-up,
-#: no transfers, numba kernels release the GIL).
-THREADS_BELOW_BYTES = 2 * 2**30
 #: Bytes per (perturbation, gene) statistic in a result store or ``.h5ad`` (float64, uncompressed: an upper bound).
 STAT_BYTES = 8
 #: Bytes per (perturbation, gene) of scanpy's ``uns['rank_genes_groups']`` in an ``.h5ad`` (gene name, scores and
@@ -59,10 +62,6 @@ SCANPY_BYTES_PER_PAIR = 16 + 4 + 4 + 8 + 8 + 8 + 8
 SIGNIFICANT_FRACTION = 0.1
 #: Bytes per row of a significant table (perturbation, gene and four numbers as text).
 CSV_ROW_BYTES = 100
-#: Rows per block, at least.
-MIN_BLOCK_ROWS = 1_000
-#: Blocks per worker, at least, when memory allows larger blocks.
-BLOCKS_PER_WORKER = 4
 
 
 def _gib(n: float) -> str:
@@ -271,7 +270,7 @@ def make_plan(
         per_worker = int(memory_limit or workers[1] or available)
         threads_per_worker = max(int(workers[2]) if len(workers) > 2 else 1, 1)
     else:
-        chosen = scheduler or ("threads" if matrix_bytes < THREADS_BELOW_BYTES else "local")
+        chosen = scheduler or ("threads" if matrix_bytes < THREADS_BELOW_BYTES or processes_blocked() else "local")
         n_workers = 1 if chosen == "synchronous" else (settings.n_workers or n_cores())
         if chosen == "threads":  # threads of this one process: they share its memory, the machine's once
             per_worker = int(memory_limit or available)
@@ -279,28 +278,30 @@ def make_plan(
         else:
             per_worker = int(memory_limit or available / n_workers)
     summary = control_nnz * SUMMARY_BYTES_PER_NONZERO + n_vars * 64
-    per_row = max(1.0, kept_nnz / max(n_kept, 1)) * BYTES_PER_NONZERO * COPIES_PER_BLOCK
+    row_bytes = max(1.0, kept_nnz / max(n_kept, 1)) * BYTES_PER_NONZERO
+    per_row = row_bytes * COPIES_PER_BLOCK
     tasks_per_budget = threads_per_worker  # tasks that run at once in one worker's memory
-    room = per_worker * MEMORY_FRACTION - summary
     largest = int(group_sizes.max()) if group_sizes.size else 0
-    if chunk_size is None:
-        rows = int(max(room, 0) / tasks_per_budget // per_row)
-        # at least BLOCKS_PER_WORKER blocks per worker, so that the work balances and reading overlaps computing
-        rows = max(MIN_BLOCK_ROWS, min(rows, -(-n_kept // max(BLOCKS_PER_WORKER * n_workers, 1))))
-    else:
-        rows = int(chunk_size)
-    rows = max(rows, 1)
-    block_rows = max(rows, largest)
-    peak = summary + tasks_per_budget * block_rows * per_row
+    rows = block_rows(
+        max(n_kept, 1),
+        row_bytes,
+        n_workers=n_workers,
+        worker_memory=per_worker,
+        tasks_at_once=tasks_per_budget,
+        summary_bytes=summary,
+        chunk_size=chunk_size,
+    )
+    block_rows_ = max(rows, largest)
+    peak = summary + tasks_per_budget * block_rows_ * per_row
     problems = []
     if peak > per_worker:
         problems.append(
-            f"a worker would need about {_gib(peak)} (control summary {_gib(summary)}, blocks of {block_rows:,} "
+            f"a worker would need about {_gib(peak)} (control summary {_gib(summary)}, blocks of {block_rows_:,} "
             f"cells" + (f", {tasks_per_budget} at once" if tasks_per_budget > 1 else "") + f") but has "
             f"{_gib(per_worker)}: "
             + (
                 "the largest perturbation alone is that big; give workers more memory (--memory-limit)"
-                if block_rows == largest and largest > rows
+                if block_rows_ == largest and largest > rows
                 else "lower --chunk-size, or give workers more memory (--memory-limit)"
             )
         )
@@ -372,9 +373,9 @@ def make_plan(
         scheduler=chosen,
         n_workers=n_workers,
         worker_memory=per_worker,
-        block_rows=block_rows,
-        n_blocks=int(-(-n_kept // max(block_rows, 1))),
-        block_bytes=int(block_rows * per_row / COPIES_PER_BLOCK),
+        block_rows=block_rows_,
+        n_blocks=int(-(-n_kept // max(block_rows_, 1))),
+        block_bytes=int(block_rows_ * per_row / COPIES_PER_BLOCK),
         summary_bytes=int(summary),
         peak_worker_bytes=int(peak),
         disk_working_store=store,

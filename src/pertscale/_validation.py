@@ -345,8 +345,6 @@ def perturbation_labels(obs: pd.DataFrame, perturbation_column: str) -> pd.Serie
     names = np.array([str(u) for u in uniques], dtype=object)
     as_str = pd.Series(names[codes] if names.size else np.empty(0, dtype=object), index=labels.index, name=labels.name)
     _check_distinct_as_strings(labels, as_str, perturbation_column)
-    from .io._blocks import warn_absent_chunks
-
     as_str.attrs = dict(obs.attrs)  # what pertscale.read found in the store (absent label chunks), for the checks
     warn_absent_chunks(obs, perturbation_column)
     return as_str
@@ -412,8 +410,6 @@ def check_control(labels: pd.Series, control_label: str, perturbation_column: st
         If the label is not present (the message lists the labels seen) or
         fewer than ``min_cells`` cells carry it.
     """
-    from .io._blocks import absent_chunks_note
-
     mask = (labels == str(control_label)).to_numpy()
     if not mask.any():
         seen = labels.value_counts().index
@@ -428,3 +424,61 @@ def check_control(labels: pd.Series, control_label: str, perturbation_column: st
             + absent_chunks_note(labels, perturbation_column)
         )
     return mask
+
+
+# --------------------------------------------------------------------------- absent chunks of obs labels
+
+#: The ``obs.attrs`` key under which :func:`pertscale.read` records label columns of a zarr store with absent chunks.
+ABSENT_CHUNKS = "pertscale_absent_chunks"
+#: Stores and columns warned about in this process (one warning each, however often the labels are read).
+_WARNED: set[tuple] = set()
+
+
+
+def _absent_record(frame_or_labels, column: str) -> dict | None:
+    record = (getattr(frame_or_labels, "attrs", None) or {}).get(ABSENT_CHUNKS) or {}
+    return record.get(str(column))
+
+
+def _chunk_list(record: dict) -> str:
+    keys = record["chunks"]
+    return ", ".join(repr(k) for k in keys[:5]) + (f", ... ({len(keys)} in all)" if len(keys) > 5 else "")
+
+
+def absent_chunks_note(labels, column: str) -> str:
+    """For an error about ``column``'s labels: ``"; obs['gene'] ... absent chunk(s) ..."``, or ``""``.
+
+    ``labels`` is ``obs`` or the labels read from it (their ``attrs`` carry
+    what :func:`pertscale.read` found).
+    """
+    record = _absent_record(labels, column)
+    if not record:
+        return ""
+    return (
+        f". Note: {len(record['chunks'])} chunk(s) of obs[{str(column)!r}] are absent from the zarr store "
+        f"{record['store']!r} ({_chunk_list(record)}), so their {record['cells']:,} cells read as "
+        f"{record['reads_as']!r}; the likely cause is an incompletely copied or written store: copy or write it "
+        "again (zarr leaves out only chunks whose cells all carry that label)"
+    )
+
+
+def warn_absent_chunks(obs, column: str) -> None:
+    """Warn (once per store and column) when the labels of ``column`` come from absent zarr chunks."""
+    import warnings
+
+    record = _absent_record(obs, column)
+    if not record:
+        return
+    seen = (record["store"], str(column), tuple(record["chunks"]))
+    if seen in _WARNED:
+        return
+    _WARNED.add(seen)
+    warnings.warn(
+        f"{len(record['chunks'])} chunk(s) of obs[{str(column)!r}] are absent from the zarr store "
+        f"{record['store']!r} ({_chunk_list(record)}): their {record['cells']:,} cells read as "
+        f"{record['reads_as']!r}. zarr leaves out a chunk whose cells all carry that label, so this is right "
+        "if they do; if the store was copied or written incompletely, those cells are mislabelled: copy or "
+        "write it again",
+        UserWarning,
+        stacklevel=3,
+    )

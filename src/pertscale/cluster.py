@@ -1,45 +1,45 @@
-"""Where computations run: scheduler selection and the compute helpers.
+"""Where computations run: the face's context (:func:`using`), its choice of scheduler, and the clusters.
 
-With no scheduler named, an active ``distributed.Client`` is used if there is
-one; otherwise a ``LocalCluster`` with one single-threaded worker process per
-core is started on first use and closed when Python exits. Single-threaded
-processes because HDF5 serializes threads and numba's workqueue threading
-layer aborts when called from several threads at once.
+Computing is the face's verb: ``pertscale run``, :func:`pertscale.compute`
+and :func:`pertscale.write` open :func:`using`, which chooses the scheduler
+once (an active ``distributed.Client``; else threads in this process when
+the data fit comfortably in memory; else a ``LocalCluster`` with one
+single-threaded worker process per core, started on first use and closed
+when Python exits) and installs it, with progress bars, through Dask's own
+configuration. Below the face, analyses call plain ``dask.compute`` and get
+that choice; outside any face they get Dask's current scheduler, as any
+Dask code. Worker processes are single-threaded because HDF5 serializes
+threads and numba's workqueue threading layer aborts when called from
+several threads at once.
 """
 
 from __future__ import annotations
 
 import asyncio
 import atexit
+import contextvars
 import logging
 import os
+import re
 import shutil
 import socket
 import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import dask
-from tqdm.std import tqdm
 
-from ._settings import settings
+from ._memory import n_cores
+from ._progress import in_steps, label, progress_bar_class
+from ._settings import LOCAL_SCHEDULERS, check_scheduler, settings
 
 logger = logging.getLogger(__name__)
 
-LOCAL_SCHEDULERS = ("synchronous", "threads", "processes")
-
 _lock = threading.Lock()
 _clients: dict[str, Any] = {}
-
-
-def n_cores() -> int:
-    """Cores this process may use."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - not Linux
-        return os.cpu_count() or 1
 
 
 def active_client():
@@ -375,77 +375,18 @@ def close_clients() -> None:
         _clients.clear()
 
 
-_KNOWN = "use 'local', 'synchronous', 'threads', 'processes' or a scheduler address such as 'tcp://127.0.0.1:8786'"
-
-
-def check_scheduler(scheduler: str | Any | None = None) -> None:
-    """Refuse a scheduler that :func:`resolve_scheduler` would refuse, without connecting to anything.
-
-    Every public function that takes ``scheduler=`` calls this first, so
-    that a misspelt name fails at the call, before any work, with the
-    command line's message. An address is checked for its form only
-    (``tcp://HOST:PORT``); whether a scheduler answers there is known when
-    it is first used.
-
-    Parameters
-    ----------
-    scheduler
-        As :func:`resolve_scheduler` takes it; ``None`` checks
-        ``settings.scheduler``.
-
-    Raises
-    ------
-    ValueError
-        For a name that is not known, or an address that is malformed
-        (``'nonsense:xyz'``).
-    TypeError
-        For a value that is neither a string nor a ``distributed.Client``.
-    """
-    scheduler = settings.scheduler if scheduler is None else scheduler
-    if isinstance(scheduler, str):
-        if scheduler == "local" or scheduler in LOCAL_SCHEDULERS:
-            return
-        if "://" not in scheduler and ":" not in scheduler:
-            raise ValueError(f"scheduler {scheduler!r} is not known; {_KNOWN}")
-        _check_address(scheduler)
-        return
-    from distributed import Client
-
-    if not isinstance(scheduler, Client):
-        raise TypeError(f"scheduler must be a name, an address or a distributed.Client, not {type(scheduler).__name__}")
-
-
-def _check_address(address: str) -> None:
-    """The form of a scheduler address, as distributed parses it (no connection, no name lookup)."""
-    from distributed.comm import registry
-    from distributed.comm.addressing import parse_address, parse_host_port
-
-    try:
-        scheme, location = parse_address(address, strict=False)
-        registry.get_backend(scheme)
-        if scheme != "inproc":
-            _, port = parse_host_port(location)
-            if not 0 < port < 65536:
-                raise ValueError(f"port {port} is not in 1-65535")
-    except ValueError as err:
-        reason = str(err)
-        if reason.startswith("invalid literal"):  # int() of the port
-            reason = f"port {address.rpartition(':')[2]!r} is not a number"
-        raise ValueError(
-            f"scheduler {address!r} is not a scheduler address ({reason}); give one as 'tcp://HOST:PORT' (the address "
-            "`dask scheduler` prints), or use 'local', 'synchronous', 'threads' or 'processes'"
-        ) from None
-
-
 def resolve_scheduler(scheduler: str | Any | None = None):
-    """Turn a scheduler name into what ``dask.compute`` takes.
+    """Turn a scheduler name into what the face computes with.
 
     Parameters
     ----------
     scheduler
-        ``None`` (use ``settings.scheduler``), ``"local"``, one of
-        ``"synchronous"``, ``"threads"``, ``"processes"``, a scheduler address
-        (``"tcp://..."``) or a ``distributed.Client``.
+        ``None`` (use ``settings.scheduler``), ``"local"`` (an active
+        ``distributed.Client``, else the package's ``LocalCluster``), one of
+        ``"synchronous"``, ``"threads"``, ``"processes"``, a scheduler
+        address (``"tcp://..."``) or a ``distributed.Client``. ``"auto"`` is
+        chosen by :func:`choose_scheduler`, not here: it resolves as
+        ``"local"``.
 
     Returns
     -------
@@ -454,7 +395,7 @@ def resolve_scheduler(scheduler: str | Any | None = None):
     Raises
     ------
     ValueError
-        For a name that is none of these (see :func:`check_scheduler`).
+        For a name that is none of these.
     TypeError
         For a value that is neither a string nor a ``distributed.Client``.
     ConnectionError
@@ -466,7 +407,7 @@ def resolve_scheduler(scheduler: str | Any | None = None):
     check_scheduler(scheduler)
     if not isinstance(scheduler, str):
         return scheduler  # a Client
-    if scheduler == "local":
+    if scheduler in ("local", "auto"):
         return active_client() or local_client()
     if scheduler in LOCAL_SCHEDULERS:
         return scheduler
@@ -485,19 +426,277 @@ def n_workers_of(scheduler) -> int:
     return 1 if scheduler == "synchronous" else n_cores()
 
 
-def compute(*collections, scheduler=None, progress: bool | None = None, desc: str | None = None):
-    """Compute Dask collections on the chosen scheduler.
+# --------------------------------------------------------------------------- the face's context
+
+#: Below this many bytes of data in memory, threads in this process beat a process cluster (no start-up,
+#: no transfers; the numba kernels release the GIL).
+THREADS_BELOW_BYTES = 2 * 2**30
+
+_MAIN_GUARD = re.compile(r"""^\s*if\s+__name__\s*==\s*['"]__main__['"]\s*:""", re.M)
+
+
+def processes_blocked() -> str | None:
+    """Why worker processes cannot start from this program, or ``None`` when they can.
+
+    Worker processes (started by a fork server or spawned) import the main
+    module again: a script without an ``if __name__ == "__main__":`` guard
+    runs again in each of them, the ``<stdin>`` of ``python -`` cannot be
+    imported, and a frozen interpreter has no script to import. A notebook,
+    the interactive prompt and ``python -c`` have no main file, and nothing
+    is imported again.
+    """
+    if getattr(sys, "frozen", False):
+        return "this is a frozen interpreter, which cannot start worker processes"
+    main = sys.modules.get("__main__")
+    path = getattr(main, "__file__", None)
+    if path is None:
+        return None
+    if not os.path.isfile(path):
+        return f"the main program is {path!r} (python -), which worker processes cannot import"
+    try:
+        text = open(path, encoding="utf-8", errors="replace").read()  # noqa: SIM115 - read once
+    except OSError:
+        return None
+    if _MAIN_GUARD.search(text):
+        return None
+    return (
+        f'the script {os.path.basename(path)!r} has no `if __name__ == "__main__":` guard, and worker processes '
+        "would run it again"
+    )
+
+
+def choose_scheduler(scheduler: str | Any | None = None, *, nbytes: int | None = None):
+    """The scheduler the face computes with: as asked, else an active client, else from the data's size.
+
+    Parameters
+    ----------
+    scheduler
+        As :func:`resolve_scheduler` takes it; ``None`` (or ``"auto"``) chooses.
+        ``"local"`` (and ``"auto"`` for large data) starts the local process
+        cluster, unless worker processes cannot start from this program
+        (:func:`processes_blocked`): then threads, said once in one line.
+    nbytes
+        Bytes of the data in memory (for sparse matrices, about 12 bytes per
+        non-zero), when known. Below :data:`THREADS_BELOW_BYTES` (or unknown)
+        threads in this process; above, the local process cluster.
+
+    Returns
+    -------
+    tuple
+        ``(scheduler, reason)``: what :func:`resolve_scheduler` returns, and
+        why it was chosen (for the log and the plan).
+
+    Raises
+    ------
+    ValueError, TypeError, ConnectionError
+        As :func:`resolve_scheduler`.
+    """
+    scheduler = settings.scheduler if scheduler is None else scheduler
+    check_scheduler(scheduler)
+    if scheduler not in ("auto", "local"):
+        return resolve_scheduler(scheduler), "asked for"
+    client = active_client()
+    if client is not None:
+        return client, "the active distributed.Client"
+    if scheduler == "auto" and (nbytes is None or nbytes < THREADS_BELOW_BYTES):
+        size = "" if nbytes is None else f" ({nbytes / 2**30:.2f} GiB in memory)"
+        return "threads", f"the data fit in memory{size}: threads in this process"
+    blocked = processes_blocked()
+    if blocked is not None:  # said once per program: the run goes on
+        if not _said_blocked:
+            _said_blocked.append(blocked)
+            logger.warning("pertscale computes with threads in this process, not worker processes: %s", blocked)
+        return "threads", f"threads in this process ({blocked})"
+    if scheduler == "local":
+        return local_client(), "asked for"
+    return local_client(), f"the data do not fit comfortably in memory ({nbytes / 2**30:.1f} GiB): the local cluster"
+
+
+_said_blocked: list[str] = []
+
+
+@dataclass(frozen=True)
+class Context:
+    """What :func:`using` chose: the scheduler (a name or a ``distributed.Client``), progress bars, and why."""
+
+    scheduler: Any
+    progress: bool
+    reason: str
+
+    @property
+    def n_workers(self) -> int:
+        """Tasks that run at once (worker processes, or threads of this process)."""
+        return n_workers_of(self.scheduler)
+
+
+_context: contextvars.ContextVar[Context | None] = contextvars.ContextVar("pertscale_context", default=None)
+
+
+def current() -> Context | None:
+    """The context of the innermost :func:`using` block, or ``None`` outside one."""
+    return _context.get()
+
+
+@contextmanager
+def using(scheduler: str | Any | None = None, *, progress: bool | None = None, nbytes: int | None = None):
+    """Compute inside the block on one scheduler, with progress bars: the face's context.
+
+    Every Dask computation inside, ``dask.compute`` and ``.compute()`` made
+    by the analyses included, runs on the chosen scheduler (through Dask's
+    own ``dask.config.set(scheduler=...)`` and ``Client.as_current()``) and
+    draws a progress bar (tqdm's in a terminal or notebook, plain lines in a
+    log). On a ``distributed.Client`` the control summaries of a test are
+    computed first and copied to every worker. A ``using`` block inside
+    another one, without arguments, keeps the outer one's choice.
+
+    Parameters
+    ----------
+    scheduler
+        ``None`` / ``"auto"`` (``ps.settings.scheduler``'s default): an
+        active ``distributed.Client``, else threads in this process when
+        ``nbytes`` fits comfortably in memory (or is unknown), else the local
+        process cluster; when worker processes cannot start (a script without
+        a main guard, ``python -``, a frozen interpreter) threads, said in
+        one line. Or a name or client as :func:`resolve_scheduler` takes.
+    progress
+        Progress bars; default ``ps.settings.progress``.
+    nbytes
+        The data's size in memory, for the choice.
+
+    Yields
+    ------
+    Context
+        The scheduler chosen and why.
+
+    Raises
+    ------
+    ValueError, TypeError, ConnectionError
+        For a scheduler that is not known or does not answer.
+
+    Examples
+    --------
+    >>> with ps.cluster.using("threads"):               # doctest: +SKIP
+    ...     ps.pp.pca(adata)                             # its pass runs on threads, with a bar
+    """
+    outer = _context.get()
+    if outer is not None and scheduler is None and progress is None:
+        yield outer
+        return
+    chosen, reason = choose_scheduler(scheduler, nbytes=nbytes)
+    context = Context(chosen, settings.progress if progress is None else bool(progress), reason)
+    logger.info("computing on %s: %s", chosen if isinstance(chosen, str) else "a distributed.Client", reason)
+    token = _context.set(context)
+    try:
+        with ExitStack() as stack:
+            if is_distributed(chosen):
+                stack.enter_context(chosen.as_current())
+            stack.enter_context(dask.config.set(scheduler=_Runner(context)))
+            yield context
+    finally:
+        _context.reset(token)
+
+
+class _Runner:
+    """The scheduler function :func:`using` installs: runs a graph on the chosen scheduler with a bar.
+
+    Dask calls it as any scheduler's ``get(graph, keys, **kwargs)``.
+    """
+
+    def __init__(self, context: Context) -> None:
+        self.context = context
+
+    @property
+    def n_workers(self) -> int:
+        """Tasks that run at once (read by loops below the face through Dask's config)."""
+        return self.context.n_workers
+
+    def __call__(self, graph, keys, **kwargs):
+        scheduler, show = self.context.scheduler, self.context.progress and not in_steps()
+        desc = label() or _describe(graph)
+        if is_distributed(scheduler):
+            return _run_distributed(scheduler, graph, keys, progress=show, desc=desc, **kwargs)
+        get = dask.base.named_schedulers["sync" if scheduler == "synchronous" else scheduler]
+        if not show:
+            return get(graph, keys, **kwargs)
+        from tqdm.dask import TqdmCallback
+
+        with TqdmCallback(tqdm_class=progress_bar_class(), desc=desc, leave=False, unit="task"):
+            return get(graph, keys, **kwargs)
+
+
+def _describe(graph) -> str:
+    """A progress bar's label from the names of the graph's last layers (``cell_stats``, ...), cheaply."""
+    from dask.highlevelgraph import HighLevelGraph
+    from dask.utils import key_split
+
+    names: list[str] = []
+    todo, seen = [graph], 0
+    while todo and seen < 50:  # the expression tree's first few levels hold the graph's layers
+        expr, seen = todo.pop(), seen + 1
+        for operand in getattr(expr, "operands", ()):
+            if isinstance(operand, HighLevelGraph):
+                names.extend(key_split(name) for name in operand.layers)
+        todo.extend(getattr(expr, "dependencies", list)())
+    generic = ("finalize", "hlgfinalize", "sum", "mean", "getitem", "rechunk", "concatenate", "stack", "astype")
+    names = [n for n in dict.fromkeys(reversed(names)) if n and not n.startswith(generic)]
+    return ", ".join(names[:2]) or "computing"
+
+
+def _run_distributed(client, graph, keys, *, progress: bool, desc: str, **kwargs):
+    """Run a graph on a ``distributed.Client``: control summaries first, on every worker; then the rest, with a bar.
+
+    A control summary is needed by every block task. Left to the scheduler,
+    each worker would fetch it from the one worker that made it; computed
+    first and replicated, every worker holds its own copy before the pass
+    starts, and the pass's graph (the same keys) uses them while they are
+    held.
+    """
+    from .tl._engine import SUMMARY_PREFIX
+
+    tasks = graph.__dask_graph__() if hasattr(graph, "__dask_graph__") else graph
+    summaries = [k for k in tasks.keys() if isinstance(k, str) and k.startswith(SUMMARY_PREFIX)]
+    held = []
+    if summaries:
+        held = client.get(graph, summaries, sync=False, **kwargs)
+        _wait(held, progress=progress, desc="control summary")
+        if len(client.scheduler_info().get("workers", {})) > 1:
+            client.replicate(held)
+    futures = client.get(graph, keys, sync=False, **kwargs)
+    _wait(futures, progress=progress, desc=desc)
+    result = client.gather(futures)
+    del held
+    return result
+
+
+def _wait(futures, *, progress: bool, desc: str | None) -> None:
+    """Wait for futures (nested as Dask returns them), with a bar over them; a failed one raises here."""
+    from dask.core import flatten
+    from distributed import as_completed
+
+    futures = list(flatten(futures))
+    try:
+        with progress_bar_class()(
+            total=len(futures), desc=desc, leave=False, unit="chunk", disable=not progress
+        ) as bar:
+            for f in as_completed(futures):
+                if f.status == "error":
+                    f.result()  # raises the task's exception here
+                bar.update(1)
+    except BaseException:
+        for f in futures:  # stop the rest of a failed or interrupted computation
+            f.cancel()
+        raise
+
+
+def compute(*collections, scheduler=None, progress: bool | None = None, nbytes: int | None = None):
+    """Compute Dask collections at the face: inside :func:`using` (the outer block's choice, if there is one).
 
     Parameters
     ----------
     *collections
         Dask collections (arrays, delayed objects).
-    scheduler
-        See :func:`resolve_scheduler`.
-    progress
-        Show a progress bar; default ``settings.progress``.
-    desc
-        Label of the progress bar.
+    scheduler, progress, nbytes
+        As :func:`using` takes them.
 
     Returns
     -------
@@ -507,147 +706,7 @@ def compute(*collections, scheduler=None, progress: bool | None = None, desc: st
     Raises
     ------
     ValueError, TypeError, ConnectionError
-        For a scheduler :func:`resolve_scheduler` refuses or cannot reach.
+        For a scheduler that is not known or does not answer.
     """
-    sched = resolve_scheduler(scheduler)
-    progress = settings.progress if progress is None else progress
-    if is_distributed(sched):
-        with sched.as_current():
-            # optimize once: the summaries are computed from the same graph the pass then runs
-            collections = dask.optimize(*collections)
-            broadcast = _replicate_summaries(sched, collections, progress=progress)
-            persisted = sched.persist(list(collections), optimize_graph=False)
-            _wait(persisted, progress=progress, desc=desc)
-            result = tuple(dask.compute(*persisted, scheduler=sched))
-            del broadcast
-            return result
-    if progress:
-        from tqdm.dask import TqdmCallback
-
-        with TqdmCallback(tqdm_class=progress_bar_class(), desc=desc, leave=False, unit="task"):
-            return dask.compute(*collections, scheduler=sched)
-    return dask.compute(*collections, scheduler=sched)
-
-
-def persist(*collections, scheduler=None) -> tuple:
-    """Compute Dask collections and keep their results where they were computed (worker memory, or here).
-
-    Returns
-    -------
-    tuple
-        Collections of the same kinds, backed by the results.
-    """
-    sched = resolve_scheduler(scheduler)
-    if is_distributed(sched):
-        return tuple(sched.persist(list(collections)))
-    return dask.persist(*collections, scheduler=sched)
-
-
-def _replicate_summaries(client, collections, *, progress: bool) -> list:
-    """Compute the control summaries in ``collections`` first and copy them to every worker.
-
-    A summary is needed by every block task. Left to the scheduler, each
-    worker would fetch it from the one worker that made it; replicated,
-    every worker holds its own copy before the pass starts. Later graphs
-    that contain the same keys use these results instead of recomputing
-    them, for as long as the returned futures are held.
-    """
-    from dask.delayed import Delayed
-
-    from .tl._engine import SUMMARY_PREFIX
-
-    keys = []
-    for c in collections:
-        graph = c.__dask_graph__()
-        found = [k for k in graph.keys() if isinstance(k, str) and k.startswith(SUMMARY_PREFIX)]
-        if found:
-            tasks = dict(graph)
-            keys.extend((k, tasks) for k in found)
-    if not keys:
-        return []
-    futures = client.compute([Delayed(k, g) for k, g in keys], optimize_graph=False)
-    _wait(futures, progress=progress, desc="control summary")
-    if len(client.scheduler_info().get("workers", {})) > 1:
-        client.replicate(futures)
-    return futures
-
-
-def _wait(persisted, *, progress: bool, desc: str | None) -> None:
-    """Wait for persisted collections, with a bar over their output chunks."""
-    from distributed import as_completed, futures_of
-
-    futures = futures_of(persisted)
-    try:
-        if not progress:
-            for f in as_completed(futures):
-                if f.status == "error":
-                    f.result()  # raises the task's exception here
-            return
-        with progress_bar_class()(total=len(futures), desc=desc, leave=False, unit="chunk") as bar:
-            for f in as_completed(futures):
-                if f.status == "error":
-                    f.result()
-                bar.update(1)
-    except BaseException:
-        for f in futures:  # stop the rest of a failed or interrupted computation
-            f.cancel()
-        raise
-
-
-class LogLines(tqdm):
-    """A progress bar as plain lines, for a log (a batch job's output, ``2> log``) rather than a terminal.
-
-    tqdm redraws its bar in place with carriage returns, which a log file
-    keeps as one ever-growing line. This bar writes a line when it starts,
-    then at most one every ``settings.progress_interval`` seconds (at the
-    first update after it), and a last one when it closes, each with the
-    step, done/total and the time elapsed and left::
-
-        sort into the working store: 40/120 chunks (33%), 01:00 elapsed, about 02:00 left
-
-    It takes tqdm's arguments (``leave`` is ignored: a line once written stays).
-    """
-
-    def __init__(self, *args, **kwargs):
-        interval = settings.progress_interval
-        kwargs.update(mininterval=interval, maxinterval=max(interval, 10.0), miniters=1)
-        kwargs["desc"] = kwargs.get("desc") or "computing"
-        super().__init__(*args, **kwargs)
-
-    def line(self) -> str:
-        """The current state as one line of text."""
-        n, total, elapsed = self.n, self.total, self.format_dict["elapsed"]
-        unit = "" if self.unit == "it" else f" {self.unit}s"  # tqdm's default unit says nothing
-        text = f"{self.desc}: {n:,}/{total:,}{unit} ({100 * n / total:.0f}%)" if total else f"{self.desc}: {n:,}{unit}"
-        text += f", {self.format_interval(elapsed)} elapsed"
-        if total and 0 < n < total:
-            text += f", about {self.format_interval(elapsed / n * (total - n))} left"
-        return text
-
-    def display(self, msg=None, pos=None) -> bool:
-        """Write the state as one line; ``close`` clearing the bar (``msg=''``) writes nothing."""
-        if msg == "":
-            return False
-        self.fp.write((self.line() if msg is None else msg) + "\n")
-        self.fp.flush()
-        return True
-
-    def close(self) -> None:
-        """Write the last state (unless it was just written), then close."""
-        if not self.disable and self.n != self.last_print_n:
-            self.display()
-        super().close()
-
-
-def progress_bar_class() -> type:
-    """The progress bar's class: tqdm's where stderr is a terminal or a notebook, else :class:`LogLines` (a log)."""
-    from tqdm.auto import tqdm as auto
-
-    stream = sys.stderr
-    if type(stream).__module__.startswith("ipykernel"):  # a notebook's output: not a tty, but shows widgets
-        return auto
-    try:
-        terminal = stream.isatty()
-    except (AttributeError, ValueError):  # no stream, or a closed one
-        terminal = False
-    return auto if terminal else LogLines
+    with using(scheduler, progress=progress, nbytes=nbytes):
+        return dask.compute(*collections)

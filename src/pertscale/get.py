@@ -8,6 +8,10 @@ computing anything:
 - :func:`summary`: a table of the stored results.
 - :func:`dataset`: a test's statistics as an ``xarray.Dataset`` (lazy).
 - :func:`compare`: several tests' statistics stacked along a new dimension.
+- :func:`rerun`: a recorded run (:class:`pertscale.RunInfo`) made again.
+
+The store below them imports no analysis; running one again is done here,
+at the face.
 """
 
 from __future__ import annotations
@@ -73,6 +77,44 @@ def summary(adata: ad.AnnData):
     from .store import summary as _summary
 
     return _summary(adata)
+
+
+def rerun(run, adata: ad.AnnData | None = None, **changes):
+    """Run a recorded analysis again: ``ps.<run.function>(adata, **run.call_args(), **changes)``.
+
+    Parameters
+    ----------
+    run
+        A :class:`pertscale.RunInfo` (``ps.RunInfo(adata)``: the latest run).
+    adata
+        The AnnData to run on; default the one the run was read from
+        (``run.adata``).
+    **changes
+        Arguments that replace the recorded ones (``alternative="greater"``;
+        ``force=True`` recomputes instead of returning the stored result).
+
+    Returns
+    -------
+    What the analysis returns (a test's results AnnData is lazy: compute it
+    with :func:`pertscale.compute` or write it with :func:`pertscale.write`).
+
+    Raises
+    ------
+    TypeError
+        If ``run`` is not a :class:`pertscale.RunInfo`, or a change is not
+        an argument of the analysis.
+    ValueError
+        If a change is not a valid value (as the analysis itself says).
+    """
+    from importlib import import_module
+
+    from .store import RunInfo
+
+    if not isinstance(run, RunInfo):
+        raise TypeError(f"rerun() takes a pertscale.RunInfo (ps.RunInfo(adata)), not {type(run).__name__}")
+    module, _, name = f"pertscale.{run.settings.function}".rpartition(".")  # the settings' class names it
+    func = getattr(import_module(module), name)
+    return func(run.adata if adata is None else adata, **(run.call_args() | changes))
 
 
 def dataset(results: ad.AnnData | str | Path, method: str | None = None, *, key: str | None = None, **filters):

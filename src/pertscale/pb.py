@@ -29,7 +29,6 @@ from ._validation import (
     obs_categorical,
     perturbation_labels,
 )
-from .cluster import check_scheduler, compute
 from .io._read import as_dask
 
 logger = logging.getLogger(__name__)
@@ -122,17 +121,20 @@ def _check_values(total) -> None:
         )
 
 
-def _totals(x, codes: np.ndarray, n_groups: int, target_sum: float, *, scheduler, progress) -> dict:
+def _totals(x, codes: np.ndarray, n_groups: int, target_sum: float) -> dict:
     """One pass: each block's sums of its own groups, added into dense totals here as the blocks finish.
 
     No task ever holds more than one block's partial (at most the block's
     non-zeros): the totals (``n_groups x n_vars`` float64, three of them)
-    live only in this process, which returns them anyway.
+    live only in this process, which returns them anyway. The blocks are
+    computed a few per worker at a time with plain ``dask.compute`` (Dask's
+    current scheduler: the face's, a ``distributed.Client``, or threads).
     """
+    import dask
     from dask import delayed
 
-    from ._settings import settings
-    from .cluster import n_workers_of, progress_bar_class, resolve_scheduler
+    from ._memory import workers_now
+    from ._progress import steps
     from .kernels.pseudobulk import group_sums
 
     bounds = np.cumsum((0,) + x.chunks[0])
@@ -141,15 +143,13 @@ def _totals(x, codes: np.ndarray, n_groups: int, target_sum: float, *, scheduler
         block_sums(block, codes[a:b], target_sum=target_sum)
         for block, a, b in zip(x.to_delayed().ravel(), bounds[:-1], bounds[1:], strict=True)
     ]
-    sched = resolve_scheduler(scheduler)
-    at_once = BLOCKS_PER_WORKER * n_workers_of(sched)
+    at_once = BLOCKS_PER_WORKER * workers_now()
     totals = {name: np.zeros((n_groups, x.shape[1])) for name in ("counts", "normalized", "log1p")}
     totals |= {"n_cells": np.zeros(n_groups, dtype=np.int64)}
     totals |= dict.fromkeys(("n_negative", "n_nan", "n_infinite", "n_noninteger"), 0)
-    show = settings.progress if progress is None else progress
-    with progress_bar_class()(total=len(parts), desc="pseudo-bulk", disable=not show, leave=False) as bar:
+    with steps(len(parts), "pseudo-bulk") as bar:
         for start in range(0, len(parts), at_once):
-            for part in compute(*parts[start : start + at_once], scheduler=sched, progress=False):
+            for part in dask.compute(*parts[start : start + at_once]):
                 for name in ("counts", "normalized", "log1p"):
                     sums = getattr(part, name).tocsr()
                     sums.sum_duplicates()
@@ -171,10 +171,13 @@ def pseudobulk(
     target_sum: float = 1e4,
     key_added: str = "pseudobulk",
     force: bool = False,
-    scheduler=None,
-    progress: bool | None = None,
 ) -> ad.AnnData:
     """Pseudo-bulk profiles: summed raw counts and mean log-normalized expression per group, in one pass.
+
+    Computes one pass over the matrix, a few blocks per worker at a time
+    here (plain ``dask.compute``: on the scheduler of the enclosing face,
+    :func:`pertscale.cluster.using`, or Dask's current one); the profiles
+    are groups x genes, in memory.
 
     Per group of cells (one per value of ``groupby``, or per combination of
     values of several columns, e.g. ``["perturbation", "bio_rep"]`` for one
@@ -207,10 +210,6 @@ def pseudobulk(
         Readable name of this result in the result store.
     force
         Compute again even when a result with equal settings is stored.
-    scheduler
-        Where to compute; see :func:`pertscale.cluster.resolve_scheduler`.
-    progress
-        Show a progress bar.
 
     Returns
     -------
@@ -250,18 +249,17 @@ def pseudobulk(
     TypeError
         If ``groupby`` is neither a column name nor a list of them.
     """
-    check_scheduler(scheduler)
     from .analysis import PseudobulkSettings, build
     from .store import cached
 
     columns = _groupby_columns(groupby)
     target_sum = check_target_sum(target_sum, flag=None)
     settings = build(PseudobulkSettings, groupby=tuple(columns), layer=layer, target_sum=target_sum)
-    run = lambda: (_pseudobulk(adata, columns, layer, target_sum, scheduler=scheduler, progress=progress), [])  # noqa: E731
+    run = lambda: (_pseudobulk(adata, columns, layer, target_sum), [])  # noqa: E731
     return cached(adata, settings, run, key_added=key_added, force=force)
 
 
-def _pseudobulk(adata: ad.AnnData, columns: list[str], layer, target_sum, *, scheduler, progress) -> ad.AnnData:
+def _pseudobulk(adata: ad.AnnData, columns: list[str], layer, target_sum) -> ad.AnnData:
     """:func:`pseudobulk` without the store."""
     check_shape(adata)
     target_sum = check_target_sum(target_sum, flag=None)
@@ -269,7 +267,7 @@ def _pseudobulk(adata: ad.AnnData, columns: list[str], layer, target_sum, *, sch
     x = as_dask(get_matrix(adata, layer))
     _refuse_log1p(adata, layer)
     _warn_if_spread(x, codes, len(groups), adata.n_vars)
-    total = _totals(x, codes, len(groups), target_sum, scheduler=scheduler, progress=progress)
+    total = _totals(x, codes, len(groups), target_sum)
     n_cells = total["n_cells"]
     if not (n_cells > 0).all():  # every group has cells: a broken pass otherwise
         raise RuntimeError(f"the pass returned {int((n_cells > 0).sum())} groups of {len(groups)}; please report this")
@@ -348,6 +346,8 @@ def log_fold_change(
     log_base: float = 2.0,
 ) -> ad.AnnData:
     """Pseudo-bulk fold change of every perturbation against control (log2 by default).
+
+    Computes nothing: it works on the pseudo-bulk profiles in memory.
 
     The method of crispyx's ``compute_pseudobulk_expression``: a
     perturbation's pseudo-bulk profile is the mean over its cells of the

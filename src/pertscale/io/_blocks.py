@@ -340,11 +340,6 @@ def _missing_h5_chunks(ds) -> list[tuple[str, int | None, int | None]]:
 
 # --------------------------------------------------------------------------- absent chunks of obs labels
 
-#: The ``obs.attrs`` key under which :func:`pertscale.read` records label columns of a zarr store with absent chunks.
-ABSENT_CHUNKS = "pertscale_absent_chunks"
-#: Stores and columns warned about in this process (one warning each, however often the labels are read).
-_WARNED: set[tuple] = set()
-
 
 def absent_label_chunks(obs, root: Path) -> dict[str, dict]:
     """Label columns of a zarr store's ``obs`` whose stored chunks are absent: ``{column: record}``.
@@ -381,55 +376,6 @@ def absent_label_chunks(obs, root: Path) -> dict[str, dict]:
                 "reads_as": reads_as,
             }
     return found
-
-
-def _absent_record(frame_or_labels, column: str) -> dict | None:
-    record = (getattr(frame_or_labels, "attrs", None) or {}).get(ABSENT_CHUNKS) or {}
-    return record.get(str(column))
-
-
-def _chunk_list(record: dict) -> str:
-    keys = record["chunks"]
-    return ", ".join(repr(k) for k in keys[:5]) + (f", ... ({len(keys)} in all)" if len(keys) > 5 else "")
-
-
-def absent_chunks_note(labels, column: str) -> str:
-    """For an error about ``column``'s labels: ``"; obs['gene'] ... absent chunk(s) ..."``, or ``""``.
-
-    ``labels`` is ``obs`` or the labels read from it (their ``attrs`` carry
-    what :func:`pertscale.read` found).
-    """
-    record = _absent_record(labels, column)
-    if not record:
-        return ""
-    return (
-        f". Note: {len(record['chunks'])} chunk(s) of obs[{str(column)!r}] are absent from the zarr store "
-        f"{record['store']!r} ({_chunk_list(record)}), so their {record['cells']:,} cells read as "
-        f"{record['reads_as']!r}; the likely cause is an incompletely copied or written store: copy or write it "
-        "again (zarr leaves out only chunks whose cells all carry that label)"
-    )
-
-
-def warn_absent_chunks(obs, column: str) -> None:
-    """Warn (once per store and column) when the labels of ``column`` come from absent zarr chunks."""
-    import warnings
-
-    record = _absent_record(obs, column)
-    if not record:
-        return
-    seen = (record["store"], str(column), tuple(record["chunks"]))
-    if seen in _WARNED:
-        return
-    _WARNED.add(seen)
-    warnings.warn(
-        f"{len(record['chunks'])} chunk(s) of obs[{str(column)!r}] are absent from the zarr store "
-        f"{record['store']!r} ({_chunk_list(record)}): their {record['cells']:,} cells read as "
-        f"{record['reads_as']!r}. zarr leaves out a chunk whose cells all carry that label, so this is right "
-        "if they do; if the store was copied or written incompletely, those cells are mislabelled: copy or "
-        "write it again",
-        UserWarning,
-        stacklevel=3,
-    )
 
 
 def read_block(stored: StoredMatrix, block_info=None):

@@ -11,7 +11,6 @@ import anndata as ad
 import numpy as np
 import scipy.sparse as sp
 
-from ..cluster import check_scheduler
 from ._blocks import StoredMatrix
 from ._read import _describe, _matrix_key, _open, read
 
@@ -108,8 +107,6 @@ def convert(
     chunk_size: int | None = None,
     compression: str | None = "gzip",
     overwrite: bool = False,
-    scheduler=None,
-    progress: bool | None = None,
 ) -> Path:
     """Copy an AnnData between ``.h5ad`` and ``.zarr`` (by ``dst``'s suffix), its matrix as CSR, out of core.
 
@@ -121,7 +118,9 @@ def convert(
     (:func:`csc_to_csr`: two reads of it, its entries placed in
     memory-mapped files in a temporary directory beside ``dst``), so that
     every later pass reads rows, not all columns. The write is atomic
-    (:func:`pertscale.write`).
+    (:func:`pertscale.io.write`). It computes on Dask's current scheduler
+    (inside :func:`pertscale.cluster.using`, a ``distributed.Client``, or
+    threads).
 
     Parameters
     ----------
@@ -135,8 +134,6 @@ def convert(
         HDF5 compression of an ``.h5ad`` ``dst`` (``"gzip"``, ``"lzf"``, ``None``).
     overwrite
         Replace an existing ``dst``.
-    scheduler, progress
-        Where lazy blocks are computed, and whether to show progress bars.
 
     Returns
     -------
@@ -152,7 +149,6 @@ def convert(
         nor ``.zarr`` (the message names the formats), or as
         :func:`pertscale.read` for ``src``.
     """
-    check_scheduler(scheduler)
     from ._write import check_format, check_not_input, write
 
     src, dst = Path(src), Path(dst)
@@ -172,7 +168,7 @@ def convert(
                 varm=dict(adata.varm), uns=dict(adata.uns),
             )  # fmt: skip
         adata.uns.get("pertscale", {}).pop("source", None)  # the copy is not read from src: writing is allowed
-        return write(adata, dst, compression=compression, scheduler=scheduler, progress=progress)
+        return write(adata, dst, compression=compression)
     finally:
         if workdir is not None:
             shutil.rmtree(workdir, ignore_errors=True)

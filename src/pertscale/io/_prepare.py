@@ -72,7 +72,6 @@ import pandas as pd
 import scipy.sparse as sp
 
 from .._validation import check_control, label_list, perturbation_labels
-from ..cluster import check_scheduler
 from ._blocks import DamagedStoreError, checksummed, reason, unreadable_chunks
 
 logger = logging.getLogger(__name__)
@@ -308,7 +307,7 @@ def sort_plan(labels: pd.Series, control_label: str, *, exclude: list[str], budg
     into blocks of ``budget`` rows; each other group stays whole in one
     block (a group longer than ``budget`` is a block of its own).
     """
-    from ..tl._engine import pack_groups
+    from ..kernels.groups import pack_groups
 
     values = labels.astype(str).to_numpy()
     names = list(labels.cat.categories.astype(str)) if isinstance(labels.dtype, pd.CategoricalDtype) else None
@@ -414,6 +413,24 @@ def _read_pieces(spill: Path, k: int) -> list[dict[str, np.ndarray]]:
     return pieces
 
 
+def _assemble(k: int, bounds: np.ndarray, n_vars: int, spill: str, what: str, fix: str) -> sp.csr_matrix:
+    """Output block ``k`` from its spill pieces, rows in sorted order (values in the spill's small dtypes)."""
+    lo, hi = int(bounds[k]), int(bounds[k + 1])
+    pieces = _read_pieces(Path(spill), k)
+    positions = np.concatenate([p["position"] for p in pieces]) if pieces else np.empty(0, np.int64)
+    if positions.size != hi - lo or not np.array_equal(np.sort(positions), np.arange(lo, hi)):
+        raise DamagedStoreError(
+            f"{what}: block {k} is missing rows from its spill files (found {positions.size} of {hi - lo}); {fix}"
+        )
+    parts = [
+        sp.csr_matrix((p["data"], p["indices"].astype(np.int32), p["indptr"]), shape=(p["indptr"].size - 1, n_vars))
+        for p in pieces
+    ]
+    if not parts:
+        return sp.csr_matrix((0, n_vars))
+    return sp.vstack(parts, format="csr")[np.argsort(positions, kind="stable")]
+
+
 def _gather(k: int, bounds: np.ndarray, n_vars: int, dtype: str, spill: str, store: str) -> int:
     """Gather task: assemble output block ``k`` from its spill pieces and write it, atomically."""
     import zarr
@@ -422,18 +439,7 @@ def _gather(k: int, bounds: np.ndarray, n_vars: int, dtype: str, spill: str, sto
     if (final / "zarr.json").exists():
         return 0  # written by an earlier, interrupted run
     lo, hi = int(bounds[k]), int(bounds[k + 1])
-    pieces = _read_pieces(Path(spill), k)
-    positions = np.concatenate([p["position"] for p in pieces]) if pieces else np.empty(0, np.int64)
-    if positions.size != hi - lo or not np.array_equal(np.sort(positions), np.arange(lo, hi)):
-        raise DamagedStoreError(
-            f"working store {store!r}: block {k} is missing rows from its spill files (found {positions.size} "
-            f"of {hi - lo}); delete the working store and run again"
-        )
-    parts = [
-        sp.csr_matrix((p["data"], p["indices"].astype(np.int32), p["indptr"]), shape=(p["indptr"].size - 1, n_vars))
-        for p in pieces
-    ]
-    block = sp.vstack(parts, format="csr")[np.argsort(positions, kind="stable")]
+    block = _assemble(k, bounds, n_vars, spill, f"working store {store!r}", "delete the working store and run again")
     tmp = final.parent / f".{k}.tmp-{uuid.uuid4().hex[:8]}"
     group = zarr.open_group(str(tmp), mode="w", zarr_format=3)
     arrays = {"indptr": block.indptr.astype(np.int64), "indices": _small(block.indices), "data": _small(block.data)}
@@ -617,10 +623,12 @@ def prepare(
     use_raw: bool = False,
     exclude_labels=(),
     chunk_size: int | None = None,
-    scheduler=None,
-    progress: bool | None = None,
 ) -> ad.AnnData:
     """Write (or reuse) a perturbation-sorted working store of a screen, and open it lazily.
+
+    The sorting pass computes on Dask's current scheduler: inside
+    :func:`pertscale.cluster.using` (``pertscale run`` opens one), on a
+    ``distributed.Client``, or dask's threads in this process.
 
     Parameters
     ----------
@@ -639,8 +647,6 @@ def prepare(
     chunk_size
         Rows per block to aim for (whole groups: a block may be longer to
         hold one); default from available memory, as :func:`pertscale.read`.
-    scheduler, progress
-        Where to compute and whether to show progress bars.
 
     Returns
     -------
@@ -665,8 +671,7 @@ def prepare(
     kept data, compressed; the working store takes about as much disk as a
     compressed copy of the kept counts.
     """
-    check_scheduler(scheduler)
-    from ..cluster import compute
+    from .._progress import labelled
     from ._read import read
     from ._write import check_not_input
 
@@ -767,7 +772,8 @@ def prepare(
             for k in range(n_blocks)
             if k not in done
         ]
-        compute(*gathered, scheduler=scheduler, progress=progress, desc="sorting by perturbation")
+        with labelled("sorting by perturbation"):
+            dask.compute(*gathered)
     shutil.rmtree(spill, ignore_errors=True)
     for old in (store / "blocks").glob(".*.damaged-*"):
         shutil.rmtree(old, ignore_errors=True)
@@ -779,6 +785,107 @@ def prepare(
 
 def _gather_after(barrier, *args):
     return _gather(*args)
+
+
+# --------------------------------------------------------------------------- the same sort, lazily
+
+
+#: Spill directories of lazy sorts made by this process, removed when it exits.
+_SPILLS: set[str] = set()
+
+
+def _remove_spills() -> None:
+    for spill in list(_SPILLS):
+        shutil.rmtree(spill, ignore_errors=True)
+    _SPILLS.clear()
+
+
+def _sorted_block(barrier, k: int, bounds: np.ndarray, n_vars: int, dtype: str, spill: str) -> sp.csr_matrix:
+    """Gather task of :func:`sort_rows`: output block ``k`` in memory, in the input's dtype."""
+    block = _assemble(k, bounds, n_vars, spill, "a sort by perturbation", "compute again")
+    return sp.csr_matrix((block.data.astype(dtype), block.indices, block.indptr), shape=block.shape)
+
+
+def sort_rows(x: da.Array, position: np.ndarray, bounds: np.ndarray) -> da.Array:
+    """The rows of ``x`` at their ``position``, in blocks of ``bounds``, lazily and out of core: :func:`prepare`'s sort.
+
+    The same two steps as the working store's (one task per input block
+    writes its rows, compressed, to a spill file per output block's pieces;
+    one task per output block reads its pieces and puts the rows in order),
+    but the sorted blocks stay in the graph instead of being written to a
+    store: what :func:`pertscale.tl.rank_genes_groups` does with cells that
+    are not stored by perturbation. Memory per task is bounded by a block,
+    as in ``pertscale run``; the spill (about a compressed copy of the kept
+    values) goes to Dask's ``temporary-directory`` (default the system's
+    temporary directory; on a cluster of several machines set it to a
+    shared file system) and is written again by each computation of the
+    graph; it is removed when this process exits.
+
+    Parameters
+    ----------
+    x
+        ``(n_obs, n_vars)`` Dask array of CSR row blocks (any values).
+    position
+        ``(n_obs,)`` int64: each row's sorted position, ``-1`` to leave it out.
+    bounds
+        ``(n_blocks + 1,)`` int64: first sorted position of each output block.
+
+    Returns
+    -------
+    dask.array.Array
+        ``(bounds[-1], n_vars)`` CSR row blocks of ``bounds``'s sizes.
+    """
+    import atexit
+    import tempfile
+
+    import dask
+    from dask.base import tokenize
+
+    if x.numblocks[1] != 1:
+        x = x.rechunk({1: -1})
+    position = np.asarray(position, dtype=np.int64)
+    bounds = np.asarray(bounds, dtype=np.int64)
+    token = tokenize(x.name, position, bounds)
+    root = dask.config.get("temporary-directory", None) or tempfile.gettempdir()
+    spill = str(Path(root).absolute() / f"pertscale-sort-{token}")
+    if not _SPILLS:
+        atexit.register(_remove_spills)
+    _SPILLS.add(spill)
+    scattered = da.blockwise(
+        _scatter,
+        "i",
+        x,
+        "ij",
+        da.from_array(position, chunks=(x.chunks[0],)),
+        "i",
+        da.arange(x.shape[0], chunks=(x.chunks[0],)),
+        "i",
+        bounds,
+        None,
+        spill,
+        None,
+        frozenset(),
+        None,
+        adjust_chunks={"i": 1},
+        concatenate=True,
+        dtype=np.int64,
+        meta=np.empty((0,), dtype=np.int64),
+        name=f"sort-scatter-{token}",
+    )
+    barrier = scattered.sum().to_delayed().item()  # one key: every gather waits for the whole scatter
+    meta = sp.csr_matrix((0, 0), dtype=x.dtype)
+    blocks = [
+        da.from_delayed(
+            dask.delayed(_sorted_block, pure=True)(
+                barrier, k, bounds, x.shape[1], x.dtype.str, spill, dask_key_name=f"sort-gather-{token}-{k}"
+            ),
+            shape=(int(bounds[k + 1] - bounds[k]), x.shape[1]),
+            dtype=x.dtype,
+            meta=meta,
+        )
+        for k in range(bounds.size - 1)
+    ]
+    return da.concatenate(blocks, axis=0) if len(blocks) > 1 else blocks[0]
 
 
 def _write_annotations(store: Path, adata: ad.AnnData, plan: SortPlan) -> None:

@@ -16,14 +16,12 @@ import anndata as ad
 import dask.array as da
 import h5py
 import numpy as np
-import psutil
 import scipy.sparse as sp
 
+from .._memory import MIN_BLOCK_ROWS, block_rows, n_cores
 from .._settings import settings
-from .._validation import check_number, unique_var_names
-from ..cluster import n_cores
+from .._validation import ABSENT_CHUNKS, check_number, unique_var_names
 from ._blocks import (
-    ABSENT_CHUNKS,
     SPARSE,
     DamagedStoreError,
     StoredMatrix,
@@ -36,7 +34,7 @@ from ._blocks import (
 logger = logging.getLogger(__name__)
 
 #: Smallest automatic row chunk: below this, scheduling costs more than the work.
-MIN_CHUNK_ROWS = 1_000
+MIN_CHUNK_ROWS = MIN_BLOCK_ROWS
 #: More row blocks than this and a chosen chunk size draws a warning: task overhead dominates.
 MANY_BLOCKS = 10_000
 
@@ -208,12 +206,14 @@ def auto_chunk_size(
     n_workers: int | None = None,
     available_bytes: int | None = None,
 ) -> int:
-    """Rows per block, from the memory there is.
+    """Rows per block, from the memory there is: the planner the main job uses too.
 
-    Each worker may hold a few blocks and their working copies at once; the
-    budget per block is ``memory_fraction * available / (8 * n_workers)``.
-    Chunks are at least ``MIN_CHUNK_ROWS`` rows, and small enough that every
-    worker gets a block when the data allow.
+    :func:`pertscale._memory.block_rows` with each worker's share of the
+    memory: a task holds about six copies of its block (read, normalized,
+    log1p, gene-major, the kernel's buffers) within
+    ``ps.settings.memory_fraction`` of it. Blocks are at least
+    ``MIN_CHUNK_ROWS`` rows, and small enough that every worker gets about
+    four when the data allow.
 
     Parameters
     ----------
@@ -222,21 +222,20 @@ def auto_chunk_size(
     bytes_per_row
         Average in-memory bytes of one row (values and column indices).
     n_workers
-        Workers sharing the memory; default the core count.
+        Workers sharing the memory; default ``ps.settings.n_workers`` or the
+        core count.
     available_bytes
-        Memory to plan for; default ``psutil.virtual_memory().available``.
+        Memory to plan for, shared by the workers; default this machine's
+        available memory.
 
     Returns
     -------
     int
         Row chunk size, between ``min(n_obs, MIN_CHUNK_ROWS)`` and ``n_obs``.
     """
-    n_workers = n_workers or settings.n_workers or n_cores()
-    available = psutil.virtual_memory().available if available_bytes is None else available_bytes
-    budget = settings.memory_fraction * available / (8 * n_workers)
-    rows = int(budget // max(bytes_per_row, 1.0))
-    rows = min(rows, -(-n_obs // n_workers))  # one block per worker at least
-    return int(max(1, min(n_obs, max(rows, MIN_CHUNK_ROWS))))
+    n_workers = int(n_workers or settings.n_workers or n_cores())
+    memory = None if available_bytes is None else available_bytes / n_workers
+    return block_rows(n_obs, bytes_per_row, n_workers=n_workers, worker_memory=memory)
 
 
 def _csr_block(block):
@@ -460,8 +459,16 @@ def read(
     adata.uns.update(extras.get("uns") or {})
     OPENED_INPUTS.add(Path(stored.path))
     root = adata.uns.get("pertscale")
+    # its size in memory, for the face's choice of scheduler: about bytes_per_row per cell (values and indices)
+    nnz = int(round(max(bytes_per_row - 8, 0) / (np.dtype(dtype).itemsize + 4) * n_obs)) if encoding in SPARSE else None
     adata.uns["pertscale"] = (root if isinstance(root, dict) else {}) | {
-        "source": {"path": stored.path, "layer": layer or ("raw" if use_raw else "X"), "format": fmt}
+        "source": {
+            "path": stored.path,
+            "layer": layer or ("raw" if use_raw else "X"),
+            "format": fmt,
+            "nnz": n_obs * n_vars if nnz is None else nnz,
+            "shape": (n_obs, n_vars),
+        }
     }
     written = adata.uns["pertscale"].get("written_matrices")
     if isinstance(written, dict) and (layer or use_raw):  # X here is the layer (or raw) that was read

@@ -17,9 +17,9 @@ import h5py
 import pandas as pd
 import scipy.sparse as sp
 
-from .._compute import compute, lazy_elements, write_zarr_stores
-from ..cluster import check_scheduler, n_workers_of, progress_bar_class, resolve_scheduler
-from ..cluster import compute as compute_collections
+from .._memory import workers_now
+from .._progress import steps
+from ._lazy import lazy_elements, materialize, write_zarr_stores
 
 logger = logging.getLogger(__name__)
 
@@ -101,8 +101,6 @@ def write(
     include: Sequence[str] | None = None,
     compression: str | None = "gzip",
     compression_opts: int | None = None,
-    scheduler=None,
-    progress: bool | None = None,
 ) -> Path:
     """Write AnnData atomically as ``.h5ad``, or ``.zarr`` when the path ends so.
 
@@ -129,7 +127,9 @@ def write(
     directory takes two renames; in between, the old store sits beside it
     as ``.NAME.old-*``.)
 
-    Lazy (Dask) arrays are computed here, all in one graph (work they share,
+    Lazy (Dask) arrays are computed here (with plain ``dask.compute``: on the
+    scheduler of the enclosing face, :func:`pertscale.write`, or Dask's
+    current one), all in one graph (work they share,
     such as a pass over the matrix, is done once). To ``.zarr`` their dense
     blocks go straight from the workers into the store, never gathered in
     one process (what results of genome-wide screens need), stored results
@@ -159,8 +159,6 @@ def write(
         ``"lzf"`` or ``None``) and its level; a ``.zarr`` store uses zarr's
         default compressor (zstd) followed by a CRC-32C of every chunk, which
         zarr checks on every read.
-    scheduler, progress
-        Where lazy arrays are computed, and whether to show a progress bar.
 
     Returns
     -------
@@ -186,7 +184,6 @@ def write(
     ``include`` and the sanitizing follow valency-anndata's ``write``; the
     string keys of the result store follow ParTIpy's ``write_h5ad``.
     """
-    check_scheduler(scheduler)
     if isinstance(adata, (str, Path)) and isinstance(path, ad.AnnData):
         adata, path = path, adata
     if not isinstance(adata, ad.AnnData):
@@ -200,7 +197,7 @@ def write(
     check_format(path, what="cannot write")
     adata = sanitized(adata, include=include)
     if path.suffix.lower() == ".zarr":
-        return write_stores({path: adata}, scheduler=scheduler, progress=progress)[0]
+        return write_stores({path: adata})[0]
     dataset_kwargs = {"compression": compression, "compression_opts": compression_opts} if compression else {}
     tmp = _sibling(path, "tmp")
     try:
@@ -211,21 +208,14 @@ def write(
             else:
                 del getattr(adata, attr)[key]
         if lazy_elements(adata, nested=True):
-            adata = compute(adata, scheduler=scheduler, progress=progress, desc=f"computing {path.name}")
+            adata = materialize(adata)
         try:
             adata.write_h5ad(
                 tmp, **({"compression": compression, "compression_opts": compression_opts} if compression else {})
             )
             if streamed:
                 with h5py.File(tmp, "a") as file:
-                    _stream_sparse(
-                        file,
-                        streamed,
-                        scheduler=scheduler,
-                        progress=progress,
-                        name=path.name,
-                        dataset_kwargs=dataset_kwargs,
-                    )
+                    _stream_sparse(file, streamed, name=path.name, dataset_kwargs=dataset_kwargs)
         except ValueError as err:
             if "object header message is too large" not in str(err):
                 raise
@@ -338,34 +328,29 @@ def _csr(block, dtype) -> sp.csr_matrix:
     return block if block.dtype == dtype else block.astype(dtype)
 
 
-def _stream_sparse(
-    file: h5py.File, arrays: dict, *, scheduler, progress: bool | None, name: str, dataset_kwargs: dict | None = None
-) -> None:
+def _stream_sparse(file: h5py.File, arrays: dict, *, name: str, dataset_kwargs: dict | None = None) -> None:
     """Append the row blocks of lazy sparse matrices to an open ``.h5ad`` file, a window of blocks at a time.
 
-    Each window (as many consecutive row blocks as the scheduler has
-    workers) is one computation of the same rows of every matrix, so a
+    Each window (as many consecutive row blocks as Dask's current scheduler
+    runs at once) is one computation of the same rows of every matrix, so a
     block of the input is read once for ``X`` and the layers made from it.
     The first block of each matrix is written with anndata's
     ``write_elem`` (64-bit ``indptr``, so that appending never overflows
     it; HDF5 chunks of :data:`H5_CHUNK` elements, as the first block may be
     empty), the others appended with ``sparse_dataset(...).append``.
     """
-    from .._settings import settings
+    import dask
 
     arrays = {where: (x.rechunk({1: -1}) if x.numblocks[1] != 1 else x) for where, x in arrays.items()}
     chunks = next(iter(arrays.values())).chunks[0]
     arrays = {where: (x if x.chunks[0] == chunks else x.rechunk({0: chunks})) for where, x in arrays.items()}
-    window = max(1, n_workers_of(resolve_scheduler(scheduler)))
+    window = workers_now()
     written: dict = {}
-    progress = settings.progress if progress is None else progress
-    with progress_bar_class()(
-        total=len(chunks), desc=f"writing {name}", unit="block", leave=False, disable=not progress
-    ) as bar:
+    with steps(len(chunks), f"writing {name}") as bar:
         for start in range(0, len(chunks), window):
             stop = min(start + window, len(chunks))
             pieces = [x.blocks[i] for x in arrays.values() for i in range(start, stop)]
-            values = iter(compute_collections(*pieces, scheduler=scheduler, progress=False))
+            values = iter(dask.compute(*pieces))
             for (attr, key), x in arrays.items():
                 group, elem = (file, "X") if key is None else (file.require_group(attr), key)
                 for _ in range(start, stop):
@@ -399,9 +384,7 @@ def _check_target(adata: ad.AnnData, path: Path) -> None:
         raise PermissionError(f"cannot write {str(path)!r}: directory {str(parent)!r} is not writable")
 
 
-def write_stores(
-    items: dict[Path, ad.AnnData], *, scheduler=None, progress: bool | None = None, resume: bool = False
-) -> list[Path]:
+def write_stores(items: dict[Path, ad.AnnData], *, resume: bool = False) -> list[Path]:
     """Write several AnnData objects as ``.zarr`` stores, their lazy arrays computed in one graph.
 
     As :func:`write` for each, but work the objects share (a pass over the
@@ -411,7 +394,7 @@ def write_stores(
     With ``resume``, the stores are written in place (the caller stages
     them, as ``pertscale run`` does) and record their written blocks, so
     that a call after an interruption continues them
-    (:func:`pertscale._compute.write_zarr_stores`); nothing is removed on
+    (:func:`pertscale.io._lazy.write_zarr_stores`); nothing is removed on
     failure.
 
     Raises
@@ -433,9 +416,7 @@ def write_stores(
             # the layers are the canonical results, the record arrays a convenience view
             warnings.filterwarnings("ignore", message="The data type", category=Warning)
             try:
-                write_zarr_stores(
-                    list(zip(items.values(), tmps, strict=True)), scheduler=scheduler, progress=progress, resume=resume
-                )
+                write_zarr_stores(list(zip(items.values(), tmps, strict=True)), resume=resume)
             except ValueError as err:
                 if "slash" not in str(err).lower():
                     raise

@@ -6,9 +6,11 @@ import logging
 import warnings
 
 import anndata as ad
+import dask
 import numpy as np
 import pandas as pd
 
+from .._progress import labelled
 from .._validation import (
     as_actual,
     check_control,
@@ -18,7 +20,6 @@ from .._validation import (
     obs_categorical,
     perturbation_labels,
 )
-from ..cluster import check_scheduler, compute
 from ..io._read import as_dask, per_block, select
 from ..kernels.moments import MOMENTS, gene_moments
 
@@ -42,7 +43,7 @@ def _moments_block(block, batches, n_batches, transform, scale, clip):
     return out.reshape(1, -1, block.shape[1])
 
 
-def _moments(x, batches, n_batches, *, transform="none", scale=1.0, clip=None, scheduler, progress, desc) -> dict:
+def _moments(x, batches, n_batches, *, transform="none", scale=1.0, clip=None, desc) -> dict:
     """One pass: per batch and gene each statistic of ``MOMENTS``: ``(n_batches, n_genes)`` arrays by name."""
     import dask.array as da
 
@@ -52,13 +53,10 @@ def _moments(x, batches, n_batches, *, transform="none", scale=1.0, clip=None, s
     )
     parts = parts.reshape(parts.shape[0], n_batches, len(MOMENTS), x.shape[1])
     top = MOMENTS.index("max")
-    sums, peak = compute(
-        parts[:, :, :top].sum(axis=0, split_every=8),
-        parts[:, :, top].max(axis=0, split_every=8),
-        scheduler=scheduler,
-        progress=progress,
-        desc=desc,
-    )
+    with labelled(desc):
+        sums, peak = dask.compute(
+            parts[:, :, :top].sum(axis=0, split_every=8), parts[:, :, top].max(axis=0, split_every=8)
+        )
     return {name: sums[:, i] for i, name in enumerate(MOMENTS[:top])} | {"max": peak}
 
 
@@ -144,7 +142,7 @@ def _top(score: np.ndarray, n_top_genes: int) -> np.ndarray:
     return np.nan_to_num(score, nan=-np.inf) >= cut
 
 
-def _seurat_v3(x, m, batches, n_cells, *, n_top_genes: int, span: float, scheduler, progress) -> pd.DataFrame:
+def _seurat_v3(x, m, batches, n_cells, *, n_top_genes: int, span: float) -> pd.DataFrame:
     """Seurat v3 (``vst``): variance of values standardized by a loess fit of log variance on log mean, clipped.
 
     Per batch (``n_cells[b]`` cells): the loess, the clip and the normalized
@@ -179,7 +177,7 @@ def _seurat_v3(x, m, batches, n_cells, *, n_top_genes: int, span: float, schedul
             ) from err
         reg_std[b, not_const] = np.sqrt(10**model.outputs.fitted_values)
     clip = reg_std * np.sqrt(n_cells)[:, None] + mean
-    clipped = _moments(x, batches, n_batches, clip=clip, scheduler=scheduler, progress=progress, desc="HVG (clipped)")
+    clipped = _moments(x, batches, n_batches, clip=clip, desc="HVG (clipped)")
     n = n_cells[:, None].astype(np.float64)
     norm_var = (n * mean**2 + clipped["sum_squares"] - 2 * clipped["sum"] * mean) / ((n - 1) * reg_std**2)
     rank = np.argsort(np.argsort(-norm_var, axis=1), axis=1).astype(np.float32)
@@ -270,10 +268,13 @@ def highly_variable_genes(
     inplace: bool = True,
     key_added: str = "hvg",
     force: bool = False,
-    scheduler=None,
-    progress: bool | None = None,
 ) -> pd.DataFrame | None:
     """Annotate highly variable genes, streaming over row blocks.
+
+    Computes one pass over the matrix (two for ``seurat_v3``) here (plain
+    ``dask.compute``: on the scheduler of the enclosing face,
+    :func:`pertscale.cluster.using`, or Dask's current one); the per-gene
+    table is small.
 
     The flavors and their selection rules are scanpy's
     (``scanpy.pp.highly_variable_genes``, ``batch_key`` included), computed
@@ -335,8 +336,6 @@ def highly_variable_genes(
         Readable name of this result in the result store.
     force
         Compute again even when a result with equal settings is stored.
-    scheduler, progress
-        Where to compute and whether to show a progress bar.
 
     Returns
     -------
@@ -372,7 +371,6 @@ def highly_variable_genes(
     (anndata's ``ImplicitModificationWarning``); its parent is left as it
     was.
     """
-    check_scheduler(scheduler)
     from ..analysis import HVGSettings, build
     from ..store import cached
 
@@ -402,7 +400,7 @@ def highly_variable_genes(
             adata.uns["hvg"] = {"flavor": flavor}
 
     def run():
-        df = _highly_variable_genes(adata, **options, scheduler=scheduler, progress=progress)
+        df = _highly_variable_genes(adata, **options)
         restore(df)
         return df, [f"var/{c}" for c in df.columns] + ["uns/hvg"] if inplace else []
 
@@ -426,8 +424,6 @@ def _highly_variable_genes(
     control_only,
     perturbation_column,
     control_label,
-    scheduler,
-    progress,
 ) -> pd.DataFrame:
     """:func:`highly_variable_genes`'s table, without the store (``adata`` is not changed)."""
     _check_flavor(flavor)
@@ -478,15 +474,11 @@ def _highly_variable_genes(
     transform = "expm1" if flavor == "seurat" else "none"
     base = (log1p_record(adata, layer) or {}).get("base")
     scale = 1.0 if base is None else float(np.log(base))  # log1p of another base, undone as scanpy does
-    m = _moments(
-        x, batches, len(names), transform=transform, scale=scale, scheduler=scheduler, progress=progress, desc="HVG"
-    )
+    m = _moments(x, batches, len(names), transform=transform, scale=scale, desc="HVG")
     _check_kind(m, flavor)
     cutoffs = (min_mean, max_mean, min_disp, max_disp)
     if flavor == "seurat_v3":
-        df = _seurat_v3(
-            x, m, batches, n_cells, n_top_genes=n_top_genes, span=span, scheduler=scheduler, progress=progress
-        )
+        df = _seurat_v3(x, m, batches, n_cells, n_top_genes=n_top_genes, span=span)
         if batch_key is None:
             df = df.drop(columns="highly_variable_nbatches")
     elif batch_key is not None:

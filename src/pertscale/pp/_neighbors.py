@@ -5,13 +5,13 @@ from __future__ import annotations
 from functools import cache
 
 import anndata as ad
+import dask
 import dask.array as da
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
 from .._validation import check_number
-from ..cluster import check_scheduler, compute
 
 
 def _scanpy():
@@ -24,12 +24,13 @@ def _scanpy():
     return sc
 
 
-def _embedding(adata: ad.AnnData, use_rep: str, *, scheduler) -> np.ndarray:
+def _embedding(adata: ad.AnnData, use_rep: str) -> np.ndarray:
+    """The embedding in memory: a lazy one (PCA's scores) is computed (plain ``dask.compute``: it is small)."""
     if use_rep not in adata.obsm:
         raise KeyError(f"obsm[{use_rep!r}] not found (obsm holds {list(adata.obsm)}); run ps.pp.pca first")
     rep = adata.obsm[use_rep]
     if isinstance(rep, da.Array):
-        (rep,) = compute(rep, scheduler=scheduler, progress=False)
+        (rep,) = dask.compute(rep)
     rep = np.asarray(rep)
     if not np.isfinite(rep).all():
         raise ValueError(f"obsm[{use_rep!r}] holds NaN or infinite values")
@@ -90,9 +91,11 @@ def neighbors(
     use_rep: str = "X_pca",
     metric: str = "euclidean",
     random_state: int = 0,
-    scheduler=None,
 ) -> None:
     """The k-nearest-neighbor graph of cells on an embedding (``obsm['X_pca']``), as ``scanpy.pp.neighbors``.
+
+    Computes the embedding (``obsm[use_rep]``, cells x components) if it is
+    lazy, with plain ``dask.compute``; the graph is scanpy's, in memory.
 
     The embedding (``n_obs x n_comps``, a few hundred bytes per cell) is
     computed into memory if it is lazy; the graph is scanpy's own
@@ -113,8 +116,6 @@ def neighbors(
         Distance (any metric scanpy accepts; euclidean by default).
     random_state
         Seed of the approximate search.
-    scheduler
-        Where a lazy embedding is computed.
 
     Returns
     -------
@@ -127,16 +128,14 @@ def neighbors(
     KeyError
         If ``obsm[use_rep]`` is missing.
     ValueError
-        If ``n_neighbors`` is not a whole number in ``[2, n_obs]``, the
-        embedding holds non-finite values, or ``scheduler`` is not known
-        (at the call).
+        If ``n_neighbors`` is not a whole number in ``[2, n_obs]``, or the
+        embedding holds non-finite values.
     ImportError
         If scanpy is not installed (``pip install 'pertscale[embedding]'``).
     """
-    check_scheduler(scheduler)
     sc = _scanpy()
     n_neighbors = check_number(n_neighbors, "n_neighbors", integer=True, minimum=2, maximum=max(2, adata.n_obs))
-    rep = _embedding(adata, use_rep, scheduler=scheduler)
+    rep = _embedding(adata, use_rep)
     light = _light(adata, {use_rep: rep})
     sc.pp.neighbors(
         light,
@@ -154,9 +153,7 @@ def neighbors(
     adata.uns["neighbors"] = light.uns["neighbors"]
 
 
-def umap(
-    adata: ad.AnnData, *, min_dist: float = 0.5, spread: float = 1.0, random_state: int = 0, scheduler=None
-) -> None:
+def umap(adata: ad.AnnData, *, min_dist: float = 0.5, spread: float = 1.0, random_state: int = 0) -> None:
     """UMAP of the cells from the neighbors graph (McInnes et al. 2018), as ``scanpy.tl.umap``.
 
     Parameters
@@ -167,8 +164,6 @@ def umap(
         UMAP's layout parameters (scanpy's defaults).
     random_state
         Seed of the layout.
-    scheduler
-        Where a lazy embedding is computed.
 
     Returns
     -------
@@ -179,17 +174,14 @@ def umap(
     ------
     KeyError
         If :func:`neighbors` has not been run.
-    ValueError
-        If ``scheduler`` is not known (at the call).
     ImportError
         If scanpy is not installed.
     """
-    check_scheduler(scheduler)
     sc = _scanpy()
     if "neighbors" not in adata.uns or "connectivities" not in adata.obsp:
         raise KeyError("no neighbors graph (uns['neighbors'], obsp['connectivities']); run ps.pp.neighbors first")
     use_rep = adata.uns["neighbors"].get("params", {}).get("use_rep", "X_pca")
-    light = _light(adata, {use_rep: _embedding(adata, use_rep, scheduler=scheduler)})
+    light = _light(adata, {use_rep: _embedding(adata, use_rep)})
     light.obsp["distances"] = adata.obsp["distances"]
     light.obsp["connectivities"] = adata.obsp["connectivities"]
     sc.tl.umap(light, min_dist=min_dist, spread=spread, random_state=random_state)

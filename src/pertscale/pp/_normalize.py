@@ -8,7 +8,6 @@ import anndata as ad
 import numpy as np
 
 from .._validation import as_actual, check_target_sum, get_matrix, log1p_record
-from ..cluster import check_scheduler
 from ..io._read import as_dask, map_csr
 from ..kernels.qc import log1p_values, normalize_rows
 
@@ -53,8 +52,6 @@ def normalize_total(
     *,
     target_sum: float | None = 1e4,
     layer: str | None = None,
-    scheduler=None,
-    progress: bool | None = None,
 ) -> None:
     """Scale every cell to ``target_sum`` total counts, lazily.
 
@@ -73,10 +70,6 @@ def normalize_total(
         non-zero cell totals (one pass), as scanpy does.
     layer
         Normalize a layer instead of ``X``.
-    scheduler
-        Where to compute the median (``target_sum=None`` only).
-    progress
-        Show a progress bar.
 
     Raises
     ------
@@ -102,19 +95,16 @@ def normalize_total(
     as it was. The result is float (float32; float64 stays float64), never
     the integer dtype of the counts.
     """
-    check_scheduler(scheduler)
     target_sum = check_target_sum(target_sum, allow_none=True)
     x = as_dask(get_matrix(adata, layer))
     if target_sum is None:
-        from ..cluster import compute
+        import dask
+
+        from .._progress import labelled
         from ..kernels.qc import CELL_STATS, cell_stats
 
-        (cells,) = compute(
-            x.map_blocks(cell_stats, dtype=np.float64, chunks=(x.chunks[0], (3,))),
-            scheduler=scheduler,
-            progress=progress,
-            desc="cell totals",
-        )
+        with labelled("cell totals"):
+            (cells,) = dask.compute(x.map_blocks(cell_stats, dtype=np.float64, chunks=(x.chunks[0], (3,))))
         totals = cells[:, CELL_STATS.index("total_counts")]
         target_sum = float(np.median(totals[totals > 0])) if (totals > 0).any() else 1.0
     dtype = _float_dtype(x.dtype)

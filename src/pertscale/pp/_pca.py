@@ -5,11 +5,12 @@ from __future__ import annotations
 import logging
 
 import anndata as ad
+import dask
 import dask.array as da
 import numpy as np
 
+from .._progress import labelled
 from .._validation import as_actual, check_number, get_matrix
-from ..cluster import check_scheduler, compute
 from ..io._read import as_dask, per_block, select
 from ..kernels.moments import gram, project
 
@@ -47,14 +48,10 @@ def _flip_signs(components: np.ndarray) -> np.ndarray:
     return components * signs
 
 
-def _covariance(x: da.Array, n_comps: int, *, scheduler, progress):
+def _covariance(x: da.Array, n_comps: int):
     n, p = x.shape
-    (parts,) = compute(
-        per_block(_gram_block, p + 1, (x, "bj")).sum(axis=0, split_every=4),
-        scheduler=scheduler,
-        progress=progress,
-        desc="PCA (covariance)",
-    )
+    with labelled("PCA (covariance)"):
+        (parts,) = dask.compute(per_block(_gram_block, p + 1, (x, "bj")).sum(axis=0, split_every=4))
     mean = parts[p] / n
     cov = (parts[:p] - n * np.outer(mean, mean)) / (n - 1)
     values, vectors = np.linalg.eigh(cov)
@@ -62,7 +59,7 @@ def _covariance(x: da.Array, n_comps: int, *, scheduler, progress):
     return mean, values[order], vectors[:, order], float(np.trace(cov)), 1
 
 
-def _randomized(x: da.Array, n_comps: int, *, n_oversamples: int, n_iter: int, random_state, scheduler, progress):
+def _randomized(x: da.Array, n_comps: int, *, n_oversamples: int, n_iter: int, random_state):
     """Subspace iteration on the implicitly centred covariance, then Rayleigh-Ritz (Halko et al. 2011, alg. 4.4)."""
     n, p = x.shape
     width = min(p, n_comps + n_oversamples)
@@ -70,12 +67,8 @@ def _randomized(x: da.Array, n_comps: int, *, n_oversamples: int, n_iter: int, r
     omega, _ = np.linalg.qr(omega)
     mean = squares = None
     for i in range(n_iter + 1):
-        (parts,) = compute(
-            per_block(_power_block, width + 2, (x, "bj"), omega).sum(axis=0, split_every=4),
-            scheduler=scheduler,
-            progress=progress,
-            desc=f"PCA (randomized, pass {i + 1} of {n_iter + 1})",
-        )
+        with labelled(f"PCA (randomized, pass {i + 1} of {n_iter + 1})"):
+            (parts,) = dask.compute(per_block(_power_block, width + 2, (x, "bj"), omega).sum(axis=0, split_every=4))
         if mean is None:
             mean, squares = parts[width] / n, parts[width + 1]
         # C @ omega with C = (X^T X - n mean mean^T) / (n - 1): the centred matrix is never formed
@@ -102,10 +95,13 @@ def pca(
     random_state: int = 0,
     key_added: str | None = None,
     force: bool = False,
-    scheduler=None,
-    progress: bool | None = None,
 ) -> None:
     """Principal components of the genes, out of core, with implicit centering.
+
+    Computes the covariance (one pass; one per iteration of
+    ``method='randomized'``) here (plain ``dask.compute``: on the scheduler
+    of the enclosing face, :func:`pertscale.cluster.using`, or Dask's
+    current one); the scores ``obsm['X_pca']`` stay lazy for a lazy matrix.
 
     ``method="covariance"``: one pass sums each row block's Gram matrix
     ``X_b^T X_b`` and column sums (tree-reduced); the covariance
@@ -148,8 +144,6 @@ def pca(
         of the result in the result store (default ``"pca"``).
     force
         Compute again even when a result with equal settings is stored.
-    scheduler, progress
-        Where to compute and whether to show a progress bar.
 
     Returns
     -------
@@ -181,7 +175,6 @@ def pca(
     holding a copy of its data, as scanpy does (anndata's
     ``ImplicitModificationWarning``); its parent is left as it was.
     """
-    check_scheduler(scheduler)
     from ..analysis import PCASettings, array_digest, build
     from ..store import cached
 
@@ -224,8 +217,6 @@ def pca(
             n_oversamples=n_oversamples,
             n_iter=n_iter,
             random_state=random_state,
-            scheduler=scheduler,
-            progress=progress,
         )
         stored = {"X_pca": scores, "PCs": loadings, "variance": variance, "variance_ratio": variance / total}
         restore(stored)
@@ -265,8 +256,6 @@ def _pca(
     n_oversamples,
     n_iter,
     random_state,
-    scheduler,
-    progress,
 ):
     """Scores, loadings, variances and total variance of :func:`pca`, without the store (``adata`` not changed)."""
     if method not in METHODS:
@@ -295,7 +284,7 @@ def _pca(
     if method == "auto":
         method = "covariance" if p <= MAX_COVARIANCE_GENES else "randomized"
     if method == "covariance":
-        mean, variance, axes, total, passes = _covariance(x, n_comps, scheduler=scheduler, progress=progress)
+        mean, variance, axes, total, passes = _covariance(x, n_comps)
     else:
         mean, variance, axes, total, passes = _randomized(
             x,
@@ -303,8 +292,6 @@ def _pca(
             n_oversamples=n_oversamples,
             n_iter=n_iter,
             random_state=random_state,
-            scheduler=scheduler,
-            progress=progress,
         )
     if not (np.isfinite(variance).all() and np.isfinite(total)):
         raise ValueError("the matrix holds NaN or infinite values; PCA needs finite log1p-normalized values")
@@ -314,7 +301,7 @@ def _pca(
         project, axes, mean, dtype=np.float64, chunks=(x.chunks[0], (n_comps,)), meta=np.empty((0, 0))
     )
     if not isinstance(matrix, da.Array):
-        (scores,) = compute(scores, scheduler=scheduler, progress=False)
+        (scores,) = dask.compute(scores)  # an in-memory matrix gets its scores in memory, as scanpy
     loadings = np.zeros((adata.n_vars, n_comps), dtype=np.float64)
     loadings[genes] = axes
     return scores, loadings, variance, total

@@ -7,13 +7,14 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 import anndata as ad
+import dask
 import dask.array as da
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from .._progress import labelled
 from .._validation import as_actual, check_control, check_number, check_shape, label_list, perturbation_labels
-from ..cluster import check_scheduler, compute
 from ..io._read import as_dask, subset
 from ..kernels.qc import CELL_STATS, GENE_STATS, cell_stats, gene_stats
 
@@ -61,11 +62,12 @@ def _check_gene_stats(genes: np.ndarray) -> None:
         )
 
 
-def _matrix_stats(adata: ad.AnnData, *, mt_mask=None, scheduler=None, progress=None, desc=None):
+def _matrix_stats(adata: ad.AnnData, *, mt_mask=None, desc=None):
     """One pass over ``X``: per-cell and per-gene statistics, values checked."""
     x = as_dask(adata.X)
     cells, genes = _stats_graphs(x, mt_mask)
-    cells, genes = compute(cells, genes, scheduler=scheduler, progress=progress, desc=desc)
+    with labelled(desc or "QC metrics"):
+        cells, genes = dask.compute(cells, genes)
     _check_gene_stats(genes)
     return cells, genes
 
@@ -108,9 +110,7 @@ class QCPass:
         return _gene_stat(self.genes, name)
 
 
-def qc_pass(
-    adata: ad.AnnData, codes: np.ndarray, n_codes: int, *, min_genes: int, scheduler=None, progress=None
-) -> QCPass:
+def qc_pass(adata: ad.AnnData, codes: np.ndarray, n_codes: int, *, min_genes: int) -> QCPass:
     """QC metrics, value checks and per-group gene detection, in one pass over the matrix.
 
     The gene filter of the main job counts, per gene, the cells that pass
@@ -129,15 +129,12 @@ def qc_pass(
         Number of codes.
     min_genes
         Cells with fewer detected genes are not counted in ``detection``.
-    scheduler, progress
-        Where to compute and whether to show a progress bar.
 
     Raises
     ------
     ValueError
         If the matrix holds NaN, infinite or negative values.
     """
-    check_scheduler(scheduler)
     x = as_dask(adata.X)
     mt = mitochondrial_genes(adata.var)
     cells, genes = _stats_graphs(x, mt if mt.any() else None)
@@ -158,7 +155,8 @@ def qc_pass(
         dtype=np.int32,
         meta=np.empty((0, 0), dtype=np.int32),
     )
-    cells, genes, rows = compute(cells, genes, detection, scheduler=scheduler, progress=progress, desc="QC")
+    with labelled("QC"):
+        cells, genes, rows = dask.compute(cells, genes, detection)
     _check_gene_stats(genes)
     total = np.zeros((n_codes, x.shape[1]), dtype=np.int32)  # 4 bytes per group and gene, in this process
     np.add.at(total, np.concatenate(present) if present else np.empty(0, np.int64), rows)
@@ -185,10 +183,12 @@ def calculate_qc_metrics(
     *,
     perturbation_column: str | None = None,
     inplace: bool = True,
-    scheduler=None,
-    progress: bool | None = None,
 ) -> tuple[pd.DataFrame, pd.DataFrame] | None:
     """Per-cell, per-gene and per-perturbation QC metrics in one pass.
+
+    Computes one pass over the matrix here (plain ``dask.compute``: on the
+    scheduler of the enclosing face, :func:`pertscale.cluster.using`, or
+    Dask's current one); the metrics are small (per cell, per gene).
 
     Column names and values follow ``scanpy.pp.calculate_qc_metrics`` (with
     ``qc_vars=['mt']`` when mitochondrial genes are present, ``percent_top=None``).
@@ -202,8 +202,6 @@ def calculate_qc_metrics(
         ``uns['pertscale']['perturbation_counts']`` (a DataFrame).
     inplace
         Write the metrics into ``obs``/``var`` (default) or return them.
-    scheduler, progress
-        Where to compute and whether to show a progress bar.
 
     Returns
     -------
@@ -228,13 +226,10 @@ def calculate_qc_metrics(
         If the matrix has no cells or no genes, or holds NaN, infinite or
         negative values.
     """
-    check_scheduler(scheduler)
     check_shape(adata)
     mt = mitochondrial_genes(adata.var)
     has_mt = bool(mt.any())
-    cells, genes = _matrix_stats(
-        adata, mt_mask=mt if has_mt else None, scheduler=scheduler, progress=progress, desc="QC metrics"
-    )
+    cells, genes = _matrix_stats(adata, mt_mask=mt if has_mt else None, desc="QC metrics")
     obs = pd.DataFrame(index=adata.obs_names)
     obs["n_genes_by_counts"] = _cell_stat(cells, "n_genes_by_counts").astype(np.int64)
     obs["log1p_n_genes_by_counts"] = np.log1p(_cell_stat(cells, "n_genes_by_counts"))
@@ -305,7 +300,7 @@ _WHAT = {
 }
 
 
-def _filter(adata: ad.AnnData, which: str, detected: tuple, counts: tuple, *, names: tuple, scheduler, progress):
+def _filter(adata: ad.AnnData, which: str, detected: tuple, counts: tuple, *, names: tuple):
     """The one implementation of filter_cells and filter_genes: one pass, then a lazy subset.
 
     ``names`` are the names of the four bounds (min and max of detected
@@ -313,7 +308,7 @@ def _filter(adata: ad.AnnData, which: str, detected: tuple, counts: tuple, *, na
     """
     check_shape(adata)
     axis, detected_stat, detected_col, counts_col = _FILTERS[which]
-    cells, genes = _matrix_stats(adata, scheduler=scheduler, progress=progress, desc=f"filter {which}")
+    cells, genes = _matrix_stats(adata, desc=f"filter {which}")
     by_detected = any(b is not None for b in detected)
     stat = detected_stat if by_detected else "total_counts"
     numbers = _cell_stat(cells, stat) if axis == "obs" else _gene_stat(genes, stat)
@@ -344,10 +339,13 @@ def filter_cells(
     min_counts: float | None = None,
     max_genes: int | None = None,
     max_counts: float | None = None,
-    scheduler=None,
-    progress: bool | None = None,
 ) -> ad.AnnData:
     """Keep cells within bounds on detected genes or total counts.
+
+    Computes one pass over the matrix (the genes detected per cell) here
+    (plain ``dask.compute``: on the scheduler of the enclosing face,
+    :func:`pertscale.cluster.using`, or Dask's current one); the filtered
+    matrix it returns is lazy.
 
     Same bounds as ``scanpy.pp.filter_cells`` (inclusive): one pass computes
     the per-cell numbers, then the kept cells are returned as a new AnnData
@@ -362,10 +360,6 @@ def filter_cells(
         Bounds on genes with a non-zero count.
     min_counts, max_counts
         Bounds on total counts.
-    scheduler
-        Where to compute; see :func:`pertscale.cluster.resolve_scheduler`.
-    progress
-        Show a progress bar.
 
     Returns
     -------
@@ -381,7 +375,6 @@ def filter_cells(
         (after the pass; the message names the bound and a value that keeps
         some).
     """
-    check_scheduler(scheduler)
     bounds = _check_bounds(min_genes=min_genes, min_counts=min_counts, max_genes=max_genes, max_counts=max_counts)
     min_genes, min_counts, max_genes, max_counts = bounds
     return _filter(
@@ -390,8 +383,6 @@ def filter_cells(
         (min_genes, max_genes),
         (min_counts, max_counts),
         names=("min_genes", "max_genes", "min_counts", "max_counts"),
-        scheduler=scheduler,
-        progress=progress,
     )
 
 
@@ -402,10 +393,13 @@ def filter_genes(
     min_counts: float | None = None,
     max_cells: int | None = None,
     max_counts: float | None = None,
-    scheduler=None,
-    progress: bool | None = None,
 ) -> ad.AnnData:
     """Keep genes within bounds on expressing cells or total counts.
+
+    Computes one pass over the matrix (the cells per gene) here (plain
+    ``dask.compute``: on the scheduler of the enclosing face,
+    :func:`pertscale.cluster.using`, or Dask's current one); the filtered
+    matrix it returns is lazy.
 
     Same bounds as ``scanpy.pp.filter_genes``; one pass, then a new AnnData
     with the kept genes (a lazy slice), as :func:`filter_cells`.
@@ -418,10 +412,6 @@ def filter_genes(
         Bounds on cells with a non-zero count.
     min_counts, max_counts
         Bounds on total counts.
-    scheduler
-        Where to compute; see :func:`pertscale.cluster.resolve_scheduler`.
-    progress
-        Show a progress bar.
 
     Returns
     -------
@@ -437,7 +427,6 @@ def filter_genes(
         (after the pass; the message names the bound and a value that keeps
         some).
     """
-    check_scheduler(scheduler)
     bounds = _check_bounds(min_cells=min_cells, min_counts=min_counts, max_cells=max_cells, max_counts=max_counts)
     min_cells, min_counts, max_cells, max_counts = bounds
     return _filter(
@@ -446,8 +435,6 @@ def filter_genes(
         (min_cells, max_cells),
         (min_counts, max_counts),
         names=("min_cells", "max_cells", "min_counts", "max_counts"),
-        scheduler=scheduler,
-        progress=progress,
     )
 
 
@@ -479,6 +466,8 @@ def filter_perturbations(
     exclude_labels: Iterable[str] = (),
 ) -> ad.AnnData:
     """Drop cells by perturbation label: excluded labels and small groups.
+
+    Computes nothing: the labels in ``obs`` decide, and the result is lazy.
 
     Reads only ``obs``, no pass over the matrix; returns a new AnnData (a
     lazy slice of the matrix), ``adata`` is left as it is.

@@ -33,7 +33,6 @@ import numpy as np
 import pandas as pd
 
 from .._validation import check_number, check_shape, label_list
-from ..cluster import check_scheduler
 from ..io._read import subset
 from ._qc import DEFAULT_EXCLUDE, _cell_stat, _check_labels, _gene_stat, _matrix_stats, mitochondrial_genes, qc_pass
 
@@ -285,10 +284,12 @@ def qc_summary(
     exclude_labels: Iterable[str] = DEFAULT_EXCLUDE,
     key_added: str = "qc",
     force: bool = False,
-    scheduler=None,
-    progress: bool | None = None,
 ) -> QCSummary:
     """QC metrics, the filters of the main job and what each drops, in one pass over the matrix.
+
+    Computes one pass over the matrix here (plain ``dask.compute``: on the
+    scheduler of the enclosing face, :func:`pertscale.cluster.using`, or
+    Dask's current one); :meth:`QCSummary.apply` is lazy.
 
     The filters (see the module docstring): drop ``exclude_labels``, then
     cells with fewer than ``min_genes`` detected genes, then perturbations
@@ -330,9 +331,6 @@ def qc_summary(
         Readable name of this result in the result store.
     force
         Run the pass even when a summary with equal settings is stored.
-    scheduler, progress
-        Where to compute (:func:`pertscale.cluster.resolve_scheduler`) and
-        whether to show a progress bar.
 
     Returns
     -------
@@ -358,7 +356,6 @@ def qc_summary(
         some); or the matrix has no cells or genes, or holds NaN, infinite
         or negative values.
     """
-    check_scheduler(scheduler)
     from ..analysis import QCSettings, build
     from ..store import cached
 
@@ -382,8 +379,6 @@ def qc_summary(
             min_cells_per_perturbation=min_cells_per_perturbation,
             min_cells_per_gene=min_cells_per_gene,
             exclude_labels=exclude_labels,
-            scheduler=scheduler,
-            progress=progress,
         )
         stored = {
             "cells": summary.cells,
@@ -429,8 +424,6 @@ def _qc_summary(
     min_cells_per_perturbation,
     min_cells_per_gene,
     exclude_labels,
-    scheduler,
-    progress,
 ) -> QCSummary:
     """:func:`qc_summary` without the store."""
     thresholds = {
@@ -445,7 +438,7 @@ def _qc_summary(
     labels, exclude = _check_labels(adata, perturbation_column, control_label, exclude_labels)
     control_label = None if control_label is None else str(control_label)
     names, codes = _codes(labels, exclude)
-    qc = qc_pass(adata, codes, len(names), min_genes=thresholds["min_genes"], scheduler=scheduler, progress=progress)
+    qc = qc_pass(adata, codes, len(names), min_genes=thresholds["min_genes"])
     n_genes = qc.cell("n_genes_by_counts").astype(np.int64)
     kept = _keep(n_genes, qc.detection, codes, names, control_label=control_label, **thresholds)
     _check_something_left(kept, n_genes, codes, names, adata.var_names, **thresholds)
@@ -574,10 +567,13 @@ def adaptive_qc_thresholds(
     exclude_labels: Iterable[str] = (),
     sample_size: int | None = None,
     random_state: int = 0,
-    scheduler=None,
-    progress: bool | None = None,
 ) -> QCThresholds:
     """Thresholds for :func:`qc_summary` from percentiles of the data, in one pass over the matrix.
+
+    Computes one pass over the matrix (or the sampled cells) here (plain
+    ``dask.compute``: on the scheduler of the enclosing face,
+    :func:`pertscale.cluster.using`, or Dask's current one); the thresholds
+    are numbers.
 
     As crispyx's ``calculate_adaptive_qc_thresholds``:
 
@@ -618,8 +614,6 @@ def adaptive_qc_thresholds(
         The perturbation sizes come from ``obs`` and are always exact.
     random_state
         Seed of ``numpy.random.default_rng`` for the sample.
-    scheduler, progress
-        Where to compute and whether to show a progress bar.
 
     Returns
     -------
@@ -637,7 +631,6 @@ def adaptive_qc_thresholds(
         among the labels, every cell is excluded, or the matrix is empty or
         holds NaN, infinite or negative values.
     """
-    check_scheduler(scheduler)
     if percentile is None:
         if mode not in MODES:
             known = ", ".join(f"{m!r} ({p:g}th percentile)" for m, p in MODES.items())
@@ -665,8 +658,6 @@ def adaptive_qc_thresholds(
         use[rng.choice(np.flatnonzero(kept), size=sample_size, replace=False)] = True
     cells, genes = _matrix_stats(
         adata if use.all() else subset(adata, obs_mask=use),
-        scheduler=scheduler,
-        progress=progress,
         desc="adaptive QC thresholds",
     )
     n_used = int(use.sum())

@@ -1,15 +1,18 @@
-"""Size factors of raw counts, out of core: two passes over row blocks."""
+"""Size factors of raw counts, out of core: two passes over row blocks (nb-glm's first step)."""
 
 from __future__ import annotations
 
 import warnings
 
 import anndata as ad
+import dask
 import numpy as np
 
 from .._validation import as_actual, check_shape, get_matrix
-from ..cluster import check_scheduler, compute
 from ..io._read import as_dask, per_block
+
+#: Where each size-factor column's method and layer are recorded: ``uns['pertscale'][RECORD][key_added]``.
+RECORD = "size_factors"
 
 
 def _log_sums(block):
@@ -30,17 +33,21 @@ def size_factors(
     method: str = "sparse",
     layer: str | None = None,
     key_added: str = "size_factors",
-    scheduler=None,
-    progress: bool | None = None,
 ) -> np.ndarray:
     """Median-of-ratios size factors of every cell, in two passes; stored in ``obs[key_added]``.
 
     Pass one sums ``log y`` over each gene's non-zero counts; pass two takes
     each cell's median ratio to the genes' references. Cells without any
     usable gene get the median of the others (a warning says how many);
-    the factors are scaled to geometric mean 1. Computes here (an
-    estimate that later steps build on, like DESeq2's
-    ``estimateSizeFactors``).
+    the factors are scaled to geometric mean 1.
+
+    The first step of nb-glm (DESeq2's ``estimateSizeFactors``, PyDESeq2's
+    ``fit_size_factors``); the next is :func:`pertscale.tl.dispersions` (or
+    its steps, from :func:`pertscale.tl.fit_genewise_dispersions`), which
+    finds them in ``obs[key_added]``. Computes here, with plain
+    ``dask.compute`` on Dask's current scheduler (the face's context, a
+    ``distributed.Client``, or Dask's default threads): each pass is a
+    reduction the next one needs.
 
     Parameters
     ----------
@@ -59,9 +66,9 @@ def size_factors(
     layer
         Use ``layers[layer]`` instead of ``X``.
     key_added
-        ``obs`` column that receives them.
-    scheduler, progress
-        Where to compute; progress bars.
+        ``obs`` column that receives them; the method and layer are
+        recorded in ``uns['pertscale']['size_factors'][key_added]``, where
+        :func:`pertscale.tl.rank_genes_groups` checks them.
 
     Returns
     -------
@@ -82,7 +89,6 @@ def size_factors(
     (anndata's ``ImplicitModificationWarning``); its parent is left as it
     was.
     """
-    check_scheduler(scheduler)
     from ..kernels.nbglm import SIZE_FACTOR_METHODS, finish_size_factors, reference_log_means
 
     if method not in SIZE_FACTOR_METHODS:
@@ -93,7 +99,7 @@ def size_factors(
         x = x.rechunk({1: -1})
     n_obs, n_vars = x.shape
     sums = per_block(_log_sums, 2, (x, "bj")).sum(axis=0, split_every=8)
-    (sums,) = compute(sums, scheduler=scheduler, progress=progress, desc="size factors (1/2)")
+    (sums,) = dask.compute(sums)
     log_mean, usable = reference_log_means(sums, n_obs, method)
     if not usable.any():
         why = "; every gene has a zero in some cell: use method='sparse' or 'poscounts'" if method == "ratio" else ""
@@ -101,7 +107,7 @@ def size_factors(
     raw = x.map_blocks(
         _cell_factors, log_mean, usable, method, drop_axis=1, chunks=(x.chunks[0],), dtype=np.float64, meta=np.empty(0)
     )
-    (raw,) = compute(raw, scheduler=scheduler, progress=progress, desc="size factors (2/2)")
+    (raw,) = dask.compute(raw)
     factors, filled = finish_size_factors(raw)
     if filled:
         warnings.warn(
@@ -111,4 +117,6 @@ def size_factors(
         )
     as_actual(adata)  # a view becomes an actual AnnData (a copy), as scanpy's: its parent is not written to
     adata.obs[key_added] = factors
+    records = adata.uns.setdefault("pertscale", {}).setdefault(RECORD, {})
+    records[key_added] = {"method": method, "layer": layer or "X"}
     return factors

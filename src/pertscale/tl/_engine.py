@@ -11,7 +11,9 @@ graph around them and returns the statistics lazily; nothing here computes.
 2. The tested rows are arranged so that every block holds whole groups
    (:func:`aligned`): slices when each group is one contiguous run of rows
    (the perturbation-sorted working store of :func:`pertscale.io.prepare`,
-   or any input stored by group), a ``dask.array.shuffle`` otherwise.
+   or any input stored by group), otherwise the working store's own sort,
+   out of core and lazily (:func:`pertscale.io._prepare.sort_rows`), so that
+   memory per task is bounded by a block as in ``pertscale run``.
 3. The control summary is a list of parts, one per range of genes, each
    made by its own task from the control rows of that range. The parts are
    never joined into one object: the block kernel walks them range by
@@ -35,6 +37,8 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 from dask.base import tokenize
+
+from ..kernels.groups import pack_groups
 
 #: Key prefix of the control summary parts in a graph.
 SUMMARY_PREFIX = "control-summary-"
@@ -140,7 +144,7 @@ class Aligned:
         appear in ``x``.
     sliced
         Whether the rows were sliced (groups stored contiguously) rather
-        than shuffled.
+        than sorted out of core.
     rows
         ``(tested cells,)`` int64 the row of ``x``'s input each of its rows
         comes from.
@@ -159,8 +163,10 @@ def aligned(x: da.Array, groups: Groups, *, budget: int | None = None) -> Aligne
 
     When every group's rows are one contiguous run (in any order of the
     groups), the runs are sliced and re-blocked at group boundaries: no data
-    moves between workers. Otherwise the rows are reordered by
-    ``dask.array.shuffle``. Blocks hold about ``budget`` rows (default: the
+    moves between workers. Otherwise they are sorted out of core, as the
+    working store is (:func:`pertscale.io._prepare.sort_rows`: spill files,
+    then blocks; never ``dask.array.shuffle``, whose peak follows the
+    largest group). Blocks hold about ``budget`` rows (default: the
     largest chunk of ``x``); a group longer than that is a block of its own.
 
     Parameters
@@ -196,16 +202,16 @@ def aligned(x: da.Array, groups: Groups, *, budget: int | None = None) -> Aligne
         elif y.numblocks[1] != 1:
             y = y.rechunk({1: -1})
     else:
+        # the working store's sort, out of core and lazily: spill files, then blocks of whole groups
+        # (never dask's shuffle, whose peak follows the largest group)
+        from ..io._prepare import sort_rows
+
         order = np.arange(len(groups.names))
         sizes = groups.sizes
-        longest = int(sizes.max())
-        if longest > max(x.chunks[0]):
-            # dask's shuffle splits the columns when a group is longer than the row chunks, which fails on
-            # sparse blocks; our blocks hold whole groups anyway, so make the row chunks that long first
-            x = x.rechunk({0: longest})
-        y = x.shuffle([r.tolist() for r in np.split(rows, ends[:-1])], axis=0)
-        if y.numblocks[1] != 1:
-            y = y.rechunk({1: -1})
+        position = np.full(x.shape[0], -1, dtype=np.int64)
+        position[rows] = np.arange(rows.size)
+        blocks = [b for b in pack_groups(sizes, budget) if b]
+        y = sort_rows(x, position, np.concatenate([[0], np.cumsum(blocks)]).astype(np.int64))
     bounds = np.cumsum((0,) + y.chunks[0])
     group_starts = np.concatenate([[0], np.cumsum(sizes)])
     if not np.isin(bounds, group_starts).all():  # pragma: no cover - both paths cut at group boundaries
@@ -222,20 +228,6 @@ def aligned(x: da.Array, groups: Groups, *, budget: int | None = None) -> Aligne
         sliced=contiguous,
         rows=rows.astype(np.int64),
     )
-
-
-def pack_groups(sizes: np.ndarray, budget: int) -> tuple[int, ...]:
-    """Rows per block when consecutive groups of ``sizes`` are packed into blocks of about ``budget``."""
-    blocks: list[int] = []
-    current = 0
-    for s in np.asarray(sizes).tolist():
-        if current and current + s > budget:
-            blocks.append(current)
-            current = 0
-        current += s
-    if current or not blocks:
-        blocks.append(current)
-    return tuple(blocks)
 
 
 def _summarise_part(blocks, summarise, inputs):

@@ -1,11 +1,23 @@
-"""Negative-binomial GLM: dispersion estimation over row blocks, and the Method the engine runs.
+"""Negative-binomial GLM's dispersions over row blocks: DESeq2's steps, each a public call.
 
-:func:`dispersions` estimates every gene's dispersion as DESeq2 does, out
-of core: one pass for the starting values, then Newton passes on the
-Cox-Reid adjusted profile likelihood (each pass adds up every block's
-value, gradient and curvature per gene), the parametric trend, and Newton
-passes on the posterior with DESeq2's log-normal prior. Each pass is its own
-computation, so no block is held between passes. The arithmetic is in
+The steps, in PyDESeq2's order, each storing what the next one needs in
+``var`` and in the record ``uns['pertscale']['dispersion']``:
+
+1. :func:`pertscale.pp.size_factors` (``obs['size_factors']``);
+2. :func:`fit_genewise_dispersions`: starting values (one pass), then
+   Newton passes on the Cox-Reid adjusted profile likelihood (each pass
+   adds up every block's value, gradient and curvature per gene);
+3. :func:`fit_dispersion_trend`: the parametric trend (no pass);
+4. :func:`fit_dispersion_prior`: the log-normal prior's variance (no pass);
+5. :func:`fit_map_dispersions`: Newton passes on the posterior, and
+   DESeq2's dispersion outliers.
+
+:func:`dispersions` runs steps 2-5 in order, reading the blocks the way
+both fits share (one starting pass, the prepared blocks kept when they fit
+in memory). Each pass is one plain ``dask.compute`` on Dask's current
+scheduler (the face's context, a ``distributed.Client``, or Dask's default
+threads): the reductions a step needs to build its next pass. No block is
+held from one pass to the next unless ``cache``. The arithmetic is in
 :mod:`pertscale.kernels.nbglm`.
 """
 
@@ -15,14 +27,13 @@ import logging
 import warnings
 
 import anndata as ad
+import dask
 import dask.array as da
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
-from scipy import special
 
 from .._validation import as_actual, check_number, check_shape, get_matrix, label_list, perturbation_labels
-from ..cluster import check_scheduler, compute
 from ..io._read import as_dask
 from ._engine import Groups, aligned
 
@@ -32,6 +43,38 @@ logger = logging.getLogger(__name__)
 DISPERSION_METHODS = ("cox-reid", "moments")
 #: Newton steps in log dispersion are at most this long.
 MAX_STEP = 3.0
+#: The record of the dispersion steps: ``uns['pertscale'][RECORD]``.
+RECORD = "dispersion"
+#: The dispersion steps in order, as the record's ``steps`` lists those done.
+STEPS = ("genewise", "trend", "prior", "map")
+#: What each step makes, and where (named in the errors of the steps after it).
+MADE = {
+    "genewise": "gene-wise dispersions (var['dispersion_genewise'])",
+    "trend": "the dispersion trend (var['dispersion_trend'])",
+    "prior": "the dispersion prior (uns['pertscale']['dispersion']['prior_variance'])",
+    "map": "the final dispersions (var['dispersion'])",
+}
+#: The ``var`` columns each step writes (and the ones after it read).
+COLUMNS = {
+    "genewise": (
+        "dispersion_genewise",
+        "dispersion_genewise_converged",
+        "dispersion_genewise_curvature",
+        "baseMean",
+    ),
+    "trend": ("dispersion_trend",),
+    "prior": (),
+    "map": ("dispersion", "dispersion_outlier", "dispersion_converged"),
+}
+#: The columns :func:`dispersions` returns (all written to ``var``).
+TABLE = (
+    "dispersion",
+    "dispersion_genewise",
+    "dispersion_trend",
+    "dispersion_outlier",
+    "dispersion_converged",
+    "baseMean",
+)
 
 
 def _group_sizes(codes: np.ndarray) -> np.ndarray:
@@ -114,9 +157,7 @@ class _Layout:
     in all when the prepared blocks fit in memory (``cache``).
     """
 
-    def __init__(self, x: da.Array, labels: pd.Series, size_factors: np.ndarray, *, cache: bool, scheduler) -> None:
-        import dask
-
+    def __init__(self, x: da.Array, labels: pd.Series, size_factors: np.ndarray, *, cache: bool) -> None:
         budget = int(max(x.chunks[0]))
         codes, names = pd.factorize(labels.to_numpy(), sort=False)
         sizes = np.bincount(codes, minlength=len(names))
@@ -156,27 +197,36 @@ class _Layout:
             ]
             self._piece_inputs.append(inputs)
             self.pieces.append([dask.delayed(_prepare)(*i) for i in inputs])
+        #: ``(1, n_genes)`` mean of ``y / s`` of each large group, from the first pass (:meth:`piece_means`).
+        self.large_means: list | None = None
         self.cache = cache
-        if cache:
-            from ..cluster import persist
-
-            kept = persist(*self.small, *[p for pieces in self.pieces for p in pieces], scheduler=scheduler)
+        if cache:  # computed here, and kept (in the workers' memory with a distributed scheduler)
+            kept = dask.persist(*self.small, *[p for pieces in self.pieces for p in pieces])
             self.small, rest = list(kept[: len(self.small)]), list(kept[len(self.small) :])
             self.pieces = [[rest.pop(0) for _ in pieces] for pieces in self.pieces]
 
-    def moments(self, *, scheduler, progress):
+    def moments(self):
         """Pass one: ``(4, n_genes)`` sums over whole groups, and ``(2, n_genes)`` per large group."""
-        import dask
-
         todo = [dask.delayed(_total)(*[dask.delayed(_moments)(p) for p in self.small])] if self.small else []
         todo += [dask.delayed(_total)(*[dask.delayed(_moments)(p) for p in pieces]) for pieces in self.pieces]
-        got = list(compute(*todo, scheduler=scheduler, progress=progress, desc="dispersions: moments"))
-        return (got.pop(0) if self.small else None), got
+        got = list(dask.compute(*todo))
+        small = got.pop(0) if self.small else None
+        self.large_means = [(s1 / float(rows.size))[None] for rows, (s1, _) in zip(self.large_rows, got, strict=True)]
+        return small, got
 
-    def likelihood(self, alphas, means, min_mu, active, *, scheduler, progress):
+    def piece_means(self) -> list:
+        """Each large group's ``(1, n_genes)`` mean of ``y / s``: from :meth:`moments`, or a pass over those groups."""
+        if self.large_means is None:
+            todo = [dask.delayed(_total)(*[dask.delayed(_moments)(p) for p in pieces]) for pieces in self.pieces]
+            got = dask.compute(*todo) if todo else ()
+            self.large_means = [
+                (s1 / float(rows.size))[None] for rows, (s1, _) in zip(self.large_rows, got, strict=True)
+            ]
+        return self.large_means
+
+    def likelihood(self, alphas, min_mu, active):
         """One pass: ``(n_points, 3, n_genes)`` value, gradient, curvature summed over every group."""
-        import dask
-
+        means = self.piece_means()
         small, pieces_all = self.small, self.pieces
         if not self.cache and active.sum() < 0.5 * self.n_genes:  # read again, and prepare only the active genes
             genes = np.flatnonzero(active)
@@ -191,7 +241,7 @@ class _Layout:
             todo.append(
                 dask.delayed(_total)(*[dask.delayed(_likelihood)(p, alphas, m, min_mu, active) for p in pieces])
             )
-        got = compute(*todo, scheduler=scheduler, progress=progress, desc="dispersions: likelihood")
+        got = dask.compute(*todo)
         total = np.zeros((alphas.shape[0], 3, alphas.shape[1]))
         for k, part in enumerate(got):
             total += part[:, :3]
@@ -204,11 +254,11 @@ class _Layout:
         return total
 
 
-def _fits_in_memory(x: da.Array, *, scheduler) -> bool:
+def _fits_in_memory(x: da.Array) -> bool:
     """Whether the prepared blocks fit :data:`CACHE_FRACTION` of the available memory (one block read to tell)."""
     import psutil
 
-    first = x.blocks[0, 0].compute(scheduler="synchronous")
+    first = x.blocks[0, 0].compute(scheduler="synchronous")  # one block, read here
     density = (first.nnz if sp.issparse(first) else np.count_nonzero(first)) / max(1, first.shape[0] * first.shape[1])
     estimate = float(x.shape[0]) * float(x.shape[1]) * density * 28  # CountColumns: 28 bytes a non-zero
     return estimate < psutil.virtual_memory().available * CACHE_FRACTION
@@ -263,64 +313,338 @@ def _newton(evaluate, a0, *, lower, upper, max_iter, tol, prior=None):
     return best, curv, converged
 
 
-def fit_trend(genewise: np.ndarray, base_mean: np.ndarray, *, min_disp: float) -> tuple[np.ndarray, dict]:
-    """DESeq2's parametric dispersion trend ``alpha(mu) = a0 + a1 / mu``; a mean if it fails.
+def _evaluator(layout: _Layout, min_mu: float):
+    def evaluate(a, active):
+        """``(n_points, 3, n_genes)`` for ``a`` of shape ``(n_points, n_genes)``; one pass."""
+        return layout.likelihood(np.exp(a), min_mu, active)
 
-    Fitted as PyDESeq2's ``_fit_parametric_dispersion_trend``: a Gamma
-    family GLM with identity link (minimizing ``mean(alpha / f + log f)``)
-    on genes whose gene-wise estimate is at least ``100 * min_disp``,
-    refitted without genes whose ratio to the curve is below 1e-4 or at
-    least 15 until the coefficients settle. When it does not converge (or a
-    coefficient falls to zero), a trimmed mean of the estimates above
-    ``10 * min_disp`` (DESeq2's ``fitType="mean"``), with a warning.
+    return evaluate
 
-    Returns
-    -------
-    tuple
-        ``(trend at every gene's base_mean, {"type", "a0", "a1"} or {"type", "mean"})``.
+
+# --------------------------------------------------------------------------- the record of the steps
+
+#: The public call of each step.
+CALLS = {
+    "genewise": "ps.tl.fit_genewise_dispersions",
+    "trend": "ps.tl.fit_dispersion_trend",
+    "prior": "ps.tl.fit_dispersion_prior",
+    "map": "ps.tl.fit_map_dispersions",
+}
+
+
+def _record(adata: ad.AnnData) -> dict:
+    """A copy of ``uns['pertscale']['dispersion']`` (empty without one)."""
+    root = adata.uns.get("pertscale") or {}
+    return dict(root.get(RECORD) or {})
+
+
+def _done(adata: ad.AnnData, record: dict) -> list[str]:
+    """The steps the record lists whose outputs are all present."""
+    if "steps" in record:
+        listed = str(record["steps"]).split(",")
+    else:  # written by pertscale before its steps were public: the final dispersions only
+        listed = ["map"] if "prior_variance" in record else []
+    return [
+        s
+        for s in listed
+        if s in STEPS
+        and all(c in adata.var for c in COLUMNS[s])
+        and (s != "prior" or {"prior_variance", "squared_logres"} <= set(record))
+    ]
+
+
+def _column(record: dict) -> str:
+    return repr(str(record["perturbation_column"])) if record.get("perturbation_column") else "perturbation_column"
+
+
+def _genewise_call(record: dict) -> str:
+    return f"ps.tl.fit_genewise_dispersions(adata, {_column(record)})"
+
+
+def _first_call(record: dict, when: str) -> str:
+    return f"{_genewise_call(record)} {when} (or ps.tl.dispersions(adata, {_column(record)}) for every step)"
+
+
+def _requires(adata: ad.AnnData, step: str) -> dict:
+    """The record, checked to hold every step before ``step``.
+
+    Raises
+    ------
+    ValueError
+        Naming the first step missing and the call that makes it.
     """
-    from scipy.optimize import minimize
-    from scipy.stats import trim_mean
+    record = _record(adata)
+    done = _done(adata, record)
+    for before in STEPS[: STEPS.index(step)]:
+        if before not in done:
+            fix = _first_call(record, "first") if before == "genewise" else f"{CALLS[before]}(adata) first"
+            raise ValueError(f"{CALLS[step]} needs {MADE[before]}: run {fix}")
+    return record
 
-    usable = np.isfinite(genewise) & (base_mean > 0) & (genewise >= 100 * min_disp)
-    covariate, target = 1.0 / base_mean[usable], genewise[usable]
-    coeffs, old = np.array([1.0, 1.0]), np.array([0.1, 0.1])
-    ok = covariate.size >= 3
-    while ok and (coeffs > 1e-10).all() and (np.log(np.abs(coeffs / old)) ** 2).sum() >= 1e-6:
-        old = coeffs
-        design = np.column_stack([np.ones_like(covariate), covariate])
 
-        def loss(c, design=design, target=target):
-            f = design @ c
-            return float(np.mean(target / f + np.log(f)))
+def _write(adata: ad.AnnData, table: pd.DataFrame | None, record: dict, step: str) -> None:
+    """Store a step's columns in ``var`` and its record; the steps after it are no longer listed as done."""
+    as_actual(adata)  # a view becomes an actual AnnData (a copy), as scanpy's: its parent is not written to
+    for column in () if table is None else table:
+        adata.var[column] = table[column].to_numpy()
+    record["steps"] = ",".join(STEPS[: STEPS.index(step) + 1])
+    adata.uns.setdefault("pertscale", {})[RECORD] = record
 
-        def grad(c, design=design, target=target):
-            f = design @ c
-            return -np.mean(((target / f - 1.0) / f)[:, None] * design, axis=0)
 
-        with np.errstate(all="ignore"):
-            res = minimize(loss, x0=np.array([1.0, 1.0]), jac=grad, method="L-BFGS-B", bounds=[(1e-12, None)] * 2)
-        coeffs, ok = res.x, bool(res.success) and np.isfinite(res.x).all()
-        if not ok or (coeffs <= 1e-10).any():
-            ok = False
-            break
-        ratio = target / (design @ coeffs)
-        keep = (ratio >= 1e-4) & (ratio < 15)
-        covariate, target = covariate[keep], target[keep]
-    with np.errstate(divide="ignore"):
-        if ok:
-            return coeffs[0] + coeffs[1] / base_mean, {"type": "parametric", "a0": coeffs[0], "a1": coeffs[1]}
-    warnings.warn(
-        "the parametric dispersion trend did not converge; using the mean of the gene-wise dispersions",
-        UserWarning,
-        stacklevel=3,
+def _digest(values: np.ndarray) -> str:
+    from ..analysis import array_digest
+
+    return array_digest(np.asarray(values, dtype=np.float64))
+
+
+# --------------------------------------------------------------------------- opening the data
+
+
+def _check_fit_options(adata: ad.AnnData, *, max_iter, tol, min_mu=None):
+    """``max_iter``, ``tol`` (and ``min_mu``), checked; the message gives the range and why."""
+    max_iter = check_number(max_iter, "max_iter", integer=True, minimum=1)
+    tol = check_number(
+        tol,
+        "tol",
+        minimum=0,
+        min_open=True,
+        maximum=MAX_STEP,
+        max_open=True,
+        why=f"a Newton step in log alpha is at most {MAX_STEP:g} long, so a larger tol would end every fit at "
+        "its starting value, marked as converged; 1e-3 (the dispersion to 0.1 %) is usual",
     )
-    above = genewise[np.isfinite(genewise) & (genewise > 10 * min_disp)]
-    mean = float(trim_mean(above, proportiontocut=0.001)) if above.size else min_disp
-    return np.full_like(base_mean, mean), {"type": "mean", "mean": mean}
+    if min_mu is not None:
+        # alpha mu^2, the NB variance's second term, for alpha up to max(10, n_obs) (the upper bound of the fits)
+        # and mu >= min_mu, must stay a finite float64
+        largest_mu = float(np.sqrt(np.finfo(np.float64).max / max(10.0, float(adata.n_obs))))
+        largest_mu = 10.0 ** np.floor(np.log10(largest_mu))  # a power of ten below it, to name in the message
+        min_mu = check_number(
+            min_mu,
+            "min_mu",
+            minimum=0,
+            min_open=True,
+            maximum=largest_mu,
+            why="the fitted means are at least min_mu, and the negative-binomial variance alpha x mu^2 (alpha up to "
+            "max(10, n_obs)) must stay a finite float64; 0.5 as DESeq2, or 1e-6 for single cells",
+        )
+    return max_iter, tol, min_mu
 
 
-def dispersions(
+def _design_labels(adata: ad.AnnData, perturbation_column: str, covariates: list[str]) -> pd.Series:
+    """Each cell's group of the design: its label, within its level of the covariates."""
+    labels = perturbation_labels(adata.obs, perturbation_column)
+    if covariates:
+        codes, _ = covariate_levels(adata.obs, covariates)
+        labels = pd.Series(labels.to_numpy() + "\x1f" + codes.astype(str), index=labels.index)
+    return labels
+
+
+def _open(adata: ad.AnnData, labels: pd.Series, sf: np.ndarray, *, layer: str | None, cache: bool | None) -> _Layout:
+    """The matrix in blocks of whole groups (nothing read yet, unless ``cache``)."""
+    x = as_dask(get_matrix(adata, layer))
+    if x.numblocks[1] != 1:
+        x = x.rechunk({1: -1})
+    if cache is None:
+        cache = _fits_in_memory(x)
+    return _Layout(x, labels, sf, cache=cache)
+
+
+def _start(
+    adata: ad.AnnData,
+    perturbation_column: str,
+    *,
+    size_factors,
+    covariates,
+    method: str,
+    min_mu,
+    max_iter,
+    tol,
+    layer: str | None,
+    cache: bool | None,
+) -> tuple[_Layout, np.ndarray, dict, tuple]:
+    """Every check of the gene-wise fit, before any pass; the layout, size factors, record and checked options."""
+    if method not in DISPERSION_METHODS:
+        raise ValueError(f"dispersion method {method!r} is not supported; choose one of {DISPERSION_METHODS}")
+    check_shape(adata)
+    max_iter, tol, min_mu = _check_fit_options(adata, max_iter=max_iter, tol=tol, min_mu=min_mu)
+    covariates = label_list(covariates, "covariates")  # a single string is one column, not its letters
+    labels = _design_labels(adata, perturbation_column, covariates)
+    sf = size_factor_values(adata, size_factors, needed_by="the dispersion fit", layer=layer)
+    record = {
+        "method": method,
+        "min_mu": float(min_mu),
+        "size_factors": size_factors if isinstance(size_factors, str) else "given",
+        "size_factors_digest": _digest(sf),
+        "perturbation_column": perturbation_column,
+        "covariates": ",".join(covariates),
+        "layer": layer or "X",
+    }
+    return _open(adata, labels, sf, layer=layer, cache=cache), sf, record, (min_mu, max_iter, tol)
+
+
+def _reopen(adata: ad.AnnData, record: dict, *, size_factors, cache: bool | None) -> _Layout:
+    """The layout the gene-wise fit used, from its record; the size factors must be the same.
+
+    Raises
+    ------
+    ValueError
+        If they were given as an array and are not given again, or differ.
+    """
+    source = size_factors if size_factors is not None else str(record.get("size_factors", "size_factors"))
+    if isinstance(source, str) and source == "given":
+        raise ValueError(
+            "the gene-wise dispersions were fitted with size factors given as an array: pass the same array to "
+            "ps.tl.fit_map_dispersions(adata, size_factors=...)"
+        )
+    layer = None if str(record.get("layer", "X")) == "X" else str(record["layer"])
+    sf = size_factor_values(adata, source, needed_by="the dispersion fit", layer=layer)
+    if "size_factors_digest" in record and _digest(sf) != str(record["size_factors_digest"]):
+        raise ValueError(
+            f"the size factors ({source if isinstance(source, str) else 'the array given'}) are not those the "
+            "gene-wise dispersions were fitted with (made again since, or other cells): run "
+            f"{_first_call(record, 'again')}"
+        )
+    covariates = [c for c in str(record.get("covariates", "")).split(",") if c]
+    labels = _design_labels(adata, str(record["perturbation_column"]), covariates)
+    return _open(adata, labels, sf, layer=layer, cache=cache)
+
+
+# --------------------------------------------------------------------------- the steps
+
+
+def _fit_genewise(
+    adata: ad.AnnData, layout: _Layout, sf: np.ndarray, record: dict, *, method, min_mu, max_iter, tol
+) -> pd.DataFrame:
+    from ..kernels.nbglm import MIN_DISP, starting_dispersions
+
+    n_genes = layout.n_genes
+    # 1. starting values, from per-gene sums of z = y / s
+    small, large = layout.moments()
+    sums = small if small is not None else np.zeros((4, n_genes))
+    for rows, (s1, s2) in zip(layout.large_rows, large, strict=True):
+        m = float(rows.size)
+        zbar = np.maximum(s1 / m, 1.0)
+        sums[0] += s1
+        sums[1] += s2
+        sums[2] += (s2 - 2.0 * zbar * s1 + m * zbar * zbar - m * zbar) / (zbar * zbar)
+    sums[3] = layout.n_groups
+    n = layout.n_cells
+    start = starting_dispersions(sums, float(np.mean(1.0 / sf)), n)
+    base_mean = sums[0] / n
+    expressed = sums[0] > 0
+    lower, upper = np.log(MIN_DISP), np.log(max(10.0, float(n)))
+    a0 = np.where(expressed, np.log(start), np.nan)
+    if method == "cox-reid":
+        evaluate = _evaluator(layout, min_mu)
+        # genes whose moments estimate is at the floor (sparse genes: it can be negative) start from the best
+        # point of a coarse grid instead, all in one pass
+        floor = expressed & (a0 <= lower + 1e-9)
+        if floor.any():
+            grid = np.linspace(np.log(1e-4), np.log(100.0), 9)
+            values = evaluate(np.repeat(grid[:, None], n_genes, axis=1), floor)[:, 0]
+            a0[floor] = grid[np.argmax(values[:, floor], axis=0)]
+        a_gene, curvature, converged = _newton(evaluate, a0, lower=lower, upper=upper, max_iter=max_iter, tol=tol)
+    else:  # the moments estimates: no likelihood
+        a_gene, curvature, converged = a0, np.full(n_genes, np.nan), expressed.copy()
+    table = pd.DataFrame(
+        {
+            "dispersion_genewise": np.where(expressed, np.exp(a_gene), np.nan),
+            "dispersion_genewise_converged": converged & expressed,
+            "dispersion_genewise_curvature": np.where(expressed, curvature, np.nan),
+            "baseMean": base_mean,
+        },
+        index=adata.var_names,
+    )
+    _write(adata, table, record | {"n_cells": int(n), "n_groups": int(layout.n_groups)}, "genewise")
+    return table
+
+
+def _fit_trend(adata: ad.AnnData) -> pd.DataFrame:
+    from ..kernels.nbglm import MIN_DISP, fit_trend
+
+    record = _requires(adata, "trend")
+    genewise = adata.var["dispersion_genewise"].to_numpy(dtype=np.float64)
+    trend, info = fit_trend(genewise, adata.var["baseMean"].to_numpy(dtype=np.float64), min_disp=MIN_DISP)
+    if info["type"] == "mean":
+        warnings.warn(
+            "the parametric dispersion trend did not converge; using the mean of the gene-wise dispersions",
+            UserWarning,
+            stacklevel=3,
+        )
+    table = pd.DataFrame({"dispersion_trend": np.where(np.isfinite(genewise), trend, np.nan)}, index=adata.var_names)
+    record["trend"] = {k: (float(v) if k != "type" else v) for k, v in info.items()}
+    _write(adata, table, record, "trend")
+    return table
+
+
+def _fit_prior(adata: ad.AnnData) -> float:
+    from ..kernels.nbglm import MIN_DISP, dispersion_prior
+
+    record = _requires(adata, "prior")
+    prior_var, squared_logres = dispersion_prior(
+        adata.var["dispersion_genewise"].to_numpy(dtype=np.float64),
+        adata.var["dispersion_trend"].to_numpy(dtype=np.float64),
+        n_cells=int(record["n_cells"]),
+        n_params=int(record["n_groups"]),
+        min_disp=MIN_DISP,
+    )
+    record |= {"prior_variance": float(prior_var), "squared_logres": float(squared_logres)}
+    _write(adata, None, record, "prior")
+    return float(prior_var)
+
+
+def _fit_map(adata: ad.AnnData, record: dict, layout: _Layout | None, *, max_iter, tol) -> pd.DataFrame:
+    from ..kernels.nbglm import MIN_DISP, final_dispersions
+
+    var = adata.var
+    genewise = var["dispersion_genewise"].to_numpy(dtype=np.float64)
+    trend = var["dispersion_trend"].to_numpy(dtype=np.float64)
+    converged = var["dispersion_genewise_converged"].to_numpy(dtype=bool)
+    expressed = np.isfinite(genewise)
+    max_disp = max(10.0, float(record["n_cells"]))
+    lower, upper = np.log(MIN_DISP), np.log(max_disp)
+    prior_var = float(record["prior_variance"])
+    if str(record["method"]) == "cox-reid":
+        # start from the quadratic approximation of the likelihood at its maximum, then Newton on the posterior
+        curvature = var["dispersion_genewise_curvature"].to_numpy(dtype=np.float64)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            a_gene, log_trend = np.log(genewise), np.log(trend)
+            prec = np.where(curvature < 0, -curvature, 0.0)
+            a_start = np.where(expressed, (prec * a_gene + log_trend / prior_var) / (prec + 1.0 / prior_var), np.nan)
+        a_map, _, map_converged = _newton(
+            _evaluator(layout, float(record["min_mu"])),
+            np.clip(a_start, lower, upper),
+            lower=lower,
+            upper=upper,
+            max_iter=max_iter,
+            tol=tol,
+            prior=(log_trend, prior_var),
+        )
+        posterior = np.exp(a_map)
+        converged = converged & map_converged
+    else:  # the moments estimates are final: no likelihood, so no posterior
+        posterior = genewise
+    final, outlier = final_dispersions(
+        genewise, trend, posterior, squared_logres=float(record["squared_logres"]), max_disp=max_disp, min_disp=MIN_DISP
+    )
+    table = pd.DataFrame(
+        {"dispersion": final, "dispersion_outlier": outlier, "dispersion_converged": converged & expressed},
+        index=adata.var_names,
+    )
+    _write(adata, table, record, "map")
+    logger.info(
+        "dispersions: %d genes, %d outliers, %d not converged",
+        int(expressed.sum()),
+        int(outlier.sum()),
+        int((expressed & ~converged).sum()),
+    )
+    return table
+
+
+# --------------------------------------------------------------------------- the public calls
+
+
+def fit_genewise_dispersions(
     adata: ad.AnnData,
     perturbation_column: str,
     *,
@@ -332,33 +656,27 @@ def dispersions(
     tol: float = 1e-3,
     layer: str | None = None,
     cache: bool | None = None,
-    scheduler=None,
-    progress: bool | None = None,
 ) -> pd.DataFrame:
-    """Every gene's negative-binomial dispersion, as DESeq2 estimates it, out of core; stored in ``var``.
+    """Each gene's own dispersion estimate, as DESeq2 makes it, out of core: the first dispersion step.
 
     The design is one group per label of ``obs[perturbation_column]`` (the
-    control and every perturbation), each group's mean held at the mean of
-    its normalized counts, as DESeq2 and PyDESeq2 do for such designs.
-    Steps, each a pass (or a few) over the matrix:
+    control and every perturbation; within every level of ``covariates``),
+    each group's mean held at the mean of its normalized counts ``y / s``,
+    as DESeq2 and PyDESeq2 do for such designs (PyDESeq2's
+    ``fit_genewise_dispersions``; Love, Huber & Anders 2014):
 
-    1. starting values: the smaller of DESeq2's rough (linear model) and
-       moments estimates;
-    2. gene-wise estimates (``method="cox-reid"``): the maximum of the
-       Cox-Reid adjusted profile log likelihood in ``log alpha``, by Newton
-       steps (one pass each, at most ``max_iter``), within ``[1e-8,
-       max(10, n_obs)]``; ``method="moments"`` keeps the starting values as
-       the gene-wise and the final estimates (one pass in all, no prior);
-    3. the trend ``alpha(mu) = a0 + a1 / mu`` over the genes' mean normalized
-       counts (:func:`fit_trend`);
-    4. the prior: log-normal around the trend, variance ``max(MAD^2 -
-       trigamma((n - p) / 2), 0.25)`` of the log residuals;
-    5. final (``dispersion``): the maximum a posteriori (Newton passes as in
-       2), except for genes more than two MAD above the trend, which keep the
-       gene-wise estimate (DESeq2's dispersion outliers).
+    1. starting values (one pass): the smaller of DESeq2's rough (linear
+       model) and moments estimates;
+    2. ``method="cox-reid"``: the maximum of the Cox-Reid adjusted profile
+       log likelihood in ``log alpha``, by Newton steps (one pass each, at
+       most ``max_iter``; genes whose starting value is at the floor first
+       take the best point of a coarse grid, one more pass), within
+       ``[1e-8, max(10, n_obs)]``. ``method="moments"`` keeps the starting
+       values (one pass in all).
 
-    Computes here (each pass its own computation: no block is held from one
-    pass to the next).
+    Computes here: each pass is a plain ``dask.compute`` on Dask's current
+    scheduler, a reduction the next pass needs. The next step is
+    :func:`fit_dispersion_trend`; :func:`dispersions` runs every step.
 
     Parameters
     ----------
@@ -374,16 +692,18 @@ def dispersions(
         one column): the design's groups are then every label within every
         level of them; checked before any pass.
     method
-        ``"cox-reid"`` (default) or ``"moments"`` (fast, one pass).
+        ``"cox-reid"`` (default) or ``"moments"`` (fast, one pass; then the
+        later steps keep these estimates as the final ones, with no prior).
     min_mu
         Lower bound of the fitted means in the likelihood (DESeq2's
         ``minmu``): 0.5 as DESeq2, PyDESeq2 and crispyx (their estimates agree
         best with it). For sparse single-cell genes it pushes the
         dispersions up; DESeq2's documentation suggests 1e-6 for single-cell
         counts. At most ``sqrt(float64 max / max(10, n_obs))`` (about 1e152),
-        where the variance ``alpha mu^2`` stays finite.
+        where the variance ``alpha mu^2`` stays finite. Recorded: the
+        maximum a posteriori fit uses the same.
     max_iter
-        Newton passes at most, for each of the two fits.
+        Newton passes at most.
     tol
         A gene's fit stops when its Newton step in ``log alpha`` is shorter
         (1e-3: the dispersion to 0.1 %); below 3, the longest step.
@@ -394,26 +714,29 @@ def dispersions(
         first pass to the last (about 28 bytes a non-zero) instead of reading
         them again in every pass; default: when they take less than a
         quarter of the available memory (one block is read to tell).
-    scheduler, progress
-        Where to compute; progress bars.
 
     Returns
     -------
     pandas.DataFrame
-        Indexed like ``var``, also written to it: ``dispersion`` (final),
-        ``dispersion_genewise``, ``dispersion_trend``, ``dispersion_outlier``,
-        ``dispersion_converged``, ``baseMean`` (mean normalized count). NaN
-        for genes without any count. The trend and the prior variance go to
-        ``uns['pertscale']['dispersion']``.
+        Indexed like ``var``, also written to it: ``dispersion_genewise``
+        (``(n_vars,)`` float64, NaN for genes without any count),
+        ``dispersion_genewise_converged`` (bool),
+        ``dispersion_genewise_curvature`` (the likelihood's second derivative
+        in ``log alpha`` there, where :func:`fit_map_dispersions` starts;
+        NaN with ``"moments"``) and ``baseMean`` (mean normalized count,
+        ``sum(y / s) / n_obs``). The options, ``n_cells`` and ``n_groups``
+        go to a new record ``uns['pertscale']['dispersion']``, which lists
+        the steps done (``"genewise"``).
 
     Raises
     ------
-    KeyError
-        If the label or size factor column is missing.
     ValueError
-        If the matrix is not raw counts, the size factors are not positive
-        and finite, a covariate is missing values or has one level, or an
+        If the size factor column is missing (with the call that makes it),
+        the matrix is not raw counts, the size factors are not positive and
+        finite, a covariate is missing values or has one level, or an
         option is out of range (the message gives the range and why).
+    KeyError
+        If the label or a covariate column is missing.
 
     Notes
     -----
@@ -421,164 +744,293 @@ def dispersions(
     a copy of its data before ``var`` is written, as scanpy does (anndata's
     ``ImplicitModificationWarning``); its parent is left as it was.
     """
-    check_scheduler(scheduler)
-    from ..kernels.nbglm import MIN_DISP, starting_dispersions
-
-    if method not in DISPERSION_METHODS:
-        raise ValueError(f"dispersion method {method!r} is not supported; choose one of {DISPERSION_METHODS}")
-    check_shape(adata)
-    # alpha mu^2, the NB variance's second term, for alpha up to max(10, n_obs) (the upper bound of the fits) and
-    # mu >= min_mu, must stay a finite float64
-    largest_mu = float(np.sqrt(np.finfo(np.float64).max / max(10.0, float(adata.n_obs))))
-    largest_mu = 10.0 ** np.floor(np.log10(largest_mu))  # a power of ten below it, to name in the message
-    min_mu = check_number(
-        min_mu,
-        "min_mu",
-        minimum=0,
-        min_open=True,
-        maximum=largest_mu,
-        why="the fitted means are at least min_mu, and the negative-binomial variance alpha x mu^2 (alpha up to "
-        "max(10, n_obs)) must stay a finite float64; 0.5 as DESeq2, or 1e-6 for single cells",
+    layout, sf, record, (min_mu, max_iter, tol) = _start(
+        adata,
+        perturbation_column,
+        size_factors=size_factors,
+        covariates=covariates,
+        method=method,
+        min_mu=min_mu,
+        max_iter=max_iter,
+        tol=tol,
+        layer=layer,
+        cache=cache,
     )
-    max_iter = check_number(max_iter, "max_iter", integer=True, minimum=1)
-    tol = check_number(
-        tol,
-        "tol",
-        minimum=0,
-        min_open=True,
-        maximum=MAX_STEP,
-        max_open=True,
-        why=f"a Newton step in log alpha is at most {MAX_STEP:g} long, so a larger tol would end every fit at "
-        "its starting value, marked as converged; 1e-3 (the dispersion to 0.1 %) is usual",
-    )
-    covariates = label_list(covariates, "covariates")  # a single string is one column, not its letters
-    labels = perturbation_labels(adata.obs, perturbation_column)
-    if covariates:
-        codes, _ = covariate_levels(adata.obs, covariates)
-        labels = pd.Series(labels.to_numpy() + "\x1f" + codes.astype(str), index=labels.index)
-    sf = size_factor_values(adata, size_factors)
-    x = as_dask(get_matrix(adata, layer))
-    if x.numblocks[1] != 1:
-        x = x.rechunk({1: -1})
-    n_genes = x.shape[1]
-    if cache is None:
-        cache = _fits_in_memory(x, scheduler=scheduler)
-    layout = _Layout(x, labels, sf, cache=cache, scheduler=scheduler)
-
-    # 1. starting values, from per-gene sums of z = y / s
-    small, large = layout.moments(scheduler=scheduler, progress=progress)
-    sums = small if small is not None else np.zeros((4, n_genes))
-    large_means = []
-    for rows, (s1, s2) in zip(layout.large_rows, large, strict=True):
-        m = float(rows.size)
-        zbar = np.maximum(s1 / m, 1.0)
-        sums[0] += s1
-        sums[1] += s2
-        sums[2] += (s2 - 2.0 * zbar * s1 + m * zbar * zbar - m * zbar) / (zbar * zbar)
-        large_means.append((s1 / m)[None])
-    sums[3] = layout.n_groups
-    n = layout.n_cells
-    start = starting_dispersions(sums, float(np.mean(1.0 / sf)), n)
-    base_mean = sums[0] / n
-    expressed = sums[0] > 0
-    max_disp = max(10.0, float(n))
-    lower, upper = np.log(MIN_DISP), np.log(max_disp)
-
-    def evaluate(a, active):
-        """``(n_points, 3, n_genes)`` for ``a`` of shape ``(n_points, n_genes)``; one pass."""
-        return layout.likelihood(np.exp(a), large_means, min_mu, active, scheduler=scheduler, progress=progress)
-
-    a0 = np.where(expressed, np.log(start), np.nan)
-    if method == "cox-reid":
-        # genes whose moments estimate is at the floor (sparse genes: it can be negative) start from the best
-        # point of a coarse grid instead, all in one pass
-        floor = expressed & (a0 <= lower + 1e-9)
-        if floor.any():
-            grid = np.linspace(np.log(1e-4), np.log(100.0), 9)
-            values = evaluate(np.repeat(grid[:, None], n_genes, axis=1), floor)[:, 0]
-            a0[floor] = grid[np.argmax(values[:, floor], axis=0)]
-        a_gene, curvature, converged = _newton(evaluate, a0, lower=lower, upper=upper, max_iter=max_iter, tol=tol)
-    else:
-        a_gene, curvature, converged = a0, np.full(n_genes, np.nan), expressed.copy()
-    genewise = np.exp(a_gene)
-    trend, trend_info = fit_trend(genewise, base_mean, min_disp=MIN_DISP)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        residual = np.log(genewise) - np.log(trend)
-    fit_genes = expressed & (genewise >= 100 * MIN_DISP) & np.isfinite(residual)
-    mad = float(np.median(np.abs(residual[fit_genes] - np.median(residual[fit_genes]))) / 0.6744897501960817)
-    squared_logres = mad * mad
-    n_params = layout.n_groups
-    prior_var = max(squared_logres - float(special.polygamma(1, (n - n_params) / 2.0)), 0.25)
-    if method == "cox-reid":
-        # start from the quadratic approximation of the likelihood at its maximum, then Newton on the posterior
-        with np.errstate(divide="ignore", invalid="ignore"):
-            prec = np.where(curvature < 0, -curvature, 0.0)
-            a_start = np.where(
-                expressed, (prec * a_gene + np.log(trend) / prior_var) / (prec + 1.0 / prior_var), np.nan
-            )
-        a_map, _, map_converged = _newton(
-            evaluate,
-            np.clip(a_start, lower, upper),
-            lower=lower,
-            upper=upper,
-            max_iter=max_iter,
-            tol=tol,
-            prior=(np.log(trend), prior_var),
-        )
-        final = np.exp(a_map)
-        converged &= map_converged
-    else:  # the moments estimates are final: no likelihood, so no posterior
-        final = genewise
-    outlier = expressed & (residual > 2.0 * np.sqrt(squared_logres))
-    final = np.where(outlier, genewise, final)
-    final = np.where(expressed, np.clip(final, MIN_DISP, max_disp), np.nan)
-    table = pd.DataFrame(
-        {
-            "dispersion": final,
-            "dispersion_genewise": np.where(expressed, genewise, np.nan),
-            "dispersion_trend": np.where(expressed, trend, np.nan),
-            "dispersion_outlier": outlier,
-            "dispersion_converged": converged & expressed,
-            "baseMean": base_mean,
-        },
-        index=adata.var_names,
-    )
-    as_actual(adata)  # a view becomes an actual AnnData (a copy), as scanpy's: its parent is not written to
-    for column in table:
-        adata.var[column] = table[column].to_numpy()
-    adata.uns.setdefault("pertscale", {})["dispersion"] = {
-        "method": method,
-        "trend": {k: (float(v) if k != "type" else v) for k, v in trend_info.items()},
-        "prior_variance": float(prior_var),
-        "min_mu": float(min_mu),
-        "size_factors": size_factors if isinstance(size_factors, str) else "given",
-        "perturbation_column": perturbation_column,
-        "covariates": ",".join(covariates or []),
-    }
-    logger.info(
-        "dispersions: %d genes, %d outliers, %d not converged",
-        int(expressed.sum()),
-        int(outlier.sum()),
-        int((expressed & ~converged).sum()),
-    )
-    return table
+    return _fit_genewise(adata, layout, sf, record, method=method, min_mu=min_mu, max_iter=max_iter, tol=tol)
 
 
-def size_factor_values(adata: ad.AnnData, size_factors) -> np.ndarray:
-    """The size factors named by an ``obs`` column or given as an array, checked.
+def fit_dispersion_trend(adata: ad.AnnData) -> pd.DataFrame:
+    """DESeq2's parametric trend of the gene-wise dispersions over the mean: the second dispersion step.
+
+    ``alpha(mu) = a0 + a1 / mu`` over the genes' mean normalized counts
+    (``var['baseMean']``), fitted as DESeq2's ``fitType="parametric"`` and
+    PyDESeq2's ``fit_dispersion_trend`` (a Gamma family GLM with identity
+    link, refitted without genes far from the curve); when that does not
+    converge, a trimmed mean of the gene-wise dispersions (DESeq2's
+    ``fitType="mean"``), with a warning. No pass over the matrix.
+
+    Parameters
+    ----------
+    adata
+        With the gene-wise dispersions of :func:`fit_genewise_dispersions`.
+
+    Returns
+    -------
+    pandas.DataFrame
+        Indexed like ``var``, also written to it: ``dispersion_trend``
+        (``(n_vars,)`` float64, NaN for genes without any count). The
+        curve (``{"type": "parametric", "a0", "a1"}`` or ``{"type": "mean",
+        "mean"}``) goes to ``uns['pertscale']['dispersion']['trend']``.
 
     Raises
     ------
-    KeyError
-        If the column is missing (with the call that makes it).
     ValueError
-        If they are not ``(n_obs,)`` positive finite numbers.
+        If there are no gene-wise dispersions (with the call that makes them).
+    """
+    return _fit_trend(adata)
+
+
+def fit_dispersion_prior(adata: ad.AnnData) -> float:
+    """The variance of DESeq2's log-normal prior of the dispersions around the trend: the third step.
+
+    As PyDESeq2's ``fit_dispersion_prior``: the squared median absolute
+    deviation of the log residuals ``log dispersion_genewise - log
+    dispersion_trend`` (genes with a gene-wise estimate of at least 1e-6),
+    less ``trigamma((n_obs - n_groups) / 2)``, at least 0.25. No pass over
+    the matrix.
+
+    Parameters
+    ----------
+    adata
+        With the trend of :func:`fit_dispersion_trend`.
+
+    Returns
+    -------
+    float
+        The prior variance, in ``(log alpha)^2``; also in
+        ``uns['pertscale']['dispersion']['prior_variance']``, beside
+        ``squared_logres`` (which marks the dispersion outliers).
+
+    Raises
+    ------
+    ValueError
+        If an earlier step is missing (with the call that makes it).
+    """
+    return _fit_prior(adata)
+
+
+def fit_map_dispersions(
+    adata: ad.AnnData,
+    *,
+    size_factors: np.ndarray | None = None,
+    max_iter: int = 20,
+    tol: float = 1e-3,
+    cache: bool | None = None,
+) -> pd.DataFrame:
+    """The final dispersions: maximum a posteriori under the prior, as DESeq2; the last dispersion step.
+
+    Newton passes on the Cox-Reid adjusted profile likelihood plus the
+    log-normal prior of :func:`fit_dispersion_prior` around the trend,
+    started from the quadratic approximation of the likelihood at the
+    gene-wise estimate. Genes more than two median absolute deviations
+    (``2 sqrt(squared_logres)``) above the trend keep their gene-wise
+    estimate (DESeq2's dispersion outliers; PyDESeq2's
+    ``fit_MAP_dispersions``). With ``method="moments"`` gene-wise estimates
+    (no likelihood), these are final: no pass.
+
+    The data, design and ``min_mu`` are those the gene-wise fit recorded
+    (``uns['pertscale']['dispersion']``). Computes here (a plain
+    ``dask.compute`` per Newton pass, on Dask's current scheduler); called
+    alone, it reads the matrix once more first, for the means of groups
+    longer than a block (:func:`dispersions` shares that pass with the
+    gene-wise fit).
+
+    Parameters
+    ----------
+    adata
+        With the prior of :func:`fit_dispersion_prior`.
+    size_factors
+        The ``(n_obs,)`` array the gene-wise fit was given, if it was given
+        one (a column is found by its recorded name).
+    max_iter
+        Newton passes at most.
+    tol
+        A gene's fit stops when its Newton step in ``log alpha`` is shorter;
+        below 3, the longest step.
+    cache
+        As :func:`fit_genewise_dispersions`.
+
+    Returns
+    -------
+    pandas.DataFrame
+        Indexed like ``var``, also written to it: ``dispersion`` (final,
+        ``(n_vars,)`` float64, NaN for genes without any count; what
+        ``rank_genes_groups(method="nb-glm")`` uses), ``dispersion_outlier``
+        (bool) and ``dispersion_converged`` (both fits, bool).
+
+    Raises
+    ------
+    ValueError
+        If an earlier step is missing (with the call that makes it), the
+        size factors are not those the gene-wise fit used, or ``max_iter``
+        or ``tol`` is out of range.
+    """
+    record = _requires(adata, "map")
+    max_iter, tol, _ = _check_fit_options(adata, max_iter=max_iter, tol=tol)
+    layout = None
+    if str(record["method"]) == "cox-reid":
+        layout = _reopen(adata, record, size_factors=size_factors, cache=cache)
+    return _fit_map(adata, record, layout, max_iter=max_iter, tol=tol)
+
+
+def dispersions(
+    adata: ad.AnnData,
+    perturbation_column: str,
+    *,
+    size_factors: str | np.ndarray = "size_factors",
+    covariates: str | list[str] | None = None,
+    method: str = "cox-reid",
+    min_mu: float = 0.5,
+    max_iter: int = 20,
+    tol: float = 1e-3,
+    layer: str | None = None,
+    cache: bool | None = None,
+) -> pd.DataFrame:
+    """Every gene's negative-binomial dispersion, as DESeq2 estimates it, out of core; stored in ``var``.
+
+    The one-call form of the dispersion steps, run in order on the size
+    factors of :func:`pertscale.pp.size_factors`:
+    :func:`fit_genewise_dispersions` -> :func:`fit_dispersion_trend` ->
+    :func:`fit_dispersion_prior` -> :func:`fit_map_dispersions`, with the
+    same results as those calls one by one. Both fits share the first pass
+    and, with ``cache``, the prepared blocks, so this reads the matrix once
+    less than the steps called alone. The steps (Love, Huber & Anders 2014;
+    PyDESeq2):
+
+    1. starting values: the smaller of DESeq2's rough (linear model) and
+       moments estimates;
+    2. gene-wise estimates (``method="cox-reid"``): the maximum of the
+       Cox-Reid adjusted profile log likelihood in ``log alpha``, by Newton
+       steps (one pass each, at most ``max_iter``), within ``[1e-8,
+       max(10, n_obs)]``; ``method="moments"`` keeps the starting values as
+       the gene-wise and the final estimates (one pass in all, no prior);
+    3. the trend ``alpha(mu) = a0 + a1 / mu`` over the genes' mean normalized
+       counts;
+    4. the prior: log-normal around the trend, variance ``max(MAD^2 -
+       trigamma((n - p) / 2), 0.25)`` of the log residuals;
+    5. final (``dispersion``): the maximum a posteriori (Newton passes as in
+       2), except for genes more than two MAD above the trend, which keep the
+       gene-wise estimate (DESeq2's dispersion outliers).
+
+    Computes here: each pass is a plain ``dask.compute`` on Dask's current
+    scheduler (no block is held from one pass to the next unless
+    ``cache``). :func:`pertscale.tl.rank_genes_groups` with
+    ``method="nb-glm"`` then finds them in ``var['dispersion']``.
+
+    Parameters
+    ----------
+    adata
+        ``n_obs x n_vars`` raw UMI counts in ``X`` (or ``layers[layer]``).
+    perturbation_column
+        ``obs`` column of labels; each label is a group of the design.
+    size_factors
+        ``obs`` column of size factors (:func:`pertscale.pp.size_factors`),
+        or an ``(n_obs,)`` array of them.
+    covariates, method, min_mu, layer, cache
+        As :func:`fit_genewise_dispersions`.
+    max_iter, tol
+        Newton passes at most, and the step below which a gene's fit stops,
+        for each of the two fits (see :func:`fit_genewise_dispersions`).
+
+    Returns
+    -------
+    pandas.DataFrame
+        Indexed like ``var``, also written to it: ``dispersion`` (final),
+        ``dispersion_genewise``, ``dispersion_trend``, ``dispersion_outlier``,
+        ``dispersion_converged``, ``baseMean`` (mean normalized count). NaN
+        for genes without any count. ``var`` also receives the steps' other
+        columns (``dispersion_genewise_converged``,
+        ``dispersion_genewise_curvature``); the options, the trend and the
+        prior variance go to ``uns['pertscale']['dispersion']``.
+
+    Raises
+    ------
+    ValueError
+        If the size factor column is missing (with the call that makes it),
+        the matrix is not raw counts, the size factors are not positive and
+        finite, a covariate is missing values or has one level, or an
+        option is out of range (the message gives the range and why).
+    KeyError
+        If the label or a covariate column is missing.
+
+    Notes
+    -----
+    On a view (``adata[mask]``), ``adata`` becomes an actual AnnData holding
+    a copy of its data before ``var`` is written, as scanpy does (anndata's
+    ``ImplicitModificationWarning``); its parent is left as it was.
+    """
+    layout, sf, record, (min_mu, max_iter, tol) = _start(
+        adata,
+        perturbation_column,
+        size_factors=size_factors,
+        covariates=covariates,
+        method=method,
+        min_mu=min_mu,
+        max_iter=max_iter,
+        tol=tol,
+        layer=layer,
+        cache=cache,
+    )
+    _fit_genewise(adata, layout, sf, record, method=method, min_mu=min_mu, max_iter=max_iter, tol=tol)
+    _fit_trend(adata)
+    _fit_prior(adata)
+    _fit_map(adata, _requires(adata, "map"), layout, max_iter=max_iter, tol=tol)
+    return adata.var[list(TABLE)].copy()
+
+
+# --------------------------------------------------------------------------- what a test finds stored
+
+
+def _size_factors_call(name: str, *, method: str | None = None, layer: str | None = None) -> str:
+    args = "".join(
+        f", {k}={v!r}"
+        for k, v in (("method", method), ("layer", layer), ("key_added", name))
+        if v is not None and not (k == "method" and v == "sparse") and not (k == "key_added" and v == "size_factors")
+    )
+    return f"ps.pp.size_factors(adata{args})"
+
+
+def size_factor_values(
+    adata: ad.AnnData, size_factors, *, needed_by: str = "nb-glm", layer: str | None = None
+) -> np.ndarray:
+    """The size factors named by an ``obs`` column or given as an array, checked.
+
+    Parameters
+    ----------
+    adata
+        Cells.
+    size_factors
+        An ``obs`` column name, or an ``(n_obs,)`` array.
+    needed_by, layer
+        Who needs them, and the layer of counts: named in the message when
+        the column is missing.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(n_obs,)`` float64.
+
+    Raises
+    ------
+    ValueError
+        If the column is missing (with the call that makes it), or they are
+        not ``(n_obs,)`` positive finite numbers.
     """
     if isinstance(size_factors, str):
         if size_factors not in adata.obs:
-            raise KeyError(
-                f"obs[{size_factors!r}] not found: compute size factors first with "
-                f"ps.pp.size_factors(adata, key_added={size_factors!r}), or pass an array"
+            raise ValueError(
+                f"{needed_by} needs size factors in obs[{size_factors!r}]: run "
+                f"{_size_factors_call(size_factors, layer=layer)} first (or pass size_factors=...)"
             )
         values = adata.obs[size_factors].to_numpy(dtype=np.float64)
     else:
@@ -588,6 +1040,118 @@ def size_factor_values(adata: ad.AnnData, size_factors) -> np.ndarray:
     if not (np.isfinite(values) & (values > 0)).all():
         raise ValueError("size factors must be positive finite numbers; some are not")
     return values
+
+
+def size_factors_for_test(adata: ad.AnnData, size_factors, *, method: str, layer: str | None) -> np.ndarray:
+    """nb-glm's size factors: present, checked, and made with ``method`` where their record says how.
+
+    Raises
+    ------
+    ValueError
+        If the column is missing or was made with another method (each with
+        the call that makes the right ones), or the values are not positive
+        finite numbers.
+    """
+    from ..pp._size_factors import RECORD as SIZE_FACTORS
+
+    if isinstance(size_factors, str) and size_factors not in adata.obs:
+        raise ValueError(
+            f"nb-glm needs size factors in obs[{size_factors!r}]: run "
+            f"{_size_factors_call(size_factors, method=method, layer=layer)} first (or pass size_factors=...)"
+        )
+    values = size_factor_values(adata, size_factors, layer=layer)
+    if isinstance(size_factors, str):
+        made = ((adata.uns.get("pertscale") or {}).get(SIZE_FACTORS) or {}).get(size_factors) or {}
+        if "method" in made and str(made["method"]) != method:
+            raise ValueError(
+                f"nb-glm: the size factors in obs[{size_factors!r}] were made with method={str(made['method'])!r}, "
+                f"not size_factor_method={method!r}: pass size_factor_method={str(made['method'])!r}, or run "
+                f"{_size_factors_call(size_factors, method=method, layer=layer)} again (then the dispersions)"
+            )
+    return values
+
+
+def _dispersions_call(perturbation_column: str, *, size_factors, covariates, method: str, layer) -> str:
+    args = [repr(perturbation_column)]
+    if not isinstance(size_factors, str):
+        args.append("size_factors=...")
+    elif size_factors != "size_factors":
+        args.append(f"size_factors={size_factors!r}")
+    if covariates:
+        args.append(f"covariates={list(covariates)!r}")
+    if method != "cox-reid":
+        args.append(f"method={method!r}")
+    if layer:
+        args.append(f"layer={layer!r}")
+    return f"ps.tl.dispersions(adata, {', '.join(args)})"
+
+
+def dispersions_for_test(
+    adata: ad.AnnData,
+    perturbation_column: str,
+    *,
+    size_factors,
+    sf: np.ndarray,
+    covariates: list[str],
+    method: str,
+    layer: str | None,
+) -> tuple[np.ndarray, dict]:
+    """The final dispersions stored for this design, these size factors and ``method``, and their record.
+
+    Nothing is computed: they must have been made first (by
+    :func:`dispersions`, or its steps up to :func:`fit_map_dispersions`).
+
+    Returns
+    -------
+    tuple
+        ``(alpha, record)``: ``(n_vars,)`` float64 and
+        ``uns['pertscale']['dispersion']``.
+
+    Raises
+    ------
+    ValueError
+        If they are missing, their steps stop early, or they were made for
+        another perturbation column, size factors, covariates or method:
+        naming what differs and the call that makes the right ones.
+    """
+    call = _dispersions_call(
+        perturbation_column, size_factors=size_factors, covariates=covariates, method=method, layer=layer
+    )
+    record = _record(adata)
+    if not record.get("perturbation_column"):
+        raise ValueError(
+            f"nb-glm needs dispersions estimated for obs[{perturbation_column!r}] (var['dispersion'] and its record "
+            f"uns['pertscale']['dispersion'] are missing): run {call} first (or pass dispersions=...)"
+        )
+    asked = {
+        "perturbation_column": perturbation_column,
+        "size_factors": size_factors if isinstance(size_factors, str) else "given",
+        "covariates": ",".join(covariates),
+        "method": method,
+    }
+    differ = [f"{k}={str(record.get(k, ''))!r} (asked: {v!r})" for k, v in asked.items() if str(record.get(k, "")) != v]
+    if differ:
+        fix = f" or pass dispersion_method={str(record.get('method'))!r}," if differ[-1].startswith("method=") else ""
+        raise ValueError(
+            f"nb-glm: the dispersions in var['dispersion'] were estimated with {', '.join(differ)}: run {call} "
+            f"first,{fix} or pass dispersions=..."
+        )
+    done = _done(adata, record)
+    if "map" not in done:
+        last = next((s for s in reversed(STEPS) if s in done), None)
+        todo = STEPS[STEPS.index(last) + 1 :] if last else STEPS
+        steps = " then ".join(_genewise_call(record) if s == "genewise" else f"{CALLS[s]}(adata)" for s in todo)
+        where = f"stop after {MADE[last]}" if last else "are incomplete"
+        raise ValueError(
+            f"nb-glm needs {MADE['map']}, but the dispersion steps for obs[{perturbation_column!r}] {where}: "
+            f"run {steps} (or {call})"
+        )
+    if "size_factors_digest" in record and _digest(sf) != str(record["size_factors_digest"]):
+        raise ValueError(
+            "nb-glm: the size factors are not those the dispersions were estimated with (made again since, or "
+            f"other cells): run {call} again"
+        )
+    return adata.var["dispersion"].to_numpy(dtype=np.float64), record
 
 
 def covariate_levels(obs: pd.DataFrame, covariates, *, control: np.ndarray | None = None) -> tuple[np.ndarray, list]:

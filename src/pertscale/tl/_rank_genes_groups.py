@@ -16,6 +16,7 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 
+from .._memory import n_cores
 from .._settings import settings
 from .._validation import (
     check_control,
@@ -27,14 +28,13 @@ from .._validation import (
     log1p_record,
     perturbation_labels,
 )
-from ..cluster import check_scheduler, n_cores
 from ..io._read import as_dask
 from ..kernels._common import ALTERNATIVES, CORR_METHODS
 from ..kernels.nbglm import NBGLM_STATS, nb_control, nbglm_block
 from ..kernels.ttest import TTEST_STATS, control_moments, ttest_block
 from ..kernels.wilcoxon import WILCOXON_STATS, control_statistics, wilcoxon_block
 from ._engine import Method, find_groups, test_against_control
-from ._results import lazy_results, scanpy_uns
+from ._results import lazy_results
 
 logger = logging.getLogger(__name__)
 
@@ -90,8 +90,6 @@ def rank_genes_groups(
     scanpy_format: bool = False,
     key_added: str | None = None,
     force: bool = False,
-    scheduler=None,
-    progress: bool | None = None,
 ) -> ad.AnnData:
     """Test every perturbation against the control cells, every gene.
 
@@ -141,21 +139,25 @@ def rank_genes_groups(
         One number for both sides or ``(control, perturbation)``, as crispyx's
         ``min_pct_ctrl``/``min_pct_pert``; 0 (default) tests every gene.
     size_factors
-        nb-glm: an ``obs`` column (default ``"size_factors"``) or an
-        ``(n_obs,)`` array. A missing column is computed first with
-        :func:`pertscale.pp.size_factors` (two passes) and stored.
+        nb-glm: an ``obs`` column (default ``"size_factors"``), made first
+        by :func:`pertscale.pp.size_factors`, or an ``(n_obs,)`` array.
+        Nothing is computed here: a missing column is an error that names
+        the call.
     size_factor_method
-        nb-glm: the method that computes missing size factors (``"sparse"``,
-        ``"poscounts"``, ``"ratio"``).
+        nb-glm: the method the size factors were made with (``"sparse"``,
+        ``"poscounts"``, ``"ratio"``), checked where
+        :func:`pertscale.pp.size_factors` recorded it.
     dispersions
         nb-glm: a ``var`` column or an ``(n_vars,)`` array of dispersions
-        to use as they are; default (``None``) the ones
-        :func:`pertscale.tl.dispersions` stored for this
-        ``perturbation_column`` and these size factors, estimated first when
-        there are none (a column merely named ``dispersion``, say from a
-        simulation, is not taken for them).
+        to use as they are; default (``None``) the final ones
+        :func:`pertscale.tl.dispersions` (or its steps, up to
+        :func:`pertscale.tl.fit_map_dispersions`) stored for this
+        ``perturbation_column``, these size factors, ``covariates`` and
+        ``dispersion_method``; made first, never here (a column merely
+        named ``dispersion``, say from a simulation, is not taken for them).
     dispersion_method
-        nb-glm: how they are estimated then (``"cox-reid"`` or ``"moments"``).
+        nb-glm: the method they were estimated with (``"cox-reid"`` or
+        ``"moments"``), checked.
     covariates
         nb-glm: ``obs`` columns whose effects (e.g. ``["bio_rep"]``, or
         ``"bio_rep"``: a string is one column) are taken out, checked before
@@ -177,21 +179,17 @@ def rank_genes_groups(
         Perturbations with fewer cells are skipped with a warning and listed
         in ``uns['pertscale']['skipped']``.
     scanpy_format
-        Compute the results now and add Scanpy's ``uns['rank_genes_groups']``
-        so that ``scanpy.get.rank_genes_groups_df`` works on them (its record
-        arrays hold up to about 1,100 perturbations in an ``.h5ad`` file).
-        Otherwise nothing is computed here.
+        Add Scanpy's ``uns['rank_genes_groups']`` when the results are
+        computed (:func:`pertscale.compute`) or written
+        (:func:`pertscale.write`), so that
+        ``scanpy.get.rank_genes_groups_df`` works on them (its record arrays
+        hold up to about 1,100 perturbations in an ``.h5ad`` file). Nothing
+        is computed here either way.
     key_added
         Readable name of this result in the result store (default
         ``"de_<method>"``): ``ps.get.result(adata, key="de_wilcoxon")``.
     force
         Test again even when a result with equal settings is stored.
-    scheduler
-        Where to compute what is computed here: the results with
-        ``scanpy_format=True``, nb-glm's missing size factors and dispersions;
-        see :func:`pertscale.cluster.resolve_scheduler`.
-    progress
-        Show progress bars for those; default ``pertscale.settings.progress``.
 
     Returns
     -------
@@ -237,7 +235,10 @@ def rank_genes_groups(
         :func:`pertscale.pp.normalize_total` that made the matrix: no gene
         could be tested), nb-glm is given a matrix marked as log1p data or
         ``covariates`` that do not fit (a missing column, missing values, a
-        single level, a level without control cells), the matrix has no
+        single level, a level without control cells), nb-glm's size factors
+        or dispersions are missing, stop at an earlier step or were made for
+        another perturbation column, size factors, covariates or method (the
+        message names the step and the call that makes them), the matrix has no
         cells or genes, or it holds NaN or negative values. All but the last
         are raised before any pass over the matrix.
 
@@ -275,7 +276,6 @@ def rank_genes_groups(
     small). P-values come from the MLE, as in DESeq2. Where a side has no
     count of a gene, the Wald test is undefined (NaN).
     """
-    check_scheduler(scheduler)
     from ..analysis import NBGLMSettings, TTestSettings, WilcoxonSettings, array_digest, build
     from ..store import cached
 
@@ -297,8 +297,6 @@ def rank_genes_groups(
         shrink=shrink,
         lfc_base=lfc_base,
         min_cells=min_cells,
-        scheduler=scheduler,
-        progress=progress,
     )
     _check_choices(method, corr_method, alternative)
     covariates = label_list(covariates, "covariates")  # a single string is one column, not its letters
@@ -324,13 +322,8 @@ def rank_genes_groups(
         key_added=key_added or f"de_{method}",
         force=force,
     )
-    if scanpy_format and "rank_genes_groups" not in res.uns:
-        from .._compute import compute
-        from ..store import put
-
-        res = compute(res, scheduler=scheduler, progress=progress, desc=method)
-        scanpy_uns(res)
-        put(adata, settings, res)
+    if scanpy_format:  # the face (ps.compute, ps.write) adds scanpy's view when it computes the results
+        res.uns["pertscale"]["scanpy_format"] = True
     return res
 
 
@@ -356,8 +349,6 @@ def _test(
     shrink,
     lfc_base,
     min_cells,
-    scheduler,
-    progress,
 ) -> ad.AnnData:
     """The lazy results of :func:`rank_genes_groups`, its options checked (no store)."""
     _check_choices(method, corr_method, alternative)
@@ -421,8 +412,6 @@ def _test(
             dispersion_method=dispersion_method,
             covariates=covariates,
             control=control_mask,
-            scheduler=scheduler,
-            progress=progress,
         )
         if lfc_base not in ("log2", "natural"):
             raise ValueError(f"lfc_base {lfc_base!r} is not supported; choose 'log2' or 'natural'")
@@ -445,7 +434,7 @@ def _test(
         method,
         len(groups),
         len(lay.groups_per_block),
-        "sliced: groups stored contiguously" if lay.sliced else "shuffled into groups",
+        "sliced: groups stored contiguously" if lay.sliced else "sorted into groups out of core",
     )
     res = lazy_results(
         stats,
@@ -520,13 +509,17 @@ def _nbglm_inputs(
     dispersion_method: str,
     covariates,
     control: np.ndarray,
-    scheduler,
-    progress,
 ) -> tuple[dict, dict]:
-    """Size factors and dispersions for nb-glm (computed and stored first where missing), and their settings."""
-    from .. import pp
-    from ._nbglm import covariate_levels, size_factor_values
-    from ._nbglm import dispersions as estimate_dispersions
+    """Size factors and dispersions for nb-glm, as stored by their steps, and their settings; nothing is computed.
+
+    Raises
+    ------
+    ValueError
+        If the matrix is marked as log1p data, or the size factors or the
+        dispersions are missing or were made otherwise than asked (each
+        message names the step and the call that makes them).
+    """
+    from ._nbglm import covariate_levels, dispersions_for_test, size_factors_for_test
 
     where = f"layers[{layer!r}]" if layer else "X"
     if log1p_record(adata, layer) is not None:
@@ -536,21 +529,9 @@ def _nbglm_inputs(
             "pass the raw counts layer (layer='counts'), e.g. keep adata.layers['counts'] = adata.X before normalizing"
         )
     covariates = label_list(covariates, "covariates")
-    # obs alone tells: columns, missing values, levels, control cells per level; before size factors' passes
+    # obs alone tells: columns, missing values, levels, control cells per level
     levels = covariate_levels(adata.obs, covariates, control=control)[0] if covariates else None
-    if isinstance(size_factors, str) and size_factors not in adata.obs:
-        logger.info("nb-glm: computing size factors (%s) into obs[%r]", size_factor_method, size_factors)
-        pp.size_factors(
-            adata,
-            method=size_factor_method,
-            layer=layer,
-            key_added=size_factors,
-            scheduler=scheduler,
-            progress=progress,
-        )
-    sf = size_factor_values(adata, size_factors)
-    stored = (adata.uns.get("pertscale") or {}).get("dispersion") or {}
-    sf_name = size_factors if isinstance(size_factors, str) else "given"
+    sf = size_factors_for_test(adata, size_factors, method=size_factor_method, layer=layer)
     if dispersions is not None:
         alpha = adata.var[dispersions].to_numpy(dtype=np.float64) if isinstance(dispersions, str) else dispersions
         alpha = np.asarray(alpha, dtype=np.float64).ravel()
@@ -558,28 +539,15 @@ def _nbglm_inputs(
             raise ValueError(f"dispersions must be {adata.n_vars} positive numbers (NaN for genes not to test)")
         info = {"method": "given"}
     else:
-        reusable = (
-            "dispersion" in adata.var
-            and stored.get("perturbation_column") == perturbation_column
-            and stored.get("size_factors") == sf_name
-            and stored.get("covariates", "") == ",".join(covariates)
-            and stored.get("method") == dispersion_method
-            and sf_name != "given"
+        alpha, info = dispersions_for_test(
+            adata,
+            perturbation_column,
+            size_factors=size_factors,
+            sf=sf,
+            covariates=covariates,
+            method=dispersion_method,
+            layer=layer,
         )
-        if not reusable:
-            logger.info("nb-glm: estimating dispersions (%s)", dispersion_method)
-            estimate_dispersions(
-                adata,
-                perturbation_column,
-                size_factors=sf if sf_name == "given" else size_factors,
-                method=dispersion_method,
-                covariates=covariates or None,
-                layer=layer,
-                scheduler=scheduler,
-                progress=progress,
-            )
-        alpha = adata.var["dispersion"].to_numpy(dtype=np.float64)
-        info = (adata.uns.get("pertscale") or {}).get("dispersion") or {}
     rows = sf if levels is None else np.column_stack([sf, levels.astype(np.float64)])
     n_levels = 1 if levels is None else int(levels.max()) + 1
     return {"row_values": rows, "gene_values": {"alpha": alpha}, "summary_options": {"n_levels": n_levels}}, {
