@@ -95,19 +95,24 @@ def test_every_local_scheduler_gives_the_same_results(scheduler, screen, referen
 
 
 @pytest.mark.cluster
-def test_distributed_gives_the_same_results_and_replicates_the_summary(screen, reference, tmp_path, cluster_client):
+def test_distributed_gives_the_same_results_and_replicates_the_summary(
+    screen, reference, tmp_path, cluster_client, monkeypatch
+):
     adata = _lognorm(_as("zarr", screen, tmp_path))
-    _same(_results(adata, scheduler=cluster_client), reference)
-    # the control summary went to both workers before the pass (replicated, not fetched from one)
-    lazy = ps.tl.rank_genes_groups(adata, "perturbation", "control")
-    from pertscale.cluster import _replicate_summaries
+    # the control summary goes to both workers before the pass (replicated, not fetched from one)
+    holders = {}
+    replicate = cluster_client.replicate
 
-    with cluster_client.as_current():
-        futures = _replicate_summaries(cluster_client, dask.optimize(lazy.layers["pvals"]), progress=False)
-    assert futures
-    holders = cluster_client.who_has(futures)
+    def spy(futures, *args, **kwargs):
+        replicate(futures, *args, **kwargs)
+        holders.update(cluster_client.who_has(futures))
+
+    monkeypatch.setattr(cluster_client, "replicate", spy)
+    _same(_results(adata, scheduler=cluster_client), reference)
+    from pertscale.tl._engine import SUMMARY_PREFIX
+
+    assert holders and all(str(key).startswith(SUMMARY_PREFIX) for key in holders), holders
     assert all(len(workers) == 2 for workers in holders.values()), holders
-    del futures
 
 
 @pytest.mark.parametrize("chunk_size", [37, 500, 2_000])
@@ -185,7 +190,7 @@ def test_prepare_sorts_out_of_core_and_is_reused(screen, tmp_path):
     path = tmp_path / "s.h5ad"
     screen.write_h5ad(path)
     store = tmp_path / "sorted.zarr"
-    kw = dict(out=store, chunk_size=300, scheduler="synchronous", exclude_labels=["P0004"])
+    kw = dict(out=store, chunk_size=300, exclude_labels=["P0004"])
     sorted_ = ps.io.prepare(path, "perturbation", "control", **kw)
     labels = sorted_.obs["perturbation"].astype(str).to_numpy()
     assert labels[0] == "control" and "P0004" not in set(labels)
@@ -209,7 +214,7 @@ def test_prepare_rebuilds_when_the_input_changed_and_resumes_when_interrupted(sc
     path = tmp_path / "s.h5ad"
     screen.write_h5ad(path)
     store = tmp_path / "sorted.zarr"
-    kw = dict(out=store, chunk_size=300, scheduler="synchronous")
+    kw = dict(out=store, chunk_size=300)
     first = ps.io.prepare(path, "perturbation", "control", **kw).X.compute(scheduler="synchronous")
     # an interrupted run: two blocks missing, the store marked incomplete
     info = json.loads((store / "pertscale_working_store.json").read_text())

@@ -99,7 +99,7 @@ def test_a_damaged_working_store_block_is_detected_and_rebuilt_never_read(sim_h5
 
 
 def test_an_interrupted_run_resumes_from_its_written_blocks(sim_h5ad, tmp_path, monkeypatch):
-    import pertscale._compute as comp
+    import pertscale.io._lazy as comp
 
     monkeypatch.setattr(comp, "CHUNK_BYTES", 300 * 8)  # 1 perturbation x 300 genes per stored chunk: 12 blocks a layer
     options = {"perturbation_column": "perturbation", "control_label": "control", "scheduler": "synchronous"}

@@ -18,7 +18,7 @@ import pytest
 from click.testing import CliRunner
 
 import pertscale as ps
-import pertscale._compute as compute_module
+import pertscale.io._lazy as lazy_module
 import pertscale._plan as plan_module
 from pertscale._pipeline import METHODS, DiskFullError, output_files
 from pertscale.cli import main
@@ -137,7 +137,7 @@ def _enospc_while_storing(monkeypatch):
         except OSError as err:
             raise RuntimeError("failed to write chunk") from err
 
-    monkeypatch.setattr(compute_module, "_store_block", full)
+    monkeypatch.setattr(lazy_module, "_store_block", full)
 
 
 @pytest.mark.parametrize("how", ["cli", "api"])

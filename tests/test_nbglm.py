@@ -516,7 +516,7 @@ STEP_ORDER = {
         ),
         ps.tl.fit_map_dispersions,
         r"the size factors \(size_factors\) are not those the gene-wise dispersions were fitted with .*: run "
-        r"ps\.tl\.fit_genewise_dispersions\(adata, 'perturbation'\)",
+        r"ps\.tl\.fit_genewise_dispersions\(adata, 'perturbation', layer='counts'\) again",
     ),
 }
 

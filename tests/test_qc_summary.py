@@ -50,9 +50,10 @@ def _scanpy_filtered(a, *, control_label="control", exclude=("multiple",), **t):
     return ref
 
 
-def _summary(adata, **kwargs):
+def _summary(adata, *, scheduler="synchronous", **kwargs):
     options = {"perturbation_column": COL, "control_label": "control", "exclude_labels": ["multiple"]}
-    return ps.pp.qc_summary(adata, **(options | THRESHOLDS | kwargs))
+    with ps.cluster.using(scheduler):
+        return ps.pp.qc_summary(adata, **(options | THRESHOLDS | kwargs))
 
 
 @pytest.mark.parametrize("scheduler", ["synchronous", "threads"])
@@ -274,9 +275,8 @@ def test_adaptive_thresholds_equal_numpy_percentiles(sim_adata, chunk_size):
     assert found["aggressive"].min_cells_per_perturbation > found["conservative"].min_cells_per_perturbation
 
     # a given percentile; the control left out of the sizes
-    t = ps.pp.adaptive_qc_thresholds(
-        small, perturbation_column=COL, percentile=50, control_label="control", scheduler="synchronous"
-    )
+    with ps.cluster.using("synchronous"):
+        t = ps.pp.adaptive_qc_thresholds(small, perturbation_column=COL, percentile=50, control_label="control")
     raw, clipped = _expected_thresholds(small, 50, control="control")
     assert t.mode == "percentile" and t.as_kwargs() == clipped
     assert_close(t.perturbation_size_percentile, raw["perturbation_size_percentile"])
@@ -332,7 +332,7 @@ def test_a_filter_that_drops_everything_says_which_and_what_keeps_some(screen):
     x = sp.csr_matrix(a.X)
     not_excluded = (a.obs[COL] != "multiple").to_numpy()
     most_genes = int(np.diff(sp.csr_matrix(x[not_excluded] != 0).indptr).max())
-    options = {"perturbation_column": COL, "exclude_labels": ["multiple"], "scheduler": "synchronous"}
+    options = {"perturbation_column": COL, "exclude_labels": ["multiple"]}
     with pytest.raises(ValueError, match=f"min_genes={most_genes + 1} drops every cell.*min_genes <= {most_genes}"):
         ps.pp.qc_summary(a, min_genes=most_genes + 1, **options)
     largest = int(a.obs.loc[not_excluded, COL].value_counts().max())  # min_genes=0 keeps every cell
@@ -348,12 +348,7 @@ def test_a_filter_that_drops_everything_says_which_and_what_keeps_some(screen):
     negative = a[:50].copy()
     negative.X = negative.X.astype(np.float32)
     negative.X[0, 0] = -1
-    with pytest.raises(ValueError, match="negative values"):
+    with pytest.raises(ValueError, match="negative values"), ps.cluster.using("synchronous"):
         ps.pp.qc_summary(
-            negative,
-            perturbation_column=COL,
-            min_genes=0,
-            min_cells_per_perturbation=0,
-            min_cells_per_gene=0,
-            scheduler="synchronous",
+            negative, perturbation_column=COL, min_genes=0, min_cells_per_perturbation=0, min_cells_per_gene=0
         )

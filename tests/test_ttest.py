@@ -171,7 +171,7 @@ def test_genes_low_on_both_sides_are_reported_as_nan_and_leave_the_family(sim_ad
         adata = ps.pp.filter_perturbations(sim_adata.copy(), "perturbation", "control", exclude_labels=[])
     else:
         adata = _prepared(sim_adata.copy())
-    args = dict(method=method, scheduler="synchronous")
+    args = dict(method=method)
     full = ps.compute(ps.tl.rank_genes_groups(adata, "perturbation", "control", **args), scheduler="synchronous")
     kept = ps.compute(
         ps.tl.rank_genes_groups(adata, "perturbation", "control", min_pct=(0.3, 0.5), min_mean=0.2, **args),

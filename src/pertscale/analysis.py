@@ -3,9 +3,10 @@
 Each analysis has one settings model (pydantic, frozen, extra fields
 refused) that groups the function's options, with its defaults. The data
 the result also depends on (the matrix, the columns the options name) are
-fingerprinted by :mod:`pertscale.store`, not part of the settings. An option
-recorded as asked may go unused: nb-glm's ``size_factor_method`` when the
-size-factor column exists already. The public functions take plain keyword arguments and
+fingerprinted by :mod:`pertscale.store`, not part of the settings. nb-glm's
+``size_factor_method`` and ``dispersion_method`` say how the size factors and
+dispersions it finds stored were made (checked where recorded; the test
+computes neither). The public functions take plain keyword arguments and
 build their model; the model is the key under which the result is stored
 (:mod:`pertscale.store`), so calling again with equal settings reuses the
 stored result. Models compare by value, hash, print as

@@ -467,7 +467,7 @@ def read(
             "layer": layer or ("raw" if use_raw else "X"),
             "format": fmt,
             "nnz": n_obs * n_vars if nnz is None else nnz,
-            "shape": (n_obs, n_vars),
+            "shape": [n_obs, n_vars],  # a list: anndata writes no tuples into uns
         }
     }
     written = adata.uns["pertscale"].get("written_matrices")

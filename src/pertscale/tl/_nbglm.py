@@ -358,7 +358,14 @@ def _column(record: dict) -> str:
 
 
 def _genewise_call(record: dict) -> str:
-    return f"ps.tl.fit_genewise_dispersions(adata, {_column(record)})"
+    """The gene-wise fit's call with the options its record holds (those that are not the defaults)."""
+    options = {
+        "covariates": [c for c in str(record.get("covariates", "")).split(",") if c] or None,
+        "method": None if str(record.get("method", "cox-reid")) == "cox-reid" else str(record["method"]),
+        "layer": None if str(record.get("layer", "X")) == "X" else str(record["layer"]),
+    }
+    args = "".join(f", {k}={v!r}" for k, v in options.items() if v is not None)
+    return f"ps.tl.fit_genewise_dispersions(adata, {_column(record)}{args})"
 
 
 def _first_call(record: dict, when: str) -> str:
