@@ -1011,11 +1011,9 @@ def test_ctrl_c_swallowed_by_a_finalizer_still_stops_the_run(tiny, tmp_path, mon
     # arrives then must still stop the run before its results are committed, and print nothing of it
     import weakref
 
-    import pertscale._pipeline as pipeline
-
     path = h5ad(tiny, tmp_path / "in.h5ad")
     before = checksum(path)
-    original = pipeline.write_significant
+    original = ps.tl.write_significant  # the job's last step before the commit: ps.tl's public table writer
 
     def interrupted_in_a_finalizer(*args, **kwargs):
         class Obj:
@@ -1027,7 +1025,7 @@ def test_ctrl_c_swallowed_by_a_finalizer_still_stops_the_run(tiny, tmp_path, mon
         assert ref() is None
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(pipeline, "write_significant", interrupted_in_a_finalizer)
+    monkeypatch.setattr(ps.tl, "write_significant", interrupted_in_a_finalizer)
     out = tmp_path / "out"
     result = CliRunner().invoke(main, _args(path, out, scheduler="synchronous"))
     assert result.exit_code == 130, result.output

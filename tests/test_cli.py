@@ -62,9 +62,9 @@ def test_readme_main_job_on_real_screen(tmp_path):
     assert (sig["pval_adj"] < 0.05).all()
     assert len(sig) == int((res.layers["pvals_adj"] < 0.05).sum())
     qc = pd.read_csv(out / "qc.csv").set_index("perturbation")
-    assert qc.loc["multiple", "status"] == "excluded label" and qc.loc["multiple", "n_cells_after"] == 0
-    assert qc.loc["control", "n_cells_before"] == 2304
-    assert (qc["n_cells_after"] <= qc["n_cells_before"]).all()
+    assert qc.loc["multiple", "reason"] == "excluded" and qc.loc["multiple", "n_cells_kept"] == 0
+    assert qc.loc["control", "n_cells"] == 2304 and qc.loc["control", "is_control"]
+    assert (qc["n_cells_kept"] <= qc["n_cells"]).all()
     assert "perturbations tested: 25" in proc.stdout and "DE genes at FDR 0.05" in proc.stdout
     # IFNGR1 knock-out: IFN-gamma signalling targets are among the strongest effects (Papalexi 2021)
     assert (res["IFNGR1"].layers["pvals_adj"] < 0.05).sum() > 50
@@ -78,7 +78,7 @@ def test_cli_synchronous_and_skipped_perturbations(sim_adata, sim_h5ad, tmp_path
     )
     assert result.exit_code == 0, result.output
     qc = pd.read_csv(tmp_path / "o" / "qc.csv").set_index("perturbation")
-    small = qc.index[qc["status"] == f"fewer than {cutoff} cells"]
+    small = qc.index[qc["reason"] == "min_cells_per_perturbation"]
     assert set(small) == set(counts.index[counts < cutoff]) and len(small) > 0
     assert "not tested:" in result.output
     res = ad.read_h5ad(tmp_path / "o" / "de_wilcoxon.h5ad")

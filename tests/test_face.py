@@ -187,3 +187,28 @@ def test_readme_analysis_in_a_script_is_not_slowed_by_a_process_cluster(tmp_path
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stderr.strip() == "", done.stderr
     assert float(done.stdout.split()[-1]) < 20  # the issue measured ~23 s with a process cluster
+
+
+@pytest.mark.cluster
+def test_a_worker_lost_inside_the_face_is_restarted(cluster_client):
+    """distributed copies Dask's configuration into every worker it (re)starts: the face's runner must pickle."""
+    import os
+    import signal
+    import time
+
+    pids = cluster_client.run(os.getpid)
+    address, pid = sorted(pids.items())[0]
+    with ps.cluster.using(cluster_client, progress=False):
+        os.kill(pid, signal.SIGKILL)  # as a worker killed by the OOM killer
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                now = cluster_client.run(os.getpid)
+            except OSError:  # the dead worker's connection, while the scheduler has not noticed yet
+                now = {}
+            if len(now) == len(pids) and pid not in now.values():
+                break
+            time.sleep(0.2)
+        else:
+            pytest.fail(f"the worker {address} was not restarted within 60 s inside ps.cluster.using")
+        assert dask.compute(da.ones(10, chunks=5).sum())[0] == 10

@@ -72,7 +72,7 @@ def test_a_damaged_working_store_block_is_detected_and_rebuilt_never_read(sim_h5
     import json
 
     store = tmp_path / "work.zarr"
-    options = {"out": store, "chunk_size": 500, "scheduler": "synchronous", "progress": False}
+    options = {"out": store, "chunk_size": 500}
     expected = _matrix(ps.io.prepare(sim_h5ad, "perturbation", "control", **options))
     # 1. a truncated chunk file: seen from the file sizes when the store is reused, and the block written again
     chunk = next(

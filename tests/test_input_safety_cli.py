@@ -324,17 +324,7 @@ def _slow(n: int) -> da.Array:
     [
         "synchronous",
         "threads",
-        pytest.param(
-            "distributed",
-            marks=[
-                pytest.mark.cluster,
-                pytest.mark.xfail(
-                    strict=True,
-                    reason="issue 22 regression: on a distributed.Client the face's bar counts the graph's output "
-                    "keys (one after Dask's finalize: 0/1 then 1/1), not its 40 chunks as before",
-                ),
-            ],
-        ),
+        pytest.param("distributed", marks=pytest.mark.cluster),
     ],
 )
 def test_progress_is_plain_periodic_lines_without_a_terminal(scheduler, capsys, request):

@@ -19,9 +19,9 @@ from click.testing import CliRunner
 
 import pertscale as ps
 import pertscale.io._lazy as lazy_module
-import pertscale._plan as plan_module
-from pertscale._pipeline import METHODS, DiskFullError, output_files
+import pertscale.job._plan as plan_module
 from pertscale.cli import main
+from pertscale.job import METHODS, DiskFullError, output_files
 
 from .test_bad_inputs import _args, _forbid_passes, checksum, h5ad, write_zarr
 

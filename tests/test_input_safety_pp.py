@@ -624,7 +624,7 @@ def test_qc_summary_defaults_are_the_main_jobs(tiny, tmp_path):
     assert result.exit_code == 0, result.output
     job = pd.read_csv(out / "qc.csv", index_col="perturbation")
     kept = summary.perturbations["n_cells_kept"]
-    assert_close(kept.reindex(job.index).to_numpy(), job["n_cells_after"].to_numpy(), rtol=0)
+    assert_close(kept.reindex(job.index).to_numpy(), job["n_cells_kept"].to_numpy(), rtol=0)
     assert summary.perturbations.loc["unassigned", "reason"] == "excluded"
     table = summary.table
     assert f"cells kept: {table.loc['cells', 'kept']} of {a.n_obs}" in result.output

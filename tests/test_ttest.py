@@ -169,6 +169,8 @@ def test_bad_alternative_and_method(sim_adata):
 def test_genes_low_on_both_sides_are_reported_as_nan_and_leave_the_family(sim_adata, method):
     if method == "nb-glm":
         adata = ps.pp.filter_perturbations(sim_adata.copy(), "perturbation", "control", exclude_labels=[])
+        ps.pp.size_factors(adata)  # nb-glm's prerequisites, each its own step
+        ps.tl.dispersions(adata, "perturbation")
     else:
         adata = _prepared(sim_adata.copy())
     args = dict(method=method)

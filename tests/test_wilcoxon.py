@@ -100,7 +100,7 @@ def test_recovers_simulated_knockdowns(sim_adata):
 def _run(adata, scheduler="synchronous", **kw):
     """The test, computed (the results of rank_genes_groups are lazy)."""
     res = ps.tl.rank_genes_groups(adata, "perturbation", "control", **kw)
-    return res if kw.get("scanpy_format") else ps.compute(res, scheduler=scheduler)
+    return ps.compute(res, scheduler=scheduler)  # scanpy_format=True: ps.compute adds uns['rank_genes_groups']
 
 
 def _assert_same(a, b):
@@ -156,6 +156,12 @@ def test_results_anndata_round_trip_and_scanpy_view(sim_adata, tmp_path):
     assert_close(df["scores"], res[g].layers["scores"][0], rtol=1e-6)
     ranked = sc.get.rank_genes_groups_df(res, g)
     assert ranked["scores"].is_monotonic_decreasing  # scanpy's view ranks genes by score
+    # the lazy results are flagged; writing them to .h5ad adds scanpy's view as ps.compute does
+    lazy = ps.tl.rank_genes_groups(_prepared(sim_adata.copy()), "perturbation", "control", scanpy_format=True)
+    assert "rank_genes_groups" not in lazy.uns
+    ps.write(lazy, tmp_path / "lazy.h5ad", scheduler="synchronous")
+    written = sc.get.rank_genes_groups_df(ad.read_h5ad(tmp_path / "lazy.h5ad"), g).set_index("names")
+    assert_close(written.loc[res.var_names, "scores"], res[g].layers["scores"][0], rtol=1e-6)
     for name in ("de.h5ad", "de.zarr"):
         ps.write(res, tmp_path / name)
         back = ad.read_h5ad(tmp_path / name) if name.endswith("h5ad") else ad.read_zarr(tmp_path / name)

@@ -24,7 +24,7 @@ _FUNCTIONS = {
     "open": ".io",
     "read": ".io",
     "write": "._compute",
-    "run": "._pipeline",
+    "run": ".job",
     "settings": "._settings",
     "RunInfo": ".store",
     "cleanup": ".store",
@@ -88,7 +88,6 @@ def __dir__() -> list[str]:
 if TYPE_CHECKING:  # pragma: no cover
     from . import analysis, cluster, datasets, get, io, pb, pp, store, tl
     from ._compute import compute, write
-    from ._pipeline import run
     from ._settings import settings
     from .analysis import (
         HVGSettings,
@@ -100,4 +99,5 @@ if TYPE_CHECKING:  # pragma: no cover
         WilcoxonSettings,
     )
     from .io import open, read
+    from .job import run
     from .store import RunInfo, cleanup, ensure_result_keys

@@ -455,8 +455,8 @@ def run(
         warnings.simplefilter("always", UserWarning)
         try:
             _quiet_libraries(verbose)
-            from ._pipeline import run as run_pipeline
             from .cluster import check_scheduler
+            from .job import run as run_pipeline
 
             check_scheduler(scheduler)  # a misspelt name or malformed address: at once, before reading the input
 

@@ -605,6 +605,16 @@ class _Runner:
     def __init__(self, context: Context) -> None:
         self.context = context
 
+    def __reduce__(self):
+        """Pickled as ``None`` (Dask's default scheduler).
+
+        distributed hands a copy of Dask's configuration to every worker
+        process it starts or restarts (a lost worker's replacement, inside a
+        ``using`` block); the runner holds the client, which cannot be
+        pickled, and a worker computes on its own scheduler anyway.
+        """
+        return (type(None), ())
+
     @property
     def n_workers(self) -> int:
         """Tasks that run at once (read by loops below the face through Dask's config)."""
@@ -662,30 +672,96 @@ def _run_distributed(client, graph, keys, *, progress: bool, desc: str, **kwargs
         if len(client.scheduler_info().get("workers", {})) > 1:
             client.replicate(held)
     futures = client.get(graph, keys, sync=False, **kwargs)
-    _wait(futures, progress=progress, desc=desc)
+    _wait(futures, progress=progress, desc=desc, client=client)
     result = client.gather(futures)
     del held
     return result
 
 
-def _wait(futures, *, progress: bool, desc: str | None) -> None:
-    """Wait for futures (nested as Dask returns them), with a bar over them; a failed one raises here."""
+def _wait(futures, *, progress: bool, desc: str | None, client=None) -> None:
+    """Wait for futures (nested as Dask returns them), with a bar; a failed one raises here.
+
+    With ``client``, the bar counts every task of the graph behind the
+    futures as the scheduler reports them (:class:`_SchedulerFeed`), not
+    only the futures themselves (one, after Dask's finalize).
+    """
     from dask.core import flatten
     from distributed import as_completed
 
     futures = list(flatten(futures))
+    feed = None
     try:
         with progress_bar_class()(
-            total=len(futures), desc=desc, leave=False, unit="chunk", disable=not progress
+            total=len(futures), desc=desc, leave=False, unit="task" if client else "chunk", disable=not progress
         ) as bar:
+            if progress and client is not None:
+                feed = _SchedulerFeed(futures, client, bar)
             for f in as_completed(futures):
                 if f.status == "error":
                     f.result()  # raises the task's exception here
-                bar.update(1)
+                if feed is None:
+                    bar.update(1)
+            if feed is not None:
+                feed.stop()
+                bar.update(bar.total - bar.n)  # all done, whatever the last report said
     except BaseException:
         for f in futures:  # stop the rest of a failed or interrupted computation
             f.cancel()
         raise
+    finally:
+        if feed is not None:
+            feed.stop()
+
+
+class _SchedulerFeed:
+    """Counts of a graph's tasks (all of them, and those left) as the scheduler reports them, into a bar.
+
+    distributed's own progress bars are fed this way (``ProgressBar.listen``:
+    the scheduler's ``feed`` of a :class:`distributed.diagnostics.progress.Progress`
+    over the futures and every task they depend on); here the bar is ours,
+    so that it looks the same on every scheduler (tqdm's, or lines in a log).
+    """
+
+    def __init__(self, futures, client, bar) -> None:
+        from distributed.diagnostics.progressbar import ProgressBar
+
+        feed = self
+
+        class _Listener(ProgressBar):
+            def _draw_bar(self, remaining, all, **kwargs):  # noqa: A002 - distributed's keyword
+                feed.report(int(all), int(all) - int(remaining))
+
+        self.bar, self.lock, self.stopped = bar, threading.Lock(), False
+        interval = min(max(settings.progress_interval, 0.05), 1.0)
+        self.listener = _Listener(futures, scheduler=client.scheduler.address, interval=interval, complete=True)
+        self.loop = client.loop
+        self.loop.add_callback(self._listen)
+
+    async def _listen(self) -> None:
+        try:
+            await self.listener.listen()
+        except Exception:  # noqa: BLE001 - a bar must never fail a computation
+            logger.debug("the progress feed stopped", exc_info=True)
+
+    def report(self, total: int, done: int) -> None:
+        """Called on the client's event loop with the scheduler's counts."""
+        with self.lock:
+            if self.stopped:
+                return
+            if total > (self.bar.total or 0):
+                self.bar.total = total
+            if done > self.bar.n:
+                self.bar.update(done - self.bar.n)
+
+    def stop(self) -> None:
+        """No more reports into the bar; close the connection to the scheduler."""
+        with self.lock:
+            if self.stopped:
+                return
+            self.stopped = True
+        comm = getattr(self.listener, "comm", None)
+        if comm is not None:
+            self.loop.add_callback(comm.abort)
 
 
 def compute(*collections, scheduler=None, progress: bool | None = None, nbytes: int | None = None):

@@ -17,10 +17,7 @@ disk. Memory is bounded by one block of cells: the float temporaries are
 from __future__ import annotations
 
 import logging
-import os
-import shutil
 import signal
-import uuid
 import warnings
 from collections import deque
 from dataclasses import dataclass
@@ -304,21 +301,6 @@ def _write_streamed(
             root.close()
 
 
-def _replace(tmp: Path, path: Path) -> None:
-    """Move the finished store ``tmp`` to ``path``, replacing what is there."""
-    if path.is_dir() and not path.is_symlink():
-        old = path.with_name(f".{path.name}.old-{uuid.uuid4().hex[:8]}")
-        os.replace(path, old)
-        try:
-            os.replace(tmp, path)
-        except OSError:
-            os.replace(old, path)
-            raise
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, path)
-
-
 def simulate_screen(
     n_cells: int = 10_000,
     n_genes: int = 2_000,
@@ -521,15 +503,14 @@ def simulate_screen(
         f"{block_size:,}",
         n_jobs,
     )
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    from .io._atomic import replacing
+
     try:
-        fmt = "zarr" if path.suffix == ".zarr" else "h5ad"
-        _write_streamed(tmp, adata, blocks, n_cells, fmt=fmt, name=path.name, compression=compression)
-        _replace(tmp, path)
+        with replacing(path) as tmp:
+            fmt = "zarr" if path.suffix == ".zarr" else "h5ad"
+            _write_streamed(tmp, adata, blocks, n_cells, fmt=fmt, name=path.name, compression=compression)
     finally:
         blocks.close()
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink()
     return path
 
 

@@ -72,6 +72,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from .._validation import check_control, label_list, perturbation_labels
+from ._atomic import replacing
 from ._blocks import DamagedStoreError, checksummed, reason, unreadable_chunks
 
 logger = logging.getLogger(__name__)
@@ -383,12 +384,11 @@ def _scatter(block, pos, rows_in, bounds, spill: str, done: frozenset):
             offset += len(raw)
     folder = Path(spill)
     folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / f".{r0}.{uuid.uuid4().hex[:8]}"
-    with open(tmp, "wb") as f:
-        for raw in buffers:
-            f.write(raw)
-    np.save(folder / f"{r0}.idx.npy", np.array(index, dtype=SPILL_INDEX))
-    os.replace(tmp, folder / f"{r0}.bin")  # the data file last: its presence marks the piece complete
+    with replacing(folder / f"{r0}.bin") as tmp:  # the data file last: its presence marks the piece complete
+        with open(tmp, "wb") as f:
+            for raw in buffers:
+                f.write(raw)
+        np.save(folder / f"{r0}.idx.npy", np.array(index, dtype=SPILL_INDEX))
     return np.array([offset], dtype=np.int64)
 
 
@@ -440,27 +440,26 @@ def _gather(k: int, bounds: np.ndarray, n_vars: int, dtype: str, spill: str, sto
         return 0  # written by an earlier, interrupted run
     lo, hi = int(bounds[k]), int(bounds[k + 1])
     block = _assemble(k, bounds, n_vars, spill, f"working store {store!r}", "delete the working store and run again")
-    tmp = final.parent / f".{k}.tmp-{uuid.uuid4().hex[:8]}"
-    group = zarr.open_group(str(tmp), mode="w", zarr_format=3)
     arrays = {"indptr": block.indptr.astype(np.int64), "indices": _small(block.indices), "data": _small(block.data)}
-    for name, a in arrays.items():
-        stored = group.create_array(  # shape and dtype, then the values: zarr 3.0's create_array takes no data=
-            name,
-            shape=a.shape,
-            dtype=a.dtype,
-            chunks=(max(1, min(a.shape[0], CHUNK_ENTRIES)),),
-            compressors=checksummed(zarr.codecs.BloscCodec(cname="lz4", clevel=1, shuffle="bitshuffle")),
+    with replacing(final) as tmp:  # renamed into place whole: a block is there complete, or not at all
+        group = zarr.open_group(str(tmp), mode="w", zarr_format=3)
+        for name, a in arrays.items():
+            stored = group.create_array(  # shape and dtype, then the values: zarr 3.0's create_array takes no data=
+                name,
+                shape=a.shape,
+                dtype=a.dtype,
+                chunks=(max(1, min(a.shape[0], CHUNK_ENTRIES)),),
+                compressors=checksummed(zarr.codecs.BloscCodec(cname="lz4", clevel=1, shuffle="bitshuffle")),
+            )
+            stored[:] = a
+        group.attrs.update(
+            {
+                "n_rows": hi - lo,
+                "dtype": dtype,
+                "crc32": {name: zlib.crc32(np.ascontiguousarray(a).view(np.uint8)) for name, a in arrays.items()},
+                "sizes": _file_sizes(tmp),
+            }
         )
-        stored[:] = a
-    group.attrs.update(
-        {
-            "n_rows": hi - lo,
-            "dtype": dtype,
-            "crc32": {name: zlib.crc32(np.ascontiguousarray(a).view(np.uint8)) for name, a in arrays.items()},
-            "sizes": _file_sizes(tmp),
-        }
-    )
-    os.replace(tmp, final)
     return hi - lo
 
 
@@ -610,6 +609,13 @@ def open_prepared(store: str | Path) -> ad.AnnData:
     adata.uns["pertscale"] = {
         "source": {"path": info["fingerprint"]["input"], "working_store": str(store.resolve()), "format": "working"}
     }
+    excluded = info.get("excluded") or {}
+    if excluded.get("labels"):  # labels left out of the store, and their cells in the input (for a QC summary)
+        adata.uns["pertscale"]["source"]["excluded_cells"] = {
+            "perturbation_column": excluded["perturbation_column"],
+            "labels": np.asarray(excluded["labels"], dtype=object),
+            "n_cells": np.asarray(excluded["n_cells"], dtype=np.int64),
+        }
     return adata
 
 
@@ -653,7 +659,10 @@ def prepare(
     anndata.AnnData
         The kept cells, sorted: control first, then each perturbation in
         label order; ``X`` a Dask array whose blocks each hold whole groups;
-        ``obs['input_row']`` each cell's row in the input.
+        ``obs['input_row']`` each cell's row in the input. The labels left
+        out and their cells in the input are recorded in
+        ``uns['pertscale']['source']['excluded_cells']``, so that
+        :func:`pertscale.pp.qc_summary` lists them as excluded.
 
     Raises
     ------
@@ -730,9 +739,13 @@ def prepare(
         shutil.rmtree(store)
     n_vars = adata.n_vars
     dtype = adata.X.dtype.str
-    info = {"fingerprint": fp, "bounds": plan.bounds.tolist(), "dtype": dtype, "complete": False}
+    left_out = perturbation_labels(adata.obs, perturbation_column).value_counts()
+    left_out = left_out[left_out.index.isin(exclude)]  # their cells in the input: what a QC summary reports of them
+    excluded = {"perturbation_column": perturbation_column, "labels": [*left_out.index], "n_cells": left_out.tolist()}
+    info = {"fingerprint": fp, "bounds": plan.bounds.tolist(), "dtype": dtype, "complete": False, "excluded": excluded}
     (store / "blocks").mkdir(parents=True, exist_ok=True)
-    (store / MARKER).write_text(json.dumps(info))
+    with replacing(store / MARKER) as tmp:
+        tmp.write_text(json.dumps(info))
     n_blocks = plan.bounds.size - 1
     done = frozenset(k for k in range(n_blocks) if (store / "blocks" / str(k) / "zarr.json").exists())
     spill = store / ".spill"
@@ -779,7 +792,8 @@ def prepare(
         shutil.rmtree(old, ignore_errors=True)
     _write_annotations(store, adata, plan)
     info["complete"] = True
-    (store / MARKER).write_text(json.dumps(info))
+    with replacing(store / MARKER) as tmp:  # the record of a complete store, in one rename
+        tmp.write_text(json.dumps(info))
     return open_prepared(store)
 
 

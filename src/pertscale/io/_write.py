@@ -5,10 +5,9 @@ from __future__ import annotations
 import fnmatch
 import logging
 import os
-import shutil
-import uuid
 import warnings
 from collections.abc import Sequence
+from contextlib import ExitStack
 from pathlib import Path
 
 import anndata as ad
@@ -19,16 +18,13 @@ import scipy.sparse as sp
 
 from .._memory import workers_now
 from .._progress import steps
+from ._atomic import replacing
 from ._lazy import lazy_elements, materialize, write_zarr_stores
 
 logger = logging.getLogger(__name__)
 
 #: Elements per HDF5 chunk of a streamed sparse matrix's ``data``, ``indices`` and ``indptr`` (resizable).
 H5_CHUNK = 1 << 16
-
-
-def _sibling(path: Path, tag: str) -> Path:
-    return path.with_name(f".{path.name}.{tag}-{uuid.uuid4().hex[:8]}")
 
 
 def overlap(target: str | Path, source: str | Path, *, replaces: bool = True) -> str | None:
@@ -199,8 +195,7 @@ def write(
     if path.suffix.lower() == ".zarr":
         return write_stores({path: adata})[0]
     dataset_kwargs = {"compression": compression, "compression_opts": compression_opts} if compression else {}
-    tmp = _sibling(path, "tmp")
-    try:
+    with replacing(path) as tmp:  # renamed into place when every element is written
         streamed = _streamed_elements(adata)
         for attr, key in streamed:
             if key is None:
@@ -224,10 +219,6 @@ def write(
                 f"holds ({err}); scanpy's uns['rank_genes_groups'] does this past about 1,100 perturbations. "
                 "The layers hold every statistic: del adata.uns['rank_genes_groups'] and write again"
             ) from err
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     return path
 
 
@@ -407,8 +398,8 @@ def write_stores(items: dict[Path, ad.AnnData], *, resume: bool = False) -> list
         if path.suffix != ".zarr":
             raise ValueError(f"write_stores writes .zarr stores; {str(path)!r} is not one")
         _check_target(adata, path)
-    tmps = paths if resume else [_sibling(path, "tmp") for path in paths]
-    try:
+    with ExitStack() as renames:  # each store renamed into place when all are written; none if one fails
+        tmps = paths if resume else [renames.enter_context(replacing(path)) for path in paths]
         with ad.settings.override(zarr_write_format=3, auto_shard_zarr_v3=False), warnings.catch_warnings():
             # anndata consolidates zarr v3 metadata; zarr warns that this is not yet in the v3 spec
             warnings.filterwarnings("ignore", message="Consolidated metadata", category=UserWarning)
@@ -424,28 +415,4 @@ def write_stores(items: dict[Path, ad.AnnData], *, resume: bool = False) -> list
                     f"cannot write {', '.join(map(str, paths))}: zarr does not allow '/' in names ({err}); a "
                     "perturbation label or column name holds one. Write .h5ad instead, or rename it"
                 ) from err
-        for tmp, path in zip(tmps, paths, strict=True):
-            if tmp != path:
-                _replace_dir(tmp, path)
-    finally:
-        for tmp in tmps if not resume else ():
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
     return paths
-
-
-def _replace_dir(tmp: Path, path: Path) -> None:
-    """Move directory ``tmp`` to ``path``, replacing what is there (two renames)."""
-    if not path.exists():
-        os.replace(tmp, path)
-        return
-    # a directory cannot be renamed over another: move the old one aside first,
-    # and put it back if the new one cannot take its place
-    old = _sibling(path, "old")
-    os.replace(path, old)
-    try:
-        os.replace(tmp, path)
-    except OSError:
-        os.replace(old, path)
-        raise
-    shutil.rmtree(old, ignore_errors=True)

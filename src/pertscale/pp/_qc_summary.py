@@ -73,11 +73,13 @@ class QCSummary:
         in which the gene is detected: the number the gene filter bounds),
         ``reason`` (str).
     perturbations
-        One row per label of ``obs[perturbation_column]`` (as text), most
-        cells first: ``n_cells`` (int64, all cells), ``n_cells_min_genes``
-        (int64, cells with at least ``min_genes`` genes; 0 for an excluded
-        label), ``n_cells_kept`` (int64), ``is_control`` (bool), ``reason``
-        (str).
+        One row per label of ``obs[perturbation_column]`` (as text) and per
+        label :func:`pertscale.io.prepare` left out of a working store (reason
+        ``excluded``), most cells first: ``n_cells`` (int64, all cells),
+        ``n_cells_min_genes`` (int64, cells with at least ``min_genes``
+        genes; 0 for an excluded label), ``n_cells_kept`` (int64),
+        ``is_control`` (bool), ``reason`` (str). ``pertscale run`` writes
+        it as ``qc.csv``.
     perturbation_column
         The ``obs`` column of the labels.
     control_label
@@ -247,29 +249,30 @@ def _keep(
     }
 
 
-def _check_something_left(kept: dict, n_genes: np.ndarray, codes: np.ndarray, names: pd.Index, var_names, **thresholds):
+def _check_something_left(summary: QCSummary) -> None:
     """Raise if a filter drops everything, naming the filter and a value that keeps some."""
-    if not kept["cell_ok"].any():
-        most = int(n_genes[codes >= 0].max())
+    cells, reason = summary.cells, summary.cells["reason"]
+    if reason.isin(["excluded", "min_genes"]).all():
+        most = int(cells.loc[reason != "excluded", "n_genes_by_counts"].max())
         raise ValueError(
-            f"min_genes={thresholds['min_genes']} drops every cell: the most genes detected in one cell (not "
+            f"min_genes={summary.min_genes} drops every cell: the most genes detected in one cell (not "
             f"excluded) is {most}; min_genes <= {most} keeps some"
         )
-    if not kept["keep_cells"].any():
-        largest = int(kept["after_min_genes"].argmax())
-        n = int(kept["after_min_genes"][largest])
+    if not summary.cell_mask.any():
+        after = summary.perturbations["n_cells_min_genes"]
+        largest, n = after.idxmax(), int(after.max())
         raise ValueError(
-            f"min_cells_per_perturbation={thresholds['min_cells_per_perturbation']} drops every perturbation: "
-            f"after min_genes={thresholds['min_genes']} the largest, {names[largest]!r}, has {n} cells; "
+            f"min_cells_per_perturbation={summary.min_cells_per_perturbation} drops every perturbation: "
+            f"after min_genes={summary.min_genes} the largest, {largest!r}, has {n} cells; "
             f"min_cells_per_perturbation <= {n} keeps some (or give control_label: the control is never dropped "
             "for its size)"
         )
-    if not kept["keep_genes"].any():
-        best = int(kept["gene_cells"].argmax())
-        n = int(kept["gene_cells"][best])
+    if not summary.gene_mask.any():
+        detected = summary.genes["n_cells_kept"]
+        best, n = detected.idxmax(), int(detected.max())
         raise ValueError(
-            f"min_cells_per_gene={thresholds['min_cells_per_gene']} drops every gene: the gene detected in most "
-            f"kept cells, {str(var_names[best])!r}, is detected in {n}; min_cells_per_gene <= {n} keeps some"
+            f"min_cells_per_gene={summary.min_cells_per_gene} drops every gene: the gene detected in most "
+            f"kept cells, {str(best)!r}, is detected in {n}; min_cells_per_gene <= {n} keeps some"
         )
 
 
@@ -284,6 +287,7 @@ def qc_summary(
     exclude_labels: Iterable[str] = DEFAULT_EXCLUDE,
     key_added: str = "qc",
     force: bool = False,
+    allow_empty: bool = False,
 ) -> QCSummary:
     """QC metrics, the filters of the main job and what each drops, in one pass over the matrix.
 
@@ -331,6 +335,10 @@ def qc_summary(
         Readable name of this result in the result store.
     force
         Run the pass even when a summary with equal settings is stored.
+    allow_empty
+        Return the summary even when a filter drops every cell, perturbation
+        or gene, instead of raising: the caller checks what is left (the
+        main job does, naming its own flags).
 
     Returns
     -------
@@ -339,7 +347,12 @@ def qc_summary(
         and why the rest is dropped; ``.table`` counts them, ``.apply``
         filters. Its tables are also stored in ``adata``'s result store,
         keyed by :class:`pertscale.QCSettings`: asked again with equal
-        settings, it is returned without a pass.
+        settings, it is returned without a pass. Labels whose cells
+        :func:`pertscale.io.prepare` left out of a working store (its
+        ``exclude_labels``, recorded in the store) are rows of
+        ``perturbations`` too, with their cells in the input and reason
+        ``excluded``: the table is the same for an input sorted already and
+        for its working store. It is ``pertscale run``'s ``qc.csv``.
 
     Raises
     ------
@@ -352,9 +365,9 @@ def qc_summary(
         If a threshold is not a whole number >= 0; ``control_label`` is not
         among the labels (the message lists those seen) or is excluded;
         labels are missing; every cell is excluded; a filter drops every
-        cell or gene (the message names the filter and a value that keeps
-        some); or the matrix has no cells or genes, or holds NaN, infinite
-        or negative values.
+        cell, perturbation or gene, unless ``allow_empty`` (the message
+        names the filter and a value that keeps some); or the matrix has no
+        cells or genes, or holds NaN, infinite or negative values.
     """
     from ..analysis import QCSettings, build
     from ..store import cached
@@ -388,7 +401,10 @@ def qc_summary(
         }
         return stored, []
 
-    return summary_from_store(settings, cached(adata, settings, run, key_added=key_added, force=force))
+    summary = summary_from_store(settings, cached(adata, settings, run, key_added=key_added, force=force))
+    if not allow_empty:
+        _check_something_left(summary)
+    return summary
 
 
 def summary_from_store(settings, stored: dict) -> QCSummary:
@@ -441,7 +457,6 @@ def _qc_summary(
     qc = qc_pass(adata, codes, len(names), min_genes=thresholds["min_genes"])
     n_genes = qc.cell("n_genes_by_counts").astype(np.int64)
     kept = _keep(n_genes, qc.detection, codes, names, control_label=control_label, **thresholds)
-    _check_something_left(kept, n_genes, codes, names, adata.var_names, **thresholds)
 
     excluded = codes < 0
     cell_reason = np.full(adata.n_obs, "", dtype=object)
@@ -482,6 +497,7 @@ def _qc_summary(
     perturbations["n_cells_kept"] = per_group["kept"].reindex(perturbations.index, fill_value=0).astype(np.int64)
     perturbations["is_control"] = perturbations.index == control_label
     perturbations["reason"] = per_group["reason"].reindex(perturbations.index, fill_value="excluded").astype(object)
+    perturbations = _with_prepared_exclusions(perturbations, adata, perturbation_column)
     perturbations.index.name = perturbation_column
 
     summary = QCSummary(
@@ -502,6 +518,27 @@ def _qc_summary(
         )
     logger.info("qc_summary:\n%s", summary.table.to_string())
     return summary
+
+
+def _with_prepared_exclusions(perturbations: pd.DataFrame, adata: ad.AnnData, perturbation_column: str) -> pd.DataFrame:
+    """``perturbations`` with a row for each label :func:`pertscale.io.prepare` left out of the working store.
+
+    Their cells are not in ``adata``: their number in the input comes from
+    the store's record (``uns['pertscale']['source']['excluded_cells']``).
+    Rows stay ordered by cells, most first.
+    """
+    source = (adata.uns.get("pertscale") or {}).get("source") or {}
+    record = source.get("excluded_cells") if isinstance(source, dict) else None
+    if not record or record.get("perturbation_column") != perturbation_column:
+        return perturbations
+    counts = pd.Series(np.asarray(record["n_cells"], dtype=np.int64), index=np.asarray(record["labels"]).astype(str))
+    counts = counts[~counts.index.isin(perturbations.index)]
+    if counts.empty:
+        return perturbations
+    rows = pd.DataFrame(
+        {"n_cells": counts, "n_cells_min_genes": 0, "n_cells_kept": 0, "is_control": False, "reason": "excluded"}
+    ).astype(perturbations.dtypes.to_dict())
+    return pd.concat([perturbations, rows]).sort_values("n_cells", ascending=False, kind="stable")
 
 
 @dataclass(frozen=True)

@@ -2,6 +2,7 @@
 
 from ..pp._neighbors import umap
 from ._nbglm import (
+    covariate_levels,
     dispersions,
     fit_dispersion_prior,
     fit_dispersion_trend,
@@ -9,11 +10,14 @@ from ._nbglm import (
     fit_map_dispersions,
 )
 from ._overlap import compute_overlap
-from ._rank_genes_groups import rank_genes_groups
-from ._results import scanpy_uns, tidy
+from ._rank_genes_groups import METHODS, rank_genes_groups
+from ._results import check_results_writable, scanpy_uns, tidy, write_significant
 
 __all__ = [
+    "METHODS",
+    "check_results_writable",
     "compute_overlap",
+    "covariate_levels",
     "dispersions",
     "fit_dispersion_prior",
     "fit_dispersion_trend",
@@ -23,4 +27,5 @@ __all__ = [
     "scanpy_uns",
     "tidy",
     "umap",
+    "write_significant",
 ]

@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 
 from .._validation import check_number, unique_var_names
+from ..io._atomic import replacing
 
 
 def clean_settings(settings: dict[str, Any]) -> dict[str, Any]:
@@ -237,6 +238,12 @@ TIDY_COLUMNS = {"logfoldchange": "logfoldchanges", "score": "scores", "pval": "p
 def write_significant(results, path, *, max_pval_adj: float = 0.05, rows_per_block: int = 256) -> pd.Series:
     """Write the tidy table of significant (perturbation, gene) pairs from a results store, block by block.
 
+    The rows of :func:`tidy` with ``pval_adj < max_pval_adj``, for results
+    of any size: read from the ``.zarr`` store ``rows_per_block``
+    perturbations at a time, never whole. ``pertscale run`` writes its
+    ``de_<method>_significant.csv`` with it. The file is written beside
+    ``path`` and renamed into place (an interrupted call leaves the old one).
+
     Parameters
     ----------
     results
@@ -254,7 +261,12 @@ def write_significant(results, path, *, max_pval_adj: float = 0.05, rows_per_blo
     Returns
     -------
     pandas.Series
-        Significant genes per perturbation.
+        Significant genes per perturbation (``n_de_genes``, indexed by ``perturbation``).
+
+    Raises
+    ------
+    ValueError
+        If ``max_pval_adj`` is not a number in ``[0, 1]``.
     """
     import zarr
 
@@ -264,7 +276,7 @@ def write_significant(results, path, *, max_pval_adj: float = 0.05, rows_per_blo
     var_names = np.asarray(ad.io.read_elem(group["var"]).index)
     layers = {col: group["layers"][layer] for col, layer in TIDY_COLUMNS.items()}
     counts = np.zeros(obs_names.size, dtype=np.int64)
-    with open(path, "w", newline="") as handle:
+    with replacing(path) as tmp, open(tmp, "w", newline="") as handle:
         pd.DataFrame(columns=["perturbation", "gene", *TIDY_COLUMNS]).to_csv(handle, index=False)
         for a in range(0, obs_names.size, rows_per_block):
             b = min(a + rows_per_block, obs_names.size)
