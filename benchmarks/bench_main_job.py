@@ -33,6 +33,19 @@ this machine's disk beside its working store).
     python benchmarks/bench_main_job.py --datasets 100k,300k,1m --tools pertscale
     python benchmarks/bench_main_job.py --datasets genome-zarr --tools pertscale --no-warm
 
+Tools: ``pertscale`` (``pertscale run``), ``illico`` (the script above),
+``before`` (``pertscale run`` of another checkout, ``--before SRC`` naming its
+``src`` directory: the same command with that code first on ``PYTHONPATH``, to
+compare a change with the code before it), and ``api`` (the Python API as a
+notebook user calls it: ``ps.read``, ``qc_summary`` with the job's filters and
+its ``apply``, ``normalize_total``, ``log1p``, ``ps.tl.rank_genes_groups`` and
+``ps.write`` of the results to zarr, the scheduler chosen by the face; on
+cells in random order the API sorts them lazily, out of core, as the job's
+working store does, so its peak memory per worker should equal the job's):
+
+    python benchmarks/bench_main_job.py --datasets 100k --tools pertscale,api
+    python benchmarks/bench_main_job.py --datasets sim30k,100k --tools before,pertscale --before /work/before/src
+
 Needs the ``bench`` extra (``pip install -e ".[bench]"``).
 """
 
@@ -92,6 +105,30 @@ ILLICO_SCRIPT = textwrap.dedent(
     """
 )
 
+API_SCRIPT = textwrap.dedent(
+    """
+    import sys, time
+    t0 = time.perf_counter()
+    import pertscale as ps
+    ps.settings.progress = False
+    path, out = sys.argv[1], sys.argv[2]
+    stages = {"import": time.perf_counter() - t0}
+    t = time.perf_counter()
+    adata = ps.read(path)
+    qc = ps.pp.qc_summary(adata, perturbation_column="perturbation", control_label="control", min_genes=20,
+                          min_cells_per_perturbation=20, min_cells_per_gene=3)
+    adata = qc.apply(adata)
+    stages["QC"] = time.perf_counter() - t
+    ps.pp.normalize_total(adata, target_sum=1e4)
+    ps.pp.log1p(adata)
+    t = time.perf_counter()
+    res = ps.tl.rank_genes_groups(adata, perturbation_column="perturbation", control_label="control")
+    ps.write(res, out)
+    stages["test and write"] = time.perf_counter() - t
+    print("time: " + ", ".join(f"{k} {v:.1f}" for k, v in stages.items()))
+    """
+)
+
 ONE_PASS = textwrap.dedent(
     """
     import sys, time, numpy as np, pertscale as ps
@@ -131,12 +168,12 @@ def _size(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else path.stat().st_size
 
 
-def measure(cmd: list[str]) -> dict:
+def measure(cmd: list[str], env: dict | None = None) -> dict:
     """Run ``cmd``; wall seconds, exit code, output, and the peak RSS of each process of its tree."""
     import psutil
 
     t = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     peaks: dict[int, tuple[str, int]] = {}
     root = psutil.Process(proc.pid)
     done = threading.Event()
@@ -196,6 +233,7 @@ def main() -> None:
     parser.add_argument("--data-dir", type=Path, default=Path("/work/bench-data"))
     parser.add_argument("--no-warm", action="store_true", help="Run pertscale once (cold) only.")
     parser.add_argument("--extra", default="", help="More arguments for pertscale run.")
+    parser.add_argument("--before", type=Path, help="The src directory of the code to compare with (tool 'before').")
     args = parser.parse_args()
     tools = args.tools.split(",")
     rows = []
@@ -209,17 +247,29 @@ def main() -> None:
         work = Path(tempfile.mkdtemp(prefix=f"bench-{name}-", dir=args.data_dir))
         try:
             for tool in tools:
-                if tool == "pertscale":
+                env = None
+                if tool in ("pertscale", "before"):
                     cmd = [sys.executable, "-m", "pertscale.cli", "run", str(path), "--perturbation-column", COLUMN]
-                    cmd += ["--control-label", CONTROL, "--out", str(work / "out"), "--no-progress"]
+                    cmd += ["--control-label", CONTROL, "--out", str(work / f"out-{tool}"), "--no-progress"]
                     cmd += args.extra.split()
                     runs = [("cold", cmd)] + ([] if args.no_warm else [("warm", [*cmd, "--overwrite"])])
+                    if tool == "before":
+                        if args.before is None:
+                            raise SystemExit("tool 'before' needs --before SRC (the src directory of the older code)")
+                        env = {**os.environ, "PYTHONPATH": str(args.before.resolve())}
+                elif tool == "api":
+                    script = work / "api_script.py"
+                    script.write_text(API_SCRIPT)
+                    out = str(work / "api.zarr")
+                    runs = [("cold", [sys.executable, str(script), str(path), out])]
                 else:
                     script = work / "illico_script.py"
                     script.write_text(ILLICO_SCRIPT)
                     runs = [("cold", [sys.executable, str(script), str(path), str(work / "illico.csv")])]
                 for kind, cmd in runs:
-                    r = measure(cmd)
+                    if tool == "api" and Path(out).exists():
+                        shutil.rmtree(out)
+                    r = measure(cmd, env)
                     ok = "ok" if r["code"] == 0 else f"FAILED ({r['stderr'].strip().splitlines()[-1:]})"
                     rows.append((name, tool, kind, r["seconds"], pass_s, _mem(r["peaks"]), _stages(r["stdout"]), ok))
                     print(
