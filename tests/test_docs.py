@@ -79,3 +79,21 @@ def test_shell_snippets_run_as_written(reader_dir):
         assert done.returncode == 0, f"docs/usage.md: the bash block at line {line} fails:\n{done.stderr[-3000:]}"
         ran += 1
     assert ran > 0
+
+
+@pytest.mark.slow  # ~1 min each; tests/test_face.py runs a short script both ways in the default suite
+@pytest.mark.parametrize("how", ["a script without a main guard", "python - (stdin)"])
+def test_readme_first_python_block_runs_as_a_plain_script(how, reader_dir):
+    """The README's analysis, as scanpy users run such code: a file without a main guard, or ``python -``."""
+    code = next(code for lang, code, why, _ in blocks("README.md") if lang == "python" and why is None)
+    if how.startswith("a script"):
+        (reader_dir / "analysis.py").write_text(code)
+        cmd, stdin = [sys.executable, "analysis.py"], None
+    else:
+        cmd, stdin = [sys.executable, "-"], code
+    done = subprocess.run(cmd, input=stdin, cwd=reader_dir, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, f"README's first Python block, run as {how}, fails:\n{done.stderr[-3000:]}"
+    assert "Traceback" not in done.stderr and "Nanny failed" not in done.stderr, done.stderr[-3000:]
+    about_scheduler = [line for line in done.stderr.splitlines() if "threads" in line or "scheduler" in line]
+    assert len(about_scheduler) <= 1, done.stderr[-3000:]
+    assert (reader_dir / "de_wilcoxon.zarr").is_dir()  # the snippet's write happened
