@@ -31,7 +31,8 @@ import pertscale as ps
 a = ps.read({path!r})
 ps.pp.normalize_total(a)
 ps.pp.log1p(a)
-de = ps.compute(ps.tl.rank_genes_groups(a, "perturbation", "control"), scheduler="local", progress=False)
+de = ps.tl.rank_genes_groups(a, perturbation_column="perturbation", control_label="control")
+de = ps.compute(de, scheduler="local", progress=False)
 np.save({out!r}, de.layers["scores"])
 print("tested", de.n_obs)
 """
@@ -41,7 +42,11 @@ def _reference(path):
     a = ps.read(path)
     ps.pp.normalize_total(a)
     ps.pp.log1p(a)
-    return ps.compute(ps.tl.rank_genes_groups(a, "perturbation", "control"), scheduler="synchronous", progress=False)
+    return ps.compute(
+        ps.tl.rank_genes_groups(a, perturbation_column="perturbation", control_label="control"),
+        scheduler="synchronous",
+        progress=False,
+    )
 
 
 @pytest.mark.parametrize("how", ["script without a main guard", "python - (stdin)"])
@@ -99,7 +104,7 @@ def test_a_client_the_user_made_is_used_and_gives_the_same_results(sim_adata):
     adata = sim_adata.copy()
     ps.pp.normalize_total(adata)
     ps.pp.log1p(adata)
-    res = ps.tl.rank_genes_groups(adata, "perturbation", "control")
+    res = ps.tl.rank_genes_groups(adata, perturbation_column="perturbation", control_label="control")
     ref = ps.compute(res, scheduler="synchronous", progress=False)
     no_memory_management = {f"distributed.worker.memory.{k}": False for k in ("target", "spill", "pause", "terminate")}
     with (
@@ -177,7 +182,8 @@ def test_readme_analysis_in_a_script_is_not_slowed_by_a_process_cluster(tmp_path
         a = ps.read({str(real_path("schraivogel"))!r})
         ps.pp.normalize_total(a); ps.pp.log1p(a)
         ps.pp.pca(a, n_comps=10)
-        de = ps.compute(ps.tl.rank_genes_groups(a, "perturbation", "control"), progress=False)
+        de = ps.tl.rank_genes_groups(a, perturbation_column="perturbation", control_label="control")
+        de = ps.compute(de, progress=False)
         import pertscale.cluster as c
         assert not c._clients, c._clients  # no LocalCluster was started
         print(round(time.perf_counter() - t, 2))
@@ -212,3 +218,42 @@ def test_a_worker_lost_inside_the_face_is_restarted(cluster_client):
         else:
             pytest.fail(f"the worker {address} was not restarted within 60 s inside ps.cluster.using")
         assert dask.compute(da.ones(10, chunks=5).sum())[0] == 10
+
+
+@pytest.mark.cluster
+def test_a_notebook_kernel_runs_the_analysis_quietly(tmp_path):
+    """In a Jupyter kernel (nbclient runs one, as a notebook does): threads for a small screen, and a process
+    cluster when asked; no traceback, no tqdm widget warning without ipywidgets, at most one line about where."""
+    nbclient = pytest.importorskip("nbclient")
+    nbformat = pytest.importorskip("nbformat")
+    path = real_path("schraivogel")
+    out = tmp_path / "scores.npy"
+    cells = [
+        f"""
+import numpy as np
+import pertscale as ps
+a = ps.read({str(path)!r})
+ps.pp.normalize_total(a)
+ps.pp.log1p(a)
+ps.pp.pca(a, n_comps=5)  # a pass, on the face's choice (threads: the screen is small), with a progress bar
+de = ps.compute(ps.tl.rank_genes_groups(a, perturbation_column="perturbation", control_label="control"))
+print("tested", de.n_obs)
+""",
+        f"""
+de = ps.compute(ps.tl.rank_genes_groups(a, perturbation_column="perturbation", control_label="control"),
+                scheduler="local", progress=False)  # worker processes start in a kernel
+np.save({str(out)!r}, de.layers["scores"])
+""",
+    ]
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(c) for c in cells])
+    nbclient.NotebookClient(
+        nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
+    ).execute()
+    outputs = [o for cell in nb.cells for o in cell.outputs]
+    assert not [o for o in outputs if o["output_type"] == "error"], outputs
+    stderr = "".join(o.get("text", "") for o in outputs if o.get("name") == "stderr")
+    for bad in ("Traceback", "TqdmWarning", "Nanny failed", "IProgress"):
+        assert bad not in stderr, stderr
+    stdout = "".join(o.get("text", "") for o in outputs if o.get("name") == "stdout")
+    assert "tested 16" in stdout
+    assert_close(np.load(out), _reference(path).layers["scores"], rtol=1e-12)

@@ -72,17 +72,25 @@ class LogLines(tqdm):
 
 
 def progress_bar_class() -> type:
-    """The progress bar's class: tqdm's where stderr is a terminal or a notebook, else :class:`LogLines` (a log)."""
-    from tqdm.auto import tqdm as auto
+    """The progress bar's class: tqdm's where stderr is a terminal or a notebook, else :class:`LogLines` (a log).
+
+    In a notebook, tqdm's widget where ipywidgets is installed, else its text
+    bar (tqdm's widget module warns at every bar without ipywidgets).
+    """
+    import importlib.util
 
     stream = sys.stderr
-    if type(stream).__module__.startswith("ipykernel"):  # a notebook's output: not a tty, but shows widgets
-        return auto
+    if type(stream).__module__.startswith("ipykernel"):  # a notebook's output: not a tty, but may show widgets
+        if importlib.util.find_spec("ipywidgets") is None:
+            return tqdm
+        from tqdm.notebook import tqdm as widget
+
+        return widget
     try:
         terminal = stream.isatty()
     except (AttributeError, ValueError):  # no stream, or a closed one
         terminal = False
-    return auto if terminal else LogLines
+    return tqdm if terminal else LogLines
 
 
 def label() -> str | None:

@@ -25,6 +25,7 @@ import shutil
 import socket
 import sys
 import threading
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
@@ -628,7 +629,9 @@ class _Runner:
         get = dask.base.named_schedulers["sync" if scheduler == "synchronous" else scheduler]
         if not show:
             return get(graph, keys, **kwargs)
-        from tqdm.dask import TqdmCallback
+        with warnings.catch_warnings():  # tqdm.dask imports tqdm.auto, which warns in a kernel without ipywidgets
+            warnings.simplefilter("ignore")
+            from tqdm.dask import TqdmCallback
 
         with TqdmCallback(tqdm_class=progress_bar_class(), desc=desc, leave=False, unit="task"):
             return get(graph, keys, **kwargs)

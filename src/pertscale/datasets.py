@@ -270,13 +270,15 @@ def _write_streamed(
         import h5py
 
         root = h5py.File(path, "w")
-    from tqdm.auto import tqdm
+    from ._progress import progress_bar_class
 
     try:
         with (
             ad.settings.override(zarr_write_format=3, auto_shard_zarr_v3=False),
             warnings.catch_warnings(),
-            tqdm(total=n_cells, desc=f"simulating {name}", unit="cell", disable=not settings.progress) as bar,
+            progress_bar_class()(
+                total=n_cells, desc=f"simulating {name}", unit="cell", disable=not settings.progress
+            ) as bar,
         ):
             # zarr v3 has no spec yet for variable-length strings (uns holds labels) nor consolidated metadata
             warnings.filterwarnings("ignore", message="The data type", category=Warning)
