@@ -49,11 +49,15 @@ PERTSCALE = textwrap.dedent(
         path, out = sys.argv[1], sys.argv[2]
         ps.settings.progress = False
         a = ps.read(path)
-        a = ps.pp.filter_perturbations(a, "perturbation", "control", exclude_labels=["multiple", "unassigned"])
+        a = ps.pp.filter_perturbations(
+            a, perturbation_column="perturbation", control_label="control", exclude_labels=["multiple", "unassigned"]
+        )
         with ps.cluster.using("threads"):  # nb-glm's steps, then the test
             ps.pp.size_factors(a)
-            ps.tl.dispersions(a, "perturbation")
-            r = ps.tl.rank_genes_groups(a, "perturbation", "control", method="nb-glm", shrink=False)
+            ps.tl.dispersions(a, perturbation_column="perturbation")
+            r = ps.tl.rank_genes_groups(
+                a, perturbation_column="perturbation", control_label="control", method="nb-glm", shrink=False
+            )
             r = ps.compute(r)
         np.savez(out, lfc=r.layers["logfoldchanges_raw"], p=r.layers["pvals"], groups=np.array(r.obs_names, dtype=str),
                  genes=np.array(r.var_names, dtype=str))

@@ -59,7 +59,7 @@ PERTSCALE = textwrap.dedent(
     ps.pp.log1p(adata)
     ps.pp.pca(adata, n_comps=30)
     stages["read, normalize, log1p, pca"] = time.perf_counter() - t; t = time.perf_counter()
-    de = ps.compute(ps.tl.rank_genes_groups(adata, "perturbation", "control"))
+    de = ps.compute(ps.tl.rank_genes_groups(adata, perturbation_column="perturbation", control_label="control"))
     stages["wilcoxon"] = time.perf_counter() - t
     np.savez(out, pvals=de.layers["pvals"], groups=np.asarray(de.obs_names, dtype=str),
              genes=np.asarray(de.var_names, dtype=str), loadings=adata.varm["PCs"][:, :10])

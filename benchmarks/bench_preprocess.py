@@ -25,7 +25,7 @@ Tasks:
 - ``pseudobulk``: pertscale ``ps.io.prepare`` (the cells sorted by
   perturbation into a working store, as ``pertscale run`` does, when the
   file is not sorted; stage ``sort``), ``ps.pb.pseudobulk(...,
-  groupby="perturbation")`` (one pass) and ``ps.write`` to h5ad; scanpy
+  perturbation_column="perturbation")`` (one pass) and ``ps.write`` to h5ad; scanpy
   ``sc.get.aggregate(adata, by="perturbation", func="sum")`` on the matrix
   read into memory, written to h5ad. Agreement: the largest relative
   difference of the summed counts (``|a - b| / max(|b|, 1)``).
@@ -82,22 +82,21 @@ PS_PCA = _HEAD + textwrap.dedent(
     """
     from pathlib import Path
     import anndata, numpy as np, pertscale as ps
-    from pertscale.cluster import resolve_scheduler
-    path, out, scheduler = sys.argv[1], Path(sys.argv[2]), sys.argv[3] or None
+    path, out, scheduler = sys.argv[1], Path(sys.argv[2]), sys.argv[3] or "local"
     ps.settings.progress = False
     lap("import")
-    resolve_scheduler(scheduler)  # the default local cluster starts here (it would at the first computation)
+    ps.cluster.using(scheduler).__enter__()  # the face's context for the whole script; the local cluster starts here
     lap("cluster")
     a = ps.read(path)
     ps.pp.normalize_total(a)
     ps.pp.log1p(a)
     lap("read")
-    ps.pp.highly_variable_genes(a, flavor="seurat", n_top_genes=2000, scheduler=scheduler)
+    ps.pp.highly_variable_genes(a, flavor="seurat", n_top_genes=2000)
     lap("hvg")
-    ps.pp.pca(a, n_comps=50, scheduler=scheduler)
+    ps.pp.pca(a, n_comps=50)
     lap("pca")
     scores = anndata.AnnData(obs=a.obs[[]], obsm={"X_pca": a.obsm["X_pca"]}, uns={"pca": a.uns["pca"]})
-    ps.write(scores, out / "pca.zarr", scheduler=scheduler)
+    ps.write(scores, out / "pca.zarr")
     lap("write")
     np.save(out / "hvg.npy", a.var["highly_variable"].to_numpy())
     np.save(out / "loadings.npy", a.varm["PCs"])
@@ -133,20 +132,20 @@ PS_PB = _HEAD + textwrap.dedent(
     """
     from pathlib import Path
     import pertscale as ps
-    from pertscale.cluster import resolve_scheduler
-    path, out, scheduler = sys.argv[1], Path(sys.argv[2]), sys.argv[3] or None
+    path, out, scheduler = sys.argv[1], Path(sys.argv[2]), sys.argv[3] or "local"
     ps.settings.progress = False
     lap("import")
-    resolve_scheduler(scheduler)
+    ps.cluster.using(scheduler).__enter__()  # the face's context for the whole script
     lap("cluster")
     adata = ps.read(path)
     if not ps.io._prepare.is_sorted(adata.obs["perturbation"].astype(str), "control", ()):
         # cells in barcode order: sort once (as pertscale run does), so each block holds few groups
-        adata = ps.io.prepare(path, "perturbation", "control", out=out / "sorted.zarr", scheduler=scheduler)
+        adata = ps.io.prepare(path, perturbation_column="perturbation", control_label="control",
+            out=out / "sorted.zarr")
         lap("sort")
-    result = ps.pb.pseudobulk(adata, groupby="perturbation", scheduler=scheduler)
+    result = ps.pb.pseudobulk(adata, perturbation_column="perturbation")
     lap("pseudobulk")
-    ps.write(result, out / "pb.h5ad", scheduler=scheduler)
+    ps.write(result, out / "pb.h5ad")
     lap("write")
     print("stages:", ", ".join(f"{k} {v:.2f}" for k, v in stages.items()))
     """

@@ -51,7 +51,7 @@ PS_SAVE = textwrap.dedent(
     a = ps.read(path)
     ps.pp.normalize_total(a)
     ps.pp.log1p(a)
-    ps.tl.rank_genes_groups(a, "perturbation", "control", method="t-test")
+    ps.tl.rank_genes_groups(a, perturbation_column="perturbation", control_label="control", method="t-test")
     ps.write(a, out)
     """
 )
@@ -67,7 +67,8 @@ PS_REOPEN = textwrap.dedent(
         raise SystemExit("the stored result was not reused")
     rgg._test = refuse
     with ps.open(path) as a:
-        ps.tl.rank_genes_groups(a, "perturbation", "control", method="t-test")  # reused, nothing runs
+        # reused, nothing runs
+        ps.tl.rank_genes_groups(a, perturbation_column="perturbation", control_label="control", method="t-test")
         one = ps.get.dataset(a, method="t-test").sel(perturbation=group).to_dataframe()
         one.sort_values("scores", ascending=False).to_csv(out)
     """

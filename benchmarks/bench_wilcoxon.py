@@ -86,7 +86,9 @@ def run_pertscale(path: Path, scheduler: str):
 
     ps.settings.progress = False
     adata = ps.read(path)  # lazy: reading the file is part of the timed work
-    res = ps.compute(ps.tl.rank_genes_groups(adata, COLUMN, CONTROL), scheduler=scheduler)
+    res = ps.compute(
+        ps.tl.rank_genes_groups(adata, perturbation_column=COLUMN, control_label=CONTROL), scheduler=scheduler
+    )
     return list(res.obs_names), list(res.var_names), res.layers["pvals"]
 
 

@@ -111,7 +111,13 @@ def as_array_type(adata: ad.AnnData, kind: str, directory: Path, *, chunk_rows: 
         path = Path(directory) / f"screen.{kind}"
         if not path.exists():
             a.X = x
-            a.write_h5ad(path) if kind == "h5ad" else a.write_zarr(path)
+            if kind == "h5ad":
+                a.write_h5ad(path)
+            else:  # zarr v3 without consolidated metadata (anndata's write_zarr warns of both)
+                import zarr
+
+                with ad.settings.override(auto_shard_zarr_v3=False):
+                    ad.io.write_elem(zarr.open_group(str(path), mode="w", zarr_format=3), "/", a)
         return ps.read(path, chunk_size=chunk_rows)
     if kind == "numpy":
         a.X = x.toarray()
@@ -229,6 +235,11 @@ def lazy_guard(func, *, name: str | None = None, when=None):
         with dask.config.set(scheduler=_refuse(name)):
             return func(*args, **kwargs)
 
+    # a warning that func attributes to its caller (stacklevel=2) names func's own file, as unguarded: the
+    # command line shows pertscale's warnings by their file (cli.py), and the guard must not change what it shows
+    source = inspect.getsourcefile(inspect.unwrap(func))
+    if source:
+        guarded.__code__ = guarded.__code__.replace(co_filename=source)
     guarded.lazy_guard = True
     return guarded
 

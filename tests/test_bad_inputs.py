@@ -589,7 +589,10 @@ def _prepared(adata):
 
 
 def _rank(adata, **kwargs):
-    return ps.compute(ps.tl.rank_genes_groups(adata, "perturbation", "control", **kwargs), scheduler="synchronous")
+    return ps.compute(
+        ps.tl.rank_genes_groups(adata, perturbation_column="perturbation", control_label="control", **kwargs),
+        scheduler="synchronous",
+    )
 
 
 def _mixed_int_and_str(tiny):
@@ -648,11 +651,20 @@ API_CASES = {
         r"max_counts must be a finite",
     ),
     "filter-perturbations-min-cells-nan": (
-        lambda t, p: ps.pp.filter_perturbations(ps.read(p), "perturbation", "control", min_cells=float("nan")),
+        lambda t, p: ps.pp.filter_perturbations(
+            ps.read(p),
+            perturbation_column="perturbation",
+            control_label="control",
+            min_cells_per_perturbation=float("nan"),
+        ),
         ValueError,
-        r"min_cells must be a finite",
+        r"min_cells_per_perturbation must be a finite",
     ),
-    "rank-min-cells-zero": (lambda t, p: _rank(_prepared(t), min_cells=0), ValueError, r"min_cells must be >= 1"),
+    "rank-min-cells-zero": (
+        lambda t, p: _rank(_prepared(t), min_cells_per_perturbation=0),
+        ValueError,
+        r"min_cells_per_perturbation must be >= 1",
+    ),
     "rank-labels-collide-as-text": (
         lambda t, p: _mixed_int_and_str(t),
         ValueError,
@@ -752,13 +764,15 @@ def test_api_labels_of_one_kind_are_not_collisions(tiny):
     codes = {"control": 0, "P0000": 1, "P0001": 2, "P0002": 3, "P0003": 4}
     labels = [codes[v] for v in a.obs["perturbation"].astype(str)]
     a.obs["perturbation"] = np.array([np.int64(v) if i % 2 else v for i, v in enumerate(labels)], dtype=object)
-    res = ps.tl.rank_genes_groups(a, "perturbation", 0)
+    res = ps.tl.rank_genes_groups(a, perturbation_column="perturbation", control_label=0)
     assert list(res.obs_names) == ["1", "2", "3", "4"]
 
 
 def test_api_single_string_is_one_label(tiny, tiny_h5ad):
     a = ps.read(tiny_h5ad)
-    kept = ps.pp.filter_perturbations(a, "perturbation", "control", exclude_labels="P0001")
+    kept = ps.pp.filter_perturbations(
+        a, perturbation_column="perturbation", control_label="control", exclude_labels="P0001"
+    )
     table = kept.uns["pertscale"]["perturbation_filter"]
     assert table.loc["P0001", "reason"] == "excluded" and (table["reason"] == "excluded").sum() == 1
     assert "P0001" not in set(kept.obs["perturbation"].astype(str))

@@ -58,8 +58,8 @@ def test_readme_main_job_on_real_screen(tmp_path):
     assert res.n_obs == 25 and res.n_vars > 250
     assert set(res.layers) >= {"scores", "pvals", "pvals_adj", "logfoldchanges", "pts", "pts_rest", "u_statistic"}
     sig = pd.read_csv(out / "de_wilcoxon_significant.csv")
-    assert list(sig.columns) == ["perturbation", "gene", "logfoldchange", "score", "pval", "pval_adj"]
-    assert (sig["pval_adj"] < 0.05).all()
+    assert list(sig.columns) == ["perturbation", "gene", "logfoldchanges", "scores", "pvals", "pvals_adj"]
+    assert (sig["pvals_adj"] < 0.05).all()
     assert len(sig) == int((res.layers["pvals_adj"] < 0.05).sum())
     qc = pd.read_csv(out / "qc.csv").set_index("perturbation")
     assert qc.loc["multiple", "reason"] == "excluded" and qc.loc["multiple", "n_cells_kept"] == 0

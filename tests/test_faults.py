@@ -73,14 +73,14 @@ def test_a_damaged_working_store_block_is_detected_and_rebuilt_never_read(sim_h5
 
     store = tmp_path / "work.zarr"
     options = {"out": store, "chunk_size": 500}
-    expected = _matrix(ps.io.prepare(sim_h5ad, "perturbation", "control", **options))
+    expected = _matrix(ps.io.prepare(sim_h5ad, perturbation_column="perturbation", control_label="control", **options))
     # 1. a truncated chunk file: seen from the file sizes when the store is reused, and the block written again
     chunk = next(
         p for p in sorted((store / "blocks" / "1" / "data").rglob("*")) if p.is_file() and p.name != "zarr.json"
     )
     chunk.write_bytes(chunk.read_bytes()[:-7])
     with caplog.at_level("WARNING", logger="pertscale"):
-        again = ps.io.prepare(sim_h5ad, "perturbation", "control", **options)
+        again = ps.io.prepare(sim_h5ad, perturbation_column="perturbation", control_label="control", **options)
     assert "block(s) [1] are missing or damaged" in caplog.text
     np.testing.assert_array_equal(_matrix(again), expected)
     # 2. values replaced by others of the same size (a silent corruption): the checksum catches it on reading
@@ -90,10 +90,14 @@ def test_a_damaged_working_store_block_is_detected_and_rebuilt_never_read(sim_h5
     meta = json.loads((store / "blocks" / "2" / "zarr.json").read_text())
     meta["attributes"]["sizes"] = _file_sizes(store / "blocks" / "2")  # as if written so
     (store / "blocks" / "2" / "zarr.json").write_text(json.dumps(meta))
-    damaged = ps.io.prepare(sim_h5ad, "perturbation", "control", **options)  # sizes match: reused
+    damaged = ps.io.prepare(
+        sim_h5ad, perturbation_column="perturbation", control_label="control", **options
+    )  # sizes match: reused
     with pytest.raises(ps.io.DamagedStoreError, match="block 2 of the working store .* is damaged .*checksum"):
         _matrix(damaged)
-    rebuilt = ps.io.prepare(sim_h5ad, "perturbation", "control", **options)  # the block was set aside
+    rebuilt = ps.io.prepare(
+        sim_h5ad, perturbation_column="perturbation", control_label="control", **options
+    )  # the block was set aside
     np.testing.assert_array_equal(_matrix(rebuilt), expected)
     assert not list((store / "blocks").glob(".*damaged*"))
 

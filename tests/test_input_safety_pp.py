@@ -109,7 +109,7 @@ IN_PLACE = {
     "size_factors": (_counts, lambda a: ps.pp.size_factors(a), lambda a: a.obs["size_factors"].to_numpy()),
     "dispersions": (
         _with_size_factors,
-        lambda a: ps.tl.dispersions(a, "perturbation", method="moments"),
+        lambda a: ps.tl.dispersions(a, perturbation_column="perturbation", method="moments"),
         lambda a: a.var["dispersion"].to_numpy(),
     ),
 }
@@ -187,7 +187,9 @@ def test_log1p_of_a_layer_marks_that_layer_only(tiny):
         ps.pp.log1p(a, layer="norm")
     assert _snapshot(a) == before and (_dense(a.layers["norm"]) == norm).all()
     with pytest.raises(ValueError, match=r"layers\['norm'\] holds log1p-normalized values.*layer='counts'"):
-        ps.tl.rank_genes_groups(a, "perturbation", "control", method="nb-glm", layer="norm")
+        ps.tl.rank_genes_groups(
+            a, perturbation_column="perturbation", control_label="control", method="nb-glm", layer="norm"
+        )
     ps.pp.log1p(a)  # X is not marked: it is logged
     assert a.uns["log1p"] == {"base": None}
 
@@ -397,14 +399,14 @@ NUMBERS = {
     ),
     "dispersions-tol-huge": (
         _with_size_factors,
-        lambda a: ps.tl.dispersions(a, "perturbation", tol=1e300),
+        lambda a: ps.tl.dispersions(a, perturbation_column="perturbation", tol=1e300),
         ValueError,
         r"tol must be > 0 and < 3.0, got 1e\+300: a Newton step in log alpha is at most 3 long",
         True,
     ),
     "dispersions-min-mu-huge": (
         _with_size_factors,
-        lambda a: ps.tl.dispersions(a, "perturbation", min_mu=1e300),
+        lambda a: ps.tl.dispersions(a, perturbation_column="perturbation", min_mu=1e300),
         ValueError,
         r"min_mu must be > 0 and <= 1e\+152, got 1e\+300: .*finite float64",
         True,
@@ -432,7 +434,9 @@ NUMBERS = {
     ),
     "min-mean-unreachable": (
         _logged,
-        lambda a: ps.tl.rank_genes_groups(a, "perturbation", "control", min_mean=(10.0, 1e300)),
+        lambda a: ps.tl.rank_genes_groups(
+            a, perturbation_column="perturbation", control_label="control", min_mean=(10.0, 1e300)
+        ),
         ValueError,
         r"above 9\.21 = log1p\(target_sum=10000\).*no gene would be tested",
         True,
@@ -464,7 +468,10 @@ def test_seurat_v3_span_too_small_is_an_error_not_a_crash(tiny):
 
 def test_whole_numbers_beyond_float_precision_are_whole(tiny):
     a = _counts(tiny)
-    kept = ps.pp.filter_perturbations(a, "perturbation", "control", min_cells=10**30)  # the control stays
+    # the control stays
+    kept = ps.pp.filter_perturbations(
+        a, perturbation_column="perturbation", control_label="control", min_cells_per_perturbation=10**30
+    )
     assert set(kept.obs["perturbation"].astype(str)) == {"control"}
     assert ps.pp.adaptive_qc_thresholds(a, perturbation_column="perturbation", random_state=10**30).min_genes >= 5
 
@@ -476,30 +483,44 @@ def test_covariate_as_a_string_is_one_column(tiny):
     a = _counts(tiny)
     a.layers["counts"] = a.X
     ps.pp.size_factors(a, layer="counts")  # nb-glm's steps, made first
-    ps.tl.dispersions(a, "perturbation", covariates="bio_rep", method="moments", layer="counts")
+    ps.tl.dispersions(a, perturbation_column="perturbation", covariates="bio_rep", method="moments", layer="counts")
     kw = {"method": "nb-glm", "layer": "counts", "dispersion_method": "moments", "perturbations": ["P0000"]}
-    by_string = ps.compute(ps.tl.rank_genes_groups(a.copy(), "perturbation", "control", covariates="bio_rep", **kw))
-    by_list = ps.compute(ps.tl.rank_genes_groups(a.copy(), "perturbation", "control", covariates=["bio_rep"], **kw))
+    by_string = ps.compute(
+        ps.tl.rank_genes_groups(
+            a.copy(), perturbation_column="perturbation", control_label="control", covariates="bio_rep", **kw
+        )
+    )
+    by_list = ps.compute(
+        ps.tl.rank_genes_groups(
+            a.copy(), perturbation_column="perturbation", control_label="control", covariates=["bio_rep"], **kw
+        )
+    )
     assert list(by_string.uns["pertscale"]["settings"]["covariates"]) == ["bio_rep"]
     for layer in by_list.layers:
         assert_close(by_string.layers[layer], by_list.layers[layer], rtol=1e-12, err_msg=layer)
     d = a.copy()
     ps.pp.size_factors(d)
-    table = ps.tl.dispersions(d, "perturbation", covariates="bio_rep", method="moments")
+    table = ps.tl.dispersions(d, perturbation_column="perturbation", covariates="bio_rep", method="moments")
     assert d.uns["pertscale"]["dispersion"]["covariates"] == "bio_rep"
     e = a.copy()
     ps.pp.size_factors(e)
     assert_close(
         table["dispersion"],
-        ps.tl.dispersions(e, "perturbation", covariates=["bio_rep"], method="moments")["dispersion"],
+        ps.tl.dispersions(e, perturbation_column="perturbation", covariates=["bio_rep"], method="moments")[
+            "dispersion"
+        ],
     )
 
 
 @pytest.mark.parametrize(
     "call",
     [
-        lambda a: ps.tl.rank_genes_groups(a, "perturbation", "control", method="nb-glm", covariates="batch"),
-        lambda a: ps.tl.dispersions(a, "perturbation", size_factors=np.ones(a.n_obs), covariates="batch"),
+        lambda a: ps.tl.rank_genes_groups(
+            a, perturbation_column="perturbation", control_label="control", method="nb-glm", covariates="batch"
+        ),
+        lambda a: ps.tl.dispersions(
+            a, perturbation_column="perturbation", size_factors=np.ones(a.n_obs), covariates="batch"
+        ),
     ],
     ids=["rank_genes_groups", "dispersions"],
 )
@@ -571,23 +592,25 @@ def test_filter_that_keeps_nothing(name, tiny, tmp_path):
 
 PERTURBATION_FILTERS = {
     "control-absent": (
-        lambda a: ps.pp.filter_perturbations(a, "perturbation", "NT"),
+        lambda a: ps.pp.filter_perturbations(a, perturbation_column="perturbation", control_label="NT"),
         r"control_label 'NT' not found in obs\['perturbation'\]; labels seen: 'control', 'P000",
     ),
     "control-excluded": (
-        lambda a: ps.pp.filter_perturbations(a, "perturbation", "control", exclude_labels="control"),
+        lambda a: ps.pp.filter_perturbations(
+            a, perturbation_column="perturbation", control_label="control", exclude_labels="control"
+        ),
         r"exclude_labels includes the control label 'control': no control cell would be left; remove it",
     ),
     "all-excluded": (
         lambda a: ps.pp.filter_perturbations(
-            a, "perturbation", exclude_labels=["control", "P0000", "P0001", "P0002", "P0003"]
+            a, perturbation_column="perturbation", exclude_labels=["control", "P0000", "P0001", "P0002", "P0003"]
         ),
         r"every cell's label in obs\['perturbation'\] is in exclude_labels.*remove some labels",
     ),
     "min-cells-drops-all": (
-        lambda a: ps.pp.filter_perturbations(a, "perturbation", min_cells=500),
-        r"min_cells=500 drops every perturbation: the largest, 'control', has 100 cells; min_cells <= 100 keeps "
-        r"some \(or give control_label",
+        lambda a: ps.pp.filter_perturbations(a, perturbation_column="perturbation", min_cells_per_perturbation=500),
+        r"min_cells_per_perturbation=500 drops every perturbation: the largest, 'control', has 100 cells; "
+        r"min_cells_per_perturbation <= 100 keeps some \(or give control_label",
     ),
 }
 

@@ -107,13 +107,13 @@ def test_prepare_rebuilds_for_an_input_replaced_with_the_same_size_and_mtime(wha
     path = h5ad(tiny, tmp_path / "in.h5ad")
     store = tmp_path / "sorted.zarr"
     with ps.cluster.using("synchronous"):
-        ps.io.prepare(path, "perturbation", "control", out=store)
+        ps.io.prepare(path, perturbation_column="perturbation", control_label="control", out=store)
     other = _same_size_other_content(tiny, what)
     _replace_keeping_size_and_mtime(path, other)
     before = checksum(path)
     with caplog.at_level(logging.INFO, logger="pertscale.io._prepare"):
         with ps.cluster.using("synchronous"):
-            again = ps.io.prepare(path, "perturbation", "control", out=store)
+            again = ps.io.prepare(path, perturbation_column="perturbation", control_label="control", out=store)
     assert "rebuilding it" in caplog.text and "reusing" not in caplog.text
     rows = again.obs["input_row"].to_numpy()
     np.testing.assert_array_equal(_sorted_rows(again), other.X[rows].toarray())
@@ -125,10 +125,10 @@ def test_prepare_rebuilds_for_an_input_replaced_with_the_same_size_and_mtime(wha
 def test_prepare_reuses_an_unchanged_input(tiny, tmp_path, caplog):
     path = h5ad(tiny, tmp_path / "in.h5ad")
     with ps.cluster.using("synchronous"):
-        ps.io.prepare(path, "perturbation", "control", out=tmp_path / "s.zarr")
+        ps.io.prepare(path, perturbation_column="perturbation", control_label="control", out=tmp_path / "s.zarr")
     with caplog.at_level(logging.INFO, logger="pertscale.io._prepare"):
         with ps.cluster.using("synchronous"):
-            ps.io.prepare(path, "perturbation", "control", out=tmp_path / "s.zarr")
+            ps.io.prepare(path, perturbation_column="perturbation", control_label="control", out=tmp_path / "s.zarr")
     assert "reusing the working store" in caplog.text
 
 
@@ -141,8 +141,10 @@ def test_fingerprint_covers_the_content(tiny, tmp_path):
     second = fingerprint(path, matrix="X")
     assert {k: v for k, v in first.items() if k != "content"} == {k: v for k, v in second.items() if k != "content"}
     assert first["content"] != second["content"]
-    zarr_store = write_zarr(tiny, tmp_path / "in.zarr")
-    assert fingerprint(zarr_store, matrix="X")["content"] == fingerprint(zarr_store, matrix="X")["content"]
+    content = fingerprint(write_zarr(tiny, tmp_path / "in.zarr"), matrix="X")["content"]
+    assert fingerprint(write_zarr(tiny, tmp_path / "again.zarr"), matrix="X")["content"] == content  # not the path
+    other = write_zarr(_same_size_other_content(tiny, "matrix"), tmp_path / "other.zarr")
+    assert fingerprint(other, matrix="X")["content"] != content
 
 
 def test_cli_rebuilds_for_an_input_replaced_with_the_same_size_and_mtime(tiny, tmp_path):
@@ -267,10 +269,12 @@ def test_flipped_bit_in_the_working_store_is_caught_and_rewritten(tiny, tmp_path
     path = h5ad(tiny, tmp_path / "in.h5ad")
     store = tmp_path / "sorted.zarr"
     with ps.cluster.using("synchronous"):
-        good = _sorted_rows(ps.io.prepare(path, "perturbation", "control", out=store))
+        good = _sorted_rows(ps.io.prepare(path, perturbation_column="perturbation", control_label="control", out=store))
     _flip_byte(store / "blocks" / "0" / "data" / "c" / "0")
     with ps.cluster.using("synchronous"):
-        again = ps.io.prepare(path, "perturbation", "control", out=store)  # sizes unchanged
+        again = ps.io.prepare(
+            path, perturbation_column="perturbation", control_label="control", out=store
+        )  # sizes unchanged
     with pytest.raises(
         ps.io.DamagedStoreError,
         match=r"block 0 of the working store .* is damaged \(its data array cannot be read \(data chunk 'c/0'\): "
@@ -278,7 +282,7 @@ def test_flipped_bit_in_the_working_store_is_caught_and_rewritten(tiny, tmp_path
     ):
         _sorted_rows(again)
     with ps.cluster.using("synchronous"):
-        rebuilt = ps.io.prepare(path, "perturbation", "control", out=store)
+        rebuilt = ps.io.prepare(path, perturbation_column="perturbation", control_label="control", out=store)
     np.testing.assert_array_equal(_sorted_rows(rebuilt), good)
 
 
@@ -322,7 +326,7 @@ def test_api_absent_label_chunk_is_named_when_the_control_is_not_found(tiny, tmp
     before = checksum(store)
     _forbid_passes(monkeypatch)
     with pytest.warns(UserWarning, match=r"absent"), pytest.raises(ValueError, match=ABSENT):
-        ps.io.prepare(store, "perturbation", "control", out=tmp_path / "s.zarr")
+        ps.io.prepare(store, perturbation_column="perturbation", control_label="control", out=tmp_path / "s.zarr")
     assert checksum(store) == before
     assert not (tmp_path / "s.zarr").exists()
 
@@ -337,7 +341,7 @@ def test_absent_chunk_of_the_perturbation_column_warns(tiny, tmp_path):
         match=r"1 chunk\(s\) of obs\['perturbation'\] are absent .*'obs/perturbation/codes/c/1'\): their 100 cells "
         r"read as 'control'.*copied or written incompletely",
     ):
-        ps.pp.filter_perturbations(adata, "perturbation", "control")
+        ps.pp.filter_perturbations(adata, perturbation_column="perturbation", control_label="control")
     assert checksum(store) == before
 
 
@@ -356,7 +360,8 @@ def test_absent_chunk_of_another_column_is_not_reported(tiny, tmp_path):
     store = write_zarr(tiny, tmp_path / "in.zarr", chunks=100)
     os.remove(store / "obs" / "target_gene" / "codes" / "c" / "1")
     adata = ps.read(store)
-    ps.pp.filter_perturbations(adata, "perturbation", "control")  # warnings are errors: none is given
+    # warnings are errors: none is given
+    ps.pp.filter_perturbations(adata, perturbation_column="perturbation", control_label="control")
 
 
 # ---------------------------------------------------------------- 4. float16 and complex matrices
@@ -498,7 +503,9 @@ def test_prepare_refuses_an_out_that_would_touch_the_input(name, tiny, tmp_path,
     before = checksum(source)
     _forbid_passes(monkeypatch)
     with pytest.raises(ValueError, match=message):
-        ps.io.prepare(source, "perturbation", "control", out=where(tmp_path, path, store))
+        ps.io.prepare(
+            source, perturbation_column="perturbation", control_label="control", out=where(tmp_path, path, store)
+        )
     assert checksum(source) == before
 
 
@@ -507,7 +514,13 @@ def test_prepare_refuses_an_excluded_control(tiny, tmp_path, monkeypatch):
     before = checksum(path)
     _forbid_passes(monkeypatch)
     with pytest.raises(ValueError, match=r"exclude_labels \(--exclude-labels\) includes the control label 'control'"):
-        ps.io.prepare(path, "perturbation", "control", exclude_labels=["multiple", "control"], out=tmp_path / "s.zarr")
+        ps.io.prepare(
+            path,
+            perturbation_column="perturbation",
+            control_label="control",
+            exclude_labels=["multiple", "control"],
+            out=tmp_path / "s.zarr",
+        )
     assert checksum(path) == before
     assert not (tmp_path / "s.zarr").exists()
 
@@ -526,7 +539,7 @@ def test_cli_working_store_on_the_input_is_refused(tiny, tmp_path, monkeypatch):
 def test_store_marker_records_the_content(tiny, tmp_path):
     path = h5ad(tiny, tmp_path / "in.h5ad")
     with ps.cluster.using("synchronous"):
-        ps.io.prepare(path, "perturbation", "control", out=tmp_path / "s.zarr")
+        ps.io.prepare(path, perturbation_column="perturbation", control_label="control", out=tmp_path / "s.zarr")
     recorded = json.loads((tmp_path / "s.zarr" / "pertscale_working_store.json").read_text())["fingerprint"]
     assert len(recorded["content"]) == 64 and recorded["perturbation_column"] == "perturbation"
     shutil.rmtree(tmp_path / "s.zarr")

@@ -52,7 +52,7 @@ def test_frozen_control_equals_a_full_two_group_glm_in_statsmodels(two_groups):
             fit = sm.GLM(dense[:, j], design, family=fam, offset=np.log(sf)).fit(tol=1e-14, maxiter=200)
         assert_close(control.beta0[0, j], fit.params[0], rtol=1e-6, err_msg=f"beta0 gene {j}")
         assert_close(out[0, stat["logfoldchanges_raw"], j], fit.params[1], rtol=1e-6, atol=1e-9, err_msg=f"gene {j}")
-        assert_close(out[0, stat["standard_error"], j], fit.bse[1], rtol=1e-6, err_msg=f"SE gene {j}")
+        assert_close(out[0, stat["lfcSE"], j], fit.bse[1], rtol=1e-6, err_msg=f"SE gene {j}")
         assert_close(out[0, stat["pvals"], j], fit.pvalues[1], rtol=1e-5, atol=1e-300, err_msg=f"p gene {j}")
     assert (out[0, stat["converged"]] == 1).all() and (out[0, stat["n_iter"]] < 20).all()
 
@@ -66,7 +66,7 @@ def test_log2_units_and_one_sided_pvalues(two_groups):
     greater = K.nbglm_block(y[n_c:], [y.shape[0] - n_c], control, **args, alternative="greater")
     stat = {n: i for i, n in enumerate(K.NBGLM_STATS)}
     assert_close(two[0, stat["logfoldchanges_raw"]], nat[0, stat["logfoldchanges_raw"]] / np.log(2), rtol=1e-12)
-    assert_close(two[0, stat["standard_error"]], nat[0, stat["standard_error"]] / np.log(2), rtol=1e-12)
+    assert_close(two[0, stat["lfcSE"]], nat[0, stat["lfcSE"]] / np.log(2), rtol=1e-12)
     z = two[0, stat["scores"]]
     assert_close(greater[0, stat["pvals"]], stats.norm.sf(z), rtol=1e-10)
     assert_close(two[0, stat["pvals"]], 2 * stats.norm.sf(np.abs(z)), rtol=1e-10)
@@ -107,7 +107,7 @@ def test_apeglm_mode_is_a_stationary_point_of_the_posterior(two_groups):
     control = K.nb_control(y[:n_c], sf[:n_c], alpha)
     out = K.nbglm_block(y[n_c:], [y.shape[0] - n_c], control, rows=sf[n_c:], alpha=alpha, lfc_base="natural")
     stat = {n: i for i, n in enumerate(K.NBGLM_STATS)}
-    beta_hat, se = out[0, stat["logfoldchanges_raw"]], out[0, stat["standard_error"]]
+    beta_hat, se = out[0, stat["logfoldchanges_raw"]], out[0, stat["lfcSE"]]
     beta_map = out[0, stat["logfoldchanges"]]
     # the prior scale: apeglm's estimating equation, solved here by scipy on its own
     s, d = beta_hat**2, se**2
@@ -273,7 +273,7 @@ def test_covariate_levels_take_out_a_replicate_effect_as_the_full_glm_does():
             fit = sm.GLM(dense[:, j], design, family=sm.families.NegativeBinomial(alpha=0.2), offset=np.log(sf)).fit()
         # frozen level intercepts: close to the full GLM (the approximation), far from ignoring the replicate
         assert abs(out[0, stat["logfoldchanges_raw"], j] - fit.params[2]) < 0.03, j
-        assert_close(out[0, stat["standard_error"], j], fit.bse[2], rtol=0.05, err_msg=f"SE {j}")
+        assert_close(out[0, stat["lfcSE"], j], fit.bse[2], rtol=0.05, err_msg=f"SE {j}")
         assert abs(ignored[0, stat["logfoldchanges_raw"], j] - fit.params[2]) > 0.2, j  # ~log(3) x 0.35
     with pytest.raises(ValueError, match="covariate level 2 has no control fit"):
         K.nbglm_block(y[n_c:], [n_g], control, rows=np.column_stack([sf[n_c:], np.full(n_g, 2)]), alpha=alpha)

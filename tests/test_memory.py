@@ -65,7 +65,11 @@ def test_qc_and_sorted_wilcoxon_memory_does_not_grow_with_cells(tmp_path):
         a = ps.read(path, chunk_size=2_000)
         ps.pp.normalize_total(a)
         ps.pp.log1p(a)
-        ps.write(ps.tl.rank_genes_groups(a, "perturbation", "control"), out, scheduler="synchronous")
+        ps.write(
+            ps.tl.rank_genes_groups(a, perturbation_column="perturbation", control_label="control"),
+            out,
+            scheduler="synchronous",
+        )
 
     warm = ps.datasets.simulate_screen(4_000, 1_000, 10, seed=1, sort=True, path=tmp_path / "warm.zarr")
     qc(warm)

@@ -24,11 +24,13 @@ def test_relative_outputs_land_in_the_callers_directory(tmp_path, monkeypatch):
     here.mkdir()
     monkeypatch.chdir(here)
     with ps.cluster.using("local"):
-        sorted_ = ps.io.prepare(tmp_path / "in.h5ad", "perturbation", "control", out="sorted.zarr")
+        sorted_ = ps.io.prepare(
+            tmp_path / "in.h5ad", perturbation_column="perturbation", control_label="control", out="sorted.zarr"
+        )
     assert (here / "sorted.zarr" / "blocks" / "0").is_dir()
     ps.pp.normalize_total(sorted_)
     ps.pp.log1p(sorted_)
-    de = ps.tl.rank_genes_groups(sorted_, "perturbation", "control")
+    de = ps.tl.rank_genes_groups(sorted_, perturbation_column="perturbation", control_label="control")
     ps.write(de, "de.zarr", scheduler="local")
     got = ad.read_zarr(here / "de.zarr")
     ref = ps.compute(de, scheduler="synchronous")

@@ -135,7 +135,7 @@ def test_real_screen_equals_scanpy_aggregate(name, two_columns):
     by = ["perturbation", SECOND[name]] if two_columns else "perturbation"
     adata = ps.read(real_path(name), chunk_size=4_000)
     with ps.cluster.using("synchronous"):
-        pb = ps.pb.pseudobulk(adata, groupby=by)
+        pb = ps.pb.pseudobulk(adata, perturbation_column=by)
     _assert_equals_aggregate(pb, *_scanpy_inputs(name), by)
     assert pb.uns["pertscale"]["pseudobulk"]["groupby"] == ([by] if isinstance(by, str) else by)
 
@@ -155,7 +155,7 @@ def test_simulated_screen_equals_scanpy_aggregate(sim_adata, tmp_path, kind, by)
     logged = normalized.copy()
     sc.pp.log1p(logged)
     with ps.cluster.using("synchronous"):
-        pb = ps.pb.pseudobulk(adata, groupby=by)
+        pb = ps.pb.pseudobulk(adata, perturbation_column=by)
     _assert_equals_aggregate(pb, counts, normalized, logged, by)
     assert (pb.var == sim_adata.var).all().all()
 
@@ -178,7 +178,7 @@ def test_non_categorical_column_groups_in_sorted_order(sim_adata):
     adata = sim_adata.copy()
     adata.obs["label"] = adata.obs["perturbation"].astype(str).to_numpy()[::-1]  # plain strings, another order
     with ps.cluster.using("synchronous"):
-        pb = ps.pb.pseudobulk(adata, groupby="label")
+        pb = ps.pb.pseudobulk(adata, perturbation_column="label")
     assert list(pb.obs_names) == sorted(set(adata.obs["label"]))
     ref = sc.get.aggregate(adata, by="label", func="sum")[pb.obs_names]
     assert_close(pb.X, ref.layers["sum"], rtol=1e-12)
@@ -200,7 +200,8 @@ def test_chunk_size_invariance(sim_adata, tmp_path):
     by = ["perturbation", "rep"]
     with ps.cluster.using("synchronous"):
         results = [
-            ps.pb.pseudobulk(ps.read(tmp_path / "rep.h5ad", chunk_size=c), groupby=by) for c in (97, 1_000, 3_000)
+            ps.pb.pseudobulk(ps.read(tmp_path / "rep.h5ad", chunk_size=c), perturbation_column=by)
+            for c in (97, 1_000, 3_000)
         ]
     assert ps.read(tmp_path / "rep.h5ad", chunk_size=97).X.numblocks[0] > 2 * 8  # a tree of several levels
     for other in results[1:]:
@@ -263,7 +264,7 @@ def test_log_fold_change_pools_replicates(sim_adata):
     adata = _with_rep(sim_adata)
     with ps.cluster.using("synchronous"):
         pooled = ps.pb.log_fold_change(
-            ps.pb.pseudobulk(adata, groupby=["perturbation", "rep"]), control_label="control"
+            ps.pb.pseudobulk(adata, perturbation_column=["perturbation", "rep"]), control_label="control"
         )
         single = ps.pb.log_fold_change(ps.pb.pseudobulk(adata), control_label="control")
     assert sorted(pooled.obs_names) == sorted(single.obs_names)
@@ -281,7 +282,7 @@ def test_to_pydeseq2_builds_and_fits(sim_adata):
     pert = "P0000"
     target = sim_adata.obs.loc[sim_adata.obs["perturbation"] == pert, "target_gene"].iloc[0]
     with ps.cluster.using("synchronous"):
-        pb = ps.pb.pseudobulk(adata, groupby=["perturbation", "rep"])
+        pb = ps.pb.pseudobulk(adata, perturbation_column=["perturbation", "rep"])
     pb = pb[:, list(pb.var_names[-60:].union([target]))].copy()  # fewer genes: a fast fit
     dds = ps.pb.to_pydeseq2(pb, design="perturbation", control_label="control", quiet=True, n_cpus=1)
     assert dds.n_obs == pb.n_obs and (dds.X == pb.X.astype(np.int64)).all()
@@ -312,8 +313,10 @@ def test_to_pydeseq2_refuses_non_counts_and_explains_import(sim_adata, monkeypat
 
 
 def test_missing_column(sim_adata):
-    with pytest.raises(KeyError, match=r"groupby column 'guide'.*columns present: \['perturbation', 'target_gene'\]"):
-        ps.pb.pseudobulk(sim_adata, groupby=["perturbation", "guide"])
+    with pytest.raises(
+        KeyError, match=r"perturbation_column 'guide'.*columns present: \['perturbation', 'target_gene'\]"
+    ):
+        ps.pb.pseudobulk(sim_adata, perturbation_column=["perturbation", "guide"])
 
 
 def test_missing_values_in_grouping_column(sim_adata):
@@ -338,10 +341,10 @@ def test_bad_values(sim_adata, value, match):
 
 
 def test_bad_options(sim_adata):
-    with pytest.raises(TypeError, match="groupby must be"):
-        ps.pb.pseudobulk(sim_adata, groupby=[])
+    with pytest.raises(TypeError, match="perturbation_column must be"):
+        ps.pb.pseudobulk(sim_adata, perturbation_column=[])
     with pytest.raises(ValueError, match="more than once"):
-        ps.pb.pseudobulk(sim_adata, groupby=["perturbation", "perturbation"])
+        ps.pb.pseudobulk(sim_adata, perturbation_column=["perturbation", "perturbation"])
     with pytest.raises(ValueError, match="target_sum must be > 0"):
         ps.pb.pseudobulk(sim_adata, target_sum=0)
     with pytest.raises(KeyError, match="layer 'counts' not found"):
@@ -368,10 +371,16 @@ def test_unsorted_cells_are_told_to_sort_first(sim_h5ad, tmp_path, monkeypatch):
     monkeypatch.setattr(ps.pb, "SPREAD_WARN_ENTRIES", 0)
     with pytest.warns(UserWarning, match="not stored by group.*ps.io.prepare"):
         with ps.cluster.using("synchronous"):
-            ps.pb.pseudobulk(ps.read(sim_h5ad, chunk_size=300), groupby="perturbation")
-    ps.io.prepare(sim_h5ad, "perturbation", "control", out=tmp_path / "sorted.zarr", chunk_size=300)
+            ps.pb.pseudobulk(ps.read(sim_h5ad, chunk_size=300), perturbation_column="perturbation")
+    ps.io.prepare(
+        sim_h5ad,
+        perturbation_column="perturbation",
+        control_label="control",
+        out=tmp_path / "sorted.zarr",
+        chunk_size=300,
+    )
     sorted_cells = ps.io.open_prepared(tmp_path / "sorted.zarr")
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # sorted: no warning
         with ps.cluster.using("synchronous"):
-            ps.pb.pseudobulk(sorted_cells, groupby="perturbation")
+            ps.pb.pseudobulk(sorted_cells, perturbation_column="perturbation")

@@ -50,7 +50,9 @@ def test_qc_metrics_with_mitochondrial_genes(sim_adata):
 @pytest.mark.parametrize("chunk_size", [997, 4_000, 50_000])
 def test_filters_equal_scanpy(real_screen, chunk_size):
     adata = ps.read(real_screen, chunk_size=chunk_size)
-    adata = ps.pp.filter_perturbations(adata, "perturbation", "control", exclude_labels=("multiple", "unassigned"))
+    adata = ps.pp.filter_perturbations(
+        adata, perturbation_column="perturbation", control_label="control", exclude_labels=("multiple", "unassigned")
+    )
     with ps.cluster.using("synchronous"):
         adata = ps.pp.filter_cells(adata, min_genes=40)
         adata = ps.pp.filter_genes(adata, min_cells=200)
@@ -86,15 +88,21 @@ def test_filter_perturbations(sim_adata):
     adata.obs["perturbation"] = labels
     counts = adata.obs["perturbation"].value_counts()
     cutoff = int(counts.drop(["control", "multiple"]).median())
-    kept = ps.pp.filter_perturbations(adata, "perturbation", "control", min_cells=cutoff, exclude_labels=["multiple"])
+    kept = ps.pp.filter_perturbations(
+        adata,
+        perturbation_column="perturbation",
+        control_label="control",
+        min_cells_per_perturbation=cutoff,
+        exclude_labels=["multiple"],
+    )
     table = kept.uns["pertscale"]["perturbation_filter"]
     assert table.loc["multiple", "reason"] == "excluded"
     small = counts[(counts < cutoff) & ~counts.index.isin(["control", "multiple"])].index
-    assert set(table.index[table["reason"] == "min_cells"]) == set(small)
+    assert set(table.index[table["reason"] == "min_cells_per_perturbation"]) == set(small)
     assert set(kept.obs["perturbation"]) == set(counts.index) - set(small) - {"multiple"}
     assert kept.n_obs == table["n_cells_after"].sum()
     with pytest.raises(KeyError, match="perturbation_column 'guide' not found.*'perturbation'"):
-        ps.pp.filter_perturbations(adata, "guide")
+        ps.pp.filter_perturbations(adata, perturbation_column="guide")
 
 
 def test_normalize_log1p_equal_scanpy_bitwise(real_screen):

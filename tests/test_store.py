@@ -25,6 +25,8 @@ from pertscale.analysis import AnalysisSettings
 from .conftest import assert_close
 
 S = "synchronous"
+#: The perturbation column and control label of the simulated screen.
+DE = {"perturbation_column": "perturbation", "control_label": "control"}
 
 
 @pytest.fixture(autouse=True)
@@ -49,19 +51,17 @@ def screen(sim_adata):
 def _nbglm_steps(adata) -> None:
     """nb-glm's prerequisites, as explicit steps: size factors, then dispersions."""
     ps.pp.size_factors(adata, layer="counts")
-    ps.tl.dispersions(adata, "perturbation", layer="counts")
+    ps.tl.dispersions(adata, perturbation_column="perturbation", layer="counts")
 
 
 def _run_all(adata) -> dict[str, object]:
     """Every analysis once, on the same AnnData; returns what each gave."""
     out = {}
     for method in ("wilcoxon", "t-test"):
-        out[method] = ps.compute(ps.tl.rank_genes_groups(adata, "perturbation", "control", method=method), scheduler=S)
+        out[method] = ps.compute(ps.tl.rank_genes_groups(adata, **DE, method=method), scheduler=S)
     _nbglm_steps(adata)
     out["nb-glm"] = ps.compute(
-        ps.tl.rank_genes_groups(
-            adata, "perturbation", "control", method="nb-glm", layer="counts", perturbations=["P0000"]
-        ),
+        ps.tl.rank_genes_groups(adata, **DE, method="nb-glm", layer="counts", perturbations=["P0000"]),
         scheduler=S,
     )
     out["qc"] = ps.pp.qc_summary(
@@ -75,7 +75,7 @@ def _run_all(adata) -> dict[str, object]:
     out["hvg"] = ps.pp.highly_variable_genes(adata, n_top_genes=50, inplace=False)
     ps.pp.pca(adata, n_comps=5)
     out["pca"] = np.asarray(adata.obsm["X_pca"])
-    out["pseudobulk"] = ps.pb.pseudobulk(adata, groupby="perturbation", layer="counts")
+    out["pseudobulk"] = ps.pb.pseudobulk(adata, perturbation_column="perturbation", layer="counts")
     return out
 
 
@@ -115,18 +115,18 @@ def test_equal_settings_reuse_the_stored_result_without_computing(screen, monkey
     calls = []
     original = rgg._test
     monkeypatch.setattr(rgg, "_test", lambda *a, **k: calls.append(k["method"]) or original(*a, **k))
-    first = ps.tl.rank_genes_groups(screen, "perturbation", "control")
-    again = ps.tl.rank_genes_groups(screen, "perturbation", "control", key_added="de_again")  # not a setting
+    first = ps.tl.rank_genes_groups(screen, **DE)
+    again = ps.tl.rank_genes_groups(screen, **DE, key_added="de_again")  # not a setting
     assert again is first and calls == ["wilcoxon"]
     assert ps.get.result(screen, key="de_again") is first
-    other = ps.tl.rank_genes_groups(screen, "perturbation", "control", alternative="greater")
+    other = ps.tl.rank_genes_groups(screen, **DE, alternative="greater")
     assert other is not first and calls == ["wilcoxon", "wilcoxon"]
-    forced = ps.tl.rank_genes_groups(screen, "perturbation", "control", force=True)
+    forced = ps.tl.rank_genes_groups(screen, **DE, force=True)
     assert forced is not first and len(calls) == 3
     assert ps.get.result(screen, "wilcoxon", alternative="two-sided") is forced
     # other cells: the stored result is not reused
     subset = screen[screen.obs["perturbation"] != "P0001"].copy()
-    ps.tl.rank_genes_groups(subset, "perturbation", "control")
+    ps.tl.rank_genes_groups(subset, **DE)
     assert len(calls) == 4
 
 
@@ -186,9 +186,9 @@ def test_pca_on_another_gene_selection_is_another_result(screen):
 
 
 def test_getters_select_by_settings_and_say_what_is_ambiguous_or_missing(screen):
-    two = ps.tl.rank_genes_groups(screen, "perturbation", "control")
-    greater = ps.tl.rank_genes_groups(screen, "perturbation", "control", alternative="greater")
-    ps.tl.rank_genes_groups(screen, "perturbation", "control", method="t-test")
+    two = ps.tl.rank_genes_groups(screen, **DE)
+    greater = ps.tl.rank_genes_groups(screen, **DE, alternative="greater")
+    ps.tl.rank_genes_groups(screen, **DE, method="t-test")
     assert ps.get.result(screen, "wilcoxon", alternative="greater") is greater
     assert ps.get.result(screen, key="de_wilcoxon") is greater  # the latest of that name
     settings, value = ps.get.result(screen, "wilcoxon", alternative="two-sided", return_settings=True)
@@ -250,7 +250,7 @@ def test_every_result_type_round_trips_and_is_reused_after_reading(screen, tmp_p
     import pertscale.tl._rank_genes_groups as rgg
 
     monkeypatch.setattr(rgg, "_test", lambda *a, **k: pytest.fail("recomputed a stored result"))
-    ps.tl.rank_genes_groups(back, "perturbation", "control")
+    ps.tl.rank_genes_groups(back, **DE)
     # PCA's scores are written once: the store refers to obsm['X_pca']
     if suffix == ".h5ad":
         with h5py.File(path) as f:
@@ -260,7 +260,7 @@ def test_every_result_type_round_trips_and_is_reused_after_reading(screen, tmp_p
 
 
 def test_files_opened_by_anndata_get_their_keys_back_idempotently(screen, tmp_path):
-    ps.tl.rank_genes_groups(screen, "perturbation", "control", method="t-test")
+    ps.tl.rank_genes_groups(screen, **DE, method="t-test")
     path = ps.write(screen, tmp_path / "screen.h5ad")
     plain = ad.read_h5ad(path)
     (entry,) = plain.uns["pertscale"]["results"].values()
@@ -275,9 +275,7 @@ def test_files_opened_by_anndata_get_their_keys_back_idempotently(screen, tmp_pa
 
 
 def test_history_reproduces_a_run_exactly(screen):
-    res = ps.compute(
-        ps.tl.rank_genes_groups(screen, "perturbation", "control", alternative="less", min_pct=0.05), scheduler=S
-    )
+    res = ps.compute(ps.tl.rank_genes_groups(screen, **DE, alternative="less", min_pct=0.05), scheduler=S)
     run = ps.RunInfo(screen)
     assert run.method == "wilcoxon" and run.function == "pertscale.tl.rank_genes_groups"
     assert run.input["n_obs"] == screen.n_obs and run.versions["pertscale"] == ps.__version__
@@ -326,7 +324,7 @@ def test_overwritten_fields_are_reported(screen):
 
 
 def test_cleanup_removes_large_parts_keeps_statistics_and_marks_history(screen):
-    ps.tl.rank_genes_groups(screen, "perturbation", "control")
+    ps.tl.rank_genes_groups(screen, **DE)
     ps.pp.pca(screen, n_comps=3)
     copy = ps.cleanup(screen, inplace=False)
     assert "u_statistic" in ps.get.result(screen, "wilcoxon").layers  # inplace=False leaves the input
@@ -338,7 +336,7 @@ def test_cleanup_removes_large_parts_keeps_statistics_and_marks_history(screen):
     assert any(f.endswith("/layers/pts") for f in ps.RunInfo(screen, 0).missing_fields)
     assert "X_pca" not in copy.obsm
     # a cleaned result is computed again when asked
-    again = ps.tl.rank_genes_groups(screen, "perturbation", "control")
+    again = ps.tl.rank_genes_groups(screen, **DE)
     assert "u_statistic" in again.layers
     with pytest.raises(IndexError):
         ps.cleanup(screen, run_ids=7)
@@ -438,8 +436,8 @@ def _no_compute(*args, **kwargs):
 
 
 def test_dataset_and_compare_of_a_file_read_nothing_until_computed(screen, tmp_path, monkeypatch):
-    ps.tl.rank_genes_groups(screen, "perturbation", "control")
-    ps.tl.rank_genes_groups(screen, "perturbation", "control", method="t-test")
+    ps.tl.rank_genes_groups(screen, **DE)
+    ps.tl.rank_genes_groups(screen, **DE, method="t-test")
     expected = ps.compute(ps.get.result(screen, "t-test"), scheduler=S)
     path = ps.write(screen, tmp_path / "screen.zarr")
     monkeypatch.setattr(ps.io._read, "LAZY_BYTES", 0)  # every stored array lazy, however small
@@ -482,18 +480,18 @@ def test_values_changed_in_place_are_seen_and_recomputed(screen, tmp_path, monke
     # a lazy matrix is named by its graph: normalizing again is another matrix
     lazy = ps.read(ps.write(screen, tmp_path / "screen.h5ad"))
     n_runs = len(ps.store.history(lazy))
-    ps.tl.rank_genes_groups(lazy, "perturbation", "control", method="t-test")
-    ps.tl.rank_genes_groups(lazy, "perturbation", "control", method="t-test")
+    ps.tl.rank_genes_groups(lazy, **DE, method="t-test")
+    ps.tl.rank_genes_groups(lazy, **DE, method="t-test")
     assert len(ps.store.history(lazy)) == n_runs + 1
     ps.pp.normalize_total(lazy)
     with pytest.warns(UserWarning, match="not marked as log1p"):  # normalize_total's values are not log1p ones
-        ps.tl.rank_genes_groups(lazy, "perturbation", "control", method="t-test")
+        ps.tl.rank_genes_groups(lazy, **DE, method="t-test")
     assert len(ps.store.history(lazy)) == n_runs + 2
 
 
 def test_anndata_writes_and_reads_the_store_as_it_is(screen, tmp_path, monkeypatch):
     ps.pp.pca(screen, n_comps=3)
-    res = ps.compute(ps.tl.rank_genes_groups(screen, "perturbation", "control", method="t-test"), scheduler=S)
+    res = ps.compute(ps.tl.rank_genes_groups(screen, **DE, method="t-test"), scheduler=S)
     ps.store.put(screen, ps.get.result(screen, "t-test", return_settings=True)[0], res)
     screen.write_h5ad(tmp_path / "plain.h5ad")  # anndata's own writer, no pertscale involved
     plain = ad.read_h5ad(tmp_path / "plain.h5ad")
@@ -506,22 +504,22 @@ def test_anndata_writes_and_reads_the_store_as_it_is(screen, tmp_path, monkeypat
     written = ps.write(screen, tmp_path / "ours.h5ad")
     ours = ad.read_h5ad(written)
     ps.ensure_result_keys(ours)
-    ps.tl.rank_genes_groups(ours, "perturbation", "control", method="t-test")
+    ps.tl.rank_genes_groups(ours, **DE, method="t-test")
 
 
 def test_changed_labels_are_seen_and_recomputed(screen):
-    first = ps.tl.rank_genes_groups(screen, "perturbation", "control", method="t-test")
+    first = ps.tl.rank_genes_groups(screen, **DE, method="t-test")
     labels = screen.obs["perturbation"].astype(str).to_numpy().copy()
     labels[labels == "P0001"] = "P0002"  # relabel: same names, same matrix, other groups
     screen.obs["perturbation"] = pd.Categorical(labels)
-    second = ps.tl.rank_genes_groups(screen, "perturbation", "control", method="t-test")
+    second = ps.tl.rank_genes_groups(screen, **DE, method="t-test")
     assert second is not first and "P0001" not in second.obs_names and "P0001" in first.obs_names
 
 
 def test_views_are_not_stored_and_raw_is_written(screen, tmp_path):
-    first = ps.tl.rank_genes_groups(screen, "perturbation", "control")
+    first = ps.tl.rank_genes_groups(screen, **DE)
     view = screen[screen.obs["perturbation"].isin(["control", "P0000", "P0001"])]
-    sub = ps.tl.rank_genes_groups(view, "perturbation", "control")
+    sub = ps.tl.rank_genes_groups(view, **DE)
     assert sub.n_obs == 2 and view.is_view
     assert ps.get.result(screen, "wilcoxon") is first and len(ps.store.history(screen)) == 1
     screen.raw = screen
@@ -531,29 +529,29 @@ def test_views_are_not_stored_and_raw_is_written(screen, tmp_path):
 
 
 def test_a_result_reused_on_a_view_leaves_the_parents_records_alone(screen):
-    ps.tl.rank_genes_groups(screen, "perturbation", "control", alternative="greater")
-    ps.tl.rank_genes_groups(screen, "perturbation", "control")  # the latest de_wilcoxon: two-sided
+    ps.tl.rank_genes_groups(screen, **DE, alternative="greater")
+    ps.tl.rank_genes_groups(screen, **DE)  # the latest de_wilcoxon: two-sided
     latest = dict(screen.uns["pertscale"]["latest"])
     view = screen[:, :]  # the same cells and genes: the stored result is reused
     assert view.is_view
-    again = ps.tl.rank_genes_groups(view, "perturbation", "control", alternative="greater")
+    again = ps.tl.rank_genes_groups(view, **DE, alternative="greater")
     assert again is ps.get.result(screen, "wilcoxon", alternative="greater")
     assert dict(screen.uns["pertscale"]["latest"]) == latest
 
 
 def test_reuse_survives_text_labels_and_sees_new_dispersions(screen, tmp_path):
     screen.obs["perturbation"] = screen.obs["perturbation"].astype(str)  # anndata reads it back as categorical
-    ps.tl.rank_genes_groups(screen, "perturbation", "control", method="t-test")
+    ps.tl.rank_genes_groups(screen, **DE, method="t-test")
     back = ps.read(ps.write(screen, tmp_path / "s.h5ad"))
     n = len(ps.store.history(back))
-    ps.tl.rank_genes_groups(back, "perturbation", "control", method="t-test")
+    ps.tl.rank_genes_groups(back, **DE, method="t-test")
     assert len(ps.store.history(back)) == n
     kw = {"method": "nb-glm", "layer": "counts", "perturbations": ["P0000"]}
     _nbglm_steps(screen)
-    first = ps.tl.rank_genes_groups(screen, "perturbation", "control", **kw)
-    assert ps.tl.rank_genes_groups(screen, "perturbation", "control", **kw) is first
+    first = ps.tl.rank_genes_groups(screen, **DE, **kw)
+    assert ps.tl.rank_genes_groups(screen, **DE, **kw) is first
     screen.var["dispersion"] = screen.var["dispersion"] * 10
-    assert ps.tl.rank_genes_groups(screen, "perturbation", "control", **kw) is not first
+    assert ps.tl.rank_genes_groups(screen, **DE, **kw) is not first
     with pytest.raises(ValueError, match="covariates are supported by method='nb-glm'"):
-        ps.tl.rank_genes_groups(screen, "perturbation", "control", covariates=["target_gene"])
+        ps.tl.rank_genes_groups(screen, **DE, covariates=["target_gene"])
     assert ps.pp.qc_summary(screen, perturbation_column="perturbation", exclude_labels=None, min_genes=1).min_genes == 1

@@ -20,14 +20,19 @@ from .conftest import assert_close
 
 def _prepared(path_or_adata, *, chunk_size=None):
     a = ps.read(path_or_adata, chunk_size=chunk_size) if not isinstance(path_or_adata, ad.AnnData) else path_or_adata
-    a = ps.pp.filter_perturbations(a, "perturbation", "control", exclude_labels=["multiple", "unassigned"])
+    a = ps.pp.filter_perturbations(
+        a, perturbation_column="perturbation", control_label="control", exclude_labels=["multiple", "unassigned"]
+    )
     ps.pp.normalize_total(a, target_sum=1e4)
     ps.pp.log1p(a)
     return a
 
 
 def _run(adata, scheduler="synchronous", **kw):
-    return ps.compute(ps.tl.rank_genes_groups(adata, "perturbation", "control", **kw), scheduler=scheduler)
+    return ps.compute(
+        ps.tl.rank_genes_groups(adata, perturbation_column="perturbation", control_label="control", **kw),
+        scheduler=scheduler,
+    )
 
 
 def _dense_groups(adata):
@@ -160,23 +165,32 @@ def test_ttest_kernel_parts_stored_zeros_and_constant_genes():
 def test_bad_alternative_and_method(sim_adata):
     adata = _prepared(sim_adata.copy())
     with pytest.raises(ValueError, match="alternative 'bigger'.*two-sided"):
-        ps.tl.rank_genes_groups(adata, "perturbation", "control", alternative="bigger")
+        ps.tl.rank_genes_groups(
+            adata, perturbation_column="perturbation", control_label="control", alternative="bigger"
+        )
     with pytest.raises(ValueError, match="method 't_test'.*'t-test'"):
-        ps.tl.rank_genes_groups(adata, "perturbation", "control", method="t_test")
+        ps.tl.rank_genes_groups(adata, perturbation_column="perturbation", control_label="control", method="t_test")
 
 
 @pytest.mark.parametrize("method", ["wilcoxon", "t-test", "nb-glm"])
 def test_genes_low_on_both_sides_are_reported_as_nan_and_leave_the_family(sim_adata, method):
     if method == "nb-glm":
-        adata = ps.pp.filter_perturbations(sim_adata.copy(), "perturbation", "control", exclude_labels=[])
+        adata = ps.pp.filter_perturbations(
+            sim_adata.copy(), perturbation_column="perturbation", control_label="control", exclude_labels=[]
+        )
         ps.pp.size_factors(adata)  # nb-glm's prerequisites, each its own step
-        ps.tl.dispersions(adata, "perturbation")
+        ps.tl.dispersions(adata, perturbation_column="perturbation")
     else:
         adata = _prepared(sim_adata.copy())
     args = dict(method=method)
-    full = ps.compute(ps.tl.rank_genes_groups(adata, "perturbation", "control", **args), scheduler="synchronous")
+    full = ps.compute(
+        ps.tl.rank_genes_groups(adata, perturbation_column="perturbation", control_label="control", **args),
+        scheduler="synchronous",
+    )
     kept = ps.compute(
-        ps.tl.rank_genes_groups(adata, "perturbation", "control", min_pct=(0.3, 0.5), min_mean=0.2, **args),
+        ps.tl.rank_genes_groups(
+            adata, perturbation_column="perturbation", control_label="control", min_pct=(0.3, 0.5), min_mean=0.2, **args
+        ),
         scheduler="synchronous",
     )
     x = adata.X.compute() if hasattr(adata.X, "compute") else adata.X
@@ -199,4 +213,6 @@ def test_genes_low_on_both_sides_are_reported_as_nan_and_leave_the_family(sim_ad
         expected = stats.false_discovery_control(ref.layers["pvals"][0][~low])
         assert_close(row.layers["pvals_adj"][0][~low], expected, rtol=1e-10)
     with pytest.raises(ValueError, match="min_pct must be >= 0 and <= 1"):
-        ps.tl.rank_genes_groups(adata, "perturbation", "control", method=method, min_pct=1.5)
+        ps.tl.rank_genes_groups(
+            adata, perturbation_column="perturbation", control_label="control", method=method, min_pct=1.5
+        )

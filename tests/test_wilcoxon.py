@@ -24,7 +24,9 @@ def _prepared(path_or_adata, *, chunk_size=None, exclude=("multiple", "unassigne
     adata = (
         ps.read(path_or_adata, chunk_size=chunk_size) if not isinstance(path_or_adata, ad.AnnData) else path_or_adata
     )
-    adata = ps.pp.filter_perturbations(adata, "perturbation", "control", exclude_labels=exclude)
+    adata = ps.pp.filter_perturbations(
+        adata, perturbation_column="perturbation", control_label="control", exclude_labels=exclude
+    )
     ps.pp.normalize_total(adata, target_sum=1e4)
     ps.pp.log1p(adata)
     return adata
@@ -99,7 +101,7 @@ def test_recovers_simulated_knockdowns(sim_adata):
 
 def _run(adata, scheduler="synchronous", **kw):
     """The test, computed (the results of rank_genes_groups are lazy)."""
-    res = ps.tl.rank_genes_groups(adata, "perturbation", "control", **kw)
+    res = ps.tl.rank_genes_groups(adata, perturbation_column="perturbation", control_label="control", **kw)
     return ps.compute(res, scheduler=scheduler)  # scanpy_format=True: ps.compute adds uns['rank_genes_groups']
 
 
@@ -157,7 +159,9 @@ def test_results_anndata_round_trip_and_scanpy_view(sim_adata, tmp_path):
     ranked = sc.get.rank_genes_groups_df(res, g)
     assert ranked["scores"].is_monotonic_decreasing  # scanpy's view ranks genes by score
     # the lazy results are flagged; writing them to .h5ad adds scanpy's view as ps.compute does
-    lazy = ps.tl.rank_genes_groups(_prepared(sim_adata.copy()), "perturbation", "control", scanpy_format=True)
+    lazy = ps.tl.rank_genes_groups(
+        _prepared(sim_adata.copy()), perturbation_column="perturbation", control_label="control", scanpy_format=True
+    )
     assert "rank_genes_groups" not in lazy.uns
     ps.write(lazy, tmp_path / "lazy.h5ad", scheduler="synchronous")
     written = sc.get.rank_genes_groups_df(ad.read_h5ad(tmp_path / "lazy.h5ad"), g).set_index("names")
@@ -173,13 +177,15 @@ def test_results_anndata_round_trip_and_scanpy_view(sim_adata, tmp_path):
 def test_bad_inputs(sim_adata):
     adata = _prepared(sim_adata.copy())
     with pytest.raises(KeyError, match="perturbation_column 'guide' not found.*'perturbation'"):
-        ps.tl.rank_genes_groups(adata, "guide", "control")
+        ps.tl.rank_genes_groups(adata, perturbation_column="guide", control_label="control")
     with pytest.raises(ValueError, match="control_label 'NT' not found.*labels seen: .*'control'"):
-        ps.tl.rank_genes_groups(adata, "perturbation", "NT")
+        ps.tl.rank_genes_groups(adata, perturbation_column="perturbation", control_label="NT")
     with pytest.raises(ValueError, match="method 'magic'"):
-        ps.tl.rank_genes_groups(adata, "perturbation", "control", method="magic")
+        ps.tl.rank_genes_groups(adata, perturbation_column="perturbation", control_label="control", method="magic")
     with pytest.raises(ValueError, match="perturbations not found"):
-        ps.tl.rank_genes_groups(adata, "perturbation", "control", perturbations=["nope"])
+        ps.tl.rank_genes_groups(
+            adata, perturbation_column="perturbation", control_label="control", perturbations=["nope"]
+        )
 
 
 def test_too_few_control_cells(sim_adata):
@@ -189,7 +195,7 @@ def test_too_few_control_cells(sim_adata):
     labels[ctrl[1:]] = "P0000"
     adata.obs["perturbation"] = labels
     with pytest.raises(ValueError, match="only 1 cell.*at least 2 control cells"):
-        ps.tl.rank_genes_groups(adata, "perturbation", "control")
+        ps.tl.rank_genes_groups(adata, perturbation_column="perturbation", control_label="control")
 
 
 def test_small_perturbation_is_skipped_with_warning(sim_adata):

@@ -3,7 +3,7 @@
 >>> import pertscale as ps
 >>> adata = ps.read("screen.h5ad")                      # lazy
 >>> ps.pp.normalize_total(adata); ps.pp.log1p(adata)    # lazy, blockwise
->>> de = ps.tl.rank_genes_groups(adata, "perturbation", "control")
+>>> de = ps.tl.rank_genes_groups(adata, perturbation_column="perturbation", control_label="control")
 
 Submodules and functions are imported on first use, so ``import pertscale``
 (and ``pertscale --help``) does not wait for anndata, dask and numba.

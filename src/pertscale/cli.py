@@ -9,6 +9,7 @@ import sys
 import click
 
 from . import __version__
+from .variables import LOGFOLDCHANGES, LOGFOLDCHANGES_RAW, PVALS_ADJ, STATISTICS, TIDY_COLUMNS, U_STATISTIC
 
 
 def _count_verbose(ctx: click.Context, param, value: int) -> None:
@@ -155,7 +156,31 @@ def _pair(name: str, **bounds):
     return callback
 
 
-@main.command()
+#: ``pertscale run --help``: the statistics and columns named from :mod:`pertscale.variables`.
+RUN_HELP = f"""QC, normalization and a test of every perturbation against control.
+
+    INPUT is an .h5ad file or a .zarr store of raw UMI counts. Writes, in
+    --out, per --method: de_<method>.zarr (perturbations x genes; layers
+    {", ".join(s for s in STATISTICS["wilcoxon"] if s != U_STATISTIC)} ({LOGFOLDCHANGES} in log2), and
+    {U_STATISTIC} for the Wilcoxon; nb-glm: {", ".join(STATISTICS["nb-glm"])}),
+    de_<method>.h5ad (the same with scanpy's view, where it fits),
+    de_<method>_significant.csv (columns {", ".join(TIDY_COLUMNS)}; rows with
+    {PVALS_ADJ} < 0.05); and qc.csv (cells per perturbation before and after
+    filtering); with --hvg, --pca and --pseudobulk also genes.csv, pca.zarr
+    and pseudobulk.h5ad. The files appear together when the run succeeds; a
+    failed or interrupted run (Ctrl-C: exit code 130) leaves none. The input
+    is never modified, and an --out holding earlier results is refused unless
+    --overwrite is given. Every name is explained in docs/usage.md ("Names of
+    statistics and columns").
+
+    \b
+    Example:
+        pertscale run screen.h5ad --perturbation-column perturbation
+        --control-label control --out results/
+    """
+
+
+@main.command(help=RUN_HELP)
 @click.argument("input_path", metavar="INPUT", type=click.Path(path_type=str))
 @click.option(
     "--perturbation-column",
@@ -308,7 +333,7 @@ def _pair(name: str, **bounds):
     "--shrink/--no-shrink",
     default=True,
     show_default=True,
-    help="nb-glm: apeGLM-shrunk logfoldchanges (the MLE is kept as logfoldchanges_raw).",
+    help=f"nb-glm: apeGLM-shrunk {LOGFOLDCHANGES} (the MLE is kept as {LOGFOLDCHANGES_RAW}).",
 )
 @click.option(
     "--alternative",
@@ -424,24 +449,7 @@ def run(
     pseudobulk,
     progress,
 ) -> None:  # noqa: PLR0913
-    """QC, normalization and a test of every perturbation against control.
-
-    INPUT is an .h5ad file or a .zarr store of raw UMI counts. Writes, in
-    --out, per --method: de_<method>.zarr (perturbations x genes; layers
-    scores, pvals, pvals_adj, logfoldchanges (log2), pts, pts_rest, and
-    u_statistic for the Wilcoxon), de_<method>.h5ad (the same with scanpy's
-    view, where it fits), de_<method>_significant.csv (pval_adj < 0.05);
-    and qc.csv (cells per perturbation before and after filtering); with
-    --hvg, --pca and --pseudobulk also genes.csv, pca.zarr and
-    pseudobulk.h5ad. The
-    files appear together when the run succeeds; a failed or interrupted
-    run (Ctrl-C: exit code 130) leaves none. The input is never modified, and an --out
-    holding earlier results is refused unless --overwrite is given.
-
-    Example:
-        pertscale run screen.h5ad --perturbation-column perturbation
-        --control-label control --out results/
-    """
+    """The main job (``pertscale run``); its help is :data:`RUN_HELP`."""
     import warnings
 
     from ._settings import settings

@@ -114,7 +114,11 @@ def rerun(run, adata: ad.AnnData | None = None, **changes):
         raise TypeError(f"rerun() takes a pertscale.RunInfo (ps.RunInfo(adata)), not {type(run).__name__}")
     module, _, name = f"pertscale.{run.settings.function}".rpartition(".")  # the settings' class names it
     func = getattr(import_module(module), name)
-    return func(run.adata if adata is None else adata, **(run.call_args() | changes))
+    args = run.call_args()
+    for old, new in getattr(func, "renamed_arguments", {}).items():
+        if old in changes:  # a change under an argument's earlier name replaces it (the call warns)
+            args.pop(new, None)
+    return func(run.adata if adata is None else adata, **(args | changes))
 
 
 def dataset(results: ad.AnnData | str | Path, method: str | None = None, *, key: str | None = None, **filters):
@@ -145,6 +149,9 @@ def dataset(results: ad.AnnData | str | Path, method: str | None = None, *, key:
         ``n_cells`` along ``perturbation``; the run's settings in ``attrs``.
         From a store, the variables are Dask arrays reading its chunks: a
         selection (``ds.sel(perturbation="STAT1")``) reads only what it needs.
+        Statistics written under an earlier release's name (nb-glm's
+        ``standard_error``, ``standard_error_shrunk``) are named as now
+        (``lfcSE``, ``lfcSE_shrunk``; :data:`pertscale.variables.DEPRECATED`).
 
     Raises
     ------
@@ -156,6 +163,8 @@ def dataset(results: ad.AnnData | str | Path, method: str | None = None, *, key:
         are not theirs (the message says what they hold).
     """
     import xarray as xr
+
+    from .variables import GENE, N_CELLS, PERTURBATION, current_name
 
     if isinstance(results, (str, Path)):
         results = _open_results(Path(results))
@@ -172,13 +181,13 @@ def dataset(results: ad.AnnData | str | Path, method: str | None = None, *, key:
             )
     if not results.layers:
         raise ValueError("these results hold no statistics (no layers)")
-    dims = ("perturbation", "gene")
-    coords = {"perturbation": np.asarray(results.obs_names, dtype=object), "gene": np.asarray(results.var_names)}
-    if "n_cells" in results.obs:
-        coords["n_cells"] = ("perturbation", results.obs["n_cells"].to_numpy())
+    dims = (PERTURBATION, GENE)
+    coords = {PERTURBATION: np.asarray(results.obs_names, dtype=object), GENE: np.asarray(results.var_names)}
+    if N_CELLS in results.obs:
+        coords[N_CELLS] = (PERTURBATION, results.obs[N_CELLS].to_numpy())
     settings = dict(((results.uns.get("pertscale") or {}).get("settings")) or {})
     return xr.Dataset(
-        {name: (dims, results.layers[name]) for name in results.layers},
+        {current_name(name): (dims, results.layers[name]) for name in results.layers},
         coords=coords,
         attrs={k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in settings.items()},
     )
@@ -234,6 +243,7 @@ def compare(
 
     from .analysis import DESettings
     from .store import results as stored_results
+    from .variables import N_CELLS
 
     if isinstance(source, (str, Path)):
         from .io._read import read
@@ -260,7 +270,7 @@ def compare(
         raise ValueError(f"names has {len(names)} entries for {len(picked)} results")
     views = [dataset(r) for _, r in picked]
     common = set.intersection(*(set(v.data_vars) for v in views))
-    views = [v[sorted(common)].drop_vars("n_cells", errors="ignore") for v in views]
+    views = [v[sorted(common)].drop_vars(N_CELLS, errors="ignore") for v in views]
     out = xr.concat(views, dim=dim, join=join, combine_attrs="drop")
     return out.assign_coords({dim: names})
 

@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from ._deprecation import renamed_arguments
 from ._validation import (
     check_control,
     check_number,
@@ -30,6 +31,7 @@ from ._validation import (
     perturbation_labels,
 )
 from .io._read import as_dask
+from .variables import RENAMED_ARGUMENTS
 
 logger = logging.getLogger(__name__)
 
@@ -42,9 +44,9 @@ __all__ = ["log_fold_change", "pseudobulk", "to_pydeseq2"]
 def _groupby_columns(groupby) -> list[str]:
     columns = [groupby] if isinstance(groupby, str) else list(groupby)
     if not columns or not all(isinstance(c, str) for c in columns):
-        raise TypeError(f"groupby must be an obs column name or a list of them, got {groupby!r}")
+        raise TypeError(f"perturbation_column must be an obs column name or a list of them, got {groupby!r}")
     if len(set(columns)) != len(columns):
-        raise ValueError(f"groupby names a column more than once: {columns}")
+        raise ValueError(f"perturbation_column names a column more than once: {columns}")
     return columns
 
 
@@ -59,7 +61,7 @@ def _encode_groups(obs: pd.DataFrame, columns: list[str]) -> tuple[np.ndarray, p
         obs_categorical(
             obs,
             col,
-            what="groupby column",
+            what="perturbation_column",
             fix=f"every cell needs a group: drop those cells (adata[adata.obs[{col!r}].notna()]) or fill them with "
             f"a label of their own (adata.obs[{col!r}] = adata.obs[{col!r}].astype(object).fillna('unassigned'))",
         )
@@ -163,10 +165,11 @@ def _totals(x, codes: np.ndarray, n_groups: int, target_sum: float) -> dict:
     return totals
 
 
+@renamed_arguments(renamed=RENAMED_ARGUMENTS["pb.pseudobulk"])
 def pseudobulk(
     adata: ad.AnnData,
     *,
-    groupby: str | list[str] = "perturbation",
+    perturbation_column: str | list[str] = "perturbation",
     layer: str | None = None,
     target_sum: float = 1e4,
     key_added: str = "pseudobulk",
@@ -179,13 +182,14 @@ def pseudobulk(
     :func:`pertscale.cluster.using`, or Dask's current one); the profiles
     are groups x genes, in memory.
 
-    Per group of cells (one per value of ``groupby``, or per combination of
-    values of several columns, e.g. ``["perturbation", "bio_rep"]`` for one
-    sample per perturbation and replicate), the counts of its cells are
+    Per group of cells (one per value of ``perturbation_column``, or per
+    combination of values of several columns, e.g. ``["perturbation",
+    "bio_rep"]`` for one sample per perturbation and replicate), the counts
+    of its cells are
     added, and their ``log1p(normalize_total(target_sum))`` values averaged,
     each cell normalized exactly as :func:`pertscale.pp.normalize_total`
     then :func:`pertscale.pp.log1p` do (scanpy's float32 arithmetic). The
-    result equals ``scanpy.get.aggregate(adata, by=groupby, func=["sum", "mean"])``
+    result equals ``scanpy.get.aggregate(adata, by=perturbation_column, func=["sum", "mean"])``
     of the counts (``sum``) and of the log-normalized data (``mean``); the
     mean log-normalized expression is crispyx's ``compute_average_log_expression``
     profile.
@@ -200,8 +204,11 @@ def pseudobulk(
     ----------
     adata
         ``n_obs x n_vars`` raw UMI counts: lazy (:func:`pertscale.read`) or in memory (numpy, scipy).
-    groupby
-        ``obs`` column(s) defining the groups; none may have missing values.
+    perturbation_column
+        ``obs`` column(s) defining the groups; none may have missing values
+        (scanpy's ``by``; the name every pertscale analysis gives the
+        perturbation labels; its earlier name ``groupby`` is still taken for
+        one release with a ``FutureWarning``).
     layer
         Use ``layers[layer]`` instead of ``X``.
     target_sum
@@ -224,9 +231,9 @@ def pseudobulk(
         - ``layers['mean_normalized']``: mean of the normalized values
           (counts per ``target_sum``, not logged), float64; the profile of
           :func:`log_fold_change`.
-        - ``obs``: the ``groupby`` columns (categorical) and ``n_cells``.
+        - ``obs``: the ``perturbation_column`` columns (categorical) and ``n_cells``.
         - ``var``: a copy of ``adata.var``.
-        - ``uns['pertscale']['pseudobulk']``: ``groupby``, ``layer``, ``target_sum``.
+        - ``uns['pertscale']['pseudobulk']``: ``groupby`` (the columns), ``layer``, ``target_sum``.
 
         Also stored in ``adata``'s result store, keyed by
         :class:`pertscale.PseudobulkSettings`: asked again with equal
@@ -235,9 +242,9 @@ def pseudobulk(
     Raises
     ------
     KeyError
-        If a ``groupby`` column or the layer is missing (the message lists those present).
+        If a ``perturbation_column`` column or the layer is missing (the message lists those present).
     ValueError
-        If a ``groupby`` column has missing values (the message says how
+        If a ``perturbation_column`` column has missing values (the message says how
         many and how to drop or fill them), the matrix has no cells or
         genes, ``target_sum`` is not a finite number between 1e-28 and 1e37
         (:func:`pertscale.pp.normalize_total`'s range), or the matrix is not
@@ -247,12 +254,17 @@ def pseudobulk(
         The fix named: ``layer=`` the counts layer, or
         ``adata.raw.to_adata()``.
     TypeError
-        If ``groupby`` is neither a column name nor a list of them.
+        If ``perturbation_column`` is neither a column name nor a list of them.
+
+    Warns
+    -----
+    FutureWarning
+        If ``groupby`` (now ``perturbation_column``) is given.
     """
     from .analysis import PseudobulkSettings, build
     from .store import cached
 
-    columns = _groupby_columns(groupby)
+    columns = _groupby_columns(perturbation_column)
     target_sum = check_target_sum(target_sum, flag=None)
     settings = build(PseudobulkSettings, groupby=tuple(columns), layer=layer, target_sum=target_sum)
     run = lambda: (_pseudobulk(adata, columns, layer, target_sum), [])  # noqa: E731
@@ -296,8 +308,9 @@ def _warn_if_spread(x, codes: np.ndarray, n_groups: int, n_vars: int) -> None:
         warnings.warn(
             f"the cells are not stored by group: on average each of the {n_groups:,} groups has cells in "
             f"{sum(per_block) / n_groups:.0f} of {len(per_block)} row blocks, so each block's partial sums span "
-            f"up to {n_groups:,} x {n_vars:,} values; sort the cells once with ps.io.prepare(path, "
-            "perturbation_column, control_label) and aggregate the sorted store (pertscale run --pseudobulk does)",
+            f"up to {n_groups:,} x {n_vars:,} values; sort the cells once with "
+            "ps.io.prepare(path, perturbation_column=..., control_label=..., out=...) and aggregate the sorted "
+            "store (pertscale run --pseudobulk does)",
             UserWarning,
             stacklevel=3,
         )
@@ -307,7 +320,8 @@ def _pooled(pb: ad.AnnData, labels: pd.Series) -> tuple[pd.Index, np.ndarray, np
     """Rows of the same perturbation pooled: labels, cells, and the cell-weighted mean normalized profile."""
     if "mean_normalized" not in pb.layers or "n_cells" not in pb.obs.columns:
         raise ValueError(
-            "pb has no layers['mean_normalized'] or obs['n_cells']; make it with ps.pb.pseudobulk(adata, groupby=...)"
+            "pb has no layers['mean_normalized'] or obs['n_cells']; make it with "
+            "ps.pb.pseudobulk(adata, perturbation_column=...)"
         )
     codes, uniques = pd.factorize(labels.to_numpy())
     n_rows = np.asarray(pb.obs["n_cells"], dtype=np.float64)
@@ -360,8 +374,8 @@ def log_fold_change(
     with ``b = baseline_count``, a scale inside the ``log1p`` (not a
     pseudo-count added to the counts). crispyx reports the natural-log value
     (``log_base=math.e``); the default here is log2. Rows of ``pb`` with the
-    same perturbation (e.g. replicates, from ``groupby=["perturbation",
-    "bio_rep"]``) are pooled, weighted by their cells, before the log.
+    same perturbation (e.g. replicates, from
+    ``perturbation_column=["perturbation", "bio_rep"]``) are pooled, weighted by their cells, before the log.
 
     Parameters
     ----------
@@ -438,7 +452,7 @@ def to_pydeseq2(
     The summed counts of :func:`pseudobulk` (``X``) become PyDESeq2's integer
     counts, one sample per group; ``obs`` is the sample metadata. DESeq2
     needs replicates to estimate dispersions: group by perturbation and
-    replicate (``groupby=["perturbation", "bio_rep"]``), not by perturbation alone.
+    replicate (``perturbation_column=["perturbation", "bio_rep"]``), not by perturbation alone.
 
     Parameters
     ----------

@@ -71,6 +71,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from .._deprecation import renamed_arguments
 from .._validation import check_control, label_list, perturbation_labels
 from ._atomic import replacing
 from ._blocks import DamagedStoreError, checksummed, reason, unreadable_chunks
@@ -619,11 +620,12 @@ def open_prepared(store: str | Path) -> ad.AnnData:
     return adata
 
 
+@renamed_arguments(positional=("perturbation_column", "control_label"))
 def prepare(
     path: str | Path,
+    *,
     perturbation_column: str,
     control_label: str,
-    *,
     out: str | Path | None = None,
     layer: str | None = None,
     use_raw: bool = False,

@@ -55,13 +55,12 @@ from .._validation import (
     label_list,
     perturbation_labels,
 )
-from ..analysis import HVGSettings
+from ..analysis import DESettings, HVGSettings
 from ..cluster import THREADS_BELOW_BYTES, active_client, check_scheduler, resolve_scheduler, using
 from ..io import prepare, read, write
 from ..io._prepare import is_sorted
 from ..io._read import row_nonzeros
 from ..io._write import write_stores
-from ..kernels._common import ALTERNATIVES
 from ._output import METHODS, DiskFullError, OutputDir, disk_full, no_space, output_files, write_csv
 from ._plan import Plan, make_plan
 from ._summary import FDR, RunSummary
@@ -80,6 +79,8 @@ logger = logging.getLogger(__name__)
 
 #: The flavors of ``--hvg-flavor``: those :class:`pertscale.HVGSettings` takes.
 HVG_FLAVORS = typing.get_args(HVGSettings.model_fields["flavor"].annotation)
+#: The alternatives of ``--alternative``: those :class:`pertscale.analysis.DESettings` takes.
+ALTERNATIVES = typing.get_args(DESettings.model_fields["alternative"].annotation)
 
 
 def _check_labels_before_passes(
@@ -185,7 +186,7 @@ def run(
     ``de_<method>.zarr`` (results AnnData, always), ``de_<method>.h5ad``
     (the same with Scanpy's ``uns['rank_genes_groups']``, only where its
     record arrays fit: about 1,100 perturbations),
-    ``de_<method>_significant.csv`` (rows with ``pval_adj < 0.05``); and
+    ``de_<method>_significant.csv`` (rows with ``pvals_adj < 0.05``); and
     ``qc.csv``: the per-perturbation table of the run's QC summary
     (``QCSummary.perturbations`` of :func:`pertscale.pp.qc_summary`: cells
     per label in the input, after ``min_genes``, kept, whether it is the
@@ -462,8 +463,8 @@ def run(
                     logger.info("the cells are not stored by perturbation: sorting them into %s (once)", store_path)
                     matrix = prepare(
                         source,
-                        perturbation_column,
-                        control_label,
+                        perturbation_column=perturbation_column,
+                        control_label=control_label,
                         out=store_path,
                         layer=layer,
                         use_raw=use_raw,
@@ -624,7 +625,7 @@ class _Job:
         with self._timed("dispersions"):
             tl.dispersions(
                 filtered,
-                self.perturbation_column,
+                perturbation_column=self.perturbation_column,
                 covariates=self.nb_options["covariates"] or None,
                 method=self.nb_options["dispersion_method"],
                 layer="counts",
@@ -640,8 +641,8 @@ class _Job:
         nb_options = {k: self.nb_options[k] for k in ("shrink", "size_factor_method", "dispersion_method")}
         res = tl.rank_genes_groups(
             filtered,
-            self.perturbation_column,
-            self.control_label,
+            perturbation_column=self.perturbation_column,
+            control_label=self.control_label,
             method=method,
             # results rows in storage order: written as they come, never reordered
             perturbations=[g for g in pd.unique(stored.to_numpy()) if g != self.control_label],
@@ -653,7 +654,11 @@ class _Job:
             {
                 "input": str(self.path.resolve()),
                 "input_matrix": self.input_matrix,
-                **{k: int(v) for k, v in self.thresholds.items()},
+                # the QC filters of the run, by qc_summary's names: the test's own min_cells (a perturbation's
+                # smallest size, DESettings' field) keeps its value and meaning
+                "min_genes": int(self.thresholds["min_genes"]),
+                "min_cells_per_gene": int(self.thresholds["min_cells"]),
+                "min_cells_per_perturbation": int(self.thresholds["min_cells_per_perturbation"]),
                 "exclude_labels": np.asarray([str(e) for e in self.exclude_labels], dtype=object),
                 "target_sum": float(self.target_sum),
             }
@@ -703,7 +708,7 @@ class _Timer:
 
 def _pseudobulk(filtered: ad.AnnData, path: Path, perturbation_column: str, control_label: str, *, target_sum: float):
     """Pseudo-bulk profiles of the kept cells and their log2 fold change against control, written to ``path``."""
-    bulk = pb.pseudobulk(filtered, groupby=perturbation_column, target_sum=target_sum)
+    bulk = pb.pseudobulk(filtered, perturbation_column=perturbation_column, target_sum=target_sum)
     lfc = pb.log_fold_change(bulk, control_label=control_label, perturbation_column=perturbation_column)
     values = np.zeros(bulk.shape, dtype=np.float64)
     rows = pd.Index(bulk.obs[perturbation_column].astype(str)).get_indexer(lfc.obs[perturbation_column].astype(str))

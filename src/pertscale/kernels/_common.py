@@ -9,6 +9,8 @@ import numpy as np
 import scipy.sparse as sp
 from scipy import special
 
+from ..variables import DESCRIPTIVE, PVALS, PVALS_ADJ
+
 #: Multiple-testing corrections over the genes of one perturbation.
 CORR_METHODS = ("benjamini-hochberg", "bonferroni")
 #: Alternative hypotheses, the perturbation being the first sample (as ``scipy.stats``).
@@ -136,7 +138,8 @@ def exclude_low_genes(
     fraction of cells with a count is at least ``min_pct`` and its mean at
     least ``min_mean``; a gene is tested in a comparison when either side
     is (crispyx's rule). Untested genes get NaN in every statistic but
-    ``pts``, ``pts_rest`` and ``baseMean``, and leave the family of the
+    the descriptive ones (``pts``, ``pts_rest``, ``baseMean``:
+    :data:`pertscale.variables.DESCRIPTIVE`), and leave the family of the
     multiple-testing correction. Thresholds are one number for both sides or
     ``(control, perturbation)``; 0 (the default) tests every gene.
 
@@ -166,9 +169,9 @@ def exclude_low_genes(
         return
     index = {name: i for i, name in enumerate(statistics)}
     for name, i in index.items():
-        if name not in ("pts", "pts_rest", "baseMean"):
+        if name not in DESCRIPTIVE:
             out[:, i][low] = np.nan
-    out[:, index["pvals_adj"]] = adjust_pvalues(out[:, index["pvals"]], corr_method)
+    out[:, index[PVALS_ADJ]] = adjust_pvalues(out[:, index[PVALS]], corr_method)
 
 
 def block_inputs(control, summary_type: type, bounds, n_genes: int, group_sizes, n_rows: int):

@@ -11,10 +11,12 @@ import numpy as np
 import scipy.sparse as sp
 from numba import njit
 
-#: Per-cell statistics of :func:`cell_stats`, in column order.
-CELL_STATS = ("total_counts", "n_genes_by_counts", "total_counts_mt")
-#: Per-gene partial sums of :func:`gene_stats`, in row order.
-GENE_STATS = ("n_cells_by_counts", "total_counts", "n_negative", "n_nan", "n_noninteger", "n_infinite")
+from ..variables import N_CELLS_BY_COUNTS, N_GENES_BY_COUNTS, TOTAL_COUNTS, TOTAL_COUNTS_MT
+
+#: Per-cell statistics of :func:`cell_stats`, in column order (scanpy's QC names, :mod:`pertscale.variables`).
+CELL_STATS = (TOTAL_COUNTS, N_GENES_BY_COUNTS, TOTAL_COUNTS_MT)
+#: Per-gene partial sums of :func:`gene_stats`, in row order: two QC metrics, then the value checks' counts.
+GENE_STATS = (N_CELLS_BY_COUNTS, TOTAL_COUNTS, "n_negative", "n_nan", "n_noninteger", "n_infinite")
 
 
 @njit(cache=True, nogil=True)

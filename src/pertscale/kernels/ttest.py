@@ -25,6 +25,7 @@ import numpy as np
 import scipy.sparse as sp
 from scipy import special
 
+from ..variables import LOGFOLDCHANGES, PTS, PTS_REST, PVALS, PVALS_ADJ, SCORES, STATISTICS
 from ._common import (
     adjust_pvalues,
     block_inputs,
@@ -34,8 +35,8 @@ from ._common import (
     log2_fold_change,
 )
 
-#: Statistics returned by :func:`ttest_block`, in this order along axis 1.
-TTEST_STATS: tuple[str, ...] = ("scores", "pvals", "pvals_adj", "logfoldchanges", "pts", "pts_rest")
+#: Statistics returned by :func:`ttest_block`, in this order along axis 1 (names in :mod:`pertscale.variables`).
+TTEST_STATS: tuple[str, ...] = STATISTICS["t-test"]
 
 
 @dataclass(frozen=True)
@@ -228,13 +229,13 @@ def ttest_block(
     pvals[np.isnan(pvals)] = 1.0
     stat = {name: i for i, name in enumerate(TTEST_STATS)}
     out = np.empty((group_sizes.shape[0], len(TTEST_STATS), n_genes), dtype=np.float64)
-    out[:, stat["scores"]] = scores
-    out[:, stat["pvals"]] = pvals
-    out[:, stat["pvals_adj"]] = adjust_pvalues(pvals, corr_method)
-    out[:, stat["logfoldchanges"]] = log2_fold_change(mean, c_mean[None, :])
-    out[:, stat["pts"]] = nnz / n1
+    out[:, stat[SCORES]] = scores
+    out[:, stat[PVALS]] = pvals
+    out[:, stat[PVALS_ADJ]] = adjust_pvalues(pvals, corr_method)
+    out[:, stat[LOGFOLDCHANGES]] = log2_fold_change(mean, c_mean[None, :])
+    out[:, stat[PTS]] = nnz / n1
     pts_rest = np.concatenate([p.nnz for p in parts]) / c_n
-    out[:, stat["pts_rest"]] = pts_rest[None, :]
+    out[:, stat[PTS_REST]] = pts_rest[None, :]
     exclude_low_genes(
         out,
         TTEST_STATS,

@@ -25,6 +25,7 @@ import numpy as np
 import scipy.sparse as sp
 from numba import njit
 
+from ..variables import LOGFOLDCHANGES, PTS, PTS_REST, PVALS, PVALS_ADJ, SCORES, STATISTICS, U_STATISTIC
 from ._common import (  # noqa: F401  (re-exported: the Wilcoxon's public helpers before they were shared)
     CORR_METHODS,
     adjust_pvalues,
@@ -35,16 +36,8 @@ from ._common import (  # noqa: F401  (re-exported: the Wilcoxon's public helper
     normal_pvalues,
 )
 
-#: Statistics returned by :func:`wilcoxon_block`, in this order along axis 1.
-WILCOXON_STATS: tuple[str, ...] = (
-    "scores",
-    "pvals",
-    "pvals_adj",
-    "logfoldchanges",
-    "pts",
-    "pts_rest",
-    "u_statistic",
-)
+#: Statistics returned by :func:`wilcoxon_block`, in this order along axis 1 (names in :mod:`pertscale.variables`).
+WILCOXON_STATS: tuple[str, ...] = STATISTICS["wilcoxon"]
 
 # unsigned integer views of 4- and 8-byte values, for the radix sort
 _KEY_TYPES = {4: np.uint32, 8: np.uint64}
@@ -527,13 +520,13 @@ def wilcoxon_block(
     pvals[tied | np.isnan(pvals)] = 1.0
     stat = {name: i for i, name in enumerate(WILCOXON_STATS)}
     out = np.empty((n_groups, len(WILCOXON_STATS), n_genes), dtype=np.float64)
-    out[:, stat["scores"]] = scores
-    out[:, stat["pvals"]] = pvals
-    out[:, stat["pvals_adj"]] = adjust_pvalues(pvals, corr_method)
-    out[:, stat["logfoldchanges"]] = log2_fold_change(sums["total"] / m, control_mean[None, :])
-    out[:, stat["pts"]] = sums["nnz"] / m
-    out[:, stat["pts_rest"]] = control_pts[None, :]
-    out[:, stat["u_statistic"]] = u
+    out[:, stat[SCORES]] = scores
+    out[:, stat[PVALS]] = pvals
+    out[:, stat[PVALS_ADJ]] = adjust_pvalues(pvals, corr_method)
+    out[:, stat[LOGFOLDCHANGES]] = log2_fold_change(sums["total"] / m, control_mean[None, :])
+    out[:, stat[PTS]] = sums["nnz"] / m
+    out[:, stat[PTS_REST]] = control_pts[None, :]
+    out[:, stat[U_STATISTIC]] = u
     exclude_low_genes(
         out,
         WILCOXON_STATS,

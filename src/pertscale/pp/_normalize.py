@@ -10,6 +10,7 @@ import numpy as np
 from .._validation import as_actual, check_target_sum, get_matrix, log1p_record
 from ..io._read import as_dask, map_csr
 from ..kernels.qc import log1p_values, normalize_rows
+from ..variables import TOTAL_COUNTS
 
 
 def _set(adata: ad.AnnData, layer: str | None, x) -> None:
@@ -105,7 +106,7 @@ def normalize_total(
 
         with labelled("cell totals"):
             (cells,) = dask.compute(x.map_blocks(cell_stats, dtype=np.float64, chunks=(x.chunks[0], (3,))))
-        totals = cells[:, CELL_STATS.index("total_counts")]
+        totals = cells[:, CELL_STATS.index(TOTAL_COUNTS)]
         target_sum = float(np.median(totals[totals > 0])) if (totals > 0).any() else 1.0
     dtype = _float_dtype(x.dtype)
     _set(adata, layer, map_csr(x, normalize_rows, float(target_sum), dtype=dtype))

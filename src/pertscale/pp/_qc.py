@@ -13,10 +13,35 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from .._deprecation import renamed_arguments
 from .._progress import labelled
 from .._validation import as_actual, check_control, check_number, check_shape, label_list, perturbation_labels
 from ..io._read import as_dask, subset
 from ..kernels.qc import CELL_STATS, GENE_STATS, cell_stats, gene_stats
+from ..variables import (
+    EXCLUDED,
+    LOG1P_MEAN_COUNTS,
+    LOG1P_N_GENES_BY_COUNTS,
+    LOG1P_TOTAL_COUNTS,
+    LOG1P_TOTAL_COUNTS_MT,
+    MEAN_COUNTS,
+    MIN_CELLS_PER_PERTURBATION,
+    MT,
+    N_CELLS,
+    N_CELLS_AFTER,
+    N_CELLS_BEFORE,
+    N_CELLS_BY_COUNTS,
+    N_COUNTS,
+    N_GENES,
+    N_GENES_BY_COUNTS,
+    PCT_COUNTS_MT,
+    PCT_DROPOUT_BY_COUNTS,
+    PERTURBATION,
+    REASON,
+    RENAMED_ARGUMENTS,
+    TOTAL_COUNTS,
+    TOTAL_COUNTS_MT,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -76,7 +101,7 @@ def _detection_chunk(block, codes, min_genes):
     from ..kernels.qc import detection_by_group
 
     block = sp.csr_matrix(block)
-    keep = _cell_stat(cell_stats(block), "n_genes_by_counts") >= min_genes
+    keep = _cell_stat(cell_stats(block), N_GENES_BY_COUNTS) >= min_genes
     return detection_by_group(block, codes, keep, np.unique(codes[codes >= 0]))
 
 
@@ -231,23 +256,23 @@ def calculate_qc_metrics(
     has_mt = bool(mt.any())
     cells, genes = _matrix_stats(adata, mt_mask=mt if has_mt else None, desc="QC metrics")
     obs = pd.DataFrame(index=adata.obs_names)
-    obs["n_genes_by_counts"] = _cell_stat(cells, "n_genes_by_counts").astype(np.int64)
-    obs["log1p_n_genes_by_counts"] = np.log1p(_cell_stat(cells, "n_genes_by_counts"))
-    obs["total_counts"] = _cell_stat(cells, "total_counts")
-    obs["log1p_total_counts"] = np.log1p(_cell_stat(cells, "total_counts"))
+    obs[N_GENES_BY_COUNTS] = _cell_stat(cells, N_GENES_BY_COUNTS).astype(np.int64)
+    obs[LOG1P_N_GENES_BY_COUNTS] = np.log1p(_cell_stat(cells, N_GENES_BY_COUNTS))
+    obs[TOTAL_COUNTS] = _cell_stat(cells, TOTAL_COUNTS)
+    obs[LOG1P_TOTAL_COUNTS] = np.log1p(_cell_stat(cells, TOTAL_COUNTS))
     if has_mt:
-        obs["total_counts_mt"] = _cell_stat(cells, "total_counts_mt")
-        obs["log1p_total_counts_mt"] = np.log1p(_cell_stat(cells, "total_counts_mt"))
+        obs[TOTAL_COUNTS_MT] = _cell_stat(cells, TOTAL_COUNTS_MT)
+        obs[LOG1P_TOTAL_COUNTS_MT] = np.log1p(_cell_stat(cells, TOTAL_COUNTS_MT))
         with np.errstate(divide="ignore", invalid="ignore"):
-            obs["pct_counts_mt"] = _cell_stat(cells, "total_counts_mt") / _cell_stat(cells, "total_counts") * 100
+            obs[PCT_COUNTS_MT] = _cell_stat(cells, TOTAL_COUNTS_MT) / _cell_stat(cells, TOTAL_COUNTS) * 100
     var = pd.DataFrame(index=adata.var_names)
     n_obs = adata.n_obs
-    var["n_cells_by_counts"] = _gene_stat(genes, "n_cells_by_counts").astype(np.int64)
-    var["mean_counts"] = _gene_stat(genes, "total_counts") / n_obs
-    var["log1p_mean_counts"] = np.log1p(var["mean_counts"])
-    var["pct_dropout_by_counts"] = (1 - _gene_stat(genes, "n_cells_by_counts") / n_obs) * 100
-    var["total_counts"] = _gene_stat(genes, "total_counts")
-    var["log1p_total_counts"] = np.log1p(_gene_stat(genes, "total_counts"))
+    var[N_CELLS_BY_COUNTS] = _gene_stat(genes, N_CELLS_BY_COUNTS).astype(np.int64)
+    var[MEAN_COUNTS] = _gene_stat(genes, TOTAL_COUNTS) / n_obs
+    var[LOG1P_MEAN_COUNTS] = np.log1p(var[MEAN_COUNTS])
+    var[PCT_DROPOUT_BY_COUNTS] = (1 - _gene_stat(genes, N_CELLS_BY_COUNTS) / n_obs) * 100
+    var[TOTAL_COUNTS] = _gene_stat(genes, TOTAL_COUNTS)
+    var[LOG1P_TOTAL_COUNTS] = np.log1p(_gene_stat(genes, TOTAL_COUNTS))
     if not inplace:
         return obs, var
     as_actual(adata)  # a view becomes an actual AnnData (a copy), as scanpy's: its parent is not written to
@@ -255,12 +280,12 @@ def calculate_qc_metrics(
         adata.obs[col] = obs[col].to_numpy()
     for col in var.columns:
         adata.var[col] = var[col].to_numpy()
-    if has_mt and "mt" not in adata.var.columns:
-        adata.var["mt"] = mt
+    if has_mt and MT not in adata.var.columns:
+        adata.var[MT] = mt
     adata.uns.setdefault("pertscale", {})["n_noninteger_values"] = int(_gene_stat(genes, "n_noninteger").sum())
     if perturbation_column is not None:
         labels = perturbation_labels(adata.obs, perturbation_column)
-        counts = labels.value_counts().rename_axis("perturbation").rename("n_cells").to_frame()
+        counts = labels.value_counts().rename_axis(PERTURBATION).rename(N_CELLS).to_frame()
         adata.uns.setdefault("pertscale", {})["perturbation_counts"] = counts
     return None
 
@@ -287,16 +312,16 @@ def _check_bounds(**bounds) -> tuple:
 
 #: What each filter bounds: (axis, statistic of the detected-entries bound, column it adds for it).
 _FILTERS = {
-    "cells": ("obs", "n_genes_by_counts", "n_genes", "n_counts"),
-    "genes": ("var", "n_cells_by_counts", "n_cells", "n_counts"),
+    "cells": ("obs", N_GENES_BY_COUNTS, N_GENES, N_COUNTS),
+    "genes": ("var", N_CELLS_BY_COUNTS, N_CELLS, N_COUNTS),
 }
 
 
 #: How the drop-everything error names the largest and the smallest of each number a filter bounds.
 _WHAT = {
-    "n_genes_by_counts": ("the most genes detected in one cell", "the fewest genes detected in one cell"),
-    "n_cells_by_counts": ("the most cells that detect one gene", "the fewest cells that detect one gene"),
-    "total_counts": ("the largest total count of one {item}", "the smallest total count of one {item}"),
+    N_GENES_BY_COUNTS: ("the most genes detected in one cell", "the fewest genes detected in one cell"),
+    N_CELLS_BY_COUNTS: ("the most cells that detect one gene", "the fewest cells that detect one gene"),
+    TOTAL_COUNTS: ("the largest total count of one {item}", "the smallest total count of one {item}"),
 }
 
 
@@ -310,7 +335,7 @@ def _filter(adata: ad.AnnData, which: str, detected: tuple, counts: tuple, *, na
     axis, detected_stat, detected_col, counts_col = _FILTERS[which]
     cells, genes = _matrix_stats(adata, desc=f"filter {which}")
     by_detected = any(b is not None for b in detected)
-    stat = detected_stat if by_detected else "total_counts"
+    stat = detected_stat if by_detected else TOTAL_COUNTS
     numbers = _cell_stat(cells, stat) if axis == "obs" else _gene_stat(genes, stat)
     numbers = numbers.astype(np.int64) if by_detected else numbers
     bounds = detected if by_detected else counts
@@ -457,12 +482,15 @@ def _check_labels(adata, perturbation_column, control_label, exclude_labels) -> 
     return labels, exclude
 
 
+@renamed_arguments(
+    positional=("perturbation_column", "control_label"), renamed=RENAMED_ARGUMENTS["pp.filter_perturbations"]
+)
 def filter_perturbations(
     adata: ad.AnnData,
+    *,
     perturbation_column: str,
     control_label: str | None = None,
-    *,
-    min_cells: int | None = None,
+    min_cells_per_perturbation: int | None = None,
     exclude_labels: Iterable[str] = (),
 ) -> ad.AnnData:
     """Drop cells by perturbation label: excluded labels and small groups.
@@ -477,11 +505,17 @@ def filter_perturbations(
     adata
         Cells with a perturbation label.
     perturbation_column
-        Column of ``obs`` with the labels.
+        Column of ``obs`` with the labels (keyword-only, as every option;
+        given positionally, as in earlier releases, it is still taken for one
+        release with a ``FutureWarning``).
     control_label
-        The control label, never dropped by ``min_cells``.
-    min_cells
-        Perturbations with fewer cells are dropped.
+        The control label, never dropped by ``min_cells_per_perturbation``
+        (keyword-only, likewise).
+    min_cells_per_perturbation
+        Perturbations with fewer cells are dropped (as in
+        :func:`qc_summary`; its earlier name ``min_cells`` is still taken for
+        one release with a ``FutureWarning``: elsewhere ``min_cells`` is a
+        gene's cells, as in scanpy).
     exclude_labels
         Labels whose cells are dropped, e.g. ``("multiple", "unassigned")``;
         a single string is one label.
@@ -492,38 +526,47 @@ def filter_perturbations(
         The kept cells. ``uns['pertscale']['perturbation_filter']`` is a
         table with one row per label seen: ``n_cells_before``,
         ``n_cells_after``, ``reason`` (``""``, ``"excluded"`` or
-        ``"min_cells"``).
+        ``"min_cells_per_perturbation"``).
 
     Raises
     ------
     KeyError
         If the column is missing.
     ValueError
-        If ``min_cells`` is not a whole number >= 0; labels are missing or
-        collide as text; ``control_label`` is not among the labels (the
-        message lists those seen) or is excluded; every cell is excluded; or
-        ``min_cells`` drops every perturbation (the message names the
-        largest). All from ``obs``, before anything is read.
+        If ``min_cells_per_perturbation`` is not a whole number >= 0; labels
+        are missing or collide as text; ``control_label`` is not among the
+        labels (the message lists those seen) or is excluded; every cell is
+        excluded; or ``min_cells_per_perturbation`` drops every perturbation
+        (the message names the largest). All from ``obs``, before anything
+        is read.
+
+    Warns
+    -----
+    FutureWarning
+        If ``perturbation_column`` or ``control_label`` is given
+        positionally, or ``min_cells`` is given: earlier spellings.
     """
-    min_cells = check_number(min_cells, "min_cells", integer=True, minimum=0, allow_none=True)
+    min_size = check_number(
+        min_cells_per_perturbation, MIN_CELLS_PER_PERTURBATION, integer=True, minimum=0, allow_none=True
+    )
     labels, exclude = _check_labels(adata, perturbation_column, control_label, exclude_labels)
     before = labels.value_counts()
     exclude = set(exclude)
     reason = pd.Series("", index=before.index, dtype=object)
-    reason[before.index.isin(exclude)] = "excluded"
-    if min_cells is not None:
-        small = (before < min_cells) & (reason == "") & (before.index != str(control_label))
-        reason[small] = "min_cells"
+    reason[before.index.isin(exclude)] = EXCLUDED
+    if min_size is not None:
+        small = (before < min_size) & (reason == "") & (before.index != str(control_label))
+        reason[small] = MIN_CELLS_PER_PERTURBATION
     keep_labels = set(reason.index[reason == ""])
-    if not keep_labels:  # only min_cells can leave nothing here: with a control label, the control stays
-        left = before[reason != "excluded"]
+    if not keep_labels:  # only the size bound can leave nothing here: with a control label, the control stays
+        left = before[reason != EXCLUDED]
         raise ValueError(
-            f"min_cells={min_cells} drops every perturbation: the largest, {left.index[0]!r}, has "
-            f"{int(left.iloc[0])} cells; min_cells <= {int(left.iloc[0])} keeps some (or give control_label: the "
-            "control is never dropped for its size)"
+            f"min_cells_per_perturbation={min_size} drops every perturbation: the largest, {left.index[0]!r}, has "
+            f"{int(left.iloc[0])} cells; min_cells_per_perturbation <= {int(left.iloc[0])} keeps some (or give "
+            "control_label: the control is never dropped for its size)"
         )
     mask = labels.isin(keep_labels).to_numpy()
-    table = pd.DataFrame({"n_cells_before": before, "n_cells_after": before.where(reason == "", 0), "reason": reason})
+    table = pd.DataFrame({N_CELLS_BEFORE: before, N_CELLS_AFTER: before.where(reason == "", 0), REASON: reason})
     table.index.name = perturbation_column
     out = subset(adata, obs_mask=mask)
     out.uns.setdefault("pertscale", {})["perturbation_filter"] = table

@@ -34,12 +34,34 @@ import pandas as pd
 
 from .._validation import check_number, check_shape, label_list
 from ..io._read import subset
+from ..variables import (
+    DROPPED,
+    EXCLUDED,
+    IS_CONTROL,
+    KEPT,
+    MEAN_COUNTS,
+    MIN_CELLS_PER_GENE,
+    MIN_CELLS_PER_PERTURBATION,
+    MIN_GENES,
+    N_CELLS,
+    N_CELLS_BY_COUNTS,
+    N_CELLS_KEPT,
+    N_CELLS_MIN_GENES,
+    N_GENES_BY_COUNTS,
+    PCT_COUNTS_MT,
+    PCT_DROPOUT_BY_COUNTS,
+    PERTURBATION,
+    REASON,
+    TOTAL,
+    TOTAL_COUNTS,
+    TOTAL_COUNTS_MT,
+)
 from ._qc import DEFAULT_EXCLUDE, _cell_stat, _check_labels, _gene_stat, _matrix_stats, mitochondrial_genes, qc_pass
 
 logger = logging.getLogger(__name__)
 
 #: Why an item is dropped, in the order the filters apply (``""``: kept).
-REASONS = ("excluded", "min_genes", "min_cells_per_perturbation", "min_cells_per_gene")
+REASONS = (EXCLUDED, MIN_GENES, MIN_CELLS_PER_PERTURBATION, MIN_CELLS_PER_GENE)
 #: Percentile of the distributions that each mode of :func:`adaptive_qc_thresholds` takes.
 MODES = {"conservative": 5.0, "aggressive": 10.0}
 #: Range each adaptive threshold is clipped to (inclusive), as crispyx does.
@@ -107,17 +129,17 @@ class QCSummary:
     @property
     def cell_mask(self) -> np.ndarray:
         """``(n_obs,)`` bool: the cells kept."""
-        return (self.cells["reason"] == "").to_numpy()
+        return (self.cells[REASON] == "").to_numpy()
 
     @property
     def gene_mask(self) -> np.ndarray:
         """``(n_vars,)`` bool: the genes kept."""
-        return (self.genes["reason"] == "").to_numpy()
+        return (self.genes[REASON] == "").to_numpy()
 
     @property
     def perturbation_mask(self) -> pd.Series:
         """Bool per label (indexed as :attr:`perturbations`): the perturbations kept."""
-        return (self.perturbations["reason"] == "").rename("kept")
+        return (self.perturbations[REASON] == "").rename(KEPT)
 
     @property
     def table(self) -> pd.DataFrame:
@@ -128,9 +150,9 @@ class QCSummary:
         """
         rows = {}
         for name, frame in (("cells", self.cells), ("genes", self.genes), ("perturbations", self.perturbations)):
-            counts = frame["reason"].value_counts()
+            counts = frame[REASON].value_counts()
             kept = int(counts.get("", 0))
-            rows[name] = {"total": len(frame), "kept": kept, "dropped": len(frame) - kept} | {
+            rows[name] = {TOTAL: len(frame), KEPT: kept, DROPPED: len(frame) - kept} | {
                 reason: int(counts.get(reason, 0)) for reason in REASONS
             }
         return pd.DataFrame.from_dict(rows, orient="index").astype(np.int64)
@@ -172,10 +194,10 @@ class QCSummary:
             )
         cells, genes = self.cell_mask, self.gene_mask
         out = subset(adata, obs_mask=cells, var_mask=genes)
-        for col in ("n_genes_by_counts", "total_counts", "pct_counts_mt"):
+        for col in (N_GENES_BY_COUNTS, TOTAL_COUNTS, PCT_COUNTS_MT):
             if col in self.cells.columns:
                 out.obs[col] = self.cells[col].to_numpy()[cells]
-        out.var["n_cells"] = self.genes["n_cells_kept"].to_numpy()[genes]
+        out.var[N_CELLS] = self.genes[N_CELLS_KEPT].to_numpy()[genes]
         settings = {
             "perturbation_column": self.perturbation_column,
             "min_genes": self.min_genes,
@@ -197,7 +219,7 @@ class QCSummary:
             f"min_cells_per_gene={self.min_cells_per_gene}; excluded labels: {excluded}",
             t.to_string(),
         ]
-        dropped = self.perturbations.loc[self.perturbations["reason"] != "", "reason"]
+        dropped = self.perturbations.loc[self.perturbations[REASON] != "", REASON]
         if len(dropped):
             shown = ", ".join(f"{k} ({v})" for k, v in dropped.head(_SHOW).items())
             lines.append(
@@ -251,15 +273,15 @@ def _keep(
 
 def _check_something_left(summary: QCSummary) -> None:
     """Raise if a filter drops everything, naming the filter and a value that keeps some."""
-    cells, reason = summary.cells, summary.cells["reason"]
-    if reason.isin(["excluded", "min_genes"]).all():
-        most = int(cells.loc[reason != "excluded", "n_genes_by_counts"].max())
+    cells, reason = summary.cells, summary.cells[REASON]
+    if reason.isin([EXCLUDED, MIN_GENES]).all():
+        most = int(cells.loc[reason != EXCLUDED, N_GENES_BY_COUNTS].max())
         raise ValueError(
             f"min_genes={summary.min_genes} drops every cell: the most genes detected in one cell (not "
             f"excluded) is {most}; min_genes <= {most} keeps some"
         )
     if not summary.cell_mask.any():
-        after = summary.perturbations["n_cells_min_genes"]
+        after = summary.perturbations[N_CELLS_MIN_GENES]
         largest, n = after.idxmax(), int(after.max())
         raise ValueError(
             f"min_cells_per_perturbation={summary.min_cells_per_perturbation} drops every perturbation: "
@@ -268,7 +290,7 @@ def _check_something_left(summary: QCSummary) -> None:
             "for its size)"
         )
     if not summary.gene_mask.any():
-        detected = summary.genes["n_cells_kept"]
+        detected = summary.genes[N_CELLS_KEPT]
         best, n = detected.idxmax(), int(detected.max())
         raise ValueError(
             f"min_cells_per_gene={summary.min_cells_per_gene} drops every gene: the gene detected in most "
@@ -455,48 +477,48 @@ def _qc_summary(
     control_label = None if control_label is None else str(control_label)
     names, codes = _codes(labels, exclude)
     qc = qc_pass(adata, codes, len(names), min_genes=thresholds["min_genes"])
-    n_genes = qc.cell("n_genes_by_counts").astype(np.int64)
+    n_genes = qc.cell(N_GENES_BY_COUNTS).astype(np.int64)
     kept = _keep(n_genes, qc.detection, codes, names, control_label=control_label, **thresholds)
 
     excluded = codes < 0
     cell_reason = np.full(adata.n_obs, "", dtype=object)
-    cell_reason[~kept["keep_cells"]] = "min_cells_per_perturbation"
-    cell_reason[~kept["cell_ok"]] = "min_genes"
-    cell_reason[excluded] = "excluded"
+    cell_reason[~kept["keep_cells"]] = MIN_CELLS_PER_PERTURBATION
+    cell_reason[~kept["cell_ok"]] = MIN_GENES
+    cell_reason[excluded] = EXCLUDED
     cells = pd.DataFrame(index=adata.obs_names)
-    cells["perturbation"] = labels.to_numpy()
-    cells["n_genes_by_counts"] = n_genes
-    cells["total_counts"] = qc.cell("total_counts")
+    cells[PERTURBATION] = labels.to_numpy()
+    cells[N_GENES_BY_COUNTS] = n_genes
+    cells[TOTAL_COUNTS] = qc.cell(TOTAL_COUNTS)
     if mitochondrial_genes(adata.var).any():
-        cells["total_counts_mt"] = qc.cell("total_counts_mt")
+        cells[TOTAL_COUNTS_MT] = qc.cell(TOTAL_COUNTS_MT)
         with np.errstate(divide="ignore", invalid="ignore"):
-            cells["pct_counts_mt"] = qc.cell("total_counts_mt") / qc.cell("total_counts") * 100
-    cells["reason"] = cell_reason
+            cells[PCT_COUNTS_MT] = qc.cell(TOTAL_COUNTS_MT) / qc.cell(TOTAL_COUNTS) * 100
+    cells[REASON] = cell_reason
 
     genes = pd.DataFrame(index=adata.var_names)
-    genes["n_cells_by_counts"] = qc.gene("n_cells_by_counts").astype(np.int64)
-    genes["total_counts"] = qc.gene("total_counts")
-    genes["mean_counts"] = qc.gene("total_counts") / adata.n_obs
-    genes["pct_dropout_by_counts"] = (1 - qc.gene("n_cells_by_counts") / adata.n_obs) * 100
-    genes["n_cells_kept"] = kept["gene_cells"]
-    genes["reason"] = np.where(kept["keep_genes"], "", "min_cells_per_gene").astype(object)
+    genes[N_CELLS_BY_COUNTS] = qc.gene(N_CELLS_BY_COUNTS).astype(np.int64)
+    genes[TOTAL_COUNTS] = qc.gene(TOTAL_COUNTS)
+    genes[MEAN_COUNTS] = qc.gene(TOTAL_COUNTS) / adata.n_obs
+    genes[PCT_DROPOUT_BY_COUNTS] = (1 - qc.gene(N_CELLS_BY_COUNTS) / adata.n_obs) * 100
+    genes[N_CELLS_KEPT] = kept["gene_cells"]
+    genes[REASON] = np.where(kept["keep_genes"], "", MIN_CELLS_PER_GENE).astype(object)
 
     before = labels.value_counts(sort=True)
     per_group = pd.DataFrame(
         {
             "after": kept["after_min_genes"],
-            "kept": np.bincount(codes[kept["keep_cells"]], minlength=len(names)),
-            "reason": np.where(
-                kept["group_ok"], "", np.where(kept["after_min_genes"] == 0, "min_genes", "min_cells_per_perturbation")
+            KEPT: np.bincount(codes[kept["keep_cells"]], minlength=len(names)),
+            REASON: np.where(
+                kept["group_ok"], "", np.where(kept["after_min_genes"] == 0, MIN_GENES, MIN_CELLS_PER_PERTURBATION)
             ),
         },
         index=names,
     )
-    perturbations = pd.DataFrame({"n_cells": before.to_numpy(np.int64)}, index=before.index.astype(str))
-    perturbations["n_cells_min_genes"] = per_group["after"].reindex(perturbations.index, fill_value=0).astype(np.int64)
-    perturbations["n_cells_kept"] = per_group["kept"].reindex(perturbations.index, fill_value=0).astype(np.int64)
-    perturbations["is_control"] = perturbations.index == control_label
-    perturbations["reason"] = per_group["reason"].reindex(perturbations.index, fill_value="excluded").astype(object)
+    perturbations = pd.DataFrame({N_CELLS: before.to_numpy(np.int64)}, index=before.index.astype(str))
+    perturbations[N_CELLS_MIN_GENES] = per_group["after"].reindex(perturbations.index, fill_value=0).astype(np.int64)
+    perturbations[N_CELLS_KEPT] = per_group[KEPT].reindex(perturbations.index, fill_value=0).astype(np.int64)
+    perturbations[IS_CONTROL] = perturbations.index == control_label
+    perturbations[REASON] = per_group[REASON].reindex(perturbations.index, fill_value=EXCLUDED).astype(object)
     perturbations = _with_prepared_exclusions(perturbations, adata, perturbation_column)
     perturbations.index.name = perturbation_column
 
@@ -536,9 +558,9 @@ def _with_prepared_exclusions(perturbations: pd.DataFrame, adata: ad.AnnData, pe
     if counts.empty:
         return perturbations
     rows = pd.DataFrame(
-        {"n_cells": counts, "n_cells_min_genes": 0, "n_cells_kept": 0, "is_control": False, "reason": "excluded"}
+        {N_CELLS: counts, N_CELLS_MIN_GENES: 0, N_CELLS_KEPT: 0, IS_CONTROL: False, REASON: EXCLUDED}
     ).astype(perturbations.dtypes.to_dict())
-    return pd.concat([perturbations, rows]).sort_values("n_cells", ascending=False, kind="stable")
+    return pd.concat([perturbations, rows]).sort_values(N_CELLS, ascending=False, kind="stable")
 
 
 @dataclass(frozen=True)
@@ -698,8 +720,8 @@ def adaptive_qc_thresholds(
         desc="adaptive QC thresholds",
     )
     n_used = int(use.sum())
-    n_genes = _cell_stat(cells, "n_genes_by_counts")
-    cells_per_gene = _gene_stat(genes, "n_cells_by_counts") * (n_kept / n_used)
+    n_genes = _cell_stat(cells, N_GENES_BY_COUNTS)
+    cells_per_gene = _gene_stat(genes, N_CELLS_BY_COUNTS) * (n_kept / n_used)
     size_p = float(np.percentile(sizes.to_numpy(), percentile))
     gene_p = float(np.percentile(cells_per_gene, percentile))
     median_genes = float(np.median(n_genes))

@@ -22,6 +22,7 @@ import numpy as np
 import pandas as pd
 
 from ..analysis import AnalysisSettings
+from ..variables import LOGFOLDCHANGES, PVALS, PVALS_ADJ, RENAMED_ARGUMENTS, SCORES, current_name
 from ._keys import STORE, location, results, root
 
 logger = logging.getLogger("pertscale.store")
@@ -190,9 +191,13 @@ class RunInfo:
 
         A plain dict: edit it before calling to vary the run. Arrays given
         as options are not stored (only their digest): pass them again.
-        :func:`pertscale.get.rerun` makes the call.
+        :func:`pertscale.get.rerun` makes the call. Settings fields whose
+        argument was renamed (``min_cells`` of the tests, now
+        ``min_cells_per_perturbation``) are given under the current name
+        (:data:`pertscale.variables.RENAMED_ARGUMENTS`).
         """
-        return self.settings.call_args()
+        renamed = RENAMED_ARGUMENTS.get(self.settings.function, {})
+        return {renamed.get(k, k): v for k, v in self.settings.call_args().items()}
 
     @property
     def overwritten_fields(self) -> list[str]:
@@ -272,7 +277,7 @@ def _own_obsm(found: list[dict], settings: AnalysisSettings) -> list[tuple[str, 
 
 
 #: Statistics that :func:`cleanup` keeps in the results of a test by default.
-DEFAULT_KEEP_LAYERS = ("scores", "logfoldchanges", "pvals", "pvals_adj")
+DEFAULT_KEEP_LAYERS = (SCORES, LOGFOLDCHANGES, PVALS, PVALS_ADJ)
 #: Per-cell (large) entries of dict results, removed by :func:`cleanup`.
 PER_CELL_ENTRIES = {"pca": ("X_pca",), "qc": ("cells",)}
 
@@ -344,7 +349,8 @@ def cleanup(
         where = location(settings)
         if isinstance(value, ad.AnnData):
             keep = set(value.layers) if keep_layers is True else set() if keep_layers is False else set(keep_layers)
-            for name in [n for n in value.layers if n not in keep]:
+            keep = {current_name(k) for k in keep}  # an earlier release's name keeps the statistic, stored either way
+            for name in [n for n in value.layers if n not in keep and current_name(n) not in keep]:
                 del value.layers[name]
                 removed.append(f"{where}/layers/{name}")
         elif isinstance(value, dict) and not keep_per_cell:

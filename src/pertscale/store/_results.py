@@ -20,6 +20,7 @@ import anndata as ad
 import pandas as pd
 
 from ..analysis import ANALYSES, AnalysisSettings, _plain
+from ..variables import DISPERSION
 from ._history import last_run, now, record_run
 from ._keys import STORE, matrix_token, put, results, root
 
@@ -62,7 +63,7 @@ def columns_digest(adata: ad.AnnData, settings: AnalysisSettings) -> str:
         value = getattr(settings, field, None)
         names.extend((value,) if isinstance(value, str) else value or ())
     if settings.method == "nb-glm" and getattr(settings, "dispersions", None) is None:
-        names.append("dispersion")  # the dispersions stored by ps.tl.dispersions, read when none are given
+        names.append(DISPERSION)  # the dispersions stored by ps.tl.dispersions, read when none are given
     for name in names:
         for where, frame in (("obs", adata.obs), ("var", adata.var)):
             if name in frame.columns:

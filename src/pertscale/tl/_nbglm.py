@@ -33,8 +33,21 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from .._deprecation import renamed_arguments
 from .._validation import as_actual, check_number, check_shape, get_matrix, label_list, perturbation_labels
 from ..io._read import as_dask
+from ..variables import (
+    BASE_MEAN,
+    DISPERSION,
+    DISPERSION_CONVERGED,
+    DISPERSION_GENEWISE,
+    DISPERSION_GENEWISE_CONVERGED,
+    DISPERSION_GENEWISE_CURVATURE,
+    DISPERSION_OUTLIER,
+    DISPERSION_TREND,
+    DISPERSIONS_TABLE,
+    GENEWISE_TABLE,
+)
 from ._engine import Groups, aligned
 
 logger = logging.getLogger(__name__)
@@ -56,25 +69,13 @@ MADE = {
 }
 #: The ``var`` columns each step writes (and the ones after it read).
 COLUMNS = {
-    "genewise": (
-        "dispersion_genewise",
-        "dispersion_genewise_converged",
-        "dispersion_genewise_curvature",
-        "baseMean",
-    ),
-    "trend": ("dispersion_trend",),
+    "genewise": GENEWISE_TABLE,
+    "trend": (DISPERSION_TREND,),
     "prior": (),
-    "map": ("dispersion", "dispersion_outlier", "dispersion_converged"),
+    "map": (DISPERSION, DISPERSION_OUTLIER, DISPERSION_CONVERGED),
 }
 #: The columns :func:`dispersions` returns (all written to ``var``).
-TABLE = (
-    "dispersion",
-    "dispersion_genewise",
-    "dispersion_trend",
-    "dispersion_outlier",
-    "dispersion_converged",
-    "baseMean",
-)
+TABLE = DISPERSIONS_TABLE
 
 
 def _group_sizes(codes: np.ndarray) -> np.ndarray:
@@ -354,7 +355,9 @@ def _done(adata: ad.AnnData, record: dict) -> list[str]:
 
 
 def _column(record: dict) -> str:
-    return repr(str(record["perturbation_column"])) if record.get("perturbation_column") else "perturbation_column"
+    """``perturbation_column=...`` as the calls in messages spell it."""
+    column = repr(str(record["perturbation_column"])) if record.get("perturbation_column") else "..."
+    return f"perturbation_column={column}"
 
 
 def _genewise_call(record: dict) -> str:
@@ -555,10 +558,10 @@ def _fit_genewise(
         a_gene, curvature, converged = a0, np.full(n_genes, np.nan), expressed.copy()
     table = pd.DataFrame(
         {
-            "dispersion_genewise": np.where(expressed, np.exp(a_gene), np.nan),
-            "dispersion_genewise_converged": converged & expressed,
-            "dispersion_genewise_curvature": np.where(expressed, curvature, np.nan),
-            "baseMean": base_mean,
+            DISPERSION_GENEWISE: np.where(expressed, np.exp(a_gene), np.nan),
+            DISPERSION_GENEWISE_CONVERGED: converged & expressed,
+            DISPERSION_GENEWISE_CURVATURE: np.where(expressed, curvature, np.nan),
+            BASE_MEAN: base_mean,
         },
         index=adata.var_names,
     )
@@ -570,15 +573,15 @@ def _fit_trend(adata: ad.AnnData) -> pd.DataFrame:
     from ..kernels.nbglm import MIN_DISP, fit_trend
 
     record = _requires(adata, "trend")
-    genewise = adata.var["dispersion_genewise"].to_numpy(dtype=np.float64)
-    trend, info = fit_trend(genewise, adata.var["baseMean"].to_numpy(dtype=np.float64), min_disp=MIN_DISP)
+    genewise = adata.var[DISPERSION_GENEWISE].to_numpy(dtype=np.float64)
+    trend, info = fit_trend(genewise, adata.var[BASE_MEAN].to_numpy(dtype=np.float64), min_disp=MIN_DISP)
     if info["type"] == "mean":
         warnings.warn(
             "the parametric dispersion trend did not converge; using the mean of the gene-wise dispersions",
             UserWarning,
             stacklevel=3,
         )
-    table = pd.DataFrame({"dispersion_trend": np.where(np.isfinite(genewise), trend, np.nan)}, index=adata.var_names)
+    table = pd.DataFrame({DISPERSION_TREND: np.where(np.isfinite(genewise), trend, np.nan)}, index=adata.var_names)
     record["trend"] = {k: (float(v) if k != "type" else v) for k, v in info.items()}
     _write(adata, table, record, "trend")
     return table
@@ -589,8 +592,8 @@ def _fit_prior(adata: ad.AnnData) -> float:
 
     record = _requires(adata, "prior")
     prior_var, squared_logres = dispersion_prior(
-        adata.var["dispersion_genewise"].to_numpy(dtype=np.float64),
-        adata.var["dispersion_trend"].to_numpy(dtype=np.float64),
+        adata.var[DISPERSION_GENEWISE].to_numpy(dtype=np.float64),
+        adata.var[DISPERSION_TREND].to_numpy(dtype=np.float64),
         n_cells=int(record["n_cells"]),
         n_params=int(record["n_groups"]),
         min_disp=MIN_DISP,
@@ -604,16 +607,16 @@ def _fit_map(adata: ad.AnnData, record: dict, layout: _Layout | None, *, max_ite
     from ..kernels.nbglm import MIN_DISP, final_dispersions
 
     var = adata.var
-    genewise = var["dispersion_genewise"].to_numpy(dtype=np.float64)
-    trend = var["dispersion_trend"].to_numpy(dtype=np.float64)
-    converged = var["dispersion_genewise_converged"].to_numpy(dtype=bool)
+    genewise = var[DISPERSION_GENEWISE].to_numpy(dtype=np.float64)
+    trend = var[DISPERSION_TREND].to_numpy(dtype=np.float64)
+    converged = var[DISPERSION_GENEWISE_CONVERGED].to_numpy(dtype=bool)
     expressed = np.isfinite(genewise)
     max_disp = max(10.0, float(record["n_cells"]))
     lower, upper = np.log(MIN_DISP), np.log(max_disp)
     prior_var = float(record["prior_variance"])
     if str(record["method"]) == "cox-reid":
         # start from the quadratic approximation of the likelihood at its maximum, then Newton on the posterior
-        curvature = var["dispersion_genewise_curvature"].to_numpy(dtype=np.float64)
+        curvature = var[DISPERSION_GENEWISE_CURVATURE].to_numpy(dtype=np.float64)
         with np.errstate(divide="ignore", invalid="ignore"):
             a_gene, log_trend = np.log(genewise), np.log(trend)
             prec = np.where(curvature < 0, -curvature, 0.0)
@@ -635,7 +638,7 @@ def _fit_map(adata: ad.AnnData, record: dict, layout: _Layout | None, *, max_ite
         genewise, trend, posterior, squared_logres=float(record["squared_logres"]), max_disp=max_disp, min_disp=MIN_DISP
     )
     table = pd.DataFrame(
-        {"dispersion": final, "dispersion_outlier": outlier, "dispersion_converged": converged & expressed},
+        {DISPERSION: final, DISPERSION_OUTLIER: outlier, DISPERSION_CONVERGED: converged & expressed},
         index=adata.var_names,
     )
     _write(adata, table, record, "map")
@@ -651,10 +654,11 @@ def _fit_map(adata: ad.AnnData, record: dict, layout: _Layout | None, *, max_ite
 # --------------------------------------------------------------------------- the public calls
 
 
+@renamed_arguments(positional=("perturbation_column",))
 def fit_genewise_dispersions(
     adata: ad.AnnData,
-    perturbation_column: str,
     *,
+    perturbation_column: str,
     size_factors: str | np.ndarray = "size_factors",
     covariates: str | list[str] | None = None,
     method: str = "cox-reid",
@@ -690,7 +694,9 @@ def fit_genewise_dispersions(
     adata
         ``n_obs x n_vars`` raw UMI counts in ``X`` (or ``layers[layer]``).
     perturbation_column
-        ``obs`` column of labels; each label is a group of the design.
+        ``obs`` column of labels; each label is a group of the design
+        (keyword-only; given positionally, as in earlier releases, it is
+        still taken for one release with a ``FutureWarning``).
     size_factors
         ``obs`` column of size factors (:func:`pertscale.pp.size_factors`),
         or an ``(n_obs,)`` array of them.
@@ -890,10 +896,11 @@ def fit_map_dispersions(
     return _fit_map(adata, record, layout, max_iter=max_iter, tol=tol)
 
 
+@renamed_arguments(positional=("perturbation_column",))
 def dispersions(
     adata: ad.AnnData,
-    perturbation_column: str,
     *,
+    perturbation_column: str,
     size_factors: str | np.ndarray = "size_factors",
     covariates: str | list[str] | None = None,
     method: str = "cox-reid",
@@ -939,7 +946,9 @@ def dispersions(
     adata
         ``n_obs x n_vars`` raw UMI counts in ``X`` (or ``layers[layer]``).
     perturbation_column
-        ``obs`` column of labels; each label is a group of the design.
+        ``obs`` column of labels; each label is a group of the design
+        (keyword-only; given positionally, as in earlier releases, it is
+        still taken for one release with a ``FutureWarning``).
     size_factors
         ``obs`` column of size factors (:func:`pertscale.pp.size_factors`),
         or an ``(n_obs,)`` array of them.
@@ -1079,7 +1088,7 @@ def size_factors_for_test(adata: ad.AnnData, size_factors, *, method: str, layer
 
 
 def _dispersions_call(perturbation_column: str, *, size_factors, covariates, method: str, layer) -> str:
-    args = [repr(perturbation_column)]
+    args = [f"perturbation_column={perturbation_column!r}"]
     if not isinstance(size_factors, str):
         args.append("size_factors=...")
     elif size_factors != "size_factors":
@@ -1095,8 +1104,8 @@ def _dispersions_call(perturbation_column: str, *, size_factors, covariates, met
 
 def dispersions_for_test(
     adata: ad.AnnData,
-    perturbation_column: str,
     *,
+    perturbation_column: str,
     size_factors,
     sf: np.ndarray,
     covariates: list[str],
@@ -1158,7 +1167,7 @@ def dispersions_for_test(
             "nb-glm: the size factors are not those the dispersions were estimated with (made again since, or "
             f"other cells): run {call} again"
         )
-    return adata.var["dispersion"].to_numpy(dtype=np.float64), record
+    return adata.var[DISPERSION].to_numpy(dtype=np.float64), record
 
 
 def covariate_levels(obs: pd.DataFrame, covariates, *, control: np.ndarray | None = None) -> tuple[np.ndarray, list]:

@@ -16,6 +16,7 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 
+from .._deprecation import renamed_arguments
 from .._memory import n_cores
 from .._settings import settings
 from .._validation import (
@@ -33,6 +34,7 @@ from ..kernels._common import ALTERNATIVES, CORR_METHODS
 from ..kernels.nbglm import NBGLM_STATS, nb_control, nbglm_block
 from ..kernels.ttest import TTEST_STATS, control_moments, ttest_block
 from ..kernels.wilcoxon import WILCOXON_STATS, control_statistics, wilcoxon_block
+from ..variables import LOGFOLDCHANGES, RENAMED_ARGUMENTS, RESULTS_VAR_NBGLM
 from ._engine import Method, find_groups, test_against_control
 from ._results import lazy_results
 
@@ -65,11 +67,14 @@ def _warn_if_counts(adata: ad.AnnData, dtype: np.dtype, layer: str | None) -> No
     )
 
 
+@renamed_arguments(
+    positional=("perturbation_column", "control_label"), renamed=RENAMED_ARGUMENTS["tl.rank_genes_groups"]
+)
 def rank_genes_groups(
     adata: ad.AnnData,
+    *,
     perturbation_column: str,
     control_label: str,
-    *,
     method: str = "wilcoxon",
     perturbations: list[str] | None = None,
     layer: str | None = None,
@@ -86,7 +91,7 @@ def rank_genes_groups(
     covariates: str | list[str] | None = None,
     shrink: bool = True,
     lfc_base: str = "log2",
-    min_cells: int = 2,
+    min_cells_per_perturbation: int = 2,
     scanpy_format: bool = False,
     key_added: str | None = None,
     force: bool = False,
@@ -101,9 +106,12 @@ def rank_genes_groups(
         :func:`pertscale.pp.normalize_total` and :func:`pertscale.pp.log1p`),
         lazy (Dask) or in memory.
     perturbation_column
-        Column of ``obs`` naming each cell's perturbation.
+        Column of ``obs`` naming each cell's perturbation (keyword-only, as
+        every option; given positionally, as in earlier releases, it is
+        still taken for one release with a ``FutureWarning``).
     control_label
-        Label of the control cells (e.g. non-targeting guides) in that column.
+        Label of the control cells (e.g. non-targeting guides) in that column
+        (keyword-only, likewise).
     method
         ``"wilcoxon"``: Wilcoxon rank-sum (Mann-Whitney U) test;
         ``"t-test"``: Welch's t-test; ``"t-test_overestim_var"``: scanpy's
@@ -175,9 +183,11 @@ def rank_genes_groups(
     lfc_base
         nb-glm: ``"log2"`` (default) or ``"natural"`` fold changes and
         standard errors (recorded in the settings).
-    min_cells
+    min_cells_per_perturbation
         Perturbations with fewer cells are skipped with a warning and listed
-        in ``uns['pertscale']['skipped']``.
+        in ``uns['pertscale']['skipped']``. Its earlier name ``min_cells``
+        is still taken for one release, with a ``FutureWarning``: elsewhere
+        ``min_cells`` is a gene's cells, as in scanpy.
     scanpy_format
         Add Scanpy's ``uns['rank_genes_groups']`` when the results are
         computed (:func:`pertscale.compute`) or written
@@ -214,13 +224,15 @@ def rank_genes_groups(
         the Wilcoxon, ``u_statistic``; the settings in
         ``uns['pertscale']['settings']``. nb-glm: ``scores`` are Wald z,
         ``pvals`` normal, ``logfoldchanges`` apeGLM-shrunk and
-        ``logfoldchanges_raw`` the MLE (``lfc_base``), ``standard_error`` (of
-        the MLE) and ``standard_error_shrunk`` (posterior), ``baseMean`` (mean
-        normalized count of the perturbation's and the control's cells),
-        ``converged``, ``n_iter`` and ``prior_scale`` (apeGLM's, natural log,
-        one value per perturbation); ``var`` also holds the dispersions
-        (``dispersion``, ``dispersion_genewise``, ``dispersion_trend``,
-        ``dispersion_outlier``).
+        ``logfoldchanges_raw`` the MLE (``lfc_base``), ``lfcSE`` (standard
+        error of the MLE, DESeq2's name) and ``lfcSE_shrunk`` (posterior),
+        ``baseMean`` (mean normalized count of the perturbation's and the
+        control's cells), ``converged``, ``n_iter`` and ``prior_scale``
+        (apeGLM's, natural log, one value per perturbation); ``var`` also
+        holds the dispersions (``dispersion``, ``dispersion_genewise``,
+        ``dispersion_trend``, ``dispersion_outlier``). Every name is
+        registered, with its units and scanpy's or DESeq2's spelling, in
+        :mod:`pertscale.variables`.
 
     Raises
     ------
@@ -249,6 +261,11 @@ def rank_genes_groups(
         matrix not marked by ``log1p`` (``uns['log1p']`` for ``X``,
         ``uns['pertscale']['log1p_layers']`` for a layer): fold changes assume
         log1p values. Also when gene names repeat (made unique).
+    FutureWarning
+        If ``perturbation_column`` or ``control_label`` is given
+        positionally, or ``min_cells`` is given (now
+        ``min_cells_per_perturbation``): earlier spellings, taken for one
+        more release.
 
     Notes
     -----
@@ -296,7 +313,7 @@ def rank_genes_groups(
         covariates=covariates,
         shrink=shrink,
         lfc_base=lfc_base,
-        min_cells=min_cells,
+        min_cells_per_perturbation=min_cells_per_perturbation,
     )
     _check_choices(method, corr_method, alternative)
     covariates = label_list(covariates, "covariates")  # a single string is one column, not its letters
@@ -305,6 +322,10 @@ def rank_genes_groups(
         raise ValueError(f"covariates are supported by method='nb-glm', not by {method!r}")
     cls = {"wilcoxon": WilcoxonSettings, "nb-glm": NBGLMSettings}.get(method, TTestSettings)
     fields = {k: v for k, v in options.items() if k in cls.model_fields}
+    # the settings' field keeps its name (stored keys); checked here to name the argument
+    fields["min_cells"] = check_number(
+        min_cells_per_perturbation, "min_cells_per_perturbation", integer=True, minimum=1
+    )
     if perturbations is not None:
         fields["perturbations"] = tuple(dict.fromkeys(label_list(perturbations, "perturbations")))
     fields["min_pct"] = _thresholds(min_pct, "min_pct", maximum=1)
@@ -348,11 +369,11 @@ def _test(
     covariates,
     shrink,
     lfc_base,
-    min_cells,
+    min_cells_per_perturbation,
 ) -> ad.AnnData:
     """The lazy results of :func:`rank_genes_groups`, its options checked (no store)."""
     _check_choices(method, corr_method, alternative)
-    min_cells = check_number(min_cells, "min_cells", integer=True, minimum=1)
+    min_size = check_number(min_cells_per_perturbation, "min_cells_per_perturbation", integer=True, minimum=1)
     check_shape(adata)
     labels = perturbation_labels(adata.obs, perturbation_column)
     control_mask = check_control(labels, control_label, perturbation_column)
@@ -376,17 +397,18 @@ def _test(
                 f"perturbations not found in obs[{perturbation_column!r}] (or equal to the control label): "
                 f"{missing}; labels seen: {sorted(counts.index)[:20]}"
             )
-    skipped = [g for g in candidates if counts[g] < min_cells]
-    groups = [g for g in candidates if counts[g] >= min_cells]
+    skipped = [g for g in candidates if counts[g] < min_size]
+    groups = [g for g in candidates if counts[g] >= min_size]
     if skipped:
         warnings.warn(
-            f"{len(skipped)} perturbation(s) have fewer than {min_cells} cells and are not tested: {skipped[:20]}",
+            f"{len(skipped)} perturbation(s) have fewer than {min_size} cells and are not tested: {skipped[:20]}",
             UserWarning,
             stacklevel=2,
         )
     if not groups:
         raise ValueError(
-            f"no perturbation in obs[{perturbation_column!r}] has at least {min_cells} cells; nothing to test"
+            f"no perturbation in obs[{perturbation_column!r}] has at least min_cells_per_perturbation={min_size} "
+            "cells; nothing to test"
         )
     check_writable_labels(groups, perturbation_column)
 
@@ -400,7 +422,7 @@ def _test(
         "min_mean": _thresholds(min_mean, "min_mean"),
     }
     inputs: dict = {}
-    extra_settings: dict = {"logfoldchanges_base": "log2"}
+    extra_settings: dict = {f"{LOGFOLDCHANGES}_base": "log2"}
     if test is NBGLM:
         inputs, extra_settings = _nbglm_inputs(
             adata,
@@ -416,7 +438,7 @@ def _test(
         if lfc_base not in ("log2", "natural"):
             raise ValueError(f"lfc_base {lfc_base!r} is not supported; choose 'log2' or 'natural'")
         options |= {"alpha": inputs["gene_values"]["alpha"], "shrink": bool(shrink), "lfc_base": lfc_base}
-        extra_settings |= {"logfoldchanges_base": lfc_base, "shrink": "apeglm" if shrink else "none"}
+        extra_settings |= {f"{LOGFOLDCHANGES}_base": lfc_base, "shrink": "apeglm" if shrink else "none"}
     else:
         if covariates:
             raise ValueError(f"covariates are supported by method='nb-glm', not by {method!r}")
@@ -452,14 +474,14 @@ def _test(
             },
             "min_pct": np.asarray(np.broadcast_to(options["min_pct"], 2), dtype=float),  # (control, perturbation)
             "min_mean": np.asarray(np.broadcast_to(options["min_mean"], 2), dtype=float),
-            "min_cells": int(min_cells),
+            "min_cells_per_perturbation": int(min_size),
             "n_control_cells": int(control_mask.sum()),
             **extra_settings,
             "pertscale_version": importlib.metadata.version("pertscale"),
         },
     )
     if test is NBGLM:
-        for column in ("dispersion", "dispersion_genewise", "dispersion_trend", "dispersion_outlier"):
+        for column in RESULTS_VAR_NBGLM:
             if column in adata.var:
                 res.var[column] = adata.var[column].to_numpy()
     res.uns["pertscale"]["skipped"] = np.asarray(skipped, dtype=object) if skipped else np.asarray([], dtype=str)
@@ -541,7 +563,7 @@ def _nbglm_inputs(
     else:
         alpha, info = dispersions_for_test(
             adata,
-            perturbation_column,
+            perturbation_column=perturbation_column,
             size_factors=size_factors,
             sf=sf,
             covariates=covariates,

@@ -12,6 +12,22 @@ import pandas as pd
 
 from .._validation import check_number, unique_var_names
 from ..io._atomic import replacing
+from ..variables import (
+    GENE,
+    LOGFOLDCHANGES,
+    N_CELLS,
+    N_DE_GENES,
+    PERTURBATION,
+    PTS,
+    PTS_REST,
+    PVALS,
+    PVALS_ADJ,
+    SCORES,
+    TIDY_COLUMNS,
+)
+
+#: The statistics of the tidy table: its columns after ``perturbation`` and ``gene`` (layers of the same name).
+TIDY_STATISTICS = TIDY_COLUMNS[2:]
 
 
 def clean_settings(settings: dict[str, Any]) -> dict[str, Any]:
@@ -55,9 +71,9 @@ def lazy_results(
     settings
         Stored in ``uns['pertscale']['settings']``.
     """
-    obs = pd.DataFrame({"n_cells": np.asarray(n_cells, dtype=np.int64)}, index=pd.Index(groups, name="perturbation"))
+    obs = pd.DataFrame({N_CELLS: np.asarray(n_cells, dtype=np.int64)}, index=pd.Index(groups, name=PERTURBATION))
     var = unique_var_names(var[[c for c in ("original_var_name",) if c in var.columns]].copy())
-    var.index.name = "gene"
+    var.index.name = GENE
     layers = {name: stats[:, i, :] for i, name in enumerate(stat_names)}
     res = ad.AnnData(obs=obs, var=var, layers=layers)
     res.uns["pertscale"] = {"settings": clean_settings(settings)}
@@ -82,7 +98,7 @@ def scanpy_uns(results: ad.AnnData, *, key: str = "rank_genes_groups") -> None:
     s = results.uns["pertscale"]["settings"]
     groups = list(results.obs_names)
     genes = np.asarray(results.var_names)
-    scores = results.layers["scores"]
+    scores = results.layers[SCORES]
     order = np.argsort(-scores, axis=1, kind="stable")
 
     def rec(values: np.ndarray, dtype) -> np.recarray:
@@ -100,19 +116,21 @@ def scanpy_uns(results: ad.AnnData, *, key: str = "rank_genes_groups") -> None:
         },
         "names": rec(np.broadcast_to(genes, scores.shape), object),
     }
-    for name in ("scores", "logfoldchanges", "pvals", "pvals_adj"):
-        out[name] = rec(results.layers[name], "float32" if name in ("scores", "logfoldchanges") else "float64")
-    out["pts"] = pd.DataFrame(results.layers["pts"].T, index=genes, columns=groups)
-    out["pts_rest"] = pd.DataFrame(results.layers["pts_rest"].T, index=genes, columns=groups)
+    for name in (SCORES, LOGFOLDCHANGES, PVALS, PVALS_ADJ):  # scanpy's names and dtypes
+        out[name] = rec(results.layers[name], "float32" if name in (SCORES, LOGFOLDCHANGES) else "float64")
+    out[PTS] = pd.DataFrame(results.layers[PTS].T, index=genes, columns=groups)
+    out[PTS_REST] = pd.DataFrame(results.layers[PTS_REST].T, index=genes, columns=groups)
     results.uns[key] = out
 
 
 def tidy(results: ad.AnnData, *, max_pval_adj: float | None = None) -> pd.DataFrame:
     """Long table: one row per (perturbation, gene).
 
-    Columns ``perturbation, gene, logfoldchange, score, pval, pval_adj``,
+    Columns ``perturbation, gene, logfoldchanges, scores, pvals, pvals_adj``
+    (the layers' names, as ``scanpy.get.rank_genes_groups_df`` names them;
+    ``logfoldchange``, ``score``, ``pval``, ``pval_adj`` in earlier releases),
     sorted by perturbation then adjusted p-value. ``max_pval_adj`` keeps
-    rows with ``pval_adj < max_pval_adj``.
+    rows with ``pvals_adj < max_pval_adj``.
 
     Raises
     ------
@@ -123,17 +141,14 @@ def tidy(results: ad.AnnData, *, max_pval_adj: float | None = None) -> pd.DataFr
     n_groups, n_genes = results.shape
     df = pd.DataFrame(
         {
-            "perturbation": np.repeat(np.asarray(results.obs_names), n_genes),
-            "gene": np.tile(np.asarray(results.var_names), n_groups),
-            "logfoldchange": results.layers["logfoldchanges"].ravel(),
-            "score": results.layers["scores"].ravel(),
-            "pval": results.layers["pvals"].ravel(),
-            "pval_adj": results.layers["pvals_adj"].ravel(),
+            PERTURBATION: np.repeat(np.asarray(results.obs_names), n_genes),
+            GENE: np.tile(np.asarray(results.var_names), n_groups),
+            **{name: np.asarray(results.layers[name]).ravel() for name in TIDY_STATISTICS},
         }
     )
     if max_pval_adj is not None:
-        df = df[df["pval_adj"] < max_pval_adj]
-    return df.sort_values(["perturbation", "pval_adj", "gene"], kind="stable").reset_index(drop=True)
+        df = df[df[PVALS_ADJ] < max_pval_adj]
+    return df.sort_values([PERTURBATION, PVALS_ADJ, GENE], kind="stable").reset_index(drop=True)
 
 
 #: h5py's words when a record array has more fields than an HDF5 object header holds.
@@ -231,14 +246,10 @@ def check_results_writable(groups: list[str], stat_names: tuple[str, ...], *, pe
     return scanpy_fits
 
 
-#: Columns of the tidy table: its name, and the layer it comes from.
-TIDY_COLUMNS = {"logfoldchange": "logfoldchanges", "score": "scores", "pval": "pvals", "pval_adj": "pvals_adj"}
-
-
 def write_significant(results, path, *, max_pval_adj: float = 0.05, rows_per_block: int = 256) -> pd.Series:
     """Write the tidy table of significant (perturbation, gene) pairs from a results store, block by block.
 
-    The rows of :func:`tidy` with ``pval_adj < max_pval_adj``, for results
+    The rows of :func:`tidy` with ``pvals_adj < max_pval_adj``, for results
     of any size: read from the ``.zarr`` store ``rows_per_block``
     perturbations at a time, never whole. ``pertscale run`` writes its
     ``de_<method>_significant.csv`` with it. The file is written beside
@@ -249,11 +260,12 @@ def write_significant(results, path, *, max_pval_adj: float = 0.05, rows_per_blo
     results
         Path of a results ``.zarr`` store (as :func:`pertscale.write` writes one).
     path
-        The ``.csv`` to write: columns ``perturbation, gene, logfoldchange
-        (log2), score, pval, pval_adj``; the perturbations in results order,
-        each one's genes by adjusted p-value, then name.
+        The ``.csv`` to write: columns ``perturbation, gene, logfoldchanges
+        (log2), scores, pvals, pvals_adj`` (as :func:`tidy`); the
+        perturbations in results order, each one's genes by adjusted
+        p-value, then name.
     max_pval_adj
-        Rows with ``pval_adj < max_pval_adj`` are written.
+        Rows with ``pvals_adj < max_pval_adj`` are written.
     rows_per_block
         Perturbations read at a time: memory is bounded by this many rows of
         the statistics, whatever the number of perturbations.
@@ -274,20 +286,20 @@ def write_significant(results, path, *, max_pval_adj: float = 0.05, rows_per_blo
     group = zarr.open_group(str(results), mode="r")
     obs_names = np.asarray(ad.io.read_elem(group["obs"]).index)
     var_names = np.asarray(ad.io.read_elem(group["var"]).index)
-    layers = {col: group["layers"][layer] for col, layer in TIDY_COLUMNS.items()}
+    layers = {name: group["layers"][name] for name in TIDY_STATISTICS}
     counts = np.zeros(obs_names.size, dtype=np.int64)
     with replacing(path) as tmp, open(tmp, "w", newline="") as handle:
-        pd.DataFrame(columns=["perturbation", "gene", *TIDY_COLUMNS]).to_csv(handle, index=False)
+        pd.DataFrame(columns=list(TIDY_COLUMNS)).to_csv(handle, index=False)
         for a in range(0, obs_names.size, rows_per_block):
             b = min(a + rows_per_block, obs_names.size)
-            values = {col: arr[a:b] for col, arr in layers.items()}
-            hit = values["pval_adj"] < max_pval_adj
+            values = {name: arr[a:b] for name, arr in layers.items()}
+            hit = values[PVALS_ADJ] < max_pval_adj
             counts[a:b] = hit.sum(axis=1)
             g, j = np.nonzero(hit)
             block = pd.DataFrame(
-                {"perturbation": obs_names[a:b][g], "gene": var_names[j], **{c: v[g, j] for c, v in values.items()}}
+                {PERTURBATION: obs_names[a:b][g], GENE: var_names[j], **{c: v[g, j] for c, v in values.items()}}
             )
-            block = block.sort_values(["pval_adj", "gene"], kind="stable")
+            block = block.sort_values([PVALS_ADJ, GENE], kind="stable")
             block = block.iloc[np.argsort(g[block.index.to_numpy()], kind="stable")]
             block.to_csv(handle, index=False, header=False)
-    return pd.Series(counts, index=pd.Index(obs_names, name="perturbation"), name="n_de_genes")
+    return pd.Series(counts, index=pd.Index(obs_names, name=PERTURBATION), name=N_DE_GENES)

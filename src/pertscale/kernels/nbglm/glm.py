@@ -29,6 +29,22 @@ from dataclasses import dataclass
 import numpy as np
 from numba import njit
 
+from ...variables import (
+    BASE_MEAN,
+    CONVERGED,
+    LFC_SE,
+    LFC_SE_SHRUNK,
+    LOGFOLDCHANGES,
+    LOGFOLDCHANGES_RAW,
+    N_ITER,
+    PRIOR_SCALE,
+    PTS,
+    PTS_REST,
+    PVALS,
+    PVALS_ADJ,
+    SCORES,
+    STATISTICS,
+)
 from .._common import adjust_pvalues, block_inputs, canonical_csr, exclude_low_genes, normal_pvalues
 from ..groups import group_pointers
 from ._counts import check_counts, normalized_csc
@@ -353,22 +369,8 @@ def prior_variance(lfc: np.ndarray, se: np.ndarray, *, min_var: float = 1e-6, ma
     return float(brentq(objective, min_var, max_var, xtol=1e-12))
 
 
-#: Statistics returned by :func:`nbglm_block`, in this order along axis 1.
-NBGLM_STATS: tuple[str, ...] = (
-    "scores",
-    "pvals",
-    "pvals_adj",
-    "logfoldchanges",
-    "logfoldchanges_raw",
-    "standard_error",
-    "standard_error_shrunk",
-    "pts",
-    "pts_rest",
-    "baseMean",
-    "converged",
-    "n_iter",
-    "prior_scale",
-)
+#: Statistics returned by :func:`nbglm_block`, in this order along axis 1 (names in :mod:`pertscale.variables`).
+NBGLM_STATS: tuple[str, ...] = STATISTICS["nb-glm"]
 
 
 def nbglm_block(
@@ -431,8 +433,8 @@ def nbglm_block(
         ``(n_groups, len(NBGLM_STATS), n_genes)`` float64: Wald ``scores``
         (``beta1 / SE``), ``pvals`` (normal), ``pvals_adj``,
         ``logfoldchanges`` (shrunk, or the MLE without ``shrink``),
-        ``logfoldchanges_raw`` (MLE), ``standard_error`` (of the MLE,
-        ``sqrt(1/I_control + 1/I_group)``), ``standard_error_shrunk``
+        ``logfoldchanges_raw`` (MLE), ``lfcSE`` (of the MLE,
+        ``sqrt(1/I_control + 1/I_group)``, DESeq2's name), ``lfcSE_shrunk``
         (posterior, from the curvature at the mode), ``pts``, ``pts_rest``,
         ``baseMean`` (mean normalized count of the group's and the control's
         cells), ``converged`` (1.0 or 0.0), ``n_iter`` and the group's
@@ -473,18 +475,18 @@ def nbglm_block(
     unit = np.log(2.0) if lfc_base == "log2" else 1.0
     out = np.empty((n_groups, len(NBGLM_STATS), n_genes))
     stat = {name: i for i, name in enumerate(NBGLM_STATS)}
-    out[:, stat["scores"]] = scores
-    out[:, stat["pvals"]] = pvals
-    out[:, stat["pvals_adj"]] = adjust_pvalues(pvals, corr_method)
-    out[:, stat["logfoldchanges_raw"]] = beta / unit
-    out[:, stat["standard_error"]] = se / unit
+    out[:, stat[SCORES]] = scores
+    out[:, stat[PVALS]] = pvals
+    out[:, stat[PVALS_ADJ]] = adjust_pvalues(pvals, corr_method)
+    out[:, stat[LOGFOLDCHANGES_RAW]] = beta / unit
+    out[:, stat[LFC_SE]] = se / unit
     m = group_sizes.astype(np.float64)[:, None]
     n_c = float(parts[0].n_cells)
-    out[:, stat["pts"]] = nnz / m
-    out[:, stat["pts_rest"]] = (np.concatenate([p.nnz for p in parts]) / n_c)[None, :]
-    out[:, stat["baseMean"]] = (zsum + np.concatenate([p.normalized_sum for p in parts])[None, :]) / (m + n_c)
-    out[:, stat["converged"]] = converged
-    out[:, stat["n_iter"]] = n_iter
+    out[:, stat[PTS]] = nnz / m
+    out[:, stat[PTS_REST]] = (np.concatenate([p.nnz for p in parts]) / n_c)[None, :]
+    out[:, stat[BASE_MEAN]] = (zsum + np.concatenate([p.normalized_sum for p in parts])[None, :]) / (m + n_c)
+    out[:, stat[CONVERGED]] = converged
+    out[:, stat[N_ITER]] = n_iter
     filters = dict(
         mean=zsum / m,
         mean_rest=np.concatenate([p.normalized_sum for p in parts]) / n_c,
@@ -495,9 +497,9 @@ def nbglm_block(
         corr_method=corr_method,
     )
     if not shrink:
-        out[:, stat["logfoldchanges"]] = beta / unit
-        out[:, stat["standard_error_shrunk"]] = se / unit
-        out[:, stat["prior_scale"]] = np.nan
+        out[:, stat[LOGFOLDCHANGES]] = beta / unit
+        out[:, stat[LFC_SE_SHRUNK]] = se / unit
+        out[:, stat[PRIOR_SCALE]] = np.nan
         exclude_low_genes(out, NBGLM_STATS, **filters)
         return out
     scale = np.array(
@@ -510,9 +512,9 @@ def nbglm_block(
     curvature = 2.0 * (s2 - b_map * b_map) / (s2 + b_map * b_map) ** 2
     with np.errstate(divide="ignore", invalid="ignore"):
         var = 1.0 / (precision_map + curvature)
-    out[:, stat["logfoldchanges"]] = b_map / unit
+    out[:, stat[LOGFOLDCHANGES]] = b_map / unit
     with np.errstate(invalid="ignore"):
-        out[:, stat["standard_error_shrunk"]] = np.where(var > 0, np.sqrt(var), np.nan) / unit
-    out[:, stat["prior_scale"]] = scale[:, None]
+        out[:, stat[LFC_SE_SHRUNK]] = np.where(var > 0, np.sqrt(var), np.nan) / unit
+    out[:, stat[PRIOR_SCALE]] = scale[:, None]
     exclude_low_genes(out, NBGLM_STATS, **filters)
     return out
