@@ -257,3 +257,37 @@ np.save({str(out)!r}, de.layers["scores"])
     stdout = "".join(o.get("text", "") for o in outputs if o.get("name") == "stdout")
     assert "tested 16" in stdout
     assert_close(np.load(out), _reference(path).layers["scores"], rtol=1e-12)
+
+
+def test_lazy_results_are_sized_by_the_matrix_they_read(sim_adata):
+    """The face chooses threads or the process cluster for results by what computing them reads, as the job does."""
+    from pertscale.io._lazy import nbytes_in_memory
+
+    a = sim_adata.copy()
+    a.X = da.from_array(a.X, chunks=(500, -1), asarray=False)
+    a.uns["pertscale"] = {"source": {"nnz": int(sim_adata.X.nnz), "shape": list(sim_adata.shape)}}
+    ps.pp.normalize_total(a)
+    ps.pp.log1p(a)
+    res = ps.tl.rank_genes_groups(a, perturbation_column="perturbation", control_label="control")
+    reads = nbytes_in_memory(a)
+    assert reads == pytest.approx(int(sim_adata.X.nnz) * 12, rel=1e-6)  # 12 bytes per non-zero, as the main job's plan counts
+    assert res.n_obs * res.n_vars * 8 < reads <= nbytes_in_memory(res)  # not the size of the statistics alone
+    with monkeypatch_threshold(reads):
+        assert ps.cluster.choose_scheduler(nbytes=nbytes_in_memory(res))[0] != "threads"
+
+
+def monkeypatch_threshold(nbytes):
+    """THREADS_BELOW_BYTES at ``nbytes`` for the block, and worker processes reported blocked (none start)."""
+    import contextlib
+    from unittest import mock
+
+    @contextlib.contextmanager
+    def patched():
+        with (
+            mock.patch.object(cluster, "THREADS_BELOW_BYTES", nbytes),
+            mock.patch.object(cluster, "processes_blocked", lambda: None),
+            mock.patch.object(cluster, "local_client", lambda: "a local cluster"),
+        ):
+            yield
+
+    return patched()

@@ -111,14 +111,18 @@ def nbytes_in_memory(adata: ad.AnnData) -> int | None:
     The matrix read by :func:`pertscale.read` (its number of non-zeros is
     recorded in ``uns['pertscale']['source']``, 12 bytes each as in the
     main job's plan), scaled to the cells and genes ``adata`` holds; for
-    other lazy arrays their dense size; ``None`` when nothing is lazy.
+    other lazy arrays their dense size; for lazy results, at least the size
+    of the matrix that computing them reads (``uns['pertscale']['reads_nbytes']``,
+    recorded by :func:`pertscale.tl.rank_genes_groups`); ``None`` when
+    nothing is lazy.
     """
     lazy = lazy_elements(adata, nested=True)
     if not lazy:
         return None
-    source = (adata.uns.get("pertscale") or {}).get("source") or {} if isinstance(adata.uns, dict) else {}
+    record = (adata.uns.get("pertscale") or {}) if isinstance(adata.uns, dict) else {}
+    source = record.get("source") or {}
     nnz, shape = source.get("nnz"), source.get("shape")
-    sizes = []
+    sizes = [int(record["reads_nbytes"])] if record.get("reads_nbytes") is not None else []
     for x in lazy.values():
         if nnz is not None and shape is not None and not _is_dense(x) and x.ndim == 2:
             density = float(nnz) / max(float(shape[0]) * float(shape[1]), 1.0)

@@ -29,6 +29,7 @@ from .._validation import (
     log1p_record,
     perturbation_labels,
 )
+from ..io._lazy import nbytes_in_memory
 from ..io._read import as_dask
 from ..kernels._common import ALTERNATIVES, CORR_METHODS
 from ..kernels.nbglm import NBGLM_STATS, nb_control, nbglm_block
@@ -485,6 +486,9 @@ def _test(
             if column in adata.var:
                 res.var[column] = adata.var[column].to_numpy()
     res.uns["pertscale"]["skipped"] = np.asarray(skipped, dtype=object) if skipped else np.asarray([], dtype=str)
+    reads = nbytes_in_memory(adata)  # what computing the results reads: the face chooses its scheduler by it
+    if reads is not None:
+        res.uns["pertscale"]["reads_nbytes"] = int(reads)
     return res
 
 
