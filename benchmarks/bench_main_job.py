@@ -110,22 +110,24 @@ API_SCRIPT = textwrap.dedent(
     import sys, time
     t0 = time.perf_counter()
     import pertscale as ps
-    ps.settings.progress = False
-    path, out = sys.argv[1], sys.argv[2]
-    stages = {"import": time.perf_counter() - t0}
-    t = time.perf_counter()
-    adata = ps.read(path)
-    qc = ps.pp.qc_summary(adata, perturbation_column="perturbation", control_label="control", min_genes=20,
-                          min_cells_per_perturbation=20, min_cells_per_gene=3)
-    adata = qc.apply(adata)
-    stages["QC"] = time.perf_counter() - t
-    ps.pp.normalize_total(adata, target_sum=1e4)
-    ps.pp.log1p(adata)
-    t = time.perf_counter()
-    res = ps.tl.rank_genes_groups(adata, perturbation_column="perturbation", control_label="control")
-    ps.write(res, out)
-    stages["test and write"] = time.perf_counter() - t
-    print("time: " + ", ".join(f"{k} {v:.1f}" for k, v in stages.items()))
+
+    if __name__ == "__main__":  # worker processes may start (a script without the guard computes on threads)
+        ps.settings.progress = False
+        path, out = sys.argv[1], sys.argv[2]
+        stages = {"import": time.perf_counter() - t0}
+        t = time.perf_counter()
+        adata = ps.read(path)
+        qc = ps.pp.qc_summary(adata, perturbation_column="perturbation", control_label="control", min_genes=20,
+                              min_cells_per_perturbation=20, min_cells_per_gene=3)
+        adata = qc.apply(adata)
+        stages["QC"] = time.perf_counter() - t
+        ps.pp.normalize_total(adata, target_sum=1e4)
+        ps.pp.log1p(adata)
+        t = time.perf_counter()
+        res = ps.tl.rank_genes_groups(adata, perturbation_column="perturbation", control_label="control")
+        ps.write(res, out)
+        stages["test and write"] = time.perf_counter() - t
+        print("time: " + ", ".join(f"{k} {v:.1f}" for k, v in stages.items()))
     """
 )
 
