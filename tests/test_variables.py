@@ -269,3 +269,13 @@ def test_results_stores_with_earlier_statistic_names_are_read_under_the_current_
     assert V.LFC_SE in ds and V.LFC_SE_SHRUNK in ds and "standard_error" not in ds
     np.testing.assert_array_equal(ds[V.LFC_SE].values, res.layers[V.LFC_SE])
     np.testing.assert_array_equal(ds[V.LFC_SE_SHRUNK].values, res.layers[V.LFC_SE_SHRUNK])
+
+
+def test_settings_give_the_current_argument_names():
+    """A stored result's settings reproduce it with today's spellings (no FutureWarning under filterwarnings=error)."""
+    from pertscale.analysis import PseudobulkSettings, WilcoxonSettings
+
+    args = WilcoxonSettings(perturbation_column="perturbation", control_label="control", min_cells=5).call_args()
+    assert args["min_cells_per_perturbation"] == 5 and "min_cells" not in args
+    args = PseudobulkSettings(groupby=("perturbation",)).call_args()
+    assert args["perturbation_column"] == ["perturbation"] and "groupby" not in args

@@ -123,6 +123,8 @@ class DESettings(AnalysisSettings):
     """Options shared by the tests of every perturbation against control (:func:`pertscale.tl.rank_genes_groups`)."""
 
     function: ClassVar[str] = "tl.rank_genes_groups"
+    #: the field keeps its earlier name so that stored keys stay valid; the argument is the current one
+    argument_names: ClassVar[dict[str, str]] = {"min_cells": "min_cells_per_perturbation"}
     method_is_argument: ClassVar[bool] = True
 
     perturbation_column: str
@@ -245,6 +247,7 @@ class PseudobulkSettings(AnalysisSettings):
     """Pseudo-bulk profiles (:func:`pertscale.pb.pseudobulk`)."""
 
     function: ClassVar[str] = "pb.pseudobulk"
+    argument_names: ClassVar[dict[str, str]] = {"groupby": "perturbation_column"}
 
     method: Literal["pseudobulk"] = "pseudobulk"
     groupby: tuple[str, ...] = ("perturbation",)
