@@ -270,7 +270,9 @@ def test_lazy_results_are_sized_by_the_matrix_they_read(sim_adata):
     ps.pp.log1p(a)
     res = ps.tl.rank_genes_groups(a, perturbation_column="perturbation", control_label="control")
     reads = nbytes_in_memory(a)
-    assert reads == pytest.approx(int(sim_adata.X.nnz) * 12, rel=1e-6)  # 12 bytes per non-zero, as the main job's plan counts
+    assert reads == pytest.approx(
+        int(sim_adata.X.nnz) * 12, rel=1e-6
+    )  # 12 bytes per non-zero, as the main job's plan counts
     assert res.n_obs * res.n_vars * 8 < reads <= nbytes_in_memory(res)  # not the size of the statistics alone
     with monkeypatch_threshold(reads):
         assert ps.cluster.choose_scheduler(nbytes=nbytes_in_memory(res))[0] != "threads"
