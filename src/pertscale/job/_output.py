@@ -28,7 +28,7 @@ from pathlib import Path
 import pandas as pd
 
 from .. import _signals, tl
-from ..io._atomic import replacing
+from ..io._atomic import remove, replacing
 from ..io._write import check_not_input, overlap
 from ._plan import Plan, _gib
 
@@ -446,8 +446,7 @@ class OutputDir:
             self._write_manifest({self.files[key]: _identity(self.final(key)) for key in moved})
         except BaseException:
             for key in moved:
-                target = self.final(key)
-                shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
+                remove(self.final(key))
             for name in aside:
                 os.replace(previous / name, self.out / name)
             raise

@@ -259,7 +259,7 @@ def _fits_in_memory(x: da.Array) -> bool:
     """Whether the prepared blocks fit :data:`CACHE_FRACTION` of the available memory (one block read to tell)."""
     import psutil
 
-    first = x.blocks[0, 0].compute(scheduler="synchronous")  # one block, read here
+    (first,) = dask.compute(x.blocks[0, 0])  # one block, read on the face's scheduler (never one chosen here)
     density = (first.nnz if sp.issparse(first) else np.count_nonzero(first)) / max(1, first.shape[0] * first.shape[1])
     estimate = float(x.shape[0]) * float(x.shape[1]) * density * 28  # CountColumns: 28 bytes a non-zero
     return estimate < psutil.virtual_memory().available * CACHE_FRACTION
