@@ -86,7 +86,15 @@ def test_overwrite_replaces_an_earlier_run_and_never_touches_other_files(input_h
     assert all((finished / name).read_bytes() == data for name, data in users.items())  # byte for byte
     assert not list(finished.glob("de_wilcoxon*"))  # the earlier run's other method: replaced, not mixed in
     written = json.loads((finished / MANIFEST).read_text())["written"]
-    assert sorted(written) == ["de_t_test.h5ad", "de_t_test.zarr", "de_t_test_significant.csv", "qc.csv"]
+    assert sorted(written) == [
+        "de_t_test.h5ad",
+        "de_t_test.zarr",
+        "de_t_test_significant.csv",
+        "qc.csv",
+        "qc_cells.zarr",
+        "report.html",
+        "run.json",
+    ]
     assert checksum(input_h5ad) == before
 
 

@@ -18,13 +18,14 @@ try:
 except PackageNotFoundError:  # pragma: no cover - not installed
     __version__ = "0+unknown"
 
-_SUBMODULES = ("analysis", "cluster", "datasets", "get", "io", "pb", "pp", "store", "tl")
+_SUBMODULES = ("analysis", "cluster", "datasets", "get", "io", "pb", "pl", "pp", "store", "tl")
 _FUNCTIONS = {
     "compute": "._compute",
     "open": ".io",
     "read": ".io",
     "write": "._compute",
     "run": ".job",
+    "report": "._report",
     "settings": "._settings",
     "RunInfo": ".store",
     "cleanup": ".store",
@@ -63,8 +64,10 @@ __all__ = [
     "io",
     "open",
     "pb",
+    "pl",
     "pp",
     "read",
+    "report",
     "run",
     "settings",
     "store",
@@ -86,7 +89,8 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # pragma: no cover
-    from . import analysis, cluster, datasets, get, io, pb, pp, store, tl
+    from . import analysis, cluster, datasets, get, io, pb, pl, pp, store, tl
+    from ._report import report
     from ._compute import compute, write
     from ._settings import settings
     from .analysis import (

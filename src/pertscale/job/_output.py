@@ -38,16 +38,22 @@ logger = logging.getLogger(__name__)
 METHODS = tuple(tl.METHODS)
 #: The optional steps of the main job and the file each writes.
 STEP_FILES = {"hvg": "genes.csv", "pca": "pca.zarr", "pseudobulk": "pseudobulk.h5ad"}
+#: What the run did (settings, versions, numbers, profile): read by the report and :func:`pertscale.report`.
+RUN_RECORD = "run.json"
+#: The run's report, one self-contained HTML page.
+REPORT = "report.html"
 
 
-def output_files(methods: Iterable[str], steps: Iterable[str] = ()) -> dict[str, str]:
+def output_files(methods: Iterable[str], steps: Iterable[str] = (), *, report: bool = True) -> dict[str, str]:
     """The files the main job writes for ``methods`` and ``steps``, keyed ``results:METHOD``, ``h5ad:METHOD``, ...
 
     Per method ``de_<method>.zarr`` (always), ``de_<method>.h5ad`` (where
     scanpy's view fits) and ``de_<method>_significant.csv``, with ``-`` in
-    the method's name written ``_``; ``qc.csv`` once; with nb-glm,
-    ``size_factors.csv``; per optional step (``hvg``, ``pca``,
-    ``pseudobulk``) its file of :data:`STEP_FILES`.
+    the method's name written ``_``; ``qc.csv`` and ``qc_cells.zarr`` (the
+    per-cell QC metrics) once; with nb-glm, ``size_factors.csv``; per
+    optional step (``hvg``, ``pca``, ``pseudobulk``) its file of
+    :data:`STEP_FILES`; ``run.json`` (what the run did, its settings,
+    versions and profile) and, with ``report``, ``report.html``.
     """
     methods = list(methods)
     files = {}
@@ -60,7 +66,8 @@ def output_files(methods: Iterable[str], steps: Iterable[str] = ()) -> dict[str,
         }
     if "nb-glm" in methods:
         files["size_factors"] = "size_factors.csv"
-    return files | {step: STEP_FILES[step] for step in steps} | {"qc": "qc.csv"}
+    files |= {step: STEP_FILES[step] for step in steps} | {"qc": "qc.csv", "qc_cells": "qc_cells.zarr"}
+    return files | {"run": RUN_RECORD} | ({"report": REPORT} if report else {})
 
 
 #: Every name the main job can write into ``--out`` (of any method and step): what may be in a run's way.
@@ -494,3 +501,48 @@ class OutputDir:
                     d.rmdir()  # only if empty: never remove what someone else put there meanwhile
                 except OSError:
                     break
+
+
+def replace_recorded(out: Path, name: str, write) -> Path:
+    """Write ``out/name`` anew with ``write(tmp_path)``, atomically, and record it in the run's manifest.
+
+    For a file a run wrote that is rebuilt later (the report,
+    :func:`pertscale.report`): the file there, if any, must be the one the
+    manifest records, unchanged; another run must not hold the lock.
+
+    Raises
+    ------
+    FileExistsError
+        If ``out/name`` exists but the manifest does not record it as
+        written by pertscale, unchanged.
+    ValueError
+        If another run is writing into ``out`` (it holds the lock).
+    """
+    out = Path(out)
+    target = out / name
+    manifest = out / OutputDir.MANIFEST
+    try:
+        record = json.loads(manifest.read_text())
+    except (OSError, ValueError):
+        record = {}
+    written = record.get("written") if isinstance(record, dict) else None
+    written = written if isinstance(written, dict) else {}
+    if os.path.lexists(target) and written.get(name) != _identity(target):
+        raise FileExistsError(
+            f"{str(target)!r} is not the {name} a pertscale run recorded writing (it is another file, or changed "
+            "since): it is not replaced; move it away or pass another path"
+        )
+    lock = OutputDir(out, files={}, inputs=[], overwrite=False)
+    lock._take_lock()
+    try:
+        with replacing(target) as tmp:
+            write(tmp)
+        if record:
+            written[name] = _identity(target)
+            record["written"] = written
+            with replacing(manifest) as tmp, open(tmp, "w") as f:
+                json.dump(record, f, indent=1)
+    finally:
+        lock._release(failed=False)
+    return target
+

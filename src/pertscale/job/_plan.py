@@ -428,6 +428,12 @@ def _output_bytes(
             sizes[name] = (n_groups + 1) * n_vars * STAT_BYTES * 4 + names
         elif kind == "qc":
             sizes[name] = (n_groups + 3) * 64
+        elif kind == "qc_cells":  # five per-cell columns, the labels as codes (uncompressed upper bound)
+            sizes[name] = n_kept * 40 + n_groups * 64
+        elif kind == "run":  # settings, profile and DE genes per perturbation and method
+            sizes[name] = 16_384 + (n_groups + 3) * 64 * max(len(statistics), 1)
+        elif kind == "report":  # a dozen figures embedded as PNG, the tables' first rows
+            sizes[name] = 4 * 2**20
     return sizes
 
 

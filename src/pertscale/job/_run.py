@@ -63,6 +63,8 @@ from ..io._read import row_nonzeros
 from ..io._write import write_stores
 from ._output import METHODS, DiskFullError, OutputDir, disk_full, no_space, output_files, write_csv
 from ._plan import Plan, make_plan
+from ._profile import Profile
+from ._record import run_record, write_json, write_qc_cells, write_report
 from ._summary import FDR, RunSummary
 from ._working_store import (
     CSR_COPY,
@@ -165,6 +167,7 @@ def run(
     dry_run: bool = False,
     scheduler=None,
     progress: bool | None = None,
+    report: bool = True,
 ) -> RunSummary | Plan:
     """Run QC, normalization and the tests against control, and write the results.
 
@@ -283,6 +286,10 @@ def run(
         real run would be refused as ``out`` is now (results of an earlier
         run without ``overwrite``, files in the way, another run's lock, an
         unwritable ``out`` or working store, nothing to resume).
+    report
+        Also write ``report.html`` (:func:`pertscale.report`): one
+        self-contained page with the run's figures, tables, plan, time and
+        memory profile, settings and links to every output; on by default.
     scheduler, progress
         Where to compute (default ``ps.settings.scheduler``, ``"auto"``: an
         active ``distributed.Client``, else chosen by the plan: threads in
@@ -328,7 +335,8 @@ def run(
     """
     check_scheduler(scheduler)
     t0 = time.perf_counter()
-    seconds: dict[str, float] = {}
+    profile = Profile()
+    seconds = profile.seconds
     min_genes = check_number(min_genes, "min_genes", integer=True, minimum=0, flag="--min-genes")
     min_cells = check_number(min_cells, "min_cells", integer=True, minimum=0, flag="--min-cells")
     min_cells_per_perturbation = check_number(
@@ -353,7 +361,7 @@ def run(
     store_path = _directory(working_store, "working_store", "--working-store") if given_store else out / WORKING_STORE
     adata = read(path, layer=layer, use_raw=use_raw, chunk_size=chunk_size)
     check_shape(adata, f"the matrix in {str(path)!r}")
-    files = output_files(methods, steps)
+    files = output_files(methods, steps, report=report)
     output = OutputDir(out, files=files, inputs=[path], overwrite=overwrite, resume=resume)
     output.check_paths()  # --out is not, and is not inside, the input: before anything, also for a dry run
     labels = perturbation_labels(adata.obs, perturbation_column)
@@ -443,15 +451,17 @@ def run(
         },
         steps=steps,
         scanpy_format=scanpy_format,
-        seconds=seconds,
+        profile=profile,
     )
+    profile.start()
     try:
         with output, using(scheduler, progress=progress, nbytes=plan.kept_nnz * BYTES_PER_NONZERO):
             try:
-                t = time.perf_counter()
-                csr = csr_copy(path, store_path.parent / CSR_COPY, layer=layer, use_raw=use_raw)
+                csr = None
+                if csc_nnz is not None:  # a CSC matrix: a CSR copy beside the working store, once
+                    with profile.stage("transpose"):
+                        csr = csr_copy(path, store_path.parent / CSR_COPY, layer=layer, use_raw=use_raw)
                 if csr is not None:
-                    seconds["transpose"] = time.perf_counter() - t
                     matrix = read(csr, chunk_size=plan.block_rows)
                     source, layer, use_raw = csr, None, False
                 elif max(adata.X.chunks[0]) != plan.block_rows:
@@ -459,20 +469,37 @@ def run(
                 else:
                     matrix, source = adata, path
                 if needs_sort:
-                    t = time.perf_counter()
                     logger.info("the cells are not stored by perturbation: sorting them into %s (once)", store_path)
-                    matrix = prepare(
-                        source,
-                        perturbation_column=perturbation_column,
-                        control_label=control_label,
-                        out=store_path,
-                        layer=layer,
-                        use_raw=use_raw,
-                        exclude_labels=exclude_labels,
-                        chunk_size=plan.block_rows,
-                    )
-                    seconds["sort"] = time.perf_counter() - t
+                    with profile.stage("sort"):
+                        matrix = prepare(
+                            source,
+                            perturbation_column=perturbation_column,
+                            control_label=control_label,
+                            out=store_path,
+                            layer=layer,
+                            use_raw=use_raw,
+                            exclude_labels=exclude_labels,
+                            chunk_size=plan.block_rows,
+                        )
                 qc, results, de_genes, written = job.compose(matrix)
+                summary = RunSummary(
+                    n_obs_input=adata.n_obs,
+                    n_vars_input=adata.n_vars,
+                    n_obs_kept=int(qc.cell_mask.sum()),
+                    n_vars_kept=int(qc.gene_mask.sum()),
+                    n_control_cells=int(qc.perturbations.loc[qc.perturbations["is_control"], "n_cells_kept"].sum()),
+                    perturbations_tested=list(next(iter(results.values())).obs_names),
+                    perturbations_dropped={
+                        str(k): str(v) for k, v in qc.perturbations["reason"].items() if str(v) != ""
+                    },
+                    de_genes=de_genes,
+                    files={key: output.final(key) for key in output.files if key in written | {"run", "report"}},
+                    plan=plan,
+                    working_store=store_path if needs_sort else None,
+                    seconds=seconds,
+                    qc=qc,
+                )
+                job.finish(summary, started=t0)
             except Exception:
                 # kept after Ctrl-C (to resume), and after a failure once complete and costly to make again
                 # (out-of-core inputs: the user fixes an option and runs again); otherwise removed
@@ -485,23 +512,10 @@ def run(
         if full is None or isinstance(err, DiskFullError):
             raise
         raise disk_full(full, out=out, store=store_path, plan=plan) from err
+    finally:
+        profile.stop()
     seconds["total"] = time.perf_counter() - t0
-    groups = qc.perturbations
-    return RunSummary(
-        n_obs_input=adata.n_obs,
-        n_vars_input=adata.n_vars,
-        n_obs_kept=int(qc.cell_mask.sum()),
-        n_vars_kept=int(qc.gene_mask.sum()),
-        n_control_cells=int(groups.loc[groups["is_control"], "n_cells_kept"].sum()),
-        perturbations_tested=list(next(iter(results.values())).obs_names),
-        perturbations_dropped={str(k): str(v) for k, v in groups.loc[groups["reason"] != "", "reason"].items()},
-        de_genes=de_genes,
-        files={key: output.final(key) for key in output.files if key in written},
-        plan=plan,
-        working_store=store_path if needs_sort else None,
-        seconds=seconds,
-        qc=qc,
-    )
+    return summary
 
 
 @dataclass
@@ -522,7 +536,7 @@ class _Job:
     nb_options: dict
     steps: dict[str, dict]
     scanpy_format: bool
-    seconds: dict[str, float]
+    profile: Profile
 
     def compose(self, adata: ad.AnnData) -> tuple[pp.QCSummary, dict[str, ad.AnnData], dict[str, pd.Series], set]:
         """QC, the optional steps and the tests on ``adata`` (blocks of whole groups), written into the staging.
@@ -532,7 +546,8 @@ class _Job:
         written.
         """
         filtered, qc = self._qc(adata)
-        written = {"qc"}
+        written = {"qc", "qc_cells"}
+        write_qc_cells(qc, self.output.path("qc_cells"))
         if "nb-glm" in self.methods:
             self._nb_glm_steps(filtered)
             written.add("size_factors")
@@ -571,8 +586,25 @@ class _Job:
         return qc, results, de_genes, written
 
     def _timed(self, step: str):
-        """A context that adds the seconds of its block to ``seconds[step]``."""
-        return _Timer(self.seconds, step)
+        """A context that times its block as stage ``step`` of the run's profile (seconds and memory)."""
+        return self.profile.stage(step)
+
+    def finish(self, summary: RunSummary, *, started: float) -> None:
+        """Write ``run.json`` (what the run did, its settings, versions and profile) and, if asked, the report.
+
+        Both go into the staging directory with the other outputs, so they
+        appear with them; the report reads the staged files (the same
+        reader :func:`pertscale.report` uses on a finished output
+        directory), and ``run.json`` is written again after it so that its
+        profile includes the report's own time.
+        """
+        record = run_record(self, summary)
+        write_json(record, self.output.path("run"))
+        if "report" in self.output.files:
+            with self._timed("report"):
+                write_report(self.output.staging, files=self.output.files)
+            record["profile"] = self.profile.to_dict()
+            write_json(record, self.output.path("run"))
 
     def _qc(self, adata: ad.AnnData) -> tuple[ad.AnnData, pp.QCSummary]:
         """:func:`pertscale.pp.qc_summary` (one pass) and its ``apply``; refused when too little is left to test.
@@ -691,19 +723,6 @@ class _Job:
                 stacklevel=4,  # the caller of run: _tables < compose < run < caller
             )
         return de_genes
-
-
-class _Timer:
-    """Adds the seconds of a ``with`` block to ``seconds[step]``."""
-
-    def __init__(self, seconds: dict[str, float], step: str) -> None:
-        self.seconds, self.step = seconds, step
-
-    def __enter__(self) -> None:
-        self.start = time.perf_counter()
-
-    def __exit__(self, *exc) -> None:
-        self.seconds[self.step] = self.seconds.get(self.step, 0.0) + time.perf_counter() - self.start
 
 
 def _pseudobulk(filtered: ad.AnnData, path: Path, perturbation_column: str, control_label: str, *, target_sum: float):

@@ -1,0 +1,73 @@
+"""What the report adds to the main job: ``pertscale run`` with and without ``--report``, as whole processes.
+
+For each dataset the job runs once to make the working store (not timed),
+then ``--report`` and ``--no-report`` alternately (``--repeats`` times each,
+``--overwrite``, the working store reused: warm), each as its own process
+timed from start to exit. Printed: the median wall time of each, the
+report's own stage time as the run recorded it (``run.json``'s profile,
+stage ``report``), its share of the run, and the time of rebuilding the
+report from the output directory alone (``python -c 'ps.report(out)'``,
+a whole process: imports included) and the report's size.
+
+    python benchmarks/bench_report.py --datasets sim30k,papalexi
+    python benchmarks/bench_report.py --datasets genome-zarr --repeats 1
+
+Datasets as in ``bench_main_job.py`` (kept in ``--data-dir``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_main_job import dataset  # noqa: E402
+
+
+def timed(cmd: list[str]) -> float:
+    start = time.perf_counter()
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--datasets", default="sim30k,papalexi")
+    parser.add_argument("--data-dir", type=Path, default=Path("/work/bench-data"))
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--extra", default="", help="More arguments for pertscale run.")
+    args = parser.parse_args()
+    print("| dataset | run --no-report (s) | run --report (s) | report stage (s) | share of the run | "
+          "ps.report(out) process (s) | report.html |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|")
+    for name in args.datasets.split(","):
+        path = dataset(name, args.data_dir)
+        if path is None:
+            print(f"| {name} | (not available) |")
+            continue
+        with tempfile.TemporaryDirectory(dir=args.data_dir) as tmp:
+            out = Path(tmp) / "out"
+            base = ["pertscale", "run", str(path), "--perturbation-column", "perturbation", "--control-label",
+                    "control", "--out", str(out), "--no-progress", *args.extra.split()]  # fmt: skip
+            subprocess.run([*base, "--no-report"], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            with_report, without, stage = [], [], []
+            for _ in range(args.repeats):
+                without.append(timed([*base, "--overwrite", "--no-report"]))
+                with_report.append(timed([*base, "--overwrite", "--report"]))
+                record = json.loads((out / "run.json").read_text())
+                stage.append(next(s["seconds"] for s in record["profile"]["stages"] if s["name"] == "report"))
+            rebuild = timed([sys.executable, "-c", f"import pertscale as ps; ps.report({str(out)!r})"])
+            size = (out / "report.html").stat().st_size
+            a, b, r = statistics.median(without), statistics.median(with_report), statistics.median(stage)
+            print(f"| {name} | {a:.1f} | {b:.1f} | {r:.2f} | {r / b:.1%} | {rebuild:.1f} | {size / 2**20:.1f} MiB |",
+                  flush=True)  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,139 @@
+"""What a run leaves besides its results: ``run.json``, the per-cell QC table and the report.
+
+``run.json`` holds what the run did (input, thresholds, numbers kept and
+tested, DE genes per perturbation), its settings, the plan, the packages'
+versions and the time and memory profile (:mod:`._profile`);
+``qc_cells.zarr`` the per-cell QC metrics of :func:`pertscale.pp.qc_summary`
+(the report's and :func:`pertscale.pl.qc_metrics`' distributions). Both are
+read back by :func:`pertscale.report`, which rebuilds ``report.html`` from
+an output directory alone.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import sys
+import typing
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+
+from ..io import write
+from ..io._atomic import replacing
+from ..store._history import _versions
+from ._summary import FDR, RunSummary
+
+if typing.TYPE_CHECKING:
+    from ..pp import QCSummary
+    from ._run import _Job
+
+#: Version of run.json's layout.
+FORMAT = 1
+
+
+def _plain(value):
+    """``value`` with numpy scalars and arrays, paths and tuples made JSON-serializable."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple | np.ndarray):
+        return [_plain(v) for v in value]
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def run_record(job: _Job, summary: RunSummary) -> dict:
+    """``run.json``'s content for ``job`` and its ``summary`` (plain JSON types)."""
+    qc = summary.qc
+    plan = summary.plan
+    record = {
+        "format": FORMAT,
+        "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "command": sys.argv if Path(sys.argv[0]).name == "pertscale" else None,
+        "input": {
+            "path": str(Path(job.path).resolve()),
+            "matrix": job.input_matrix,
+            "n_obs": summary.n_obs_input,
+            "n_vars": summary.n_vars_input,
+        },
+        "perturbation_column": job.perturbation_column,
+        "control_label": job.control_label,
+        "qc": {
+            "perturbation_column": job.perturbation_column,
+            "control_label": job.control_label,
+            "min_genes": job.thresholds["min_genes"],
+            "min_cells_per_gene": job.thresholds["min_cells"],
+            "min_cells_per_perturbation": job.thresholds["min_cells_per_perturbation"],
+            "exclude_labels": list(job.exclude_labels),
+            "n_noninteger_values": int(qc.n_noninteger_values) if qc is not None else 0,
+        },
+        "settings": {
+            "methods": job.methods,
+            "target_sum": job.target_sum,
+            **job.test_options,
+            **({"nb_glm": job.nb_options} if "nb-glm" in job.methods else {}),
+            "steps": job.steps,
+        },
+        "summary": {
+            "n_obs_kept": summary.n_obs_kept,
+            "n_vars_kept": summary.n_vars_kept,
+            "n_control_cells": summary.n_control_cells,
+            "n_perturbations_tested": len(summary.perturbations_tested),
+            "perturbations_dropped": summary.perturbations_dropped,
+            "fdr": FDR,
+            "de_genes": {m: {str(k): int(v) for k, v in s.items()} for m, s in summary.de_genes.items()},
+        },
+        "plan": {
+            "lines": plan.lines() if plan is not None else [],
+            "scheduler": plan.scheduler if plan is not None else None,
+            "n_workers": plan.n_workers if plan is not None else None,
+            "block_rows": plan.block_rows if plan is not None else None,
+            "passes": list(plan.passes) if plan is not None else [],
+        },
+        "files": {key: name for key, name in job.output.files.items()},
+        "working_store": str(summary.working_store) if summary.working_store is not None else None,
+        "versions": _versions(),
+        "profile": job.profile.to_dict(),
+    }
+    return _plain(record)
+
+
+def write_json(record: dict, path: Path) -> None:
+    """Write ``record`` to ``path`` as indented JSON, atomically."""
+    with replacing(path) as tmp, open(tmp, "w") as f:
+        json.dump(record, f, indent=1, allow_nan=True)
+
+
+def write_qc_cells(qc: QCSummary, path: Path) -> None:
+    """The per-cell QC metrics (``QCSummary.cells``) as an AnnData without genes (``n_vars = 0``) at ``path``.
+
+    The label and reason columns are stored as categoricals (a few bytes
+    per cell); the metrics as they are (int64 and float64).
+    """
+    cells = qc.cells.copy()
+    for column in cells.columns:
+        if cells[column].dtype == object:
+            cells[column] = pd.Categorical(cells[column].astype(str))
+    cells.index = cells.index.astype(str)
+    table = ad.AnnData(obs=cells)
+    table.uns["pertscale"] = {
+        "what": "per-cell QC metrics of pertscale.pp.qc_summary",
+        "min_genes": int(qc.min_genes),
+        "min_cells_per_perturbation": int(qc.min_cells_per_perturbation),
+        "min_cells_per_gene": int(qc.min_cells_per_gene),
+        "perturbation_column": qc.perturbation_column,
+        "control_label": "" if qc.control_label is None else str(qc.control_label),
+    }
+    write(table, path)
+
+
+def write_report(directory: Path, *, files: dict[str, str]) -> None:
+    """Write ``report.html`` into ``directory`` (a run's staging directory) from the files there."""
+    from .._report import build_report
+
+    build_report(Path(directory), out=Path(directory) / files["report"])

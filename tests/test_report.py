@@ -1,0 +1,184 @@
+"""report.html: written by every run (``--no-report`` leaves it out), self-contained, rebuilt by ``ps.report``.
+
+The page is checked as a person sees it: headless Chromium (Debian's
+``chromium``) loads it from disk with the network off and takes a
+screenshot (kept in ``$PERTSCALE_ARTIFACTS``, default ``.ci/artifacts/``,
+as CI's artifact) and dumps the DOM it built; the numbers the page shows are
+checked against the files with numpy and pandas.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+
+import pertscale as ps
+
+from .conftest import ROOT, real_path
+
+ARTIFACTS = Path(os.environ.get("PERTSCALE_ARTIFACTS", ROOT / ".ci" / "artifacts"))
+SECTIONS = ("summary", "qc", "method-wilcoxon", "method-t-test", "steps", "profile", "settings", "files")
+
+
+@pytest.fixture(scope="module")
+def papalexi_run(tmp_path_factory):
+    """``ps.run`` on the real screen with two tests, HVG and PCA: its output directory."""
+    path = real_path("papalexi")
+    out = tmp_path_factory.mktemp("report") / "out"
+    ps.run(
+        path,
+        out,
+        perturbation_column="perturbation",
+        control_label="control",
+        method="wilcoxon,t-test",
+        hvg=100,
+        pca=10,
+        scheduler="threads",
+        progress=False,
+    )
+    return out
+
+
+def chromium() -> str:
+    exe = shutil.which("chromium") or shutil.which("chromium-browser")
+    if exe is None:
+        pytest.skip("headless Chromium is not installed (Debian: apt-get install chromium; .ci/run installs it)")
+    return exe
+
+
+def browse(page: Path, tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+    """Headless Chromium on ``page`` with its network off (no page of ours may need one)."""
+    flags = [
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--hide-scrollbars",
+        f"--user-data-dir={tmp_path / 'chromium-profile'}",
+        "--proxy-server=127.0.0.1:9",  # any request off the disk fails
+    ]
+    return subprocess.run(
+        [chromium(), *flags, *args, page.resolve().as_uri()], capture_output=True, text=True, timeout=180
+    )
+
+
+def test_report_is_self_contained_and_its_numbers_are_the_files(papalexi_run):
+    out = papalexi_run
+    page = (out / "report.html").read_text()
+    # self-contained: every image embedded, nothing loaded from elsewhere
+    assert not re.search(r"""(src|href)=["'](https?:)?//""", page)
+    assert "<script" not in page and "<link" not in page
+    images = re.findall(r'<img alt="[^"]*" src="data:image/png;base64,', page)
+    assert len(images) >= 8, len(images)
+    for section in SECTIONS:
+        assert f'<section id="{section}">' in page, section
+    # the headline numbers, from the files
+    qc = pd.read_csv(out / "qc.csv", index_col=0, keep_default_na=False)
+    kept = int(qc["n_cells_kept"].sum())
+    assert f"{kept:,}</div><div class=\"k\">cells kept of 20,729" in page
+    tested = int(((qc["reason"] == "") & ~qc["is_control"]).sum())
+    assert f'{tested:,}</div><div class="k">perturbations tested' in page
+    pvals_adj = ad.read_zarr(out / "de_wilcoxon.zarr").layers["pvals_adj"]
+    pairs = int((np.asarray(pvals_adj) < 0.05).sum())
+    assert f'{pairs:,}</div><div class="k">wilcoxon: DE pairs at FDR 0.05' in page
+    # every output file is linked, by its relative name
+    for name in json.loads((out / "run.json").read_text())["files"].values():
+        assert f'href="{name}"' in page, name
+
+
+def test_knockdown_table_in_the_report_is_the_stored_fold_change(papalexi_run):
+    out = papalexi_run
+    page = (out / "report.html").read_text()
+    res = ad.read_zarr(out / "de_wilcoxon.zarr")
+    genes = list(res.var_names)
+    targets = [p for p in res.obs_names if p in genes]
+    assert targets  # papalexi's labels are target genes, 9 of them measured
+    lfc = np.asarray(res.layers["logfoldchanges"])
+    sig = np.asarray(res.layers["pvals_adj"]) < 0.05
+    down = sum(bool(lfc[i, genes.index(p)] < 0 and sig[i, genes.index(p)]) for i, p in enumerate(res.obs_names)
+               if p in genes)  # fmt: skip
+    assert f"{down} of {len(targets)} perturbations whose target is measured lower it significantly" in page
+
+
+def test_chromium_renders_the_report(papalexi_run, tmp_path):
+    page = papalexi_run / "report.html"
+    dom = browse(page, tmp_path, "--dump-dom", "--virtual-time-budget=5000")
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    html = dom.stdout
+    for section in SECTIONS:
+        assert f'id="{section}"' in html, section
+    assert "pertscale report: papalexi2021_eccite.h5ad" in html
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    shot = ARTIFACTS / "report_papalexi.png"
+    shot.unlink(missing_ok=True)
+    done = browse(page, tmp_path, f"--screenshot={shot}", "--window-size=1280,3000", "--virtual-time-budget=5000")
+    assert done.returncode == 0 and shot.exists(), done.stderr[-2000:]
+    from matplotlib.image import imread
+
+    pixels = imread(shot)[..., :3]
+    assert pixels.shape[:2] == (3000, 1280)
+    # the header's colour (#243b55) across the top, and figures below it: many colours, not a blank page
+    assert np.allclose(pixels[10, 640], np.array([0x24, 0x3B, 0x55]) / 255, atol=0.02)
+    body = (pixels[300:] * 255).astype(np.uint8).reshape(-1, 3)
+    assert len(np.unique(body[::7], axis=0)) > 500
+
+
+def test_report_rebuilds_from_the_directory_and_overwrite_still_recognises_it(papalexi_run, tmp_path):
+    out = tmp_path / "copy"
+    shutil.copytree(papalexi_run, out, symlinks=True)
+    before = (out / "report.html").read_text()
+    (out / "report.html").unlink()
+    # a manifest entry for a missing file is fine: it is written again and recorded
+    written = ps.report(out)
+    assert written == out / "report.html"
+    after = written.read_text()
+    strip = re.compile(r'src="data:image/png;base64,[^"]*"')  # images may differ in bytes (fonts, timestamps)
+    assert strip.sub("", after) == strip.sub("", before)
+    path = real_path("papalexi")
+    ps.run(path, out, perturbation_column="perturbation", control_label="control", overwrite=True,
+           scheduler="threads", progress=False)  # fmt: skip
+    assert (out / "report.html").stat().st_size > 0
+
+
+def test_report_refuses_what_is_not_a_run(papalexi_run, tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        ps.report(tmp_path / "nowhere")
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "qc.csv").write_text("perturbation,n_cells\n")
+    with pytest.raises(ValueError, match=r"not the output of a pertscale run: it has no run.json"):
+        ps.report(tmp_path / "notes")
+    out = tmp_path / "copy"
+    shutil.copytree(papalexi_run, out, symlinks=True)
+    (out / "report.html").write_text("<p>my own notes</p>")
+    with pytest.raises(FileExistsError, match="is not the report.html a pertscale run recorded"):
+        ps.report(out)
+    assert (out / "report.html").read_text() == "<p>my own notes</p>"
+    elsewhere = ps.report(out, path=tmp_path / "mine.html")
+    assert "<section id=\"summary\">" in elsewhere.read_text()
+
+
+def test_no_report(tmp_path):
+    path = real_path("papalexi")
+    summary = ps.run(path, tmp_path / "out", perturbation_column="perturbation", control_label="control",
+                     report=False, scheduler="threads", progress=False)  # fmt: skip
+    assert not (tmp_path / "out" / "report.html").exists()
+    assert (tmp_path / "out" / "run.json").exists() and "report" not in summary.files
+    record = json.loads((tmp_path / "out" / "run.json").read_text())
+    stages = [s["name"] for s in record["profile"]["stages"]]
+    assert "test and write" in stages and "report" not in stages
+    assert record["summary"]["n_obs_kept"] == summary.n_obs_kept
+    assert record["profile"]["processes"][0]["name"] == "main"
+    assert max(record["profile"]["processes"][0]["peak_rss"].values()) > 50 * 2**20
