@@ -292,6 +292,13 @@ RUN_HELP = f"""QC, normalization and a test of every perturbation against contro
     "(exit code 1); with neither, it starts from the beginning.",
 )
 @click.option(
+    "--report/--no-report",
+    default=True,
+    show_default=True,
+    help="Write OUT/report.html: one self-contained page (figures embedded, opens offline) with QC, the DE genes "
+    "per perturbation, volcano plots, knock-down of targets, the plan, time and memory, settings and files.",
+)
+@click.option(
     "--dry-run",
     is_flag=True,
     default=False,
@@ -448,6 +455,7 @@ def run(
     pca,
     pseudobulk,
     progress,
+    report,
 ) -> None:  # noqa: PLR0913
     """The main job (``pertscale run``); its help is :data:`RUN_HELP`."""
     import warnings
@@ -524,6 +532,7 @@ def run(
                 pseudobulk=pseudobulk,
                 scheduler=scheduler,
                 progress=progress,
+                report=report,
             )
         except (
             FileNotFoundError,
@@ -552,6 +561,156 @@ def run(
         click.echo(line)
     if dry_run and (getattr(summary, "problems", None) or getattr(summary, "refusals", None)):
         raise click.exceptions.Exit(1)
+
+
+#: ``pertscale simulate --help``.
+SIMULATE_HELP = """Write a simulated screen with known effects: a start without real data.
+
+    OUT is the .h5ad file or .zarr store to write (the format by its suffix).
+    The counts are negative binomial, as ps.datasets.simulate_screen draws
+    them: each perturbation knocks down its target gene to 10-50 % of its
+    expression and changes 10 other genes. The true effects are stored with
+    the screen, to check results against: uns['simulation']['log2_effects']
+    (perturbations x genes, log2 fold changes), uns['simulation']['targets']
+    and obs['target_gene']; ps.datasets.known_effects(OUT) lists them as a
+    table. The same seed and sizes give the same screen, whatever --jobs.
+    The counts are streamed to disk block by block: memory is a few blocks
+    of cells (and obs), whatever --cells. An existing OUT is refused unless
+    --overwrite is given; an interrupted run (Ctrl-C: exit code 130) leaves
+    OUT as it was.
+
+    \b
+    Example:
+        pertscale simulate sim.h5ad --cells 20000 --genes 1000 --perturbations 50
+        pertscale run sim.h5ad --perturbation-column perturbation
+        --control-label control --out results/sim
+    """
+
+
+@main.command(help=SIMULATE_HELP)
+@click.argument("out_path", metavar="OUT", type=click.Path(path_type=str))
+@click.option("--cells", default=10_000, show_default=True, type=click.IntRange(min=1), help="Cells, control included.")
+@click.option("--genes", default=2_000, show_default=True, type=click.IntRange(min=1), help="Genes.")
+@click.option(
+    "--perturbations",
+    default=50,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Perturbations, each with its own target gene while there are enough genes.",
+)
+@click.option(
+    "--control-fraction",
+    default=0.1,
+    show_default=True,
+    type=float,
+    callback=_finite("control_fraction", minimum=0, maximum=1, min_open=True, max_open=True),
+    help="Fraction of the cells labelled control; the others are spread evenly over the perturbations.",
+)
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0), help="Seed: same seed, same screen.")
+@click.option(
+    "--sorted",
+    "sort",
+    is_flag=True,
+    default=False,
+    help="Store the cells sorted by perturbation (control first) instead of in random order, as a real screen's "
+    "barcodes are.",
+)
+@click.option(
+    "--jobs",
+    default=1,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Processes simulating blocks of cells (the screen is the same for any number).",
+)
+@click.option("--overwrite", is_flag=True, default=False, help="Replace OUT if it exists (refused without it).")
+@click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bar.")
+@verbose_option
+def simulate(*, out_path, cells, genes, perturbations, control_fraction, seed, sort, jobs, overwrite, progress) -> None:
+    """``pertscale simulate``: :func:`pertscale.datasets.simulate_screen` to a file; help in :data:`SIMULATE_HELP`."""
+    import re
+    import shlex
+    import time
+    from pathlib import Path
+
+    from ._settings import settings
+    from ._signals import Terminated, recorded
+
+    _configure_logging()
+    path = Path(out_path)
+    flags = {"n_cells": "--cells", "n_genes": "--genes", "n_perturbations": "--perturbations"}
+    flags["control_fraction"] = "--control-fraction"
+    start = time.perf_counter()
+    with recorded(), settings.override(progress=progress):
+        try:
+            from .datasets import simulate_screen
+            from .io._write import check_format
+
+            check_format(path, what="cannot write")
+            if os.path.lexists(path):
+                if not overwrite:
+                    raise FileExistsError(f"{out_path!r} already exists; pass --overwrite to replace it")
+                store = path.is_dir() and any((path / m).exists() for m in ("zarr.json", ".zgroup", ".zattrs"))
+                if path.is_dir() and not store:
+                    raise FileExistsError(
+                        f"{out_path!r} is a directory but not a zarr store: not replaced, even with --overwrite; "
+                        "choose another path"
+                    )
+            simulate_screen(
+                cells,
+                genes,
+                perturbations,
+                control_fraction=control_fraction,
+                seed=seed,
+                sort=sort,
+                path=path,
+                n_jobs=jobs,
+            )
+        except (FileNotFoundError, FileExistsError, PermissionError, ValueError, TypeError) as err:
+            # the API names its parameters; say the options
+            message = re.sub(r"\b(n_cells|n_genes|n_perturbations|control_fraction)\b", lambda m: flags[m[1]], str(err))
+            raise click.ClickException(message) from err
+        except (KeyboardInterrupt, Terminated) as stop:
+            term = isinstance(stop, Terminated)
+            click.echo(f"\n{'terminated' if term else 'interrupted'}: {out_path} was not written", err=True)
+            raise click.exceptions.Exit(143 if term else 130) from None
+    seconds = time.perf_counter() - start
+
+    # what was written, read back from the store (its obs column, the matrix's row pointer and the settings)
+    import anndata as ad
+
+    if path.is_dir():
+        import zarr
+
+        root, close = zarr.open_group(str(path), mode="r"), (lambda: None)
+        size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    else:
+        import h5py
+
+        root = h5py.File(path, "r")
+        close, size = root.close, path.stat().st_size
+    try:
+        nnz = int(root["X"]["indptr"][-1])
+        sim = {k: ad.io.read_elem(root["uns"]["simulation"][k]) for k in ("n_mito", "n_affected", "control_label")}
+        labels = ad.io.read_elem(root["obs"]["perturbation"])
+    finally:
+        close()
+    n_control = int((labels == sim["control_label"]).sum())
+    name = shlex.quote(out_path)
+    for line in (
+        f"wrote {out_path} ({size / 2**20:,.1f} MiB) in {seconds:.1f} s",
+        f"cells: {cells:,} ({n_control:,} control: {sim['control_label']!r} in obs['perturbation'])",
+        f"genes: {genes:,} ({int(sim['n_mito'])} mitochondrial, MT-...)",
+        f"perturbations: {perturbations:,}, each knocking down its target (obs['target_gene']) and changing "
+        f"{int(sim['n_affected'])} other genes",
+        f"non-zero counts: {nnz:,} ({nnz / (cells * genes):.1%} of the matrix)",
+        f"known effects: uns['simulation']['log2_effects'] ({perturbations:,} perturbations x {genes:,} genes, "
+        "true log2 fold changes; targets in uns['simulation']['targets']); "
+        f"as a table: ps.datasets.known_effects({out_path!r})",
+        f"seed: {seed} (the same seed and sizes give the same screen)",
+        f"next: pertscale run {name} --perturbation-column perturbation --control-label control "
+        f"--out {shlex.quote('results/' + path.stem)}",
+    ):
+        click.echo(line)
 
 
 def entry() -> None:

@@ -1,4 +1,15 @@
-"""Simulated CRISPR screens with known effects, for tests and benchmarks.
+"""Simulated CRISPR screens with known effects: a start without real data, tests and benchmarks.
+
+:func:`simulate_screen` draws a Perturb-seq screen whose true effects are
+known and stored with it, so that a result can be checked against the truth:
+``uns['simulation']['log2_effects']`` holds the true log2 fold change of
+every perturbation (rows, in the order of ``uns['simulation']['perturbations']``)
+on every gene (columns, in the order of ``var_names``); each perturbation's
+target gene is in ``uns['simulation']['targets']`` and, per cell, in
+``obs['target_gene']``. :func:`known_effects` lists the non-zero ones as a
+table, one row per perturbation and changed gene, the form of the main job's
+``de_<method>_significant.csv``. ``pertscale simulate OUT.h5ad --cells ...
+--genes ... --perturbations ...`` writes such a screen from the command line.
 
 The counts are negative binomial: cell ``i``, gene ``g`` has mean
 ``mu = library_i * share_g * fold(perturbation_i, g)`` and dispersion
@@ -29,6 +40,7 @@ import scipy.sparse as sp
 
 if TYPE_CHECKING:  # anndata, pandas, h5py and zarr are imported on use: worker processes need numpy only
     import anndata as ad
+    import pandas as pd
 
 logger = logging.getLogger(__name__)
 
@@ -395,29 +407,66 @@ def simulate_screen(
         ``indices`` and int64 ``indptr``). ``obs``: the perturbation column
         (categorical, control first) and ``target_gene`` (categorical,
         ``""`` for control cells). ``var``: ``base_mean`` (expected counts
-        at the median library size), ``dispersion``. ``uns['simulation']``:
-        ``log2_effects`` (``n_perturbations x n_genes`` float32 true log2
-        fold changes, targets included), ``targets``, ``perturbations`` and
-        the settings. With ``path``, the path written.
+        at the median library size), ``dispersion``. ``uns['simulation']``,
+        the truth to check results against: ``log2_effects``
+        (``n_perturbations x n_genes`` float32, the true log2 fold change of
+        each perturbation's mean on each gene, in the order of
+        ``perturbations`` and ``var_names``; zero for the genes it leaves
+        unchanged, negative for its target), ``targets`` and
+        ``perturbations`` (``(n_perturbations,)`` names), and the settings:
+        ``seed``, ``control_label``, ``perturbation_column``, ``n_cells``,
+        ``n_genes``, ``n_perturbations``, ``n_control`` (control cells),
+        ``control_fraction``, ``median_umi``, ``library_sd``, ``knockdown``,
+        ``n_affected`` (as simulated: at most ``n_genes - 1``),
+        ``effect_sd``, ``n_mito``, ``sort``. :func:`known_effects` lists the
+        non-zero effects as a table. With ``path``, the path written.
 
     Raises
     ------
+    TypeError
+        If a size is not a number.
     ValueError
-        If the sizes do not allow the design, or ``block_size`` or
-        ``n_jobs`` is not a positive integer.
+        If the sizes do not allow the design (fewer than 1 cell, gene or
+        perturbation; no cell left for the perturbations after the control
+        cells; only mitochondrial genes), ``control_fraction`` is not
+        between 0 and 1, or ``block_size`` or ``n_jobs`` is not a positive
+        integer.
     FileNotFoundError
         If the directory of ``path`` does not exist.
+
+    See Also
+    --------
+    known_effects : the true effects as a table.
+
+    Examples
+    --------
+    >>> import pertscale as ps
+    >>> adata = ps.datasets.simulate_screen(2_000, 200, 5, seed=1)
+    >>> adata.shape
+    (2000, 200)
+    >>> truth = ps.datasets.known_effects(adata)
+    >>> bool(truth.loc[truth["is_target"], "log2_effect"].lt(0).all())  # every target knocked down
+    True
     """
     import anndata as ad
     import pandas as pd
 
     from ._validation import check_number
 
+    n_cells = check_number(n_cells, "n_cells", integer=True, minimum=1)
+    n_genes = check_number(n_genes, "n_genes", integer=True, minimum=1)
     n_mito = min(13, n_genes // 50) if n_mito is None else n_mito
     if n_perturbations < 1 or n_genes - n_mito < 1:
         raise ValueError("n_perturbations must be at least 1, and some genes must not be mitochondrial (targets)")
+    n_perturbations = check_number(n_perturbations, "n_perturbations", integer=True, minimum=1)
     if not 0 < control_fraction < 1:
         raise ValueError("control_fraction must be between 0 and 1")
+    n_control = max(2, int(round(n_cells * control_fraction)))
+    if n_control >= n_cells:
+        raise ValueError(
+            f"n_cells = {n_cells:,} leaves no cell for the perturbations after {n_control:,} control cells "
+            f"(control_fraction {control_fraction}, and at least 2); simulate more cells"
+        )
     block_size = _check_block_size(block_size)
     n_jobs = check_number(n_jobs, "n_jobs", integer=True, minimum=1)
     if path is not None:
@@ -452,7 +501,6 @@ def simulate_screen(
     log2_effects = np.zeros((n_perturbations, n_genes), dtype=np.float32)
     np.put_along_axis(log2_effects, effect_genes, effect_log2, axis=1)
 
-    n_control = max(2, int(round(n_cells * control_fraction)))
     per_pert = rng.multinomial(n_cells - n_control, np.full(n_perturbations, 1.0 / n_perturbations))
     codes = np.concatenate([np.full(n_control, -1), np.repeat(np.arange(n_perturbations), per_pert)])
     if not sort:
@@ -484,6 +532,19 @@ def simulate_screen(
         "seed": int(seed),
         "control_label": control_label,
         "perturbation_column": perturbation_column,
+        # the other settings, to describe and reproduce the screen (with the seed, they fix it)
+        "n_cells": n_cells,
+        "n_genes": n_genes,
+        "n_perturbations": n_perturbations,
+        "n_control": n_control,
+        "control_fraction": float(control_fraction),
+        "median_umi": float(median_umi),
+        "library_sd": float(library_sd),
+        "knockdown": np.asarray(knockdown, dtype=np.float64),
+        "n_affected": int(k),
+        "effect_sd": float(effect_sd),
+        "n_mito": int(n_mito),
+        "sort": bool(sort),
     }
     blocks = _blocks(design, codes, library, block_size, n_jobs)
     if path is None:
@@ -514,6 +575,111 @@ def simulate_screen(
     finally:
         blocks.close()
     return path
+
+
+def known_effects(screen: ad.AnnData | str | Path) -> pd.DataFrame:
+    """The true effects of a screen of :func:`simulate_screen`: one row per perturbation and gene it changes.
+
+    Read from ``uns['simulation']['log2_effects']`` (non-zero entries) and
+    ``uns['simulation']['targets']``; from a path, only ``uns['simulation']``
+    and ``var``'s index are read, never the matrix. Compare it with a
+    result, for example the main job's ``de_<method>_significant.csv``
+    merged on ``perturbation`` and ``gene``.
+
+    Parameters
+    ----------
+    screen
+        A simulated screen: an AnnData, or the path of an ``.h5ad`` file or
+        ``.zarr`` store that :func:`simulate_screen` (or
+        ``pertscale simulate``) wrote.
+
+    Returns
+    -------
+    pandas.DataFrame
+        Columns ``perturbation``, ``gene``, ``log2_effect`` (the true log2
+        fold change of the gene's mean in the perturbation's cells over
+        control, float) and ``is_target`` (the gene is the perturbation's
+        target: the knock-down, negative). Each perturbation's rows are
+        together, in the order of ``uns['simulation']['perturbations']``,
+        its target first, then by decreasing ``|log2_effect|``;
+        ``n_perturbations x (min(n_affected, n_genes - 1) + 1)`` rows.
+
+    Raises
+    ------
+    KeyError
+        If the screen holds no ``uns['simulation']`` (it was not simulated,
+        or that entry was removed).
+    ValueError
+        If ``log2_effects`` does not match the screen's genes (genes were
+        removed or reordered since it was simulated).
+    FileNotFoundError
+        If ``screen`` is a path that does not exist.
+    """
+    import pandas as pd
+
+    if isinstance(screen, (str, Path)):
+        sim, genes = _read_truth(Path(screen))
+    else:
+        if "simulation" not in screen.uns:
+            raise KeyError(
+                "this AnnData holds no uns['simulation']: known effects are recorded only in screens of "
+                "ps.datasets.simulate_screen (or pertscale simulate)"
+            )
+        sim, genes = screen.uns["simulation"], screen.var_names
+    effects = np.asarray(sim["log2_effects"])
+    perts = [str(p) for p in sim["perturbations"]]
+    targets = [str(t) for t in sim["targets"]]
+    if effects.shape != (len(perts), len(genes)):
+        raise ValueError(
+            f"uns['simulation']['log2_effects'] is {effects.shape[0]:,} x {effects.shape[1]:,} but the screen has "
+            f"{len(perts):,} perturbations and {len(genes):,} genes: its genes changed since it was simulated; "
+            "use the screen as simulate_screen wrote it"
+        )
+    genes = np.asarray(genes, dtype=object)
+    rows, cols = np.nonzero(effects)
+    values = effects[rows, cols].astype(np.float64)
+    is_target = genes[cols] == np.asarray(targets, dtype=object)[rows]
+    order = np.lexsort((-np.abs(values), ~is_target, rows))  # by perturbation, target first, then |effect|
+    rows, cols, values, is_target = rows[order], cols[order], values[order], is_target[order]
+    return pd.DataFrame(
+        {
+            "perturbation": np.asarray(perts, dtype=object)[rows],
+            "gene": genes[cols].astype(str),
+            "log2_effect": values,
+            "is_target": is_target.astype(bool),
+        }
+    )
+
+
+def _read_truth(path: Path):
+    """``uns['simulation']`` and the gene names of a stored screen, without reading its matrix."""
+    import anndata as ad
+
+    if not path.exists():
+        raise FileNotFoundError(f"no screen at {str(path)!r}")
+    if path.is_dir():
+        import zarr
+
+        root = zarr.open_group(str(path), mode="r")
+        close = lambda: None  # noqa: E731
+    else:
+        import h5py
+
+        root = h5py.File(path, "r")
+        close = root.close
+    try:
+        if "uns" not in root or "simulation" not in root["uns"]:
+            raise KeyError(
+                f"{str(path)!r} holds no uns['simulation']: known effects are recorded only in screens of "
+                "ps.datasets.simulate_screen (or pertscale simulate)"
+            )
+        sim = ad.io.read_elem(root["uns"]["simulation"])
+        var = root["var"]
+        index_key = var.attrs["_index"]
+        genes = ad.io.read_elem(var[index_key])
+    finally:
+        close()
+    return sim, genes
 
 
 def expected_density(
