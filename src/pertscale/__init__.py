@@ -90,8 +90,8 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:  # pragma: no cover
     from . import analysis, cluster, datasets, get, io, pb, pl, pp, store, tl
-    from ._report import report
     from ._compute import compute, write
+    from ._report import report
     from ._settings import settings
     from .analysis import (
         HVGSettings,
