@@ -120,9 +120,13 @@ def report(out_dir: str | Path, *, path: str | Path | None = None) -> Path:
 
 def build_report(directory: Path, *, out: Path) -> None:
     """Write the report of the run files in ``directory`` (an output or a run's staging directory) to ``out``."""
+    from ._progress import steps
+
     t0 = time.perf_counter()
     page = _Page(directory)
-    text = page.render()
+    with steps(3 + 4 * len(page.methods) + 2 * ("pca" in page.files), "report", unit="figure") as bar:
+        page.bar = bar  # one bar over the figures; the reads for each figure show none of their own
+        text = page.render()
     tmp = Path(out)
     tmp.write_text(text, encoding="utf-8")
     logger.info("report written in %.1f s: %s", time.perf_counter() - t0, out)
@@ -140,6 +144,7 @@ class _Page:
         self.methods = [k.partition(":")[2] for k in self.files if k.startswith("results:")]
         self.alerts: list[tuple[str, str]] = []
         self.knockdown: dict[str, pd.DataFrame] = {}
+        self.bar = None
 
     # ------------------------------------------------------------------ pieces
 
@@ -158,6 +163,8 @@ class _Page:
             logger.warning("report: a figure could not be drawn: %s", err)
             plt.close("all")
             return f'<p class="error">This figure could not be drawn: {html.escape(str(err))}</p>'
+        if self.bar is not None:
+            self.bar.update(1)
         data = base64.b64encode(buffer.getvalue()).decode("ascii")
         cap = f"<figcaption>{html.escape(caption)}</figcaption>" if caption else ""
         return f'<figure><img alt="{html.escape(caption)}" src="data:image/png;base64,{data}">{cap}</figure>'
@@ -211,21 +218,28 @@ class _Page:
         if n_control < FEW_CONTROL:
             self.alerts.insert(0, ("warn", f"Only {n_control} control cells were kept: every test compares with "
                                            "them, and with so few the tests have little power."))  # fmt: skip
-        dropped = s.get("perturbations_dropped", {})
-        if dropped:
-            reasons = pd.Series(dropped).value_counts()
+        dropped = pd.Series(s.get("perturbations_dropped", {}), dtype=object)
+        excluded = dropped[dropped == "excluded"]
+        filtered = dropped[dropped != "excluded"]
+        if len(filtered):
+            reasons = filtered.value_counts()
             why = ", ".join(f"{n} by {r}" for r, n in reasons.items())
-            shown = ", ".join(list(dropped)[:12]) + (" ..." if len(dropped) > 12 else "")
-            self.alerts.append(("warn", f"{len(dropped)} label(s) not tested ({why}): {shown}. See qc.csv."))
+            shown = ", ".join(filtered.index[:12]) + (" ..." if len(filtered) > 12 else "")
+            self.alerts.append(("warn", f"{len(filtered)} perturbation(s) dropped by the QC filters ({why}): {shown}. "
+                                        "See qc.csv."))  # fmt: skip
+        if len(excluded):
+            self.alerts.append(("info", f"Labels excluded from the tests, as asked (--exclude-labels): "
+                                        f"{', '.join(excluded.index[:12])}."))  # fmt: skip
         lost = 1 - s["n_obs_kept"] / max(inp["n_obs"], 1)
         if lost > 0.2:
             self.alerts.append(("warn", f"{lost:.0%} of the cells were dropped by the QC filters and labels."))
         if not any(kind == "warn" for kind, _ in self.alerts):
-            self.alerts.insert(0, ("ok", "Nothing needs attention: enough control cells, every label tested."))
+            self.alerts.insert(0, ("ok", "Nothing needs attention: enough control cells, no perturbation dropped by "
+                                         "the filters."))  # fmt: skip
         banner = "".join(f'<div class="alert {k}">{html.escape(t)}</div>' for k, t in self.alerts)
         card_html = "".join(f'<div class="card"><div class="v">{v}</div><div class="k">{k}</div></div>'
                             for v, k in cards)  # fmt: skip
-        total = sum(st["seconds"] for st in self.run["profile"]["stages"])
+        total = sum(st["seconds"] for st in self.run["profile"]["stages"] if st["name"] != "report")
         return (
             f'<section id="summary"><h2>Summary</h2>{banner}<div class="cards">{card_html}</div>'
             f"<p>Tests: {', '.join(self.methods)}; time {total:,.1f} s (before the report).</p></section>"
@@ -289,7 +303,7 @@ class _Page:
         from . import pl
 
         try:
-            table = pl.knockdown_table(store)
+            table = pl.knockdown_table(store, targets=self.run.get("targets") or None)
         except Exception as err:  # noqa: BLE001 - shown in the page
             return f'<p class="error">Knock-down of targets: {html.escape(str(err))}</p>'
         if table.empty:
@@ -303,7 +317,8 @@ class _Page:
             names = ", ".join(map(str, table.loc[~down, "perturbation"].head(12)))
             self.alerts.append(("info", f"{method}: {int((~down).sum())} perturbation(s) do not lower their own "
                                         f"target significantly: {names}"))  # fmt: skip
-        figure = self.figure(lambda: pl.knockdown(store), "log2 fold change of each perturbation's own target")
+        figure = self.figure(lambda: pl.knockdown(store, targets=self.run.get("targets") or None),
+                             "log2 fold change of each perturbation's own target")  # fmt: skip
         return text + figure + _table(table.head(N_ROWS), index=False)
 
     def section_steps(self) -> str:

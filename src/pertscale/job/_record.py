@@ -32,6 +32,29 @@ if typing.TYPE_CHECKING:
 
 #: Version of run.json's layout.
 FORMAT = 1
+#: ``obs`` columns that may name each cell's target gene (the first with one target per perturbation is used).
+TARGET_COLUMNS = ("target_gene", "target", "gene_target", "target_gene_max", "target_max")
+
+
+def targets_from_obs(obs: pd.DataFrame, perturbation_column: str) -> dict[str, str]:
+    """Perturbation label -> its target gene, from the first ``obs`` column of :data:`TARGET_COLUMNS` that has one.
+
+    A column counts when every perturbation's cells carry one target (missing
+    values aside); labels without one are left out. Empty when no column
+    fits: the report then takes a label that is itself a gene name as its
+    own target.
+    """
+    labels = obs[perturbation_column].astype(str)
+    for column in TARGET_COLUMNS:
+        if column not in obs or column == perturbation_column:
+            continue
+        frame = pd.DataFrame({"label": labels.to_numpy(), "target": obs[column].astype("string").to_numpy()})
+        frame = frame.dropna()
+        per_label = frame.groupby("label", observed=True)["target"].nunique()
+        if len(per_label) and (per_label == 1).all():
+            first = frame.drop_duplicates("label")
+            return {str(k): str(v) for k, v in zip(first["label"], first["target"], strict=True) if str(v)}
+    return {}
 
 
 def _plain(value):
@@ -63,6 +86,7 @@ def run_record(job: _Job, summary: RunSummary) -> dict:
         },
         "perturbation_column": job.perturbation_column,
         "control_label": job.control_label,
+        "targets": {p: job.targets[p] for p in summary.perturbations_tested if p in job.targets},
         "qc": {
             "perturbation_column": job.perturbation_column,
             "control_label": job.control_label,

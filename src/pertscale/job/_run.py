@@ -64,7 +64,7 @@ from ..io._write import write_stores
 from ._output import METHODS, DiskFullError, OutputDir, disk_full, no_space, output_files, write_csv
 from ._plan import Plan, make_plan
 from ._profile import Profile
-from ._record import run_record, write_json, write_qc_cells, write_report
+from ._record import run_record, targets_from_obs, write_json, write_qc_cells, write_report
 from ._summary import FDR, RunSummary
 from ._working_store import (
     CSR_COPY,
@@ -452,6 +452,7 @@ def run(
         steps=steps,
         scanpy_format=scanpy_format,
         profile=profile,
+        targets=targets_from_obs(adata.obs, perturbation_column),
     )
     profile.start()
     try:
@@ -537,6 +538,7 @@ class _Job:
     steps: dict[str, dict]
     scanpy_format: bool
     profile: Profile
+    targets: dict[str, str]
 
     def compose(self, adata: ad.AnnData) -> tuple[pp.QCSummary, dict[str, ad.AnnData], dict[str, pd.Series], set]:
         """QC, the optional steps and the tests on ``adata`` (blocks of whole groups), written into the staging.
