@@ -744,8 +744,12 @@ def _pca(filtered: ad.AnnData, n_comps: int, *, use_hvg: bool) -> ad.AnnData:
     On the genes of this run's ``--hvg`` only: a ``highly_variable`` column the input carried is not used.
     """
     pp.pca(filtered, n_comps=n_comps, use_highly_variable=use_hvg)
+    obs = filtered.obs.copy()
+    for column in obs.columns:  # the labels the filters dropped are not categories of the kept cells
+        if isinstance(obs[column].dtype, pd.CategoricalDtype):
+            obs[column] = obs[column].cat.remove_unused_categories()
     return ad.AnnData(
-        obs=filtered.obs.copy(),
+        obs=obs,
         var=filtered.var.copy(),
         obsm={"X_pca": filtered.obsm["X_pca"]},
         varm={"PCs": filtered.varm["PCs"]},
