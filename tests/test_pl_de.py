@@ -4,8 +4,8 @@ Results are made with ``ps.tl.rank_genes_groups`` on a simulated screen
 (known targets) and on papalexi, written with ``ps.write`` and plotted from
 the path. The references are the stored arrays read back with anndata
 (``anndata.read_zarr``) and numpy/scipy on them. Each figure is saved under
-``tmp_path`` and once into ``PERTSCALE_TEST_FIGURES`` (default
-``../notes/figures`` when ``../notes`` exists) for a person to look at.
+``tmp_path`` and, when ``$PERTSCALE_ARTIFACTS`` is set (CI sets it), copied
+into its ``figures/`` for a person to look at.
 """
 
 from __future__ import annotations
@@ -29,10 +29,9 @@ from scipy.cluster.hierarchy import leaves_list, linkage
 import pertscale as ps
 from pertscale.pl import _de as pl
 
-from .conftest import ROOT, assert_close, real_path
+from .conftest import assert_close, real_path
 
-_NOTES = ROOT.parent / "notes"
-FIGURES = Path(os.environ.get("PERTSCALE_TEST_FIGURES", _NOTES / "figures"))
+ARTIFACTS = os.environ.get("PERTSCALE_ARTIFACTS")
 TINY = np.finfo(np.float64).tiny
 
 
@@ -50,10 +49,11 @@ def keep(tmp_path: Path, name: str) -> Path:
 
 
 def publish(path: Path) -> None:
-    """Copy a saved figure into FIGURES (when its parent exists, or the variable names it)."""
-    if "PERTSCALE_TEST_FIGURES" in os.environ or _NOTES.exists():
-        FIGURES.mkdir(parents=True, exist_ok=True)
-        (FIGURES / path.name).write_bytes(path.read_bytes())
+    """Copy a saved figure into ``$PERTSCALE_ARTIFACTS/figures`` (when the variable is set)."""
+    if ARTIFACTS:
+        figures = Path(ARTIFACTS) / "figures"
+        figures.mkdir(parents=True, exist_ok=True)
+        (figures / path.name).write_bytes(path.read_bytes())
     assert path.stat().st_size > 1000 and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

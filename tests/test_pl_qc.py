@@ -3,8 +3,8 @@
 Sources: a QCSummary of papalexi (real data) and of simulated screens, a real
 ``pertscale run`` output directory (qc.csv, qc_cells.zarr, run.json with the
 profile, pca.zarr), an AnnData after ``ps.pp.pca``. Each figure is saved as
-PNG under tmp_path; with ``PERTSCALE_FIGURES=DIR`` also copied into DIR (for
-looking at them).
+PNG under tmp_path; with ``$PERTSCALE_ARTIFACTS`` set (CI sets it) also copied
+into its ``figures/`` (for looking at them).
 """
 
 from __future__ import annotations
@@ -40,13 +40,13 @@ def _close_figures():
 
 
 def saved(artist, tmp_path: Path, name: str) -> Path:
-    """Save the figure of ``artist`` to ``tmp_path/name.png`` (and into ``$PERTSCALE_FIGURES``); check it is a PNG."""
+    """Save the figure of ``artist`` to ``tmp_path/name.png`` (and ``$PERTSCALE_ARTIFACTS/figures``); check the PNG."""
     fig = artist if hasattr(artist, "savefig") else artist.figure
     path = tmp_path / f"{name}.png"
     fig.savefig(path, dpi=110, bbox_inches="tight")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    if os.environ.get("PERTSCALE_FIGURES"):
-        out = Path(os.environ["PERTSCALE_FIGURES"])
+    if os.environ.get("PERTSCALE_ARTIFACTS"):
+        out = Path(os.environ["PERTSCALE_ARTIFACTS"]) / "figures"
         out.mkdir(parents=True, exist_ok=True)
         shutil.copy(path, out / path.name)
     return path
