@@ -152,13 +152,12 @@ class _Page:
         """``draw()`` (a function returning an Axes or Figure) as an embedded PNG; an error note if it fails."""
         import matplotlib.pyplot as plt
 
-        try:
-            with plt.rc_context({"figure.dpi": DPI}):
-                artist = draw()
-                fig = artist if hasattr(artist, "savefig") else np.ravel(artist)[0].figure
-                buffer = io.BytesIO()
-                fig.savefig(buffer, format="png", dpi=DPI, bbox_inches="tight")
-                plt.close(fig)
+        try:  # no rc_context: in a kernel, leaving one after its first figure turns interactive plotting off
+            artist = draw()
+            fig = artist if hasattr(artist, "savefig") else np.ravel(artist)[0].figure
+            buffer = io.BytesIO()
+            fig.savefig(buffer, format="png", dpi=DPI, bbox_inches="tight")
+            plt.close(fig)
         except Exception as err:  # noqa: BLE001 - one figure that cannot be drawn must not lose the report
             logger.warning("report: a figure could not be drawn: %s", err)
             plt.close("all")

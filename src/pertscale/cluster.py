@@ -22,6 +22,7 @@ import logging
 import os
 import re
 import shutil
+import signal
 import socket
 import sys
 import threading
@@ -112,7 +113,16 @@ def _workers_ignore_sigint():
         return
     # distributed preloads itself in the fork server too, which makes workers start faster
     forkserver.set_forkserver_preload(["pertscale._ignore_sigint", "distributed"])
-    forkserver.ensure_running()
+    # SIGINT blocked while the fork server is started: it starts with it blocked (a signal mask survives exec), so
+    # a Ctrl-C during its interpreter's start-up cannot kill it with "Fatal Python error: init_import_site"
+    # (pertscale._ignore_sigint unblocks it once ignored); here a Ctrl-C meanwhile waits and is raised after
+    blocked = threading.current_thread() is threading.main_thread() and hasattr(signal, "pthread_sigmask")
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT}) if blocked else None
+    try:
+        forkserver.ensure_running()
+    finally:
+        if blocked:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
     with dask.config.set({"distributed.worker.multiprocessing-method": "forkserver"}):
         yield
 

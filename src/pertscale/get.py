@@ -48,12 +48,14 @@ def result(
 
     Returns
     -------
-    The result as the analysis returned it: the results AnnData of a test
-    (``n_perturbations x n_genes``) or of pseudo-bulk (``n_groups x
-    n_genes``), a :class:`pertscale.pp.QCSummary`, the highly-variable-genes
-    ``DataFrame`` (``n_vars`` rows), or PCA's dict (``X_pca``
-    ``n_obs x n_comps``, ``PCs`` ``n_vars x n_comps``, ``variance``,
-    ``variance_ratio``).
+    anndata.AnnData, pertscale.pp.QCSummary, pandas.DataFrame or dict
+        The result as the analysis returned it: the results AnnData of a
+        test (``n_perturbations x n_genes``) or of pseudo-bulk (``n_groups x
+        n_genes``), a :class:`pertscale.pp.QCSummary`, the
+        highly-variable-genes ``DataFrame`` (``n_vars`` rows), or PCA's dict
+        (``X_pca`` ``n_obs x n_comps``, ``PCs`` ``n_vars x n_comps``,
+        ``variance``, ``variance_ratio``). With ``return_settings``, the
+        tuple ``(settings, result)``.
 
     Raises
     ------

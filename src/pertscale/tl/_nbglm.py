@@ -1171,7 +1171,7 @@ def dispersions_for_test(
 
 
 def covariate_levels(obs: pd.DataFrame, covariates, *, control: np.ndarray | None = None) -> tuple[np.ndarray, list]:
-    """Each cell's level of the covariates (their combinations), as codes ``0 .. n_levels - 1``.
+    """Each cell's level of the covariates (their combinations), as codes ``0`` to ``n_levels - 1``.
 
     Parameters
     ----------

@@ -47,7 +47,7 @@ def _as_set(name, values) -> set:
 
 
 def compute_overlap(sets: Mapping[str, Iterable], *, metric: str = "both") -> OverlapResult:
-    """Pairwise intersection sizes and Jaccard indices of named sets (e.g. hit genes per perturbation).
+    """Pairwise intersection sizes and Jaccard indices of named sets (for example the hit genes of each perturbation).
 
     The statistics of crispyx's ``compute_overlap``, with three deliberate
     differences: the Jaccard index of two empty sets is NaN (undefined; crispyx
