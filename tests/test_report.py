@@ -51,7 +51,10 @@ def papalexi_run(tmp_path_factory):
 def chromium() -> str:
     exe = shutil.which("chromium") or shutil.which("chromium-browser")
     if exe is None:
-        pytest.skip("headless Chromium is not installed (Debian: apt-get install chromium; .ci/run installs it)")
+        why = "headless Chromium is not installed (Debian: apt-get install chromium; .ci/run installs it)"
+        if os.environ.get("PERTSCALE_REQUIRE_CHROMIUM"):  # CI: the screenshot is an artifact it must have
+            pytest.fail(why)
+        pytest.skip(why)
     return exe
 
 
@@ -186,3 +189,66 @@ def test_no_report(tmp_path):
     assert record["summary"]["n_obs_kept"] == summary.n_obs_kept
     assert record["profile"]["processes"][0]["name"] == "main"
     assert max(record["profile"]["processes"][0]["peak_rss"].values()) > 50 * 2**20
+
+
+def test_targets_come_from_obs_per_label():
+    from pertscale.job._record import targets_from_obs
+
+    obs = ad.read_h5ad(real_path("papalexi"), backed="r").obs
+    targets = targets_from_obs(obs, "perturbation")
+    # target_gene_max: the target of each cell's top guide; a label whose cells disagree (multiple) has none
+    labels = set(obs["perturbation"].astype(str)) - {"multiple"}
+    assert set(targets) == labels
+    assert all(targets[p] == p for p in labels if p != "control")  # papalexi's labels are the target genes
+    obs = pd.DataFrame({"perturbation": ["a", "a", "b", "c"], "target_gene": ["G1", "G1", "G2", None]})
+    assert targets_from_obs(obs, "perturbation") == {"a": "G1", "b": "G2"}
+    assert targets_from_obs(obs.drop(columns="target_gene"), "perturbation") == {}
+
+
+def test_report_of_nb_glm_and_pseudobulk_on_labels_that_are_not_genes(tmp_path):
+    """A simulated screen: labels P0000...; targets from obs['target_gene'], which the simulation knows."""
+    path = tmp_path / "sim.h5ad"
+    ps.datasets.simulate_screen(n_cells=3_000, n_genes=200, n_perturbations=6, seed=3, path=path)
+    truth = ps.datasets.known_effects(path)
+    truth = truth[truth["is_target"]].set_index("perturbation")["gene"]
+    out = tmp_path / "out"
+    ps.run(path, out, perturbation_column="perturbation", control_label="control", method="wilcoxon,nb-glm",
+           pseudobulk=True, scheduler="threads", progress=False)  # fmt: skip
+    record = json.loads((out / "run.json").read_text())
+    assert record["targets"] == {str(p): str(g) for p, g in truth.items()}
+    page = (out / "report.html").read_text()
+    assert '<section id="method-nb-glm">' in page and "could not be drawn" not in page
+    res = ad.read_zarr(out / "de_nb_glm.zarr")
+    lfc = pd.DataFrame(np.asarray(res.layers["logfoldchanges"]), index=res.obs_names, columns=res.var_names)
+    sig = pd.DataFrame(np.asarray(res.layers["pvals_adj"]) < 0.05, index=res.obs_names, columns=res.var_names)
+    down = sum(bool(lfc.loc[p, g] < 0 and sig.loc[p, g]) for p, g in truth.items())
+    assert down >= 4  # the simulated knock-downs are found
+    assert f"{down} of {len(truth)} perturbations whose target is measured lower it significantly" in page
+    assert "pseudobulk.h5ad" in page
+
+
+@pytest.mark.cluster
+def test_profile_records_each_local_worker(tmp_path):
+    path = tmp_path / "sim.h5ad"
+    ps.datasets.simulate_screen(n_cells=2_000, n_genes=100, n_perturbations=4, seed=1, path=path)
+    out = tmp_path / "out"
+    ps.run(path, out, perturbation_column="perturbation", control_label="control", scheduler="local",
+           report=False, progress=False)  # fmt: skip
+    processes = {p["name"]: p["peak_rss"] for p in json.loads((out / "run.json").read_text())["profile"]["processes"]}
+    workers = sorted(name for name in processes if name.startswith("worker"))
+    assert workers == [f"worker {i}" for i in range(1, len(workers) + 1)] and len(workers) >= 1
+    # a worker process holds Python, numpy, dask and distributed: tens of MiB at least, and it ran the test pass
+    assert all(max(processes[w].values()) > 30 * 2**20 for w in workers)
+    assert any("test and write" in processes[w] for w in workers)
+
+
+def test_report_waits_for_no_run_and_refuses_while_one_writes(papalexi_run, tmp_path):
+    import fcntl
+
+    out = tmp_path / "copy"
+    shutil.copytree(papalexi_run, out, symlinks=True)
+    with open(out / ".pertscale.lock", "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)  # as a run writing into out holds it
+        with pytest.raises(ValueError, match="another pertscale run is writing"):
+            ps.report(out)
+    assert ps.report(out) == out / "report.html"

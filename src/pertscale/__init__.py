@@ -25,7 +25,7 @@ _FUNCTIONS = {
     "read": ".io",
     "write": "._compute",
     "run": ".job",
-    "report": "._report",
+    "report": ".job",
     "settings": "._settings",
     "RunInfo": ".store",
     "cleanup": ".store",
@@ -91,7 +91,6 @@ def __dir__() -> list[str]:
 if TYPE_CHECKING:  # pragma: no cover
     from . import analysis, cluster, datasets, get, io, pb, pl, pp, store, tl
     from ._compute import compute, write
-    from ._report import report
     from ._settings import settings
     from .analysis import (
         HVGSettings,
@@ -103,5 +102,5 @@ if TYPE_CHECKING:  # pragma: no cover
         WilcoxonSettings,
     )
     from .io import open, read
-    from .job import run
+    from .job import report, run
     from .store import RunInfo, cleanup, ensure_result_keys

@@ -7,7 +7,7 @@ the time and memory profile, the settings and versions, and the output
 files. Figures are :mod:`pertscale.pl`'s, drawn from the files on disk
 (one row of a result per volcano plot, reductions for screen-wide plots)
 and embedded as PNG; the page loads nothing from the network and opens
-offline. :func:`report` rebuilds it from an output directory alone;
+offline. :func:`pertscale.report` rebuilds it from an output directory alone;
 ``pertscale run`` writes it unless ``--no-report`` is given.
 """
 
@@ -61,45 +61,16 @@ pre{background:#f7f9fc;border:1px solid #dde2ea;padding:8px;font-size:12px;overf
 """
 
 
-def report(out_dir: str | Path, *, path: str | Path | None = None) -> Path:
-    """Build the report of a ``pertscale run`` output directory: one self-contained HTML page.
-
-    Reads only the files in ``out_dir`` (``run.json``, ``qc.csv``,
-    ``qc_cells.zarr``, the ``de_*.zarr`` results, ``genes.csv``,
-    ``pca.zarr``): the result stores are read lazily, one row per volcano
-    plot, one element per perturbation for the knock-down of targets, and
-    blockwise reductions for the screen-wide plots, so rebuilding the
-    report of a genome-wide run does not load its results. The page embeds
-    its figures as PNG and loads nothing from the network.
-
-    Parameters
-    ----------
-    out_dir
-        The ``--out`` directory of a finished run.
-    path
-        Where to write the page; default ``out_dir/report.html``, replacing
-        the report the run wrote (and its entry in the run's manifest, so
-        that a later ``--overwrite`` still recognises it).
-
-    Returns
-    -------
-    pathlib.Path
-        The page written.
+def check_output_dir(out_dir: Path) -> None:
+    """Raise unless ``out_dir`` holds a run's outputs (:data:`REQUIRED`).
 
     Raises
     ------
     FileNotFoundError
-        If ``out_dir`` does not exist.
+        If it does not exist.
     ValueError
-        If it is not the output of a ``pertscale run`` (no ``run.json`` or
-        ``qc.csv``: runs of pertscale before 0.2 did not write ``run.json``;
-        run again with ``--overwrite``).
-    FileExistsError
-        If ``out_dir/report.html`` exists but is not the report a run
-        recorded writing (a file of someone else's, or changed since):
-        pass another ``path``.
+        If it lacks ``run.json`` or ``qc.csv``.
     """
-    out_dir = Path(out_dir)
     if not out_dir.is_dir():
         raise FileNotFoundError(f"{str(out_dir)!r} does not exist or is not a directory: give a pertscale run's --out")
     missing = [name for name in REQUIRED if not (out_dir / name).is_file()]
@@ -109,13 +80,6 @@ def report(out_dir: str | Path, *, path: str | Path | None = None) -> Path:
             "(`pertscale run ... --out DIR` writes them; runs of pertscale before 0.2 wrote no run.json: "
             "run it again with --overwrite)"
         )
-    if path is not None:
-        target = Path(path)
-        build_report(out_dir, out=target)
-        return target
-    from .job._output import REPORT, replace_recorded
-
-    return replace_recorded(out_dir, REPORT, lambda tmp: build_report(out_dir, out=tmp))
 
 
 def build_report(directory: Path, *, out: Path) -> None:
@@ -238,10 +202,12 @@ class _Page:
         banner = "".join(f'<div class="alert {k}">{html.escape(t)}</div>' for k, t in self.alerts)
         card_html = "".join(f'<div class="card"><div class="v">{v}</div><div class="k">{k}</div></div>'
                             for v, k in cards)  # fmt: skip
-        total = sum(st["seconds"] for st in self.run["profile"]["stages"] if st["name"] != "report")
+        total = self.run.get("seconds") or sum(st["seconds"] for st in self.run["profile"]["stages"]
+                                                if st["name"] != "report")  # fmt: skip
         return (
             f'<section id="summary"><h2>Summary</h2>{banner}<div class="cards">{card_html}</div>'
-            f"<p>Tests: {', '.join(self.methods)}; time {total:,.1f} s (before the report).</p></section>"
+            f"<p>Tests: {', '.join(self.methods)}; {total:,.1f} s from the start of the run to its report."
+            "</p></section>"
         )
 
     def section_qc(self) -> str:

@@ -74,6 +74,9 @@ def _check_address(address: str) -> None:
 class Settings:
     """Defaults used when a function is not told otherwise.
 
+    Setting a value out of range raises ``ValueError`` (``TypeError`` for
+    one of the wrong type) at once.
+
     Attributes
     ----------
     scheduler
@@ -106,9 +109,6 @@ class Settings:
         Fraction of a worker's memory that the block size may plan for
         (:func:`pertscale._memory.block_rows`, used by :func:`pertscale.read`,
         the analyses and ``pertscale run``); in ``(0, 1]``.
-
-    Setting a value out of range raises ``ValueError`` (``TypeError`` for
-    one of the wrong type) at once.
     """
 
     scheduler: str = "auto"

@@ -15,7 +15,10 @@ A module per concern:
   names of the outputs, :class:`DiskFullError`;
 - :mod:`~pertscale.job._working_store`: where the working store and the
   CSR copy of a CSC input go, and whether they can;
-- :mod:`~pertscale.job._summary`: :class:`RunSummary`, what the command prints.
+- :mod:`~pertscale.job._summary`: :class:`RunSummary`, what the command prints;
+- :mod:`~pertscale.job._profile`: the time and memory of each stage and process;
+- :mod:`~pertscale.job._record`: ``run.json``, ``qc_cells.zarr`` and the
+  report (:func:`report` makes it again from an output directory).
 
 The job imports only the public names of the analyses (``pp``, ``tl``,
 ``pb``); ``tests/test_job.py`` checks it.
@@ -23,6 +26,7 @@ The job imports only the public names of the analyses (``pp``, ``tl``,
 
 from ._output import METHODS, OUTPUT_NAMES, STEP_FILES, DiskFullError, OutputDir, output_files
 from ._plan import Plan, make_plan
+from ._record import report
 from ._run import run
 from ._summary import FDR, RunSummary
 from ._working_store import CSR_COPY, WORKING_STORE
@@ -38,6 +42,7 @@ __all__ = [
     "OutputDir",
     "Plan",
     "RunSummary",
+    "report",
     "make_plan",
     "output_files",
     "run",

@@ -521,20 +521,20 @@ def replace_recorded(out: Path, name: str, write) -> Path:
     out = Path(out)
     target = out / name
     manifest = out / OutputDir.MANIFEST
-    try:
-        record = json.loads(manifest.read_text())
-    except (OSError, ValueError):
-        record = {}
-    written = record.get("written") if isinstance(record, dict) else None
-    written = written if isinstance(written, dict) else {}
-    if os.path.lexists(target) and written.get(name) != _identity(target):
-        raise FileExistsError(
-            f"{str(target)!r} is not the {name} a pertscale run recorded writing (it is another file, or changed "
-            "since): it is not replaced; move it away or pass another path"
-        )
     lock = OutputDir(out, files={}, inputs=[], overwrite=False)
-    lock._take_lock()
+    lock._take_lock()  # first: a run that commits meanwhile would find its manifest replaced by an older one
     try:
+        try:
+            record = json.loads(manifest.read_text())
+        except (OSError, ValueError):
+            record = {}
+        written = record.get("written") if isinstance(record, dict) else None
+        written = written if isinstance(written, dict) else {}
+        if os.path.lexists(target) and written.get(name) != _identity(target):
+            raise FileExistsError(
+                f"{str(target)!r} is not the {name} a pertscale run recorded writing (it is another file, or "
+                "changed since): it is not replaced; move it away or pass another path"
+            )
         with replacing(target) as tmp:
             write(tmp)
         if record:
@@ -542,6 +542,8 @@ def replace_recorded(out: Path, name: str, write) -> Path:
             record["written"] = written
             with replacing(manifest) as tmp, open(tmp, "w") as f:
                 json.dump(record, f, indent=1)
+                f.flush()
+                os.fsync(f.fileno())
     finally:
         lock._release(failed=False)
     return target

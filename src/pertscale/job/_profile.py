@@ -23,7 +23,11 @@ INTERVAL = 0.25
 #: The stage memory is charged to outside every timed stage (starting the cluster, planning, the report).
 OTHER = "other"
 #: Child processes that are not workers (multiprocessing's bookkeeping).
-_NOT_WORKERS = ("resource_tracker", "semaphore_tracker", "forkserver")
+_NOT_WORKERS = ("resource_tracker", "semaphore_tracker")
+#: A fork server's command line: the server itself is no worker, the processes it forks are (they keep its line).
+_FORK_SERVER = "multiprocessing.forkserver"
+#: Seconds between two questions to a remote cluster's scheduler (its workers report memory at each heartbeat).
+REMOTE_INTERVAL = 2.0
 
 
 class Profile:
@@ -48,6 +52,7 @@ class Profile:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._me = psutil.Process()
+        self._asked = 0.0
 
     def start(self) -> Profile:
         """Start sampling memory in a daemon thread; returns ``self``."""
@@ -93,31 +98,45 @@ class Profile:
         if rss > stages.get(self._stage, 0):
             stages[self._stage] = int(rss)
 
+    def _name(self, child: psutil.Process) -> str:
+        """``"worker N"`` for a worker process, ``""`` for multiprocessing's own (the fork server, trackers)."""
+        line = " ".join(child.cmdline())
+        if any(word in line for word in _NOT_WORKERS):
+            return ""
+        if _FORK_SERVER in line and child.ppid() == self._me.pid:  # the server; what it forks are workers
+            return ""
+        return f"worker {sum(1 for v in self._pids.values() if v) + 1}"
+
     def _sample(self) -> None:
+        children = 0
         with self._lock:
             try:
                 self._record("main", self._me.memory_info().rss)
             except psutil.Error:  # pragma: no cover - our own process
                 return
-            children = 0
             for child in self._me.children(recursive=True):
                 try:
                     key = (child.pid, child.create_time())
                     if key not in self._pids:
-                        if any(word in " ".join(child.cmdline()) for word in _NOT_WORKERS):
-                            self._pids[key] = ""
-                        else:
-                            self._pids[key] = f"worker {sum(1 for v in self._pids.values() if v) + 1}"
+                        self._pids[key] = self._name(child)
                     if self._pids[key]:
                         self._record(self._pids[key], child.memory_info().rss)
                         children += 1
                 except psutil.Error:  # it ended meanwhile
                     continue
-            if not children:
-                self._remote_workers()
+            stage = self._stage
+        now = time.monotonic()
+        if not children and now - self._asked >= REMOTE_INTERVAL:
+            self._asked = now
+            self._remote_workers(stage)
 
-    def _remote_workers(self) -> None:
-        """Workers that are not our children: their memory as the active client's scheduler last heard it."""
+    def _remote_workers(self, stage: str) -> None:
+        """Workers that are not our children: their memory as the active client's scheduler last heard it.
+
+        Asked outside the lock (a stage change never waits for the scheduler),
+        at most every :data:`REMOTE_INTERVAL` seconds; the answer is charged
+        to the stage it was asked in.
+        """
         try:
             from distributed import get_client
 
@@ -126,12 +145,14 @@ class Profile:
             return
         try:
             workers = client.scheduler_info(n_workers=-1).get("workers", {})
-        except Exception:  # noqa: BLE001 - a scheduler that does not answer now is asked again next tick
+        except Exception:  # noqa: BLE001 - a scheduler that does not answer now is asked again later
             return
-        for address, info in workers.items():
-            memory = (info.get("metrics") or {}).get("memory")
-            if memory:
-                self._record(f"worker {info.get('name', address)}", int(memory))
+        with self._lock:
+            for address, info in workers.items():
+                memory = (info.get("metrics") or {}).get("memory")
+                if memory:
+                    peaks = self._peaks.setdefault(f"worker {info.get('name', address)}", {})
+                    peaks[stage] = max(peaks.get(stage, 0), int(memory))
 
     def to_dict(self) -> dict:
         """``run.json``'s ``profile``: stages (name, start and seconds from the run's start) and processes' peaks.

@@ -39,10 +39,11 @@ TARGET_COLUMNS = ("target_gene", "target", "gene_target", "target_gene_max", "ta
 def targets_from_obs(obs: pd.DataFrame, perturbation_column: str) -> dict[str, str]:
     """Perturbation label -> its target gene, from the first ``obs`` column of :data:`TARGET_COLUMNS` that has one.
 
-    A column counts when every perturbation's cells carry one target (missing
-    values aside); labels without one are left out. Empty when no column
-    fits: the report then takes a label that is itself a gene name as its
-    own target.
+    A label counts when all its cells carry one target (missing values
+    aside); labels whose cells carry several (``multiple``, a per-cell
+    column such as the target of each cell's top guide) are left out. Empty
+    when no column gives any: the report then takes a label that is itself
+    a gene name as its own target.
     """
     labels = obs[perturbation_column].astype(str)
     for column in TARGET_COLUMNS:
@@ -50,28 +51,32 @@ def targets_from_obs(obs: pd.DataFrame, perturbation_column: str) -> dict[str, s
             continue
         frame = pd.DataFrame({"label": labels.to_numpy(), "target": obs[column].astype("string").to_numpy()})
         frame = frame.dropna()
-        per_label = frame.groupby("label", observed=True)["target"].nunique()
-        if len(per_label) and (per_label == 1).all():
-            first = frame.drop_duplicates("label")
-            return {str(k): str(v) for k, v in zip(first["label"], first["target"], strict=True) if str(v)}
+        frame = frame[frame["target"].str.len() > 0]
+        per_label = frame.groupby("label")["target"].nunique()
+        single = per_label.index[per_label == 1]
+        if len(single):
+            first = frame[frame["label"].isin(single)].drop_duplicates("label")
+            return {str(k): str(v) for k, v in zip(first["label"], first["target"], strict=True)}
     return {}
 
 
 def _plain(value):
-    """``value`` with numpy scalars and arrays, paths and tuples made JSON-serializable."""
+    """``value`` with numpy scalars and arrays, paths and tuples made JSON-serializable (NaN and inf: ``None``)."""
     if isinstance(value, dict):
         return {str(k): _plain(v) for k, v in value.items()}
     if isinstance(value, list | tuple | np.ndarray):
         return [_plain(v) for v in value]
     if isinstance(value, np.generic):
-        return value.item()
+        value = value.item()
+    if isinstance(value, float) and not np.isfinite(value):
+        return None
     if isinstance(value, Path):
         return str(value)
     return value
 
 
-def run_record(job: _Job, summary: RunSummary) -> dict:
-    """``run.json``'s content for ``job`` and its ``summary`` (plain JSON types)."""
+def run_record(job: _Job, summary: RunSummary, *, seconds: float) -> dict:
+    """``run.json``'s content for ``job`` and its ``summary`` (plain JSON types; ``seconds``: wall time so far)."""
     qc = summary.qc
     plan = summary.plan
     record = {
@@ -119,7 +124,8 @@ def run_record(job: _Job, summary: RunSummary) -> dict:
             "block_rows": plan.block_rows if plan is not None else None,
             "passes": list(plan.passes) if plan is not None else [],
         },
-        "files": {key: name for key, name in job.output.files.items()},
+        "files": {key: name for key, name in job.output.files.items() if key in summary.files},
+        "seconds": seconds,
         "working_store": str(summary.working_store) if summary.working_store is not None else None,
         "versions": _versions(),
         "profile": job.profile.to_dict(),
@@ -130,7 +136,7 @@ def run_record(job: _Job, summary: RunSummary) -> dict:
 def write_json(record: dict, path: Path) -> None:
     """Write ``record`` to ``path`` as indented JSON, atomically."""
     with replacing(path) as tmp, open(tmp, "w") as f:
-        json.dump(record, f, indent=1, allow_nan=True)
+        json.dump(record, f, indent=1, allow_nan=False)
 
 
 def write_qc_cells(qc: QCSummary, path: Path) -> None:
@@ -154,6 +160,60 @@ def write_qc_cells(qc: QCSummary, path: Path) -> None:
         "control_label": "" if qc.control_label is None else str(qc.control_label),
     }
     write(table, path)
+
+
+def report(out_dir: str | Path, *, path: str | Path | None = None) -> Path:
+    """Build the report of a ``pertscale run`` output directory: one self-contained HTML page.
+
+    Reads only the files in ``out_dir`` (``run.json``, ``qc.csv``,
+    ``qc_cells.zarr``, the ``de_*.zarr`` results, ``genes.csv``,
+    ``pca.zarr``): the result stores are read lazily, one row per volcano
+    plot, one element per perturbation for the knock-down of targets, and
+    blockwise reductions for the screen-wide plots, so rebuilding the
+    report of a genome-wide run does not load its results. The page embeds
+    its figures as PNG and loads nothing from the network
+    (:mod:`pertscale._report` says what it shows).
+
+    Parameters
+    ----------
+    out_dir
+        The ``--out`` directory of a finished run.
+    path
+        Where to write the page; default ``out_dir/report.html``, replacing
+        the report the run wrote (and its entry in the run's manifest, so
+        that a later ``--overwrite`` still recognises it). Written
+        atomically either way.
+
+    Returns
+    -------
+    pathlib.Path
+        The page written.
+
+    Raises
+    ------
+    FileNotFoundError
+        If ``out_dir`` does not exist.
+    ValueError
+        If it is not the output of a ``pertscale run`` (no ``run.json`` or
+        ``qc.csv``: runs of pertscale before 0.2 did not write ``run.json``;
+        run again with ``--overwrite``); if a run is writing into it now
+        (it holds the lock).
+    FileExistsError
+        If ``out_dir/report.html`` exists but is not the report a run
+        recorded writing (a file of someone else's, or changed since):
+        pass another ``path``.
+    """
+    from .._report import build_report, check_output_dir
+    from ._output import REPORT, replace_recorded
+
+    out_dir = Path(out_dir)
+    check_output_dir(out_dir)
+    target = out_dir / REPORT if path is None else Path(path)
+    if target.resolve() == (out_dir / REPORT).resolve():
+        return replace_recorded(out_dir, REPORT, lambda tmp: build_report(out_dir, out=tmp))
+    with replacing(target) as tmp:
+        build_report(out_dir, out=tmp)
+    return target
 
 
 def write_report(directory: Path, *, files: dict[str, str]) -> None:

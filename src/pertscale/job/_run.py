@@ -58,6 +58,7 @@ from .._validation import (
 from ..analysis import DESettings, HVGSettings
 from ..cluster import THREADS_BELOW_BYTES, active_client, check_scheduler, resolve_scheduler, using
 from ..io import prepare, read, write
+from ..io._atomic import remove
 from ..io._prepare import is_sorted
 from ..io._read import row_nonzeros
 from ..io._write import write_stores
@@ -495,6 +496,7 @@ def run(
                     },
                     de_genes=de_genes,
                     files={key: output.final(key) for key in output.files if key in written | {"run", "report"}},
+                    # ^ report.html is left out again if it cannot be written (finish)
                     plan=plan,
                     working_store=store_path if needs_sort else None,
                     seconds=seconds,
@@ -600,11 +602,17 @@ class _Job:
         directory), and ``run.json`` is written again after it so that its
         profile includes the report's own time.
         """
-        record = run_record(self, summary)
+        record = run_record(self, summary, seconds=time.perf_counter() - started)
         write_json(record, self.output.path("run"))
         if "report" in self.output.files:
             with self._timed("report"):
-                write_report(self.output.staging, files=self.output.files)
+                try:
+                    write_report(self.output.staging, files=self.output.files)
+                except Exception as err:  # noqa: BLE001 - the results are complete: a report that fails loses none
+                    where = str(self.output.final("run").parent)
+                    logger.warning("report.html is not written: %s (ps.report(%r) tries again)", err, where)
+                    remove(self.output.path("report"))
+                    summary.files.pop("report", None)
             record["profile"] = self.profile.to_dict()
             write_json(record, self.output.path("run"))
 

@@ -102,10 +102,10 @@ def axes(ax=None, *, figsize=(4.5, 4.0)):
 def finish(artist, *, save: str | Path | None = None, show: bool | None = None, dpi: int = 150):
     """Save the figure of ``artist`` (an ``Axes`` or ``Figure``) to ``save``, show it if asked; return ``artist``.
 
-    ``show=None`` shows only in an interactive session with an interactive
-    backend (a notebook displays the returned figure itself); a figure
-    saved and not shown is closed so that screen-wide loops do not keep
-    figures open.
+    ``show=True`` calls ``matplotlib.pyplot.show``; ``show=None`` leaves the
+    figure open (a notebook displays it at the end of the cell) unless it
+    was saved, when it is closed so that loops over a screen do not keep
+    figures open (pass ``show=True`` to save and display).
     """
     plt = pyplot()
     fig = artist if hasattr(artist, "savefig") else artist.figure

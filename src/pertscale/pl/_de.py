@@ -595,6 +595,12 @@ def rank_genes_groups(
         labels = [str(a) for a in available]
     else:
         labels = check_names(perturbations, available, "perturbation")
+        if len(labels) > MAX_PANELS:
+            raise ValueError(
+                f"{len(labels)} perturbations asked for, more than the {MAX_PANELS} panels this plot draws: pass "
+                "fewer, or summarize the screen with ps.pl.de_genes_per_perturbation(results) or "
+                "ps.pl.de_heatmap(results)"
+            )
     if not labels:
         raise ValueError("no perturbations to draw")
     (block,) = _compute(ds[key].sel({PERTURBATION: labels}))
