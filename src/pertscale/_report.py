@@ -191,8 +191,8 @@ class _Page:
             self.alerts.append(("warn", f"{len(filtered)} perturbation(s) dropped by the QC filters ({why}): {shown}. "
                                         "See qc.csv."))  # fmt: skip
         if len(excluded):
-            self.alerts.append(("info", f"Labels excluded from the tests, as asked (--exclude-labels): "
-                                        f"{', '.join(excluded.index[:12])}."))  # fmt: skip
+            self.alerts.append(("info", f"Labels left out of the tests by --exclude-labels (default: multiple, "
+                                        f"unassigned): {', '.join(excluded.index[:12])}."))  # fmt: skip
         lost = 1 - s["n_obs_kept"] / max(inp["n_obs"], 1)
         if lost > 0.2:
             self.alerts.append(("warn", f"{lost:.0%} of the cells were dropped by the QC filters and labels."))
