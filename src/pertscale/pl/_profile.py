@@ -3,11 +3,13 @@
 ``pertscale run`` records in ``run.json``, under ``"profile"``, the stages
 in order with their start and seconds, and per process (the main process,
 each worker) the peak resident set size (RSS, bytes) it reached during each
-stage, sampled every ``interval`` seconds::
+stage, sampled every ``interval`` seconds (``"other"``: between the timed
+stages; see :mod:`pertscale.job._profile`)::
 
-    {"interval": 0.5,
-     "stages": [{"name": "sort", "start": 0.0, "seconds": 12.3}, ...],
-     "processes": [{"name": "main", "pid": 123, "peak_rss": {"sort": 123456789, ...}}, ...]}
+    {"interval": 0.25,
+     "stages": [{"name": "sort", "start": 0.1, "seconds": 12.3}, ...],
+     "processes": [{"name": "main", "peak_rss": {"sort": 123456789, ...}},
+                   {"name": "worker 1", "peak_rss": {...}}, ...]}
 """
 
 from __future__ import annotations
