@@ -7,7 +7,9 @@ timed from start to exit. Printed: the median wall time of each, the
 report's own stage time as the run recorded it (``run.json``'s profile,
 stage ``report``), its share of the run, and the time of rebuilding the
 report from the output directory alone (``python -c 'ps.report(out)'``,
-a whole process: imports included) and the report's size.
+a whole process: imports included) with its peak resident memory, the
+main process's peak during the report stage (``run.json``) and the
+report's size.
 
     python benchmarks/bench_report.py --datasets sim30k,papalexi
     python benchmarks/bench_report.py --datasets genome-zarr --once
@@ -53,9 +55,9 @@ def main() -> None:
     parser.add_argument("--extra", default="", help="More arguments for pertscale run.")
     parser.add_argument("--once", action="store_true", help="One cold run with --report only.")
     args = parser.parse_args()
-    print("| dataset | run --no-report (s) | run --report (s) | report stage (s) | share of the run | "
-          "ps.report(out) process (s) | report.html |")  # fmt: skip
-    print("|---|---|---|---|---|---|---|")
+    print("| dataset | run --no-report (s) | run --report (s) | report stage (s) | share of the run | main process "
+          "in the report stage (MiB) | ps.report(out) process (s) | its peak (MiB) | report.html |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|")
     for name in args.datasets.split(","):
         path = dataset(name, args.data_dir)
         if path is None:
@@ -79,11 +81,16 @@ def main() -> None:
             record = json.loads((out / "run.json").read_text())
             print("stages:", ", ".join(f"{s['name']} {s['seconds']:.1f} s" for s in record["profile"]["stages"]),
                   flush=True)  # fmt: skip
-            rebuild = timed([sys.executable, "-c", f"import pertscale as ps; ps.report({str(out)!r})"])
+            code = (f"import resource, pertscale as ps; ps.report({str(out)!r}); "
+                    "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")  # fmt: skip
+            start = time.perf_counter()
+            done = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
+            rebuild, rebuild_kib = time.perf_counter() - start, int(done.stdout.split()[-1])
             size = (out / "report.html").stat().st_size
+            main_peak = next(p for p in record["profile"]["processes"] if p["name"] == "main")["peak_rss"]
             a, b, r = statistics.median(without), statistics.median(with_report), statistics.median(stage)
-            print(f"| {name} | {a:.1f} | {b:.1f} | {r:.2f} | {r / b:.1%} | {rebuild:.1f} | {size / 2**20:.1f} MiB |",
-                  flush=True)  # fmt: skip
+            print(f"| {name} | {a:.1f} | {b:.1f} | {r:.2f} | {r / b:.1%} | {main_peak.get('report', 0) / 2**20:,.0f} "
+                  f"| {rebuild:.1f} | {rebuild_kib / 1024:,.0f} | {size / 2**20:.1f} MiB |", flush=True)  # fmt: skip
 
 
 if __name__ == "__main__":
