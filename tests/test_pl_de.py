@@ -544,3 +544,26 @@ def test_every_results_form_plots_the_same(sim, sim_in_memory, tmp_path):
     assert_close(drawn[1], drawn[0])
     assert_close(drawn[2], drawn[0])
     pd.testing.assert_series_equal(pl.de_counts(stored(path)), from_path)  # an in-memory results AnnData
+
+
+def test_counts_given_are_not_read_again(papalexi):
+    """With counts= (run.json's), the screen-wide plots do not read pvals_adj for the reduction."""
+    res = stored(papalexi)
+    with np.errstate(invalid="ignore"):
+        counts = pd.Series((res.layers["pvals_adj"] < 0.05).sum(axis=1), index=res.obs_names)
+    ds = ps.get.dataset(papalexi)
+
+    def refuse(block):
+        raise AssertionError("pvals_adj was read for the reduction")
+
+    unread = ds.copy()
+    unread["pvals_adj"] = (ds["pvals_adj"].dims, da.map_blocks(refuse, ds["pvals_adj"].data, dtype=np.float32))
+    ax = pl.de_genes_per_perturbation(unread, counts=counts)
+    heights = [p.get_height() for p in ax.patches]
+    assert heights == sorted(counts.to_numpy(), reverse=True)
+    with pytest.raises(ValueError, match="counts= has no number for perturbation"):
+        pl.de_genes_per_perturbation(unread, counts=counts.iloc[1:])
+    # the heatmap reads the chosen rows only: the same top perturbations as without counts=
+    given = pl.de_heatmap(papalexi, counts=counts)
+    counted = pl.de_heatmap(papalexi)
+    np.testing.assert_array_equal(given.images[0].get_array(), counted.images[0].get_array())

@@ -240,15 +240,16 @@ class _Page:
         counts = pd.Series(self.run["summary"]["de_genes"].get(method, {}), dtype=np.int64)
         parts.append(f"<p>Results: {_link(store.name)}; significant pairs (pvals_adj &lt; {fdr}): "
                      f"{_link(self.files.get(f'significant:{method}', ''))}.</p>")  # fmt: skip
-        parts.append(self.figure(lambda: pl.de_genes_per_perturbation(store, pval_threshold=fdr),
+        known = counts if len(counts) else None  # run.json's, at the same threshold: not counted again
+        parts.append(self.figure(lambda: pl.de_genes_per_perturbation(store, pval_threshold=fdr, counts=known),
                                  f"DE genes per perturbation (pvals_adj < {fdr})"))  # fmt: skip
         top = [str(p) for p in counts.sort_values(ascending=False, kind="stable").index[:N_VOLCANO]]
         if top:
             parts.append(self.figure(lambda: self._volcanoes(store, top), "Volcano plots of the perturbations with "
                                      "the most DE genes"))  # fmt: skip
         if len(counts) >= 2:
-            parts.append(self.figure(lambda: pl.de_heatmap(store), "log2 fold changes of the top perturbations' "
-                                     "top genes (clustered)"))  # fmt: skip
+            parts.append(self.figure(lambda: pl.de_heatmap(store, pval_threshold=fdr, counts=known),
+                                     "log2 fold changes of the top perturbations' top genes (clustered)"))  # fmt: skip
         parts.append(self._knockdown(method, store))
         parts.append("</section>")
         return "".join(parts)

@@ -698,6 +698,22 @@ def de_counts(
     return pd.Series(np.asarray(count.values, dtype=np.int64), index=index, name=N_DE_GENES)
 
 
+def _given_counts(counts, ds) -> pd.Series:
+    """``counts`` (DE genes per perturbation, by label) in the results' order.
+
+    Raises
+    ------
+    ValueError
+        If a perturbation of the results has no count.
+    """
+    labels = [str(p) for p in ds[PERTURBATION].values]
+    given = pd.Series(counts).rename(index=str).reindex(labels)
+    if given.isna().any():
+        missing = list(given.index[given.isna()][:5])
+        raise ValueError(f"counts= has no number for perturbation(s) {missing} of the results; pass de_counts(results)")
+    return given.astype(np.int64)
+
+
 def de_genes_per_perturbation(
     results,
     *,
@@ -705,6 +721,7 @@ def de_genes_per_perturbation(
     pval_threshold: float = 0.05,
     lfc_threshold: float | None = None,
     n_labels: int = 30,
+    counts: pd.Series | None = None,
     ax=None,
     save: str | Path | None = None,
     show: bool | None = None,
@@ -727,6 +744,10 @@ def de_genes_per_perturbation(
         As :func:`de_counts`.
     n_labels
         Perturbations named, from the first-ranked.
+    counts
+        DE genes per perturbation counted already (as :func:`de_counts`
+        returns them at these thresholds, indexed by label; ``run.json``
+        holds them): the results are then not read at all.
 
     Returns
     -------
@@ -744,7 +765,10 @@ def de_genes_per_perturbation(
     Reads the reduction of :func:`de_counts` (one number per perturbation).
     """
     n_labels = check_number(n_labels, "n_labels", integer=True, minimum=0)
-    counts = de_counts(results, pval_threshold=pval_threshold, lfc_threshold=lfc_threshold, method=method)
+    if counts is None:
+        counts = de_counts(results, pval_threshold=pval_threshold, lfc_threshold=lfc_threshold, method=method)
+    else:
+        counts = _given_counts(counts, results_dataset(results, method))
     ranked = counts.iloc[np.argsort(-counts.to_numpy(), kind="stable")]
     n = len(ranked)
     heights = ranked.to_numpy()
@@ -802,6 +826,7 @@ def de_heatmap(
     cluster: bool = True,
     cmap: str = "RdBu_r",
     vmax: float | None = None,
+    counts: pd.Series | None = None,
     ax=None,
     save: str | Path | None = None,
     show: bool | None = None,
@@ -842,6 +867,9 @@ def de_heatmap(
         :data:`ROBUST_QUANTILE` quantile of ``|key|`` over the cells shown
         (so that one extreme knock-down does not wash out the rest; the
         colour bar's ends show when values are beyond).
+    counts
+        DE genes per perturbation counted already (:func:`de_counts` at
+        these thresholds, indexed by label): the reduction is not read again.
 
     Returns
     -------
@@ -870,7 +898,10 @@ def de_heatmap(
     p_max, lfc_min = _thresholds(pval_threshold, lfc_threshold)
     ds = results_dataset(results, method)
     check_statistic(ds, key)
-    counts = de_counts(ds, pval_threshold=p_max, lfc_threshold=lfc_threshold)
+    if counts is None:
+        counts = de_counts(ds, pval_threshold=p_max, lfc_threshold=lfc_threshold)
+    else:
+        counts = _given_counts(counts, ds)
     rows = np.argsort(-counts.to_numpy(), kind="stable")[:n_perturbations]
     variables = list(dict.fromkeys([key, PVALS_ADJ] + ([LOGFOLDCHANGES] if lfc_min > 0 else [])))
     (sub,) = _compute(ds[variables].isel({PERTURBATION: rows}))
