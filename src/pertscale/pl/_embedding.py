@@ -35,7 +35,7 @@ AXIS_NAMES = {"X_pca": "PC", "X_umap": "UMAP", "X_tsne": "tSNE"}
 #: What makes each basis: said when it is missing.
 MADE_BY_BASIS = {
     "X_pca": "run ps.pp.pca(adata) first (or `pertscale run --pca N`, which writes pca.zarr)",
-    "X_umap": "run ps.tl.umap(adata) first (scanpy's sc.pp.neighbors and sc.tl.umap on the PCA)",
+    "X_umap": "run ps.pp.neighbors(adata) and ps.tl.umap(adata) first (scanpy's, on the PCA)",
 }
 #: The default colour: the perturbation labels (a run's ``perturbation_column`` when it has another name).
 PERTURBATION = "perturbation"
