@@ -115,8 +115,13 @@ def _workers_ignore_sigint():
     forkserver.set_forkserver_preload(["pertscale._ignore_sigint", "distributed"])
     # SIGINT blocked while the fork server is started: it starts with it blocked (a signal mask survives exec), so
     # a Ctrl-C during its interpreter's start-up cannot kill it with "Fatal Python error: init_import_site"
-    # (pertscale._ignore_sigint unblocks it once ignored); here a Ctrl-C meanwhile waits and is raised after
-    blocked = threading.current_thread() is threading.main_thread() and hasattr(signal, "pthread_sigmask")
+    # (pertscale._ignore_sigint unblocks it once ignored); here a Ctrl-C meanwhile waits and is raised after.
+    # multiprocessing's resource tracker is started first: starting it blocks SIGINT and then *unblocks* it
+    # (around its own start), which would end our block before the fork server starts.
+    from multiprocessing import resource_tracker
+
+    resource_tracker.ensure_running()
+    blocked = hasattr(signal, "pthread_sigmask")
     mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT}) if blocked else None
     try:
         forkserver.ensure_running()
