@@ -206,6 +206,13 @@ def _place_labels(ax, x, y, names, *, fontsize: float = 7.0, avoid=()) -> list:
     return placed
 
 
+def _label_top(ax, x, y, genes, *, candidates, pv, lfc, n_labels: int) -> None:
+    """Name the ``n_labels`` candidate genes with the smallest p-values (ties: largest ``|lfc|``) at ``(x, y)``."""
+    pool = np.flatnonzero(candidates)
+    order = pool[np.lexsort((-np.abs(lfc[pool]), pv[pool]))][:n_labels]
+    _place_labels(ax, x[order], y[order], genes[order])
+
+
 def _symmetric_limits(values: np.ndarray, *, at_least: float = 0.0, margin: float = 0.08) -> tuple[float, float]:
     finite = np.abs(values[np.isfinite(values)])
     top = max(float(finite.max()) if finite.size else 1.0, at_least, 1e-12) * (1 + margin)
@@ -266,8 +273,8 @@ def volcano(
     save
         Path of an image to save the figure to (format from the suffix).
     show
-        Show the figure (default: only in an interactive session, as
-        :func:`pertscale.pl._common.finish` says).
+        Show the figure (``pyplot.show``); ``None``: left open unless saved
+        (see :func:`pertscale.pl._common.finish`).
 
     Returns
     -------
@@ -338,9 +345,7 @@ def volcano(
     ax.set_title(label)
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False, fontsize=7, markerscale=1.5)
 
-    pool = np.flatnonzero(sig) if sig.any() else np.flatnonzero(tested)
-    order = pool[np.lexsort((-np.abs(lfc[pool]), pv[pool]))][:n_labels]
-    _place_labels(ax, lfc[order], y[order], genes[order])
+    _label_top(ax, lfc, y, genes, candidates=sig if sig.any() else tested, pv=pv, lfc=lfc, n_labels=n_labels)
     return finish(ax, save=save, show=show)
 
 
@@ -445,9 +450,7 @@ def ma(
     ax.set_ylabel(f"{_lfc_label(ds)} ({label} vs {_control(ds)})")
     ax.set_title(label)
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False, fontsize=7, markerscale=1.5)
-    pool = np.flatnonzero(sig) if sig.any() else np.flatnonzero(drawn)
-    order = pool[np.lexsort((-np.abs(lfc[pool]), pv[pool]))][:n_labels]
-    _place_labels(ax, x[order], lfc[order], genes[order])
+    _label_top(ax, x, lfc, genes, candidates=sig if sig.any() else drawn, pv=pv, lfc=lfc, n_labels=n_labels)
     return finish(ax, save=save, show=show)
 
 

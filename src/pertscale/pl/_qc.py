@@ -242,7 +242,8 @@ def qc_metrics(
     save
         Write the figure to this path (format from the suffix).
     show
-        Show the figure; ``None``: only in an interactive session.
+        Show the figure (``pyplot.show``); ``None``: left open unless saved (see
+        :func:`~pertscale.pl._common.finish`).
 
     Returns
     -------
