@@ -87,22 +87,71 @@ def test_blocks_of_several_groups_and_control_parts_agree(two_groups):
     assert_close(together, whole, rtol=1e-12)
 
 
-def test_genes_without_counts_are_nan_not_a_crash(two_groups):
+def _llf(sm, y, design, sf, alpha):
+    """statsmodels' NB GLM at fixed dispersion: its log likelihood and parameters."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fit = sm.GLM(y, design, family=sm.families.NegativeBinomial(alpha=alpha), offset=np.log(sf)).fit(
+            tol=1e-14, maxiter=300
+        )
+    return fit.llf, fit
+
+
+@pytest.mark.parametrize("side", ["group", "control"])
+def test_one_sided_genes_get_the_likelihood_ratio_test_of_statsmodels_fits(two_groups, side):
+    sm = pytest.importorskip("statsmodels.api")
     y, sf, alpha, n_c = two_groups
-    dense = y.toarray()
-    dense[:, 0] = 0  # never detected
-    dense[n_c:, 1] = 0  # not in the group: the MLE is -inf, the Wald test undefined
-    y = sp.csr_matrix(dense)
-    control = K.nb_control(y[:n_c], sf[:n_c], alpha)
-    out = K.nbglm_block(y[n_c:], [y.shape[0] - n_c], control, rows=sf[n_c:], alpha=alpha)
+    dense = y.toarray().astype(np.float64)
+    dense[:, 0] = 0  # never detected: untested
+    empty = slice(n_c, None) if side == "group" else slice(0, n_c)
+    dense[empty, 1:4] = 0  # a complete knock-down (or a gene only the perturbation has), three genes
+    dense[:, 4] = 0
+    dense[3 if side == "group" else n_c + 3, 4] = 1  # a single count in all
+    yy = sp.csr_matrix(dense)
+    control = K.nb_control(yy[:n_c], sf[:n_c], alpha)
+    out = K.nbglm_block(yy[n_c:], [y.shape[0] - n_c], control, rows=sf[n_c:], alpha=alpha, lfc_base="natural")
     stat = {n: i for i, n in enumerate(K.NBGLM_STATS)}
-    assert np.isnan(out[0, stat["pvals"], :2]).all() and np.isnan(out[0, stat["pvals_adj"], :2]).all()
-    assert out[0, stat["logfoldchanges_raw"], 1] == -np.inf
-    assert np.isfinite(out[0, stat["logfoldchanges"], 1]) and out[0, stat["logfoldchanges"], 1] < 0  # prior: finite
-    assert np.isfinite(out[0, stat["pvals"], 2:]).all()
+    assert np.isnan(out[0, stat["pvals"], 0]) and out[0, stat["tested"], 0] == 0
+    assert (out[0, stat["tested"], 1:] == 1).all() and (out[0, stat["one_sided"], 1:5] == 1).all()
+    assert (out[0, stat["one_sided"], 5:] == 0).all()
+    ones = np.ones(y.shape[0])
+    kept = np.arange(n_c, y.shape[0]) if side == "control" else np.arange(n_c)  # the side with counts
+    for j in range(1, 5):
+        # full model: the empty side's mean is 0 (likelihood 1); the other side fitted alone. Reduced: one mean.
+        full, fit_side = _llf(sm, dense[kept, j], ones[kept, None], sf[kept], alpha[j])
+        reduced, _ = _llf(sm, dense[:, j], ones[:, None], sf, alpha[j])
+        lr = 2 * (full - reduced)
+        assert_close(out[0, stat["pvals"], j], stats.chi2.sf(lr, 1), rtol=1e-6, atol=1e-300, err_msg=f"gene {j}")
+        assert_close(abs(out[0, stat["scores"], j]), np.sqrt(lr), rtol=1e-7, err_msg=f"gene {j}")
+        # the fold change at half a count on the empty side (Haldane-Anscombe), finite, of the right sign
+        if side == "group":
+            expected = np.log(0.5 / (sf[n_c:] * np.exp(fit_side.params[0])).sum())
+        else:
+            expected = fit_side.params[0] - np.log(0.5 / sf[:n_c].sum())
+        assert_close(out[0, stat["logfoldchanges_raw"], j], expected, rtol=1e-7, err_msg=f"gene {j}")
+        assert np.sign(out[0, stat["scores"], j]) == (-1 if side == "group" else 1)
+        assert np.isfinite(out[0, stat["logfoldchanges"], j]) and np.isnan(out[0, stat["lfcSE"], j])
+    # they take part in the multiple-testing correction with every other tested gene
+    tested = out[0, stat["tested"]] == 1
+    assert_close(out[0, stat["pvals_adj"], tested], stats.false_discovery_control(out[0, stat["pvals"], tested]))
 
 
-def test_apeglm_mode_is_a_stationary_point_of_the_posterior(two_groups):
+def _map_reference(y, x, sf, alpha, scale):
+    """apeGLM's posterior mode of (intercept, b1) by scipy, from its definition (normal(0, 15), Cauchy(0, scale))."""
+    from scipy.optimize import minimize
+
+    def negative(theta):
+        eta = theta[0] + theta[1] * x + np.log(sf)
+        mu = np.exp(eta)
+        ll = (y * eta - (y + 1 / alpha) * np.log1p(alpha * mu)).sum()
+        return -(ll - theta[0] ** 2 / (2 * 15.0**2) - np.log1p((theta[1] / scale) ** 2))
+
+    start = [np.log((y.sum() + 0.5) / sf.sum()), 0.0]
+    best = minimize(negative, start, method="Nelder-Mead", options={"xatol": 1e-11, "fatol": 1e-13, "maxiter": 20000})
+    return best.x
+
+
+def test_apeglm_is_the_joint_posterior_mode(two_groups):
     y, sf, alpha, n_c = two_groups
     control = K.nb_control(y[:n_c], sf[:n_c], alpha)
     out = K.nbglm_block(y[n_c:], [y.shape[0] - n_c], control, rows=sf[n_c:], alpha=alpha, lfc_base="natural")
@@ -121,13 +170,36 @@ def test_apeglm_mode_is_a_stationary_point_of_the_posterior(two_groups):
     expected = 1e-6 if objective(1e-6) < 0 else brentq(objective, 1e-6, 400)
     scale = min(np.sqrt(expected), 1.0)
     assert_close(out[0, stat["prior_scale"], 0], scale, rtol=1e-8)
-    dense = y[n_c:].toarray().astype(np.float64)
+    dense = y.toarray().astype(np.float64)
+    x = np.r_[np.zeros(n_c), np.ones(y.shape[0] - n_c)]
     for j in range(y.shape[1]):
-        mu = sf[n_c:] * np.exp(control.beta0[0, j] + beta_map[j])
-        score = ((dense[:, j] - mu) / (1 + alpha[j] * mu)).sum()
-        prior = -2 * beta_map[j] / (scale**2 + beta_map[j] ** 2)
-        assert abs(score + prior) < 1e-6 * max(1.0, abs(score)), j
+        reference = _map_reference(dense[:, j], x, sf, alpha[j], scale)
+        assert abs(beta_map[j] - reference[1]) < 1e-6 * max(1.0, abs(reference[1])), j
         assert abs(beta_map[j]) <= abs(beta_hat[j]) + 1e-12  # shrunk towards zero, never past it
+
+
+def test_apeglm_equals_pydeseq2s_map_on_a_bulk_like_design():
+    """20 vs 20 samples, where holding the intercept at the control's fit would shrink too little."""
+    utils = pytest.importorskip("pydeseq2.utils")
+    rng = np.random.default_rng(5)
+    n, n_genes = 20, 60
+    effect = np.ones((2 * n, n_genes))
+    effect[n:, :20] = np.exp(rng.normal(0, 1.5, 20))
+    y, sf = _counts(rng, 2 * n, n_genes, mean=30.0, alpha=0.1, effect=effect)
+    alpha = np.full(n_genes, 0.1)
+    control = K.nb_control(y[:n], sf[:n], alpha)
+    out = K.nbglm_block(y[n:], [n], control, rows=sf[n:], alpha=alpha, lfc_base="natural")
+    stat = {n: i for i, n in enumerate(K.NBGLM_STATS)}
+    scale = out[0, stat["prior_scale"], 0]
+    dense = y.toarray().astype(np.float64)
+    x = np.r_[np.zeros(n), np.ones(n)]
+    design = np.column_stack([np.ones(2 * n), x])
+    for j in range(n_genes):
+        beta, _, _ = utils.nbinomGLM(design, dense[:, j], 1 / alpha[j], np.log(sf), 15, scale, shrink_index=1)
+        reference = _map_reference(dense[:, j], x, sf, alpha[j], scale)[1]
+        assert abs(out[0, stat["logfoldchanges"], j] - reference) < 1e-6 * max(1.0, abs(reference)), j
+        # PyDESeq2's L-BFGS-B stops a little earlier than the mode: within 1e-3
+        assert abs(out[0, stat["logfoldchanges"], j] - beta[1]) < 1e-3 * max(0.1, abs(beta[1])), j
 
 
 def _nb_loglik(y, mu, alpha, *, textbook=False):
@@ -242,41 +314,66 @@ def test_counts_are_checked():
         )
 
 
-def test_covariate_levels_take_out_a_replicate_effect_as_the_full_glm_does():
+@pytest.mark.parametrize("n_c", [600, 40])
+def test_covariates_are_fitted_exactly_as_statsmodels_full_glm(n_c):
+    """``~ rep + perturbation`` by maximum likelihood, every coefficient, a large control and a balanced design."""
     sm = pytest.importorskip("statsmodels.api")
     rng = np.random.default_rng(11)
-    n_c, n_g, n_genes = 600, 200, 12
+    n_g, n_genes = 40 if n_c == 40 else 200, 12
     rep = np.r_[rng.integers(0, 2, n_c), (rng.random(n_g) < 0.85).astype(int)]  # the group mostly in replicate 1
     effect = np.where(rep[:, None] == 1, 3.0, 1.0) * np.ones((n_c + n_g, n_genes))
     effect[n_c:, :4] *= 0.4  # four genes knocked down
     y, sf = _counts(rng, n_c + n_g, n_genes, effect=effect, alpha=0.2)
     alpha = np.full(n_genes, 0.2)
     rows = np.column_stack([sf, rep])
-    control = K.nb_control(y[:n_c], rows[:n_c], alpha, n_levels=2)
+    design = np.array([[1.0, 0.0], [1.0, 1.0]])  # DESeq2's: an intercept and replicate 1's indicator
+    control = K.nb_control(y[:n_c], rows[:n_c], alpha, n_levels=2, design=design)
     out = K.nbglm_block(y[n_c:], [n_g], control, rows=rows[n_c:], alpha=alpha, shrink=False, lfc_base="natural")
-    ignored = K.nbglm_block(
-        y[n_c:],
-        [n_g],
-        K.nb_control(y[:n_c], sf[:n_c], alpha),
-        rows=sf[n_c:],
-        alpha=alpha,
-        shrink=False,
-        lfc_base="natural",
-    )
     stat = {n: i for i, n in enumerate(K.NBGLM_STATS)}
     dense = y.toarray().astype(np.float64)
     x = np.r_[np.zeros(n_c), np.ones(n_g)]
-    design = np.column_stack([np.ones(n_c + n_g), rep, x])
+    full = np.column_stack([np.ones(n_c + n_g), rep, x])
     for j in range(n_genes):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            fit = sm.GLM(dense[:, j], design, family=sm.families.NegativeBinomial(alpha=0.2), offset=np.log(sf)).fit()
-        # frozen level intercepts: close to the full GLM (the approximation), far from ignoring the replicate
-        assert abs(out[0, stat["logfoldchanges_raw"], j] - fit.params[2]) < 0.03, j
-        assert_close(out[0, stat["lfcSE"], j], fit.bse[2], rtol=0.05, err_msg=f"SE {j}")
-        assert abs(ignored[0, stat["logfoldchanges_raw"], j] - fit.params[2]) > 0.2, j  # ~log(3) x 0.35
+        _, fit = _llf(sm, dense[:, j], full, sf, 0.2)
+        assert_close(out[0, stat["logfoldchanges_raw"], j], fit.params[2], rtol=1e-6, atol=1e-9, err_msg=f"{j}")
+        assert_close(out[0, stat["lfcSE"], j], fit.bse[2], rtol=1e-6, err_msg=f"SE {j}")
+        assert_close(out[0, stat["pvals"], j], fit.pvalues[2], rtol=1e-5, atol=1e-300, err_msg=f"p {j}")
+        # the control's own fit of the covariates' coefficients, as statsmodels fits the control alone
+        _, alone = _llf(sm, dense[:n_c, j], full[:n_c, :2], sf[:n_c], 0.2)
+        assert_close(control.gamma[j], alone.params, rtol=1e-6, atol=1e-9, err_msg=f"gamma {j}")
     with pytest.raises(ValueError, match="covariate level 2 has no control fit"):
         K.nbglm_block(y[n_c:], [n_g], control, rows=np.column_stack([sf[n_c:], np.full(n_g, 2)]), alpha=alpha)
+
+
+def test_every_coefficient_of_a_two_covariate_additive_design_equals_statsmodels():
+    """``~ a + b + perturbation``: DESeq2's additive design, not one intercept per combination of levels."""
+    sm = pytest.importorskip("statsmodels.api")
+    from pertscale.kernels.nbglm._counts import normalized_csc
+    from pertscale.kernels.nbglm._score import fit_comparison
+
+    rng = np.random.default_rng(2)
+    n_c, n_g, n_genes = 60, 30, 6
+    a, b = rng.integers(0, 2, n_c + n_g), rng.integers(0, 3, n_c + n_g)
+    level = a * 3 + b  # the combination's code
+    design = np.array([[1.0, i, j == 1, j == 2] for i in range(2) for j in range(3)], dtype=np.float64)
+    effect = np.exp(0.5 * a - 0.4 * (b == 1) + 0.7 * (b == 2))[:, None] * np.ones((1, n_genes))
+    effect[n_c:] *= 2.0
+    y, sf = _counts(rng, n_c + n_g, n_genes, mean=5.0, effect=effect, alpha=0.15)
+    alpha = np.full(n_genes, 0.15)
+    control = K.nb_control(y[:n_c], np.column_stack([sf, level])[:n_c], alpha, n_levels=6, design=design)
+    ptr, rows, yv, _ = normalized_csc(y[n_c:], sf[n_c:])
+    dense = y.toarray().astype(np.float64)
+    full = np.column_stack([design[level], np.r_[np.zeros(n_c), np.ones(n_g)]])
+    for j in range(n_genes):
+        theta, ok, _, _, information = fit_comparison(
+            0, n_g, ptr[j], ptr[j + 1], rows, yv, sf[n_c:], level[n_c:], alpha[j], j, design,
+            np.ones(6, dtype=np.bool_), control.centres, control.y_coef, control.dy_coef, control.q_coef,
+            control.dq_coef, np.r_[control.gamma[j], 0.0], True, True, True, 0.0, 100, 1e-12,
+        )  # fmt: skip
+        _, fit = _llf(sm, dense[:, j], full, sf, 0.15)
+        assert ok
+        assert_close(theta, fit.params, rtol=1e-6, atol=1e-9, err_msg=f"gene {j}")
+        assert_close(np.sqrt(np.diag(np.linalg.inv(information))), fit.bse, rtol=1e-6, err_msg=f"SE gene {j}")
 
 
 def test_dispersion_prior_and_outliers_from_their_definitions():

@@ -255,6 +255,21 @@ N_ITER = register(
     dims=_DE,
     deseq2="betaIter",
 )
+TESTED = register(
+    "tested",
+    "nb-glm: 1.0 where the gene was tested in the comparison, 0.0 where it was not (no count on either side, no "
+    "dispersion, or below min_pct / min_mean on both sides): its p-values are then NaN.",
+    dtype="float64",
+    dims=_DE,
+)
+ONE_SIDED = register(
+    "one_sided",
+    "nb-glm: 1.0 where one side of the comparison has no count of the gene (a complete knock-down, or a gene "
+    "only the perturbation expresses): its p-value is the likelihood-ratio test's, scores the signed root of "
+    "the LR statistic, logfoldchanges_raw the fold change at half a count on the empty side, lfcSE NaN.",
+    dtype="float64",
+    dims=_DE,
+)
 PRIOR_SCALE = register(
     "prior_scale",
     "nb-glm: scale of apeGLM's Cauchy prior of the perturbation, repeated over its genes. NaN with shrink=False.",
@@ -570,6 +585,8 @@ STATISTICS: dict[str, tuple[str, ...]] = {
         CONVERGED,
         N_ITER,
         PRIOR_SCALE,
+        TESTED,
+        ONE_SIDED,
     ),
 }
 #: Statistics kept for untested genes (every other is NaN there): they describe the data, not the test.

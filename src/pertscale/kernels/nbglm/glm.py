@@ -27,6 +27,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import scipy.sparse as sp
 from numba import njit
 
 from ...variables import (
@@ -37,6 +38,7 @@ from ...variables import (
     LOGFOLDCHANGES,
     LOGFOLDCHANGES_RAW,
     N_ITER,
+    ONE_SIDED,
     PRIOR_SCALE,
     PTS,
     PTS_REST,
@@ -44,10 +46,12 @@ from ...variables import (
     PVALS_ADJ,
     SCORES,
     STATISTICS,
+    TESTED,
 )
 from .._common import adjust_pvalues, block_inputs, canonical_csr, exclude_low_genes, normal_pvalues
 from ..groups import group_pointers
 from ._counts import check_counts, normalized_csc
+from ._score import _eta_levels, _inverse_entry, control_loglik_change, fit_comparison, group_loglik, map_comparison
 
 
 @dataclass(frozen=True)
@@ -71,6 +75,22 @@ class NBControl:
         ``(n_genes,)`` int64 control cells with a count.
     normalized_sum
         ``(n_genes,)`` float64 sum of ``y / s`` (DESeq2's ``baseMean`` numerator).
+    design
+        ``(n_levels, p)`` float64: the design row of each covariate level
+        (``[[1]]`` without covariates).
+    gamma
+        ``(n_genes, p)`` float64 maximum likelihood coefficients of the
+        control cells alone (``beta0`` without covariates).
+    count_sum
+        ``(n_genes,)`` float64 sum of the control's counts.
+    size_factor_sum
+        ``(n_levels,)`` float64 sum of each level's size factors.
+    centres, y_coef, dy_coef, q_coef, dq_coef
+        The control's score as Chebyshev series in its linear predictor, per
+        level and band of size factors (:mod:`._score`): ``(n_levels,
+        n_bands)`` band centres (NaN: no band), ``(n_levels, n_bands,
+        n_genes, N_CHEB + 1)`` coefficients of the counts' term and its
+        derivative, ``(n_levels, n_bands, N_CHEB + 1)`` of the size factors'.
     """
 
     n_cells: int
@@ -79,6 +99,15 @@ class NBControl:
     converged: np.ndarray
     nnz: np.ndarray
     normalized_sum: np.ndarray
+    design: np.ndarray
+    gamma: np.ndarray
+    count_sum: np.ndarray
+    size_factor_sum: np.ndarray
+    centres: np.ndarray
+    y_coef: np.ndarray
+    dy_coef: np.ndarray
+    q_coef: np.ndarray
+    dq_coef: np.ndarray
 
     @property
     def n_genes(self) -> int:
@@ -193,16 +222,22 @@ def _cells(rows: np.ndarray | None, n: int) -> tuple[np.ndarray, np.ndarray]:
     return np.ascontiguousarray(rows[:, 0]), rows[:, 1].astype(np.int64)
 
 
+def default_design(n_levels: int) -> np.ndarray:
+    """One intercept per covariate level (``[[1]]`` for one level): the design of ``nb_control`` without one given."""
+    return np.eye(n_levels)
+
+
 def nb_control(
     control,
     rows: np.ndarray,
     alpha: np.ndarray,
     *,
     n_levels: int = 1,
+    design: np.ndarray | None = None,
     max_iter: int = 100,
     tol: float = 1e-10,
 ) -> NBControl:
-    """Fit the control cells once: each gene's intercept and information, per covariate level.
+    """Fit the control cells once: each gene's intercepts, information and score function, per covariate level.
 
     Parameters
     ----------
@@ -215,6 +250,10 @@ def nb_control(
         ``(n_genes,)`` dispersions.
     n_levels
         Number of covariate levels.
+    design
+        ``(n_levels, p)`` the covariates' design row of each level (DESeq2's
+        additive design ``~ a + b``: an intercept and the other levels'
+        indicators of each covariate); default one intercept per level.
     max_iter, tol
         Newton iterations and the step below which they stop.
 
@@ -225,11 +264,17 @@ def nb_control(
     Raises
     ------
     ValueError
-        If the counts are not non-negative whole numbers.
+        If the counts are not non-negative whole numbers, or ``design`` does
+        not have a row per level.
     """
+    from ._score import control_series, derivative_series, fit_comparison
+
     control = canonical_csr(control)
     check_counts(control)
     sf, lev = _cells(rows, control.shape[0])
+    design = default_design(n_levels) if design is None else np.ascontiguousarray(design, dtype=np.float64)
+    if design.ndim != 2 or design.shape[0] != n_levels:
+        raise ValueError(f"design must have one row per covariate level ({n_levels}); it has shape {design.shape}")
     order = np.argsort(lev, kind="stable")  # each level's cells one run of rows
     if not np.array_equal(order, np.arange(order.size)):
         control, sf, lev = control[order], sf[order], lev[order]
@@ -241,6 +286,38 @@ def nb_control(
     alpha = np.asarray(alpha, dtype=np.float64)
     _control_fit(level_ptr, ptr, idx, y, sf, alpha, max_iter, tol, beta0, info, converged)
     gene = np.repeat(np.arange(n_genes), np.diff(ptr))
+    # the score functions, per level
+    series = []
+    for level in range(n_levels):
+        lo, hi = level_ptr[level], level_ptr[level + 1]
+        part = sp.csc_matrix((y, idx, ptr), shape=control.shape)[lo:hi]
+        part.sort_indices()
+        series.append(control_series(part.indptr, part.indices, part.data, sf[lo:hi], n_genes))
+    n_bands = max(1, max(c.size for c, _, _ in series))
+    width = series[0][2].shape[-1]
+    centres = np.full((n_levels, n_bands), np.nan)
+    y_coef = np.zeros((n_levels, n_bands, n_genes, width))
+    q_coef = np.zeros((n_levels, n_bands, width))
+    for level, (c, yc, qc) in enumerate(series):
+        centres[level, : c.size], y_coef[level, : c.size], q_coef[level, : c.size] = c, yc, qc
+    dy_coef, dq_coef = derivative_series(y_coef), derivative_series(q_coef)
+    p = design.shape[1]
+    if n_levels == 1 and p == 1 and design[0, 0] == 1.0:
+        gamma = beta0.T.copy()
+    else:  # the control alone under the covariates' design, from the series
+        gamma = np.full((n_genes, p), np.nan)
+        present = level_ptr[1:] > level_ptr[:-1]
+        for j in range(n_genes):
+            finite = np.isfinite(beta0[:, j]) & present
+            if not finite.any() or not np.isfinite(alpha[j]):
+                continue
+            start = np.linalg.lstsq(design[finite], beta0[finite, j], rcond=None)[0]
+            theta, _, _, _, _ = fit_comparison(
+                0, 0, 0, 0, idx, y, sf, lev, float(alpha[j]), j, design, present, centres,
+                y_coef, dy_coef, q_coef, dq_coef, start,
+                use_control=True, use_group=False, with_b1=False, prior_scale=0.0, max_iter=max_iter, tol=tol,
+            )  # fmt: skip
+            gamma[j] = theta
     return NBControl(
         n_cells=int(control.shape[0]),
         beta0=beta0,
@@ -248,21 +325,103 @@ def nb_control(
         converged=converged,
         nnz=np.diff(ptr).astype(np.int64),
         normalized_sum=np.bincount(gene, z, minlength=n_genes),
+        design=design,
+        gamma=gamma,
+        count_sum=np.bincount(gene, y, minlength=n_genes),
+        size_factor_sum=np.array([sf[level_ptr[k] : level_ptr[k + 1]].sum() for k in range(n_levels)]),
+        centres=centres,
+        y_coef=y_coef,
+        dy_coef=dy_coef,
+        q_coef=q_coef,
+        dq_coef=dq_coef,
     )
 
 
+#: Rows of the per-comparison fits' array (``_group_fits``).
+_BETA, _PREC, _CONV, _ITER, _ZSUM, _NNZ, _SCORE, _ONE_SIDED = range(8)
+
+
 @njit(cache=True, nogil=True)
-def _group_fits(group_ptr, ptr, rows, y, z, sf, lev, alpha, beta0, info_c, max_iter, tol, out):
-    # out[:, g, j]: beta1, precision (1 / variance), converged, iterations, sum of z, non-zero cells, I_g
+def _one_sided(lo, hi, first, end, rows, y, sf, lev, alpha, j, design, present, centres, yc, dyc, qc, dqc,
+               gamma_c, gtot, csf, max_iter, tol):  # fmt: skip
+    """The likelihood-ratio test of a gene with counts on one side only; ``(lfc, signed root, converged, iters)``.
+
+    Group without counts: the full model's maximum is at ``b1 = -inf`` with
+    the control's own fit (the group's likelihood is then 1); control
+    without counts: at ``b1 = +inf``, the group fitted alone. The reduced
+    model (no perturbation term) is fitted on both. The fold change is the
+    one at which the side without counts would hold half a count
+    (Haldane-Anscombe's correction).
+    """
+    n_levels, p = design.shape
+    eta_full = np.empty(n_levels)
+    eta_red = np.empty(n_levels)
+    la = np.log(alpha)
+    if gtot == 0.0:
+        _eta_levels(design, gamma_c, eta_full)
+        theta, ok, it, _, _ = fit_comparison(
+            lo, hi, first, end, rows, y, sf, lev, alpha, j, design, present, centres, yc, dyc, qc, dqc,
+            gamma_c.copy(),
+            use_control=True, use_group=True, with_b1=False, prior_scale=0.0, max_iter=max_iter, tol=tol,
+        )  # fmt: skip
+        _eta_levels(design, theta, eta_red)
+        change = 0.0
+        for k in range(n_levels):
+            if present[k]:
+                change += control_loglik_change(centres, yc, dyc, qc, dqc, k, j, eta_red[k], eta_full[k], la)
+        lr = 2.0 * (change - group_loglik(lo, hi, first, end, rows, y, sf, lev, alpha, eta_red, 0.0))
+        expected = 0.0
+        for i in range(lo, hi):
+            expected += sf[i] * np.exp(eta_full[lev[i]])
+        lfc = np.log(0.5 / expected)
+        return lfc, -np.sqrt(max(lr, 0.0)), ok, it
+    # the control without counts: the group alone, then both
+    start = np.zeros(p)
+    ssum = 0.0
+    for i in range(lo, hi):
+        ssum += sf[i]
+    mean = np.log(gtot / ssum)
+    solo = np.linalg.lstsq(design, np.full(n_levels, mean))[0]
+    theta_g, ok1, it1, _, _ = fit_comparison(
+        lo, hi, first, end, rows, y, sf, lev, alpha, j, design, present, centres, yc, dyc, qc, dqc,
+        solo, use_control=False, use_group=True, with_b1=False, prior_scale=0.0, max_iter=max_iter, tol=tol,
+    )  # fmt: skip
+    _eta_levels(design, theta_g, eta_full)
+    start[:] = theta_g
+    theta_r, ok2, it2, _, _ = fit_comparison(
+        lo, hi, first, end, rows, y, sf, lev, alpha, j, design, present, centres, yc, dyc, qc, dqc,
+        start, use_control=True, use_group=True, with_b1=False, prior_scale=0.0, max_iter=max_iter, tol=tol,
+    )  # fmt: skip
+    _eta_levels(design, theta_r, eta_red)
+    control = 0.0
+    for k in range(n_levels):
+        if present[k]:
+            control += control_loglik_change(centres, yc, dyc, qc, dqc, k, j, -np.inf, eta_red[k], la)
+    full = group_loglik(lo, hi, first, end, rows, y, sf, lev, alpha, eta_full, 0.0)
+    lr = 2.0 * (full - group_loglik(lo, hi, first, end, rows, y, sf, lev, alpha, eta_red, 0.0) - control)
+    fitted = 0.0
+    for i in range(lo, hi):
+        fitted += sf[i] * np.exp(eta_full[lev[i]])
+    lfc = np.log(fitted / ssum) - np.log(0.5 / csf)
+    return lfc, np.sqrt(max(lr, 0.0)), ok1 and ok2, it1 + it2
+
+
+@njit(cache=True, nogil=True)
+def _group_fits(group_ptr, ptr, rows, y, z, sf, lev, alpha, beta0, info_c, design, gamma, ctot, csf,
+                centres, yc, dyc, qc, dqc, max_iter, tol, out):  # fmt: skip
+    # out[:, g, j]: see the _BETA ... _ONE_SIDED rows
     n_groups = group_ptr.shape[0] - 1
+    n_levels, p = design.shape
+    simple = n_levels == 1 and p == 1 and design[0, 0] == 1.0
+    present = np.ones(n_levels, dtype=np.bool_)
     eoff = np.empty(beta0.shape[0])
+    eta = np.empty(n_levels)
+    theta0 = np.empty(p + 1)
     for j in range(ptr.shape[0] - 1):
         k = ptr[j]
         end = ptr[j + 1]
-        testable = np.isfinite(alpha[j])
         for level in range(beta0.shape[0]):
             eoff[level] = np.exp(beta0[level, j])
-        testable = testable and eoff.max() > 0
         for g in range(n_groups):
             lo = group_ptr[g]
             hi = group_ptr[g + 1]
@@ -270,37 +429,67 @@ def _group_fits(group_ptr, ptr, rows, y, z, sf, lev, alpha, beta0, info_c, max_i
                 k += 1
             first = k
             zsum = 0.0
+            gtot = 0.0
             while k < end and rows[k] < hi:
                 zsum += z[k]
+                gtot += y[k]
                 k += 1
-            out[4, g, j] = zsum
-            out[5, g, j] = k - first
-            if not testable:
-                out[0, g, j] = np.nan
-                out[1, g, j] = np.nan
-                out[2, g, j] = 0.0
-                out[3, g, j] = 0.0
-                out[6, g, j] = np.nan
+            out[_ZSUM, g, j] = zsum
+            out[_NNZ, g, j] = k - first
+            out[_ONE_SIDED, g, j] = 0.0
+            if not np.isfinite(alpha[j]) or (gtot == 0.0 and ctot[j] == 0.0):
+                out[_BETA, g, j] = np.nan
+                out[_PREC, g, j] = np.nan
+                out[_CONV, g, j] = 0.0
+                out[_ITER, g, j] = 0.0
+                out[_SCORE, g, j] = np.nan
                 continue
-            b, ok, it = _intercept(lo, hi, first, end, rows, y, sf, lev, eoff, alpha[j], max_iter, tol)
-            out[0, g, j] = b
-            prec, ig = (0.0, 0.0) if not np.isfinite(b) else _precision(lo, hi, sf, lev, eoff, alpha[j], b, info_c, j)
-            out[1, g, j] = prec
-            out[2, g, j] = 1.0 if ok else 0.0
-            out[3, g, j] = it
-            out[6, g, j] = ig
+            if gtot == 0.0 or ctot[j] == 0.0:
+                lfc, root, ok, it = _one_sided(
+                    lo, hi, first, end, rows, y, sf, lev, alpha[j], j, design, present, centres, yc, dyc, qc,
+                    dqc, gamma[j], gtot, csf, max_iter, tol,
+                )  # fmt: skip
+                out[_BETA, g, j] = lfc
+                out[_PREC, g, j] = np.nan
+                out[_CONV, g, j] = 1.0 if ok else 0.0
+                out[_ITER, g, j] = it
+                out[_SCORE, g, j] = root
+                out[_ONE_SIDED, g, j] = 1.0
+                continue
+            if simple:  # the control's intercept is its own maximum likelihood: exact, one dimension
+                b, ok, it = _intercept(lo, hi, first, end, rows, y, sf, lev, eoff, alpha[j], max_iter, tol)
+                prec, _ = _precision(lo, hi, sf, lev, eoff, alpha[j], b, info_c, j)
+            else:  # every coefficient of ~ covariates + perturbation, together
+                theta0[:p] = gamma[j]
+                _eta_levels(design, gamma[j], eta)
+                expected = 0.0
+                for i in range(lo, hi):
+                    expected += sf[i] * np.exp(eta[lev[i]])
+                theta0[p] = np.log(gtot / expected)
+                theta, ok, it, _, info = fit_comparison(
+                    lo, hi, first, end, rows, y, sf, lev, alpha[j], j, design, present, centres, yc, dyc, qc,
+                    dqc, theta0,
+                    use_control=True, use_group=True, with_b1=True, prior_scale=0.0, max_iter=max_iter, tol=tol,
+                )  # fmt: skip
+                b = theta[p]
+                prec = 1.0 / _inverse_entry(info, p)
+            out[_BETA, g, j] = b
+            out[_PREC, g, j] = prec
+            out[_CONV, g, j] = 1.0 if ok else 0.0
+            out[_ITER, g, j] = it
+            out[_SCORE, g, j] = b * np.sqrt(prec)
 
 
 @njit(cache=True, nogil=True)
-def _shrunk_fits(group_ptr, ptr, rows, y, sf, lev, alpha, beta0, info_c, beta_hat, scale, max_iter, tol, out):
-    # apeGLM's MAP of beta1 under a Cauchy(0, scale[g]) prior, intercepts frozen: out[0] beta, out[1] precision
+def _shrunk_fits(group_ptr, ptr, rows, y, sf, lev, alpha, design, gamma, beta_hat, one_sided, scale, centres, yc,
+                 dyc, qc, dqc, max_iter, tol, out):  # fmt: skip
+    # apeGLM's MAP of every coefficient together: out[0] b1, out[1] its posterior standard error
     n_groups = group_ptr.shape[0] - 1
-    eoff = np.empty(beta0.shape[0])
+    n_levels, p = design.shape
+    present = np.ones(n_levels, dtype=np.bool_)
     for j in range(ptr.shape[0] - 1):
         k = ptr[j]
         end = ptr[j + 1]
-        for level in range(beta0.shape[0]):
-            eoff[level] = np.exp(beta0[level, j])
         for g in range(n_groups):
             lo = group_ptr[g]
             hi = group_ptr[g + 1]
@@ -310,38 +499,25 @@ def _shrunk_fits(group_ptr, ptr, rows, y, sf, lev, alpha, beta0, info_c, beta_ha
             while k < end and rows[k] < hi:
                 k += 1
             bh = beta_hat[g, j]
-            s2 = scale[g] * scale[g]
-            if not np.isfinite(alpha[j]) or np.isnan(bh) or eoff.max() <= 0:
+            if not np.isfinite(alpha[j]) or not np.isfinite(bh):
                 out[0, g, j] = np.nan
                 out[1, g, j] = np.nan
                 continue
-            # the posterior's gradient is positive at the lower end of [min(0, bh), max(0, bh)], negative at the upper
-            left = bh if bh < 0 else 0.0
-            right = 0.0 if bh < 0 else bh
-            if not np.isfinite(left):
-                left = -50.0
-            if not np.isfinite(right):
-                right = 50.0
-            b = min(max(bh, left), right)
-            for _ in range(max_iter):
-                score, _, deriv = _score(lo, hi, first, end, rows, y, sf, lev, eoff, alpha[j], b)
-                grad = score - 2.0 * b / (s2 + b * b)
-                curv = deriv + 2.0 * (s2 - b * b) / ((s2 + b * b) ** 2)
-                if grad > 0:
-                    left = b
-                else:
-                    right = b
-                step = grad / curv if curv > 0 else 0.5 * (left + right) - b
-                if abs(step) < tol or right - left < tol:
-                    b += step
-                    break
-                new = b + step
-                if not (left <= new <= right):
-                    new = 0.5 * (left + right)
-                b = new
-            prec, _ = _precision(lo, hi, sf, lev, eoff, alpha[j], b, info_c, j)
+            start = gamma[j]
+            if not np.isfinite(start).all():  # the control has no count: start from the group's mean
+                ssum = 0.0
+                gsum = 0.0
+                for i in range(lo, hi):
+                    ssum += sf[i]
+                for kk in range(first, k):
+                    gsum += y[kk]
+                start = np.linalg.lstsq(design, np.full(n_levels, np.log(gsum / ssum) - bh))[0]
+            b, se, _ = map_comparison(
+                lo, hi, first, k, rows, y, sf, lev, alpha[j], j, design, present, centres, yc, dyc, qc, dqc,
+                start, bh * np.inf if one_sided[g, j] else bh, bh, scale[g], max_iter, tol,
+            )  # fmt: skip
             out[0, g, j] = b
-            out[1, g, j] = prec
+            out[1, g, j] = se
 
 
 def prior_variance(lfc: np.ndarray, se: np.ndarray, *, min_var: float = 1e-6, max_var: float = 400.0) -> float:
@@ -460,15 +636,24 @@ def nbglm_block(
     info_c = np.concatenate([p.information for p in parts], axis=-1)
     if lev.size and lev.max() >= beta0.shape[0]:
         raise ValueError(f"covariate level {int(lev.max())} has no control fit ({beta0.shape[0]} levels)")
+    design, centres, q_coef, dq_coef = parts[0].design, parts[0].centres, parts[0].q_coef, parts[0].dq_coef
+    gamma = np.ascontiguousarray(np.concatenate([p.gamma for p in parts], axis=0))
+    y_coef = np.ascontiguousarray(np.concatenate([p.y_coef for p in parts], axis=2))
+    dy_coef = np.ascontiguousarray(np.concatenate([p.dy_coef for p in parts], axis=2))
+    count_sum = np.concatenate([p.count_sum for p in parts])
     group_ptr = group_pointers(group_sizes)
     ptr, idx, y, z = normalized_csc(block, sf)
     n_groups = group_sizes.shape[0]
-    fits = np.empty((7, n_groups, n_genes))
-    _group_fits(group_ptr, ptr, idx, y, z, sf, lev, alpha, beta0, info_c, max_iter, tol, fits)
-    beta, precision, converged, n_iter, zsum, nnz, _ = fits
+    fits = np.empty((8, n_groups, n_genes))
+    _group_fits(
+        group_ptr, ptr, idx, y, z, sf, lev, alpha, beta0, info_c, design, gamma, count_sum,
+        float(parts[0].size_factor_sum.sum()), centres, y_coef, dy_coef, q_coef, dq_coef, max_iter, tol, fits,
+    )  # fmt: skip
+    beta, precision, converged, n_iter = fits[_BETA], fits[_PREC], fits[_CONV], fits[_ITER]
+    zsum, nnz, one_sided = fits[_ZSUM], fits[_NNZ], fits[_ONE_SIDED]
     with np.errstate(divide="ignore", invalid="ignore"):
         se = 1.0 / np.sqrt(precision)
-        scores = beta / se
+    scores = fits[_SCORE]
     defined = np.isfinite(scores)
     scores[~defined] = np.nan
     pvals = normal_pvalues(scores, alternative)
@@ -487,6 +672,8 @@ def nbglm_block(
     out[:, stat[BASE_MEAN]] = (zsum + np.concatenate([p.normalized_sum for p in parts])[None, :]) / (m + n_c)
     out[:, stat[CONVERGED]] = converged
     out[:, stat[N_ITER]] = n_iter
+    out[:, stat[ONE_SIDED]] = np.where(defined, one_sided, np.nan)
+    out[:, stat[TESTED]] = defined
     filters = dict(
         mean=zsum / m,
         mean_rest=np.concatenate([p.normalized_sum for p in parts]) / n_c,
@@ -500,21 +687,25 @@ def nbglm_block(
         out[:, stat[LOGFOLDCHANGES]] = beta / unit
         out[:, stat[LFC_SE_SHRUNK]] = se / unit
         out[:, stat[PRIOR_SCALE]] = np.nan
-        exclude_low_genes(out, NBGLM_STATS, **filters)
-        return out
+        return _filtered(out, stat, filters)
+    two_sided = defined & (one_sided == 0)
     scale = np.array(
-        [min(np.sqrt(prior_variance(beta[g][defined[g]], se[g][defined[g]])), 1.0) for g in range(n_groups)]
+        [min(np.sqrt(prior_variance(beta[g][two_sided[g]], se[g][two_sided[g]])), 1.0) for g in range(n_groups)]
     )
     shrunk = np.empty((2, n_groups, n_genes))
-    _shrunk_fits(group_ptr, ptr, idx, y, sf, lev, alpha, beta0, info_c, beta, scale, max_iter, tol, shrunk)
-    b_map, precision_map = shrunk
-    s2 = (scale * scale)[:, None]
-    curvature = 2.0 * (s2 - b_map * b_map) / (s2 + b_map * b_map) ** 2
-    with np.errstate(divide="ignore", invalid="ignore"):
-        var = 1.0 / (precision_map + curvature)
+    _shrunk_fits(
+        group_ptr, ptr, idx, y, sf, lev, alpha, design, gamma, np.where(defined, beta, np.nan), one_sided, scale,
+        centres, y_coef, dy_coef, q_coef, dq_coef, max_iter, tol, shrunk,
+    )  # fmt: skip
+    b_map, se_map = shrunk
     out[:, stat[LOGFOLDCHANGES]] = b_map / unit
-    with np.errstate(invalid="ignore"):
-        out[:, stat[LFC_SE_SHRUNK]] = np.where(var > 0, np.sqrt(var), np.nan) / unit
+    out[:, stat[LFC_SE_SHRUNK]] = se_map / unit
     out[:, stat[PRIOR_SCALE]] = scale[:, None]
+    return _filtered(out, stat, filters)
+
+
+def _filtered(out: np.ndarray, stat: dict, filters: dict) -> np.ndarray:
+    """Genes below ``min_pct``/``min_mean`` on both sides untested (NaN), and ``tested`` saying so."""
     exclude_low_genes(out, NBGLM_STATS, **filters)
+    out[:, stat[TESTED]] = np.isfinite(out[:, stat[PVALS]])
     return out
