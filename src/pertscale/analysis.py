@@ -141,17 +141,25 @@ class DESettings(AnalysisSettings):
 
 
 class WilcoxonSettings(DESettings):
-    """Wilcoxon rank-sum test against control."""
+    """Wilcoxon rank-sum test against control, or against the rest of the cells."""
 
     method: Literal["wilcoxon"] = "wilcoxon"
+    #: ``None`` only with ``reference="rest"``: every label is tested against the rest
+    control_label: str | None = None
     tie_correct: bool = True
     use_continuity: bool = False
+    #: against the control cells, or every other cell (scanpy's ``reference="rest"``)
+    reference: Literal["control", "rest"] = "control"
 
 
 class TTestSettings(DESettings):
-    """Welch's t-test against control (``"t-test_overestim_var"``: scanpy's variant)."""
+    """Welch's t-test against control or the rest of the cells (``"t-test_overestim_var"``: scanpy's variant)."""
 
     method: Literal["t-test", "t-test_overestim_var"] = "t-test"
+    #: ``None`` only with ``reference="rest"``: every label is tested against the rest
+    control_label: str | None = None
+    #: against the control cells, or every other cell (scanpy's ``reference="rest"``)
+    reference: Literal["control", "rest"] = "control"
 
 
 class NBGLMSettings(DESettings):

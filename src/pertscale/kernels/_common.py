@@ -15,6 +15,8 @@ from ..variables import DESCRIPTIVE, PVALS, PVALS_ADJ
 CORR_METHODS = ("benjamini-hochberg", "bonferroni")
 #: Alternative hypotheses, the perturbation being the first sample (as ``scipy.stats``).
 ALTERNATIVES = ("two-sided", "less", "greater")
+#: What each perturbation is compared with: the control cells, or every other cell (scanpy's ``reference="rest"``).
+REFERENCES = ("control", "rest")
 
 
 def canonical_csr(x) -> sp.csr_matrix:
@@ -112,6 +114,21 @@ def normal_pvalues(z: np.ndarray, alternative: str = "two-sided") -> np.ndarray:
     raise ValueError(f"alternative {alternative!r} is not supported; choose one of {ALTERNATIVES}")
 
 
+def check_reference(reference: str) -> None:
+    """Raise ``ValueError`` unless ``reference`` is one of :data:`REFERENCES`.
+
+    Raises
+    ------
+    ValueError
+        Listing the choices.
+    """
+    if reference not in REFERENCES:
+        raise ValueError(
+            f"reference {reference!r} is not supported; choose one of {REFERENCES} "
+            "('control': against the control cells; 'rest': against every other cell, as scanpy's default)"
+        )
+
+
 def _pair(value) -> tuple[float, float]:
     """``(control, perturbation)`` thresholds from one number or a pair."""
     if np.ndim(value) == 0:
@@ -153,7 +170,8 @@ def exclude_low_genes(
         ``(n_groups, n_genes)`` the perturbations' means (in the test's
         units) and detection fractions.
     mean_rest, pts_rest
-        ``(n_genes,)`` the control's.
+        ``(n_genes,)`` the control's, or ``(n_groups, n_genes)`` each
+        group's own reference (the rest of the cells).
     min_pct, min_mean
         The thresholds: a number, or ``(control, perturbation)``.
     corr_method
@@ -164,7 +182,7 @@ def exclude_low_genes(
         return
     high_group = (pts >= pct_p) & (mean >= mean_p)
     high_control = (pts_rest >= pct_c) & (mean_rest >= mean_c)
-    low = ~(high_group | high_control[None, :])
+    low = ~(high_group | high_control)  # (n_genes,) or (n_groups, n_genes): broadcast either way
     if not low.any():
         return
     index = {name: i for i, name in enumerate(statistics)}

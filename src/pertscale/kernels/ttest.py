@@ -14,6 +14,14 @@ variance ``m1, v1`` over ``n1`` cells and control ``m2, v2, n2``,
 freedom ``(v1/n1 + v2/n2)^2 / ((v1/n1)^2/(n1-1) + (v2/n2)^2/(n2-1))``.
 scanpy's ``t-test_overestim_var`` puts ``n1`` in place of ``n2`` (a larger
 control variance for small groups).
+
+Against the rest (scanpy's ``reference="rest"``): the frozen summary is of
+every cell, ``n, mean_a, M2_a`` (``M2`` the sum of squared deviations from
+the mean), and each group's own cells are taken out in the block kernel
+(:func:`rest_moments`): the rest has ``r = n - n1`` cells, mean
+``mean_r = (n mean_a - n1 m1) / r`` and
+``M2_r = M2_a - M2_1 - (m1 - mean_r)^2 n1 r / n`` (Chan, Golub & LeVeque
+1983, the pairwise update read backwards), all in float64.
 """
 
 from __future__ import annotations
@@ -30,6 +38,7 @@ from ._common import (
     adjust_pvalues,
     block_inputs,
     canonical_csr,
+    check_reference,
     check_values,
     exclude_low_genes,
     log2_fold_change,
@@ -116,6 +125,43 @@ def control_moments(control: sp.csr_matrix | sp.spmatrix | np.ndarray) -> Contro
     return ControlMoments(n_cells=int(control.shape[0]), mean=mean[0], var=var[0], nnz=nnz[0].astype(np.int64))
 
 
+def rest_moments(
+    every: tuple[float, np.ndarray, np.ndarray, np.ndarray],
+    group: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray],
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Moments of the rest of the cells: every cell's with a group's own cells taken out.
+
+    Parameters
+    ----------
+    every
+        ``(n, mean, var, nnz)`` of every cell: ``n`` a number, the others
+        ``(n_genes,)`` (a :class:`ControlMoments` of all cells).
+    group
+        ``(m, mean, var, nnz)`` of each group: ``m`` ``(n_groups, 1)``, the
+        others ``(n_groups, n_genes)``; ``var`` with ``m - 1`` in the
+        denominator (0 for one cell).
+
+    Returns
+    -------
+    tuple
+        ``(r, mean, var, nnz)`` of the rest, ``r`` ``(n_groups, 1)`` and the
+        others ``(n_groups, n_genes)`` float64; the variance with ``r - 1``
+        in the denominator, 0 where the rest has no non-zero value (exactly,
+        not the residue of a subtraction) and never negative.
+    """
+    n, mean_a, var_a, nnz_a = every
+    m, mean_g, var_g, nnz_g = group
+    r = n - m
+    nnz = nnz_a[None, :] - nnz_g
+    empty = nnz == 0  # every cell of the rest is zero: mean and variance are 0 exactly
+    mean = np.where(empty, 0.0, (n * mean_a[None, :] - m * mean_g) / r)
+    delta = mean_g - mean
+    m2 = (n - 1.0) * var_a[None, :] - (m - 1.0) * var_g - delta * delta * (m * r / n)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        var = np.where(empty | (r < 2), 0.0, np.maximum(m2, 0.0) / (r - 1.0))
+    return r, mean, var, nnz.astype(np.float64)
+
+
 def welch(
     mean1: np.ndarray,
     var1: np.ndarray,
@@ -158,12 +204,13 @@ def ttest_block(
     bounds: Sequence[int] | None = None,
     *,
     overestimate_variance: bool = False,
+    reference: str = "control",
     corr_method: str = "benjamini-hochberg",
     alternative: str = "two-sided",
     min_pct=0.0,
     min_mean=0.0,
 ) -> np.ndarray:
-    """Welch's t-test of every group in a block against the frozen control.
+    """Welch's t-test of every group in a block against the frozen control, or against the rest of the cells.
 
     Parameters
     ----------
@@ -174,13 +221,19 @@ def ttest_block(
         ``(n_groups,)`` rows of each group, in row order; sums to ``n_rows``.
     control
         The frozen control moments (:func:`control_moments`), or their parts
-        over consecutive ranges of genes.
+        over consecutive ranges of genes. With ``reference="rest"``: the
+        moments of every cell, the block's own included.
     bounds
         With parts: the ``(n_parts + 1,)`` gene bounds they cover.
     overestimate_variance
         scanpy's ``t-test_overestim_var``: the group's cell count in place of
         the control's in the control's share of the variance and in the
         degrees of freedom.
+    reference
+        ``"control"`` (default): each group against the cells ``control``
+        summarises. ``"rest"``: against every other cell (scanpy's
+        ``reference="rest"``), ``control`` summarising every cell; each
+        group's own cells are taken out of it here (:func:`rest_moments`).
     corr_method
         ``"benjamini-hochberg"`` or ``"bonferroni"``, over the genes of each
         group.
@@ -199,21 +252,25 @@ def ttest_block(
         (positive when the group mean is above control), ``pvals`` (Student
         t with Welch-Satterthwaite degrees of freedom), ``pvals_adj``,
         ``logfoldchanges`` (log2, scanpy's definition on log1p data: of
-        ``expm1`` of the means), ``pts`` and ``pts_rest``. Where both
-        variances are zero the score is 0 and the p-value 1, as in scanpy.
+        ``expm1`` of the means), ``pts`` and ``pts_rest`` (of the control,
+        or of each group's rest). Where both variances are zero the score is
+        0 and the p-value 1, as in scanpy.
 
     Raises
     ------
     ValueError
         If the block has NaN or negative values, ``group_sizes`` does not add
-        up to its rows, or the control parts do not cover its genes.
+        up to its rows, the control parts do not cover its genes, or
+        ``reference`` is neither ``"control"`` nor ``"rest"``.
 
     Notes
     -----
     Welch (1947); scanpy's ``rank_genes_groups(method="t-test",
-    reference=control)`` gives the same scores and p-values (its variances
-    are one-pass, in float64 sums of float32 products).
+    reference=control)`` (or ``reference="rest"``) gives the same scores and
+    p-values (its variances are one-pass, in float64 sums of float32
+    products).
     """
+    check_reference(reference)
     n_genes = block.shape[1]
     parts, bounds, group_sizes = block_inputs(control, ControlMoments, bounds, n_genes, group_sizes, block.shape[0])
     block = canonical_csr(block)
@@ -221,10 +278,17 @@ def ttest_block(
     mean, var, nnz = _group_moments(block, group_sizes)
     c_mean = np.concatenate([p.mean for p in parts])
     c_var = np.concatenate([p.var for p in parts])
+    c_nnz = np.concatenate([p.nnz for p in parts]).astype(np.float64)
     c_n = float(parts[0].n_cells)
     n1 = group_sizes.astype(np.float64)[:, None]
+    if reference == "rest":
+        if (c_n - n1 < 1).any():
+            raise ValueError(f"the summary holds {int(c_n)} cells, too few to hold every group and a rest")
+        c_n, c_mean, c_var, c_nnz = rest_moments((c_n, c_mean, c_var, c_nnz), (n1, mean, var, nnz))
+    else:
+        c_mean, c_var, c_nnz = c_mean[None, :], c_var[None, :], c_nnz[None, :]
     n2 = n1 if overestimate_variance else c_n
-    scores, pvals = welch(mean, var, n1, c_mean[None, :], c_var[None, :], n2, alternative=alternative)
+    scores, pvals = welch(mean, var, n1, c_mean, c_var, n2, alternative=alternative)
     scores[np.isnan(scores)] = 0.0
     pvals[np.isnan(pvals)] = 1.0
     stat = {name: i for i, name in enumerate(TTEST_STATS)}
@@ -232,10 +296,10 @@ def ttest_block(
     out[:, stat[SCORES]] = scores
     out[:, stat[PVALS]] = pvals
     out[:, stat[PVALS_ADJ]] = adjust_pvalues(pvals, corr_method)
-    out[:, stat[LOGFOLDCHANGES]] = log2_fold_change(mean, c_mean[None, :])
+    out[:, stat[LOGFOLDCHANGES]] = log2_fold_change(mean, c_mean)
     out[:, stat[PTS]] = nnz / n1
-    pts_rest = np.concatenate([p.nnz for p in parts]) / c_n
-    out[:, stat[PTS_REST]] = pts_rest[None, :]
+    pts_rest = c_nnz / c_n
+    out[:, stat[PTS_REST]] = pts_rest
     exclude_low_genes(
         out,
         TTEST_STATS,

@@ -14,6 +14,16 @@ non-negative, so a group zero contributes ``0.5 * n_ctrl_zero`` in closed
 form and only the group's non-zero values are looked up in the control's
 sorted distinct non-zero values: per gene, the block's values are radix
 sorted once and merged with the control's, then split into groups.
+
+Against the rest of the cells (scanpy's ``reference="rest"``) the frozen
+summary is of every cell, the group's own included, and the same lookup
+gives ``U_all = sum_i #{a < p_i} + 0.5 #{a = p_i}`` over all cells ``a``.
+The group's pairs with itself add exactly ``m^2 / 2`` to it (each pair
+``i != j`` counts 1 in total, each ``i = j`` counts 0.5), so the U against
+the rest is ``U_all - m^2 / 2``, exactly (half-integers in float64). The
+two samples together are every cell, so the tie term is every cell's
+(zeros included), the same for every group; the rest's sum and non-zero
+count are every cell's less the group's.
 """
 
 from __future__ import annotations
@@ -30,6 +40,7 @@ from ._common import (  # noqa: F401  (re-exported: the Wilcoxon's public helper
     CORR_METHODS,
     adjust_pvalues,
     canonical_csr,
+    check_reference,
     check_values,
     exclude_low_genes,
     log2_fold_change,
@@ -381,12 +392,13 @@ def wilcoxon_block(
     *,
     tie_correct: bool = True,
     use_continuity: bool = False,
+    reference: str = "control",
     corr_method: str = "benjamini-hochberg",
     alternative: str = "two-sided",
     min_pct=0.0,
     min_mean=0.0,
 ) -> np.ndarray:
-    """Wilcoxon rank-sum of every group in a block against the frozen control.
+    """Wilcoxon rank-sum of every group in a block against the frozen control, or against the rest of the cells.
 
     Parameters
     ----------
@@ -398,7 +410,8 @@ def wilcoxon_block(
         ``n_rows``.
     control
         The frozen control summary from :func:`control_statistics`, or its
-        parts over consecutive ranges of genes.
+        parts over consecutive ranges of genes. With ``reference="rest"``:
+        the summary of every cell, the block's own included.
     bounds
         With parts: the ``(n_parts + 1,)`` gene bounds they cover.
     tie_correct
@@ -409,6 +422,11 @@ def wilcoxon_block(
         Subtract 0.5 from ``|U - m n / 2|`` before dividing by its standard
         deviation (``scipy.stats.mannwhitneyu(use_continuity=True)``). Off by
         default, as in scanpy.
+    reference
+        ``"control"`` (default): each group against the cells ``control``
+        summarises. ``"rest"``: against every other cell (scanpy's
+        ``reference="rest"``), ``control`` summarising every cell; each
+        group's own cells are taken out here (see the module's notes).
     corr_method
         ``"benjamini-hochberg"`` or ``"bonferroni"``, applied over the genes of
         each group.
@@ -428,7 +446,7 @@ def wilcoxon_block(
         correction, if on, moves them towards 0), normal ``pvals`` for the
         ``alternative``, adjusted ``pvals_adj``, ``logfoldchanges`` (log2, scanpy's
         definition on log1p data), ``pts`` and ``pts_rest`` (fractions of group
-        and control cells with a non-zero value) and the group's
+        and control cells, or of the group's rest, with a non-zero value) and the group's
         ``u_statistic``. Where every value of a gene is tied (its variance is
         zero) the score is 0 and the p-value 1, as in scanpy (scipy: NaN).
 
@@ -436,13 +454,15 @@ def wilcoxon_block(
     ------
     ValueError
         If the block has NaN or negative values, or ``group_sizes`` does not
-        add up to its rows, or the summary does not match the block.
+        add up to its rows, or the summary does not match the block, or
+        ``reference`` is neither ``"control"`` nor ``"rest"``.
 
     Notes
     -----
     Mann & Whitney (1947); the normal approximation with tie correction
     follows ``scipy.stats.mannwhitneyu(method="asymptotic")``.
     """
+    check_reference(reference)
     parts = [control] if isinstance(control, ControlStatistics) else list(control)
     n_genes = block.shape[1]
     bounds = np.asarray([0, n_genes] if bounds is None else bounds, dtype=np.int64)
@@ -495,12 +515,24 @@ def wilcoxon_block(
         )
         for k, v in zip(("u", "tie", "total", "nnz"), (u, tie, total, nnz), strict=True):
             sums[k][:, a:b] = v
-    control_mean = np.concatenate([p.mean for p in parts])
-    control_pts = np.concatenate([p.pts for p in parts])
     m = group_sizes.astype(np.float64)[:, None]
     n = float(parts[0].n_cells)
+    if reference == "rest":  # the summary is of every cell: take each group's own cells out
+        if (n - m < 1).any():
+            raise ValueError(f"the summary holds {int(n)} cells, too few to hold every group and a rest")
+        every_zero = np.concatenate([p.n_zero for p in parts])
+        n_rest_nz = (n - every_zero)[None, :] - sums["nnz"]
+        rest_sum = np.concatenate([p.sum for p in parts])[None, :] - sums["total"]
+        n = n - m  # (n_groups, 1) cells of each group's rest
+        control_mean = np.where(n_rest_nz == 0, 0.0, rest_sum / n)  # no residue of the subtraction
+        control_pts = n_rest_nz / n
+        u = sums["u"] - 0.5 * m * m
+        sums["tie"] = np.broadcast_to(np.concatenate([p.tie_term for p in parts]) + every_zero**3 - every_zero, u.shape)
+    else:
+        control_mean = np.concatenate([p.mean for p in parts])[None, :]
+        control_pts = np.concatenate([p.pts for p in parts])[None, :]
+        u = sums["u"]
     big_n = m + n
-    u = sums["u"]
     if tie_correct:
         var = m * n / 12.0 * ((big_n + 1.0) - sums["tie"] / (big_n * (big_n - 1.0)))
     else:
@@ -523,9 +555,9 @@ def wilcoxon_block(
     out[:, stat[SCORES]] = scores
     out[:, stat[PVALS]] = pvals
     out[:, stat[PVALS_ADJ]] = adjust_pvalues(pvals, corr_method)
-    out[:, stat[LOGFOLDCHANGES]] = log2_fold_change(sums["total"] / m, control_mean[None, :])
+    out[:, stat[LOGFOLDCHANGES]] = log2_fold_change(sums["total"] / m, control_mean)
     out[:, stat[PTS]] = sums["nnz"] / m
-    out[:, stat[PTS_REST]] = control_pts[None, :]
+    out[:, stat[PTS_REST]] = control_pts
     out[:, stat[U_STATISTIC]] = u
     exclude_low_genes(
         out,

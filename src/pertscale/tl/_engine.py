@@ -23,6 +23,13 @@ graph around them and returns the statistics lazily; nothing here computes.
 4. One ``blockwise`` pass maps each block to a
    ``(groups in block, statistics, genes)`` array; the statistics stay a
    Dask array, chunked by block, and are written block by block.
+
+Against the rest of the cells (``reference="rest"``, scanpy's default) the
+same engine runs with a summary of every cell in place of the control's,
+made in the same parts, and the block kernel takes each group's own cells
+out of it (the block holds them whole): no second pass, no summary per
+group. The summary's parts are then cut so that each reads about one
+block's worth of entries.
 """
 
 from __future__ import annotations
@@ -38,6 +45,7 @@ import pandas as pd
 import scipy.sparse as sp
 from dask.base import tokenize
 
+from ..kernels._common import check_reference
 from ..kernels.groups import pack_groups
 
 #: Key prefix of the control summary parts in a graph.
@@ -72,12 +80,17 @@ class Method:
         ``summaries`` the summary parts and ``bounds`` the gene ranges they
         cover (``bounds[i]:bounds[i + 1]``); with per-cell values, ``rows=``
         holds those of the block's rows.
+    rest
+        Whether ``block`` also tests against the rest of the cells: given
+        ``reference="rest"`` and summaries of every cell, it takes each
+        group's own cells out of them.
     """
 
     name: str
     statistics: tuple[str, ...]
     summarise: Callable[[sp.csr_matrix], Any]
     block: Callable[..., np.ndarray]
+    rest: bool = False
 
 
 @dataclass(frozen=True)
@@ -94,7 +107,8 @@ class Groups:
     sizes
         ``(n_groups,)`` int64 cells per tested perturbation.
     control_rows
-        ``(n_control,)`` int64 rows of the control cells, ascending.
+        ``(n_control,)`` int64 rows of the control cells, ascending (none
+        without a control label).
     """
 
     names: list[str]
@@ -103,7 +117,7 @@ class Groups:
     control_rows: np.ndarray
 
 
-def find_groups(labels: pd.Series, names: Sequence[str], control_label: str) -> Groups:
+def find_groups(labels: pd.Series, names: Sequence[str], control_label: str | None) -> Groups:
     """Codes of the tested perturbations and rows of the control, linear in cells.
 
     Parameters
@@ -113,17 +127,16 @@ def find_groups(labels: pd.Series, names: Sequence[str], control_label: str) -> 
     names
         The perturbations to test, in results order.
     control_label
-        The control's label.
+        The control's label; ``None``: no control (tests against the rest).
     """
     values = labels.to_numpy()
     codes = pd.Categorical(values, categories=list(names)).codes.astype(np.int32)
     sizes = np.bincount(codes[codes >= 0], minlength=len(names)).astype(np.int64)
-    return Groups(
-        names=list(names),
-        codes=codes,
-        sizes=sizes,
-        control_rows=np.flatnonzero(values == str(control_label)).astype(np.int64),
-    )
+    if control_label is None:
+        control_rows = np.empty(0, dtype=np.int64)
+    else:
+        control_rows = np.flatnonzero(values == str(control_label)).astype(np.int64)
+    return Groups(names=list(names), codes=codes, sizes=sizes, control_rows=control_rows)
 
 
 @dataclass(frozen=True)
@@ -246,7 +259,9 @@ def control_summary(
 ) -> tuple[list, np.ndarray]:
     """The frozen control summary, lazily: one part per range of genes.
 
-    Each part's task reads the control rows of its genes only, so no task
+    ``control_rows`` are the rows summarised: the control's, or every row
+    for a test against the rest. Each part's task reads those rows of its
+    genes only, so no task
     holds the whole control matrix, and the parts are summarised in
     parallel. A sorted store makes the control rows one slice.
     ``row_values`` (``(n_obs,)`` or ``(n_obs, k)``, per cell) go to every
@@ -305,8 +320,9 @@ def test_against_control(
     row_values: np.ndarray | None = None,
     gene_values: dict[str, np.ndarray] | None = None,
     summary_options: dict | None = None,
+    reference: str = "control",
 ) -> tuple[da.Array, Aligned]:
-    """Every tested perturbation against the control, lazily.
+    """Every tested perturbation against the control (or against the rest of the cells), lazily.
 
     Parameters
     ----------
@@ -333,6 +349,12 @@ def test_against_control(
         takes them whole through ``options``.
     summary_options
         Keyword arguments of ``method.summarise``.
+    reference
+        ``"control"`` (default): the summary is of ``groups.control_rows``.
+        ``"rest"``: of every row of ``x`` (scanpy's ``reference="rest"``),
+        in at least ``ceil(n_obs / budget)`` parts (each part's task reads
+        about one block's worth), and ``method.block`` is given
+        ``reference="rest"`` to take each group's own cells out of it.
 
     Returns
     -------
@@ -340,10 +362,27 @@ def test_against_control(
         ``(statistics, aligned)``: a ``(n_groups, len(method.statistics),
         n_genes)`` float64 Dask array whose rows follow ``groups.names``, one
         chunk of rows per block; and the row arrangement used.
+
+    Raises
+    ------
+    ValueError
+        If ``reference`` is neither ``"control"`` nor ``"rest"``, or is
+        ``"rest"`` for a method that does not test against the rest.
     """
+    check_reference(reference)
+    summary_rows = groups.control_rows
+    if reference == "rest":
+        if not method.rest:
+            raise ValueError(
+                f"method {method.name!r} tests against the control only; use reference='control' with a "
+                "control_label, or method='wilcoxon' or 't-test' to test against the rest"
+            )
+        summary_rows = np.arange(x.shape[0], dtype=np.int64)
+        n_parts = max(n_parts, -(-x.shape[0] // int(budget or max(x.chunks[0]))))
+        options = {**(options or {}), "reference": "rest"}
     parts, bounds = control_summary(
         x,
-        groups.control_rows,
+        summary_rows,
         method,
         n_parts=n_parts,
         row_values=row_values,

@@ -108,7 +108,7 @@ def scanpy_uns(results: ad.AnnData, *, key: str = "rank_genes_groups") -> None:
     out: dict[str, Any] = {
         "params": {
             "groupby": s["perturbation_column"],
-            "reference": s["control_label"],
+            "reference": "rest" if s.get("reference") == "rest" else s["control_label"],
             "method": s["method"],
             "use_raw": False,
             "layer": s.get("layer", "X"),
