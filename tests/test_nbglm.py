@@ -152,6 +152,45 @@ def test_dispersion_steps_equal_pydeseq2_fits_given_the_same_means():
     assert table["dispersion_converged"].all()
 
 
+@pytest.mark.parametrize("scale", [1e7, 1e9])
+def test_dispersions_of_huge_counts_reach_the_likelihoods_maximum(scale):
+    """Pseudo-bulk sums of 1e7-1e9: the fit stops on its step, not on the log likelihood's size."""
+    from scipy import special
+    from scipy.optimize import brentq
+
+    def slope(a, y, sf, groups):
+        """d/d(log alpha) of the Cox-Reid adjusted profile log likelihood, linear-model means (digamma form)."""
+        alpha = np.exp(a)
+        r, out = 1 / alpha, 0.0
+        for lo, hi in groups:
+            yy, ss = y[lo:hi], sf[lo:hi]
+            mu = ss * (yy / ss).mean()
+            d_r = special.digamma(yy + r) - special.digamma(r) - np.log1p(alpha * mu) + (mu - yy) / (r + mu)
+            w = mu / (1 + alpha * mu)
+            out += (-d_r.sum() / alpha**2 + 0.5 * (w * w).sum() / w.sum()) * alpha
+        return out
+
+    rng = np.random.default_rng(4)
+    n, n_genes, alpha = 24, 6, np.array([0.002, 0.01, 0.05, 0.1, 0.02, 0.2])
+    sf = rng.lognormal(0, 0.2, n)
+    mean = scale * rng.uniform(0.5, 2.0, n_genes)
+    mu = sf[:, None] * mean
+    counts = rng.negative_binomial(1 / alpha, 1 / (1 + alpha * mu)).astype(np.float64)
+    labels = np.repeat(["control", "A", "B"], n // 3)
+    obs = pd.DataFrame({"perturbation": labels}, index=[str(i) for i in range(n)])
+    adata = ad.AnnData(sp.csr_matrix(counts), obs=obs)
+    adata.obs["size_factors"] = sf
+    with dask.config.set(scheduler="synchronous"):
+        table = ps.tl.fit_genewise_dispersions(adata, perturbation_column="perturbation", tol=1e-8, max_iter=100)
+    starts = np.cumsum([0, n // 3, n // 3])
+    groups = [(a, a + n // 3) for a in starts]
+    for j in range(n_genes):
+        best = brentq(slope, np.log(1e-6), np.log(10.0), args=(counts[:, j], sf, groups), xtol=1e-12)
+        assert table["dispersion_genewise_converged"].iloc[j]
+        assert_close(table["dispersion_genewise"].iloc[j], np.exp(best), rtol=1e-6, err_msg=f"gene {j}")
+        assert abs(np.log(table["dispersion_genewise"].iloc[j] / alpha[j])) < 1.0  # near the truth
+
+
 def test_trend_and_prior_steps_equal_pydeseq2_on_the_same_genewise_dispersions():
     pytest.importorskip("pydeseq2")
     from pydeseq2.dds import DeseqDataSet

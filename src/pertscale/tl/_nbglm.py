@@ -274,8 +274,8 @@ def _newton(evaluate, a0, *, lower, upper, max_iter, tol, prior=None):
     out towards small dispersions like ``c exp(a)`` (gradient equal to
     curvature, both negative: Newton would creep down one unit a pass), a
     jump to ``lower``. A step that lowers the value is halved back. A gene is
-    done when its step is below ``tol`` or its value would change by less
-    than 1e-9 of it. ``prior = (center, variance)`` adds a normal prior on
+    done when its step in ``a`` is below ``tol`` (a test independent of the
+    counts' scale: the value itself grows with them). ``prior = (center, variance)`` adds a normal prior on
     ``a``. Returns ``(a, curvature at a, converged)``.
     """
     n = a0.shape[0]
@@ -306,7 +306,7 @@ def _newton(evaluate, a0, *, lower, upper, max_iter, tol, prior=None):
             tail = (g < 0) & (h < 0) & (np.abs(g - h) < 0.05 * np.abs(g)) & (prior is None)
         step = np.clip(step, -MAX_STEP, MAX_STEP)
         new = np.where(tail, lower, np.clip(best + step, lower, upper))
-        small = (np.abs(new - best) < tol) | (np.abs(g * (new - best)) < 1e-9 * (np.abs(v) + 1.0))
+        small = np.abs(new - best) < tol  # on the step alone: the value's size grows with the counts
         finished = ok & small
         converged |= finished
         active &= ~finished
@@ -1226,3 +1226,31 @@ def covariate_levels(obs: pd.DataFrame, covariates, *, control: np.ndarray | Non
                 "the control cells; leave the covariate out, or drop those cells"
             )
     return codes.astype(np.int64), [str(v) for v in levels]
+
+
+def additive_design(levels: list[str], n_covariates: int) -> np.ndarray:
+    """DESeq2's additive design ``~ a + b`` of each combination of covariate levels (:func:`covariate_levels`).
+
+    Parameters
+    ----------
+    levels
+        The combinations' names, ``"a|b"`` for two covariates (sorted, as
+        :func:`covariate_levels` returns them).
+    n_covariates
+        Number of covariates.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(n_levels, p)`` float64: an intercept, then for each covariate
+        an indicator of each of its levels but the first (R's treatment
+        contrasts, DESeq2's default; the first level in sorted order is the
+        reference).
+    """
+    parts = [str(level).split("|") if n_covariates > 1 else [str(level)] for level in levels]
+    columns = [np.ones(len(levels))]
+    for c in range(n_covariates):
+        values = [p[c] for p in parts]
+        for value in sorted(set(values))[1:]:
+            columns.append(np.array([v == value for v in values], dtype=np.float64))
+    return np.column_stack(columns)

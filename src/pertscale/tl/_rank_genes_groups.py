@@ -1,4 +1,4 @@
-"""Differential expression of every perturbation against control: the public call and the declared methods.
+"""Differential expression of every perturbation against control or the rest: the public call, the declared methods.
 
 :func:`rank_genes_groups` checks its input, picks the test's
 :class:`~pertscale.tl._engine.Method` and lets :mod:`pertscale.tl._engine`
@@ -31,7 +31,7 @@ from .._validation import (
 )
 from ..io._lazy import nbytes_in_memory
 from ..io._read import as_dask
-from ..kernels._common import ALTERNATIVES, CORR_METHODS
+from ..kernels._common import ALTERNATIVES, CORR_METHODS, check_reference
 from ..kernels.nbglm import NBGLM_STATS, nb_control, nbglm_block
 from ..kernels.ttest import TTEST_STATS, control_moments, ttest_block
 from ..kernels.wilcoxon import WILCOXON_STATS, control_statistics, wilcoxon_block
@@ -42,8 +42,10 @@ from ._results import lazy_results
 logger = logging.getLogger(__name__)
 
 
-WILCOXON = Method(name="wilcoxon", statistics=WILCOXON_STATS, summarise=control_statistics, block=wilcoxon_block)
-TTEST = Method(name="t-test", statistics=TTEST_STATS, summarise=control_moments, block=ttest_block)
+WILCOXON = Method(
+    name="wilcoxon", statistics=WILCOXON_STATS, summarise=control_statistics, block=wilcoxon_block, rest=True
+)
+TTEST = Method(name="t-test", statistics=TTEST_STATS, summarise=control_moments, block=ttest_block, rest=True)
 NBGLM = Method(name="nb-glm", statistics=NBGLM_STATS, summarise=nb_control, block=nbglm_block)
 #: The tests against control, by ``method=`` name (scanpy's names, and ``nb-glm``).
 METHODS = {"wilcoxon": WILCOXON, "t-test": TTEST, "t-test_overestim_var": TTEST, "nb-glm": NBGLM}
@@ -75,8 +77,9 @@ def rank_genes_groups(
     adata: ad.AnnData,
     *,
     perturbation_column: str,
-    control_label: str,
+    control_label: str | None = None,
     method: str = "wilcoxon",
+    reference: str = "control",
     perturbations: list[str] | None = None,
     layer: str | None = None,
     tie_correct: bool = True,
@@ -97,7 +100,7 @@ def rank_genes_groups(
     key_added: str | None = None,
     force: bool = False,
 ) -> ad.AnnData:
-    """Test every perturbation against the control cells, every gene.
+    """Test every perturbation against the control cells (or against all other cells), every gene.
 
     Parameters
     ----------
@@ -112,7 +115,11 @@ def rank_genes_groups(
         still taken for one release with a ``FutureWarning``).
     control_label
         Label of the control cells (e.g. non-targeting guides) in that column
-        (keyword-only, likewise).
+        (keyword-only, likewise). Required with ``reference="control"``.
+        With ``reference="rest"`` it is optional: given, the control cells
+        are part of every group's rest and the control label is not tested
+        unless listed in ``perturbations``; ``None`` (scanpy's behaviour,
+        ``groups="all"``), every label is tested against the rest.
     method
         ``"wilcoxon"``: Wilcoxon rank-sum (Mann-Whitney U) test;
         ``"t-test"``: Welch's t-test; ``"t-test_overestim_var"``: scanpy's
@@ -120,8 +127,24 @@ def rank_genes_groups(
         control's (a larger control variance for small groups); ``"nb-glm"``:
         the negative-binomial GLM Wald test on raw counts (DESeq2's model,
         the control's intercept fitted once and frozen; see Notes).
+    reference
+        What each perturbation is compared with. ``"control"`` (default):
+        the cells labelled ``control_label``. ``"rest"``: every other cell
+        of ``adata`` (scanpy's default ``reference="rest"``, illico's
+        ``reference=None``): the cells of all other labels, the control's and
+        those of labels not tested (skipped or not listed in
+        ``perturbations``) included; ``pts_rest`` and the fold changes are
+        then of each group's rest. The summary of every cell is made once
+        (as the control's is) and each group's own cells are taken out of it
+        in the same single pass over the blocks: per-gene moments for the
+        t-tests, the sorted distinct values for the Wilcoxon (whose size
+        grows with the non-zero entries of the whole matrix, not of the
+        control alone). Wilcoxon and t-tests only: nb-glm's frozen intercept
+        is the control's.
     perturbations
-        Labels to test; default all labels other than ``control_label``.
+        Labels to test; default all labels other than ``control_label``
+        (with ``reference="rest"`` and no ``control_label``: every label).
+        With ``reference="rest"`` the control label may be listed too.
     layer
         Test ``layers[layer]`` instead of ``X``.
     tie_correct
@@ -171,16 +194,19 @@ def rank_genes_groups(
         nb-glm: ``obs`` columns whose effects (e.g. ``["bio_rep"]``, or
         ``"bio_rep"``: a string is one column) are taken out, checked before
         any pass (columns, missing values, levels, control cells per level):
-        each level (combination of levels) of them gets its own intercept,
-        estimated on that level's control cells and frozen; the
-        perturbation's effect ``beta1`` is shared by all levels. This is an
-        approximation: in the full GLM the level intercepts would also be
-        fitted to the perturbation's cells; with many control cells per level
-        the difference is small. The standard error takes the intercepts as
-        free, ``1 / sum_levels (I_g I_c / (I_g + I_c))``.
+        the model is DESeq2's additive design ``~ covariates + perturbation``
+        (an intercept, each covariate's other levels' indicators, R's
+        treatment contrasts with the first sorted level as reference), fitted
+        by maximum likelihood on the control's and the perturbation's cells
+        together, every coefficient free: as DESeq2 (or statsmodels' NB GLM
+        at the same dispersion) fits those cells. The control's share of the
+        likelihood enters through its frozen score series (see Notes); the
+        standard error is the expected information's, ``inv(X' W X)``.
     shrink
-        nb-glm: ``logfoldchanges`` are apeGLM's shrunk estimates (default);
-        ``logfoldchanges_raw`` always holds the MLE.
+        nb-glm: ``logfoldchanges`` are apeGLM's shrunk estimates (default):
+        the maximum a posteriori of every coefficient together, as
+        ``lfcShrink(type="apeglm")``; ``logfoldchanges_raw`` always holds
+        the MLE.
     lfc_base
         nb-glm: ``"log2"`` (default) or ``"natural"`` fold changes and
         standard errors (recorded in the settings).
@@ -198,7 +224,8 @@ def rank_genes_groups(
         is computed here either way.
     key_added
         Readable name of this result in the result store (default
-        ``"de_<method>"``): ``ps.get.result(adata, key="de_wilcoxon")``.
+        ``"de_<method>"``, ``"de_<method>_rest"`` with ``reference="rest"``):
+        ``ps.get.result(adata, key="de_wilcoxon")``.
     force
         Test again even when a result with equal settings is stored.
 
@@ -207,7 +234,9 @@ def rank_genes_groups(
     anndata.AnnData
         Also stored in ``adata``'s result store, keyed by its settings
         (:class:`pertscale.WilcoxonSettings`, :class:`pertscale.TTestSettings`,
-        :class:`pertscale.NBGLMSettings`): asked again with equal settings,
+        :class:`pertscale.NBGLMSettings`; ``reference`` among them, so that
+        tests against control and against the rest are stored apart): asked
+        again with equal settings,
         the stored object is returned without any pass (see
         :mod:`pertscale.store`; :func:`pertscale.get.result` reads it back).
         Lazy (unless ``scanpy_format``): the layers are Dask arrays, computed
@@ -221,9 +250,12 @@ def rank_genes_groups(
         Welch-Satterthwaite degrees of freedom; for ``alternative``),
         ``pvals_adj``, ``logfoldchanges`` (log2 of the ratio of ``expm1`` of
         the mean log1p values, scanpy's definition), ``pts``/``pts_rest``
-        (fraction of perturbed/control cells with a non-zero value) and, for
-        the Wilcoxon, ``u_statistic``; the settings in
-        ``uns['pertscale']['settings']``. nb-glm: ``scores`` are Wald z,
+        (fraction of perturbed/control cells with a non-zero value; with
+        ``reference="rest"``, ``pts_rest`` is of each perturbation's rest)
+        and, for the Wilcoxon, ``u_statistic`` (the perturbation's U, first
+        sample); all ``n_perturbations x n_vars`` float64. The settings are
+        in ``uns['pertscale']['settings']`` (``reference`` among them;
+        ``n_control_cells`` only against control). nb-glm: ``scores`` are Wald z,
         ``pvals`` normal, ``logfoldchanges`` apeGLM-shrunk and
         ``logfoldchanges_raw`` the MLE (``lfc_base``), ``lfcSE`` (standard
         error of the MLE, DESeq2's name) and ``lfcSE_shrunk`` (posterior),
@@ -240,9 +272,13 @@ def rank_genes_groups(
     KeyError
         If ``perturbation_column`` or ``layer`` is missing.
     ValueError
-        If ``control_label`` is unknown, fewer than two control cells remain,
-        every cell is a control cell, no perturbation can be tested, a label
-        is empty or two labels are the same text (the integer ``1`` and the
+        If ``control_label`` is unknown (or not given with
+        ``reference="control"``), fewer than two control cells remain,
+        every cell is a control cell, no perturbation can be tested,
+        ``reference`` is neither ``"control"`` nor ``"rest"`` (the message
+        lists both) or is ``"rest"`` with ``method="nb-glm"``, a tested
+        perturbation leaves fewer than two cells for its rest, a label is
+        empty or two labels are the same text (the integer ``1`` and the
         string ``"1"``), an option is not supported or out of range
         (``min_mean`` above ``log1p(target_sum)`` of the
         :func:`pertscale.pp.normalize_total` that made the matrix: no gene
@@ -278,6 +314,11 @@ def rank_genes_groups(
     control, equal_var=False)`` (Welch 1947) and to scanpy's
     ``method="t-test"``. Where a gene has no variance in either group the
     score is 0 and the p-value 1, as in scanpy (scipy returns NaN there).
+    With ``reference="rest"`` the second sample is every other cell:
+    ``scipy.stats.mannwhitneyu(group, rest)`` and ``scipy.stats.ttest_ind(group,
+    rest, equal_var=False)``, and ``scanpy.tl.rank_genes_groups(reference="rest",
+    tie_correct=True)``; scanpy's ``t-test_overestim_var`` then puts the
+    group's cell count in place of the rest's, as here.
 
     nb-glm (Love, Huber & Anders 2014; PyDESeq2, Muzellec et al. 2023): per
     gene ``y ~ NB(mu, alpha)``, ``log mu = beta0 + beta1 x + log s``. The
@@ -287,18 +328,38 @@ def rank_genes_groups(
     two-group GLM (statsmodels' ``NegativeBinomial`` family, same ``alpha``
     and offsets). The dispersions are shared by all comparisons, estimated
     from all cells (:func:`pertscale.tl.dispersions`), where DESeq2 run per
-    comparison estimates them from the two groups' cells. apeGLM (Zhu,
-    Ibrahim & Love 2019) shrinks ``beta1`` with a Cauchy prior whose scale
-    comes from the perturbation's MLEs; the intercept stays at the control
-    fit (apeglm refits it jointly; with many control cells the difference is
-    small). P-values come from the MLE, as in DESeq2. Where a side has no
-    count of a gene, the Wald test is undefined (NaN).
+    comparison estimates them from the two groups' cells. The control's
+    share of each gene's likelihood is also frozen as a function of its
+    linear predictor: Chebyshev series of its score terms in ``tanh`` of the
+    log mean, per band of size factors, exact to about 1e-14
+    (:mod:`pertscale.kernels.nbglm._score`), so that fits that move the
+    control's coefficients (covariates, apeGLM, the likelihood-ratio test)
+    are exact too, at ``O(32)`` a gene and evaluation whatever the number of
+    control cells. apeGLM (Zhu, Ibrahim & Love 2019) is the posterior mode
+    of the intercept (normal prior, scale 15) and ``beta1`` (Cauchy prior
+    whose scale comes from the perturbation's MLEs, apeglm's ``priorVar``,
+    capped at 1), fitted together as apeglm and PyDESeq2 do; its standard
+    error is the posterior's observed information's. P-values come from the
+    MLE, as in DESeq2. Where one side has no count of a gene (a complete
+    knock-down, or a gene only the perturbation expresses) the MLE of
+    ``beta1`` is infinite and the Wald test undefined; those genes get the
+    likelihood-ratio test of ``~ covariates`` against ``~ covariates +
+    perturbation`` (the full model's likelihood at its limit), ``scores``
+    the signed root of the statistic, ``logfoldchanges_raw`` the fold change
+    at which the empty side would hold half a count (Haldane 1956's
+    correction), and they take part in the multiple-testing correction
+    (``one_sided`` marks them). DESeq2's Wald test gives such genes a finite
+    fold change and p-value only because its iterations stop (and its
+    fitted means are floored at 0.5); its ``test="LRT"`` is the comparable
+    one. Genes with no count on either side, or below ``min_pct`` /
+    ``min_mean`` on both sides, are untested: NaN, and ``tested`` is 0.
     """
     from ..analysis import NBGLMSettings, TTestSettings, WilcoxonSettings, array_digest, build
     from ..store import cached
 
     options = dict(
         method=method,
+        reference=reference,
         perturbations=perturbations,
         layer=layer,
         tie_correct=tie_correct,
@@ -316,7 +377,7 @@ def rank_genes_groups(
         lfc_base=lfc_base,
         min_cells_per_perturbation=min_cells_per_perturbation,
     )
-    _check_choices(method, corr_method, alternative)
+    _check_choices(method, corr_method, alternative, reference, control_label)
     covariates = label_list(covariates, "covariates")  # a single string is one column, not its letters
     options["covariates"] = covariates
     if covariates and method != "nb-glm":
@@ -336,12 +397,13 @@ def rank_genes_groups(
             fields[name] = array_digest(fields[name])
     if "covariates" in fields:
         fields["covariates"] = tuple(covariates)
-    settings = build(cls, perturbation_column=perturbation_column, control_label=str(control_label), **fields)
+    control = None if control_label is None else str(control_label)
+    settings = build(cls, perturbation_column=perturbation_column, control_label=control, **fields)
     res = cached(
         adata,
         settings,
         lambda: (_test(adata, perturbation_column, control_label, **options), []),
-        key_added=key_added or f"de_{method}",
+        key_added=key_added or f"de_{method}" + ("_rest" if reference == "rest" else ""),
         force=force,
     )
     if scanpy_format:  # the face (ps.compute, ps.write) adds scanpy's view when it computes the results
@@ -352,9 +414,10 @@ def rank_genes_groups(
 def _test(
     adata: ad.AnnData,
     perturbation_column: str,
-    control_label: str,
+    control_label: str | None,
     *,
     method: str,
+    reference,
     perturbations,
     layer,
     tie_correct,
@@ -373,13 +436,17 @@ def _test(
     min_cells_per_perturbation,
 ) -> ad.AnnData:
     """The lazy results of :func:`rank_genes_groups`, its options checked (no store)."""
-    _check_choices(method, corr_method, alternative)
+    _check_choices(method, corr_method, alternative, reference, control_label)
     min_size = check_number(min_cells_per_perturbation, "min_cells_per_perturbation", integer=True, minimum=1)
     check_shape(adata)
     labels = perturbation_labels(adata.obs, perturbation_column)
-    control_mask = check_control(labels, control_label, perturbation_column)
+    rest = reference == "rest"
+    if control_label is None:  # reference="rest" only (checked): every label is a perturbation
+        control_mask = np.zeros(labels.shape[0], dtype=bool)
+    else:  # against the rest the control label is only left out of the default perturbations: one cell will do
+        control_mask = check_control(labels, control_label, perturbation_column, min_cells=1 if rest else 2)
     counts = labels[~control_mask].value_counts()
-    if counts.empty:
+    if counts.empty and not (rest and perturbations is not None):
         raise ValueError(
             f"every cell in obs[{perturbation_column!r}] is labelled {control_label!r} (control): "
             "there is no perturbation to test"
@@ -392,6 +459,8 @@ def _test(
         candidates = [g for g in order if g in counts.index]
     else:
         candidates = list(dict.fromkeys(label_list(perturbations, "perturbations")))  # unique, order kept
+        if rest:  # the control label may be tested against the rest too
+            counts = labels.value_counts()
         missing = [p for p in candidates if p not in counts.index]
         if missing:
             raise ValueError(
@@ -412,6 +481,14 @@ def _test(
             "cells; nothing to test"
         )
     check_writable_labels(groups, perturbation_column)
+    if rest:
+        small = [g for g in groups if labels.shape[0] - counts[g] < 2]
+        if small:
+            raise ValueError(
+                f"perturbation(s) {small} leave fewer than 2 of the {labels.shape[0]} cells for their rest: "
+                "nothing to compare with; test against a control (reference='control') or leave them out of "
+                "perturbations"
+            )
 
     x = as_dask(get_matrix(adata, layer))
     found = find_groups(labels, groups, control_label)
@@ -450,11 +527,12 @@ def _test(
         else:
             options["overestimate_variance"] = method == "t-test_overestim_var"
     stats, lay = test_against_control(
-        x, found, test, n_parts=2 * (settings.n_workers or n_cores()), options=options, **inputs
+        x, found, test, n_parts=2 * (settings.n_workers or n_cores()), options=options, reference=reference, **inputs
     )
     logger.info(
-        "%s: %d perturbations in %d blocks (%s)",
+        "%s against the %s: %d perturbations in %d blocks (%s)",
         method,
+        reference,
         len(groups),
         len(lay.groups_per_block),
         "sliced: groups stored contiguously" if lay.sliced else "sorted into groups out of core",
@@ -467,8 +545,9 @@ def _test(
         n_cells=found.sizes,
         settings={
             "method": method,
+            "reference": reference,
             "perturbation_column": perturbation_column,
-            "control_label": str(control_label),
+            "control_label": None if control_label is None else str(control_label),  # None: left out
             "layer": layer or "X",
             **{
                 k: v for k, v in options.items() if k in ("corr_method", "alternative", "tie_correct", "use_continuity")
@@ -476,7 +555,7 @@ def _test(
             "min_pct": np.asarray(np.broadcast_to(options["min_pct"], 2), dtype=float),  # (control, perturbation)
             "min_mean": np.asarray(np.broadcast_to(options["min_mean"], 2), dtype=float),
             "min_cells_per_perturbation": int(min_size),
-            "n_control_cells": int(control_mask.sum()),
+            "n_control_cells": None if rest else int(control_mask.sum()),  # the rest differs per perturbation
             **extra_settings,
             "pertscale_version": importlib.metadata.version("pertscale"),
         },
@@ -515,9 +594,21 @@ def _check_min_mean_reachable(adata: ad.AnnData, layer: str | None, min_mean) ->
         )
 
 
-def _check_choices(method: str, corr_method: str, alternative: str) -> None:
+def _check_choices(method: str, corr_method: str, alternative: str, reference: str, control_label) -> None:
     if method not in METHODS:
         raise ValueError(f"method {method!r} is not available; choose one of {tuple(METHODS)}")
+    check_reference(reference)
+    if reference == "rest" and not METHODS[method].rest:
+        raise ValueError(
+            f"method={method!r} tests against the control only (its frozen intercept is fitted on the control "
+            "cells); use reference='control' with control_label=..., or method='wilcoxon', 't-test' or "
+            "'t-test_overestim_var' to test against the rest"
+        )
+    if reference == "control" and control_label is None:
+        raise ValueError(
+            "control_label is required to test against control (reference='control'); give control_label=..., "
+            "or reference='rest' to test every label against all other cells"
+        )
     if corr_method not in CORR_METHODS:
         raise ValueError(f"corr_method {corr_method!r} is not supported; choose one of {CORR_METHODS}")
     if alternative not in ALTERNATIVES:
@@ -545,7 +636,7 @@ def _nbglm_inputs(
         dispersions are missing or were made otherwise than asked (each
         message names the step and the call that makes them).
     """
-    from ._nbglm import covariate_levels, dispersions_for_test, size_factors_for_test
+    from ._nbglm import additive_design, covariate_levels, dispersions_for_test, size_factors_for_test
 
     where = f"layers[{layer!r}]" if layer else "X"
     if log1p_record(adata, layer) is not None:
@@ -556,7 +647,7 @@ def _nbglm_inputs(
         )
     covariates = label_list(covariates, "covariates")
     # obs alone tells: columns, missing values, levels, control cells per level
-    levels = covariate_levels(adata.obs, covariates, control=control)[0] if covariates else None
+    levels, names = covariate_levels(adata.obs, covariates, control=control) if covariates else (None, [])
     sf = size_factors_for_test(adata, size_factors, method=size_factor_method, layer=layer)
     if dispersions is not None:
         alpha = adata.var[dispersions].to_numpy(dtype=np.float64) if isinstance(dispersions, str) else dispersions
@@ -575,8 +666,10 @@ def _nbglm_inputs(
             layer=layer,
         )
     rows = sf if levels is None else np.column_stack([sf, levels.astype(np.float64)])
-    n_levels = 1 if levels is None else int(levels.max()) + 1
-    return {"row_values": rows, "gene_values": {"alpha": alpha}, "summary_options": {"n_levels": n_levels}}, {
+    n_levels = 1 if levels is None else len(names)
+    design = additive_design(names, len(covariates)) if covariates else None
+    summary = {"n_levels": n_levels, "design": design}
+    return {"row_values": rows, "gene_values": {"alpha": alpha}, "summary_options": summary}, {
         "covariates": np.asarray(covariates, dtype=object) if covariates else np.asarray([], dtype=str),
         "size_factors": size_factors if isinstance(size_factors, str) else "given",
         "dispersion_method": str(info.get("method", "given")),

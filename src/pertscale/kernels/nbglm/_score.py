@@ -85,7 +85,7 @@ def _derivative(c: np.ndarray) -> np.ndarray:
     return d
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, error_model="numpy")
 def _node_sums(ptr, rows, y, log_s, band, centre, n_bands, nodes, out):
     # out[b, j, m] = sum over gene j's non-zero cells in band b of y_i T_i(w_m)
     for j in range(ptr.shape[0] - 1):
@@ -135,7 +135,7 @@ def derivative_series(c: np.ndarray) -> np.ndarray:
     return _derivative(c)
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, error_model="numpy")
 def _clenshaw(c, w):
     b1 = 0.0
     b2 = 0.0
@@ -144,7 +144,7 @@ def _clenshaw(c, w):
     return w * b1 - b2 + c[0]
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, error_model="numpy")
 def control_eval(centres, yc, dyc, qc, dqc, level, j, eta, log_alpha):
     """Score, observed and expected information of one level's control cells at ``eta``, gene ``j``.
 
@@ -172,7 +172,7 @@ def control_eval(centres, yc, dyc, qc, dqc, level, j, eta, log_alpha):
     return score, observed, expected
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, error_model="numpy")
 def control_loglik_change(centres, yc, dyc, qc, dqc, level, j, eta0, eta1, log_alpha):
     """``L(eta1) - L(eta0)`` of one level's control cells, the integral of the score (Gauss-Legendre)."""
     if eta0 == eta1:
@@ -195,7 +195,7 @@ def control_loglik_change(centres, yc, dyc, qc, dqc, level, j, eta0, eta1, log_a
     return total if eta1 >= eta0 else -total
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, error_model="numpy")
 def _solve(a, b):
     """Solve ``a x = b`` (small, symmetric positive definite): Gaussian elimination with partial pivoting."""
     n = b.shape[0]
@@ -225,7 +225,7 @@ def _solve(a, b):
     return x
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, error_model="numpy")
 def _inverse_entry(a, i):
     """``inv(a)[i, i]``."""
     e = np.zeros(a.shape[0])
@@ -233,7 +233,7 @@ def _inverse_entry(a, i):
     return _solve(a, e)[i]
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, error_model="numpy")
 def _group_terms(lo, hi, first, end, rows, y, sf, lev, alpha, eta_level, b1, n_levels, out_s, out_o, out_e):
     """Per level: the group cells' score, observed and expected information at ``eta_level[k] + b1``."""
     for k in range(n_levels):
@@ -254,7 +254,7 @@ def _group_terms(lo, hi, first, end, rows, y, sf, lev, alpha, eta_level, b1, n_l
         out_e[k] += mu * h
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, error_model="numpy")
 def group_loglik(lo, hi, first, end, rows, y, sf, lev, alpha, eta_level, b1):
     """The group cells' log likelihood at ``eta_level[lev] + b1``, without the terms free of ``mu``."""
     total = 0.0
@@ -272,7 +272,7 @@ def group_loglik(lo, hi, first, end, rows, y, sf, lev, alpha, eta_level, b1):
     return total
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, error_model="numpy")
 def fit_comparison(
     lo,
     hi,
@@ -400,7 +400,7 @@ def fit_comparison(
     return theta, converged, it, obs, exp_info
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, error_model="numpy")
 def map_comparison(lo, hi, first, end, rows, y, sf, lev, alpha, j, design, control_levels, centres, yc, dyc, qc,
                    dqc, gamma0, b_hat, b_start, prior_scale, max_iter, tol):  # fmt: skip
     """The maximum a posteriori ``b1`` of apeGLM of one comparison and gene, every coefficient free.
@@ -471,7 +471,7 @@ def map_comparison(lo, hi, first, end, rows, y, sf, lev, alpha, j, design, contr
     return b, np.sqrt(v) if v > 0 else np.nan, converged
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, error_model="numpy")
 def _eta_levels(design, theta, out):
     for k in range(design.shape[0]):
         e = 0.0

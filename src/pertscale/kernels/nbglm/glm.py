@@ -115,7 +115,7 @@ class NBControl:
         return self.beta0.shape[-1]
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, error_model="numpy")
 def _score(lo, hi, first, end, rows, y, sf, lev, eoff, alpha, beta):
     """Score, expected and observed information of beta over rows [lo, hi); mu_i = s_i eoff[lev_i] exp(beta)."""
     score = 0.0
@@ -136,7 +136,7 @@ def _score(lo, hi, first, end, rows, y, sf, lev, eoff, alpha, beta):
     return score, info, deriv
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, error_model="numpy")
 def _intercept(lo, hi, k0, end, rows, y, sf, lev, eoff, alpha, max_iter, tol):
     """Solve sum_i (y_i - mu_i) / (1 + alpha mu_i) = 0 over rows [lo, hi), mu_i = s_i eoff[lev_i] exp(b), for b.
 
@@ -172,7 +172,7 @@ def _intercept(lo, hi, k0, end, rows, y, sf, lev, eoff, alpha, max_iter, tol):
     return b, False, max_iter
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, error_model="numpy")
 def _precision(lo, hi, sf, lev, eoff, alpha, beta, info_c, j):
     """``sum_levels I_g I_c / (I_g + I_c)``: the information on beta1 with every level's intercept free.
 
@@ -192,7 +192,7 @@ def _precision(lo, hi, sf, lev, eoff, alpha, beta, info_c, j):
     return total, ig.sum()
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, error_model="numpy")
 def _control_fit(level_ptr, ptr, rows, y, sf, alpha, max_iter, tol, beta0, info, converged):
     lev = np.zeros(sf.shape[0], dtype=np.int64)
     one = np.ones(1)
@@ -341,7 +341,7 @@ def nb_control(
 _BETA, _PREC, _CONV, _ITER, _ZSUM, _NNZ, _SCORE, _ONE_SIDED = range(8)
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, error_model="numpy")
 def _one_sided(lo, hi, first, end, rows, y, sf, lev, alpha, j, design, present, centres, yc, dyc, qc, dqc,
                gamma_c, gtot, csf, max_iter, tol):  # fmt: skip
     """The likelihood-ratio test of a gene with counts on one side only; ``(lfc, signed root, converged, iters)``.
@@ -406,7 +406,7 @@ def _one_sided(lo, hi, first, end, rows, y, sf, lev, alpha, j, design, present, 
     return lfc, np.sqrt(max(lr, 0.0)), ok1 and ok2, it1 + it2
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, error_model="numpy")
 def _group_fits(group_ptr, ptr, rows, y, z, sf, lev, alpha, beta0, info_c, design, gamma, ctot, csf,
                 centres, yc, dyc, qc, dqc, max_iter, tol, out):  # fmt: skip
     # out[:, g, j]: see the _BETA ... _ONE_SIDED rows
@@ -480,7 +480,7 @@ def _group_fits(group_ptr, ptr, rows, y, z, sf, lev, alpha, beta0, info_c, desig
             out[_SCORE, g, j] = b * np.sqrt(prec)
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, error_model="numpy")
 def _shrunk_fits(group_ptr, ptr, rows, y, sf, lev, alpha, design, gamma, beta_hat, one_sided, scale, centres, yc,
                  dyc, qc, dqc, max_iter, tol, out):  # fmt: skip
     # apeGLM's MAP of every coefficient together: out[0] b1, out[1] its posterior standard error
