@@ -23,6 +23,7 @@ and among those with ``baseMean >= 1``; the table gives their medians.
 
     python benchmarks/bench_nbglm.py                      # sim20k, papalexi, schraivogel
     python benchmarks/bench_nbglm.py --datasets papalexi --pydeseq2-groups 25
+    python benchmarks/bench_nbglm.py --tools pertscale,pertscale-apeglm   # without and with apeGLM (the default)
 
 Needs the ``bench`` extra and PyDESeq2 (``pip install -e ".[bench]"``).
 """
@@ -177,7 +178,9 @@ def main() -> None:
             results, rows = {}, []
             for tool in args.tools.split(","):
                 script = Path(tmp) / f"run_{tool}.py"  # not the package's own name: it would import itself
-                script.write_text({"pertscale": PERTSCALE, "crispyx": CRISPYX, "pydeseq2": PYDESEQ2}[tool])
+                scripts = {"pertscale": PERTSCALE, "crispyx": CRISPYX, "pydeseq2": PYDESEQ2}
+                scripts["pertscale-apeglm"] = PERTSCALE.replace("shrink=False", "shrink=True")  # the default
+                script.write_text(scripts[tool])
                 out = Path(tmp) / f"{tool}.npz"
                 cmd = [sys.executable, str(script), str(path), str(out)]
                 r = measure(cmd + ([str(args.pydeseq2_groups)] if tool == "pydeseq2" else []))

@@ -191,6 +191,55 @@ def test_dispersions_of_huge_counts_reach_the_likelihoods_maximum(scale):
         assert abs(np.log(table["dispersion_genewise"].iloc[j] / alpha[j])) < 1.0  # near the truth
 
 
+def test_dispersion_cells_are_a_seeded_sample_stratified_by_group():
+    from pertscale.tl._nbglm import dispersion_cells
+
+    labels = pd.Series(np.repeat(["control", "A", "B", "C"], [1000, 30, 5, 60]))
+    rows = dispersion_cells(labels, 200, 0)
+    kept = labels.iloc[rows].value_counts()
+    # the small groups whole, the control cut to what is left: 200 - 95
+    assert kept.to_dict() == {"control": 105, "C": 60, "A": 30, "B": 5}
+    assert (np.diff(rows) > 0).all()
+    assert np.array_equal(rows, dispersion_cells(labels, 200, 0))
+    assert not np.array_equal(rows, dispersion_cells(labels, 200, 1))
+    assert dispersion_cells(labels, 2_000, 0) is None and dispersion_cells(labels, None, 0) is None
+    tight = labels.iloc[dispersion_cells(labels, 40, 0)].value_counts()  # B whole, every other group cut to k
+    assert tight.to_dict() == {"control": 11, "C": 11, "A": 11, "B": 5}
+
+
+def test_dispersions_on_a_sample_read_the_matrix_once_and_are_recorded(sim_h5ad):
+    """With max_cells and the sample in memory, the fit reads each block once; the MAP step takes the same cells."""
+    reads = []
+
+    def counted(block):
+        reads.append(block.shape[0])
+        return block
+
+    adata = _raw(sim_h5ad, chunk_size=500)
+    ps.pp.size_factors(adata)
+    x = adata.X
+    adata.X = x.map_blocks(counted, dtype=x.dtype, meta=x._meta)
+    n = adata.n_obs
+    with dask.config.set(scheduler="synchronous"):
+        ps.tl.dispersions(adata, perturbation_column="perturbation", max_cells=n // 2, cache=True)
+    record = adata.uns["pertscale"]["dispersion"]
+    assert record["max_cells"] == n // 2 and record["seed"] == 0 and record["n_cells"] <= n // 2
+    assert sum(reads) <= n + 2 * max(x.chunks[0])  # one read, and the block read to size the cache
+    sample = adata.var[["dispersion", "dispersion_genewise"]].copy()
+    # the steps one by one take the same cells (from the record), and a full fit differs
+    ps.tl.fit_genewise_dispersions(adata, perturbation_column="perturbation", max_cells=n // 2)
+    ps.tl.fit_dispersion_trend(adata)
+    ps.tl.fit_dispersion_prior(adata)
+    ps.tl.fit_map_dispersions(adata)
+    assert_close(adata.var["dispersion"], sample["dispersion"], rtol=1e-12)
+    full = adata.copy()
+    ps.tl.dispersions(full, perturbation_column="perturbation")
+    assert not np.allclose(full.var["dispersion"], sample["dispersion"], equal_nan=True)
+    expressed = np.isfinite(full.var["dispersion"].to_numpy())
+    ratio = sample["dispersion"].to_numpy()[expressed] / full.var["dispersion"].to_numpy()[expressed]
+    assert np.median(np.abs(np.log(ratio))) < 0.2  # half the cells: the same dispersions, roughly
+
+
 def test_trend_and_prior_steps_equal_pydeseq2_on_the_same_genewise_dispersions():
     pytest.importorskip("pydeseq2")
     from pydeseq2.dds import DeseqDataSet

@@ -331,6 +331,14 @@ RUN_HELP = f"""QC, normalization and a test of every perturbation against contro
     "or by moments (one pass, fast).",
 )
 @click.option(
+    "--dispersion-cells",
+    "dispersion_cells",
+    type=click.IntRange(min=2),
+    default=None,
+    help="nb-glm: fit the dispersions on at most this many cells (a sample stratified by perturbation, seed 0, "
+    "recorded): one read of the matrix instead of one per Newton step when it fits in memory. Default: all cells.",
+)
+@click.option(
     "--covariates",
     default="",
     help="nb-glm: comma-separated obs columns (e.g. bio_rep) whose effects are estimated on the control cells "
@@ -443,6 +451,7 @@ def run(
     method,
     size_factor_method,
     dispersion_method,
+    dispersion_cells,
     covariates,
     shrink,
     alternative,
@@ -519,6 +528,7 @@ def run(
                 method=method,
                 size_factor_method=size_factor_method,
                 dispersion_method=dispersion_method,
+                dispersion_cells=dispersion_cells,
                 shrink=shrink,
                 covariates=[c.strip() for c in covariates.split(",") if c.strip()],
                 alternative=alternative,

@@ -346,7 +346,11 @@ def make_plan(
     passes = ["sort into the working store (1 read, spill written and read once, compressed)"] if needs_sort else []
     passes += ["QC metrics and filters (1 read)"]
     if nb_glm:
-        passes += ["size factors (2 reads)", "dispersions (1 read, then 1 read per Newton step: about 5-15)"]
+        passes += [
+            "size factors (2 reads)",
+            "dispersions (1 read, then 1 read per Newton step: about 5-15; 1 read in all with --dispersion-cells "
+            "when the sample fits in memory)",
+        ]
     steps = steps or {}
     if "pseudobulk" in steps:
         passes += ["pseudo-bulk (1 read)"]

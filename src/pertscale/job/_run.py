@@ -149,6 +149,7 @@ def run(
     method: str | Iterable[str] = "wilcoxon",
     size_factor_method: str = "sparse",
     dispersion_method: str = "cox-reid",
+    dispersion_cells: int | None = None,
     shrink: bool = True,
     covariates: Iterable[str] | None = None,
     tie_correct: bool = True,
@@ -230,6 +231,12 @@ def run(
         ``var``), each a few passes of its own.
     size_factor_method, dispersion_method, shrink, covariates
         nb-glm's options (see :func:`pertscale.tl.rank_genes_groups`).
+    dispersion_cells
+        nb-glm: fit the dispersions on at most this many cells, a seeded
+        sample stratified by perturbation (``max_cells`` of
+        :func:`pertscale.tl.dispersions`; seed 0, recorded): one read of the
+        matrix for the whole fit when the sample fits in memory. Default: all
+        cells.
     tie_correct, use_continuity, corr_method, alternative, min_pct, min_mean
         Options of :func:`pertscale.tl.rank_genes_groups`.
     hvg, hvg_flavor
@@ -447,6 +454,7 @@ def run(
         nb_options={
             "size_factor_method": size_factor_method,
             "dispersion_method": dispersion_method,
+            "dispersion_cells": dispersion_cells,
             "shrink": shrink,
             "covariates": covariates,
         },
@@ -671,6 +679,7 @@ class _Job:
                 covariates=self.nb_options["covariates"] or None,
                 method=self.nb_options["dispersion_method"],
                 layer="counts",
+                max_cells=self.nb_options.get("dispersion_cells"),
             )
         factors = filtered.obs[[self.perturbation_column, "size_factors"]]
         factors = factors.rename(columns={"size_factors": "size_factor"})

@@ -449,11 +449,48 @@ def _design_labels(adata: ad.AnnData, perturbation_column: str, covariates: list
     return labels
 
 
-def _open(adata: ad.AnnData, labels: pd.Series, sf: np.ndarray, *, layer: str | None, cache: bool | None) -> _Layout:
-    """The matrix in blocks of whole groups (nothing read yet, unless ``cache``)."""
+def dispersion_cells(labels: pd.Series, max_cells: int | None, seed: int) -> np.ndarray | None:
+    """The cells the dispersion fits use: all (``None``), or a seeded sample stratified by the design's groups.
+
+    Every group keeps ``min(its cells, k)`` cells, drawn without replacement
+    by ``numpy.random.default_rng(seed)``, with the largest ``k`` for which
+    they number at most ``max_cells``: small groups whole, large ones (the
+    control) cut first. Returns the rows, ascending.
+    """
+    if max_cells is None or max_cells >= labels.shape[0]:
+        return None
+    codes, _ = pd.factorize(labels.to_numpy(), sort=False)
+    sizes = np.bincount(codes)
+    order = np.sort(sizes)
+    # the largest k with sum(min(sizes, k)) <= max_cells
+    below = np.cumsum(order)
+    k = 0
+    for i, size in enumerate(order):
+        room = (max_cells - (below[i - 1] if i else 0)) // (order.size - i)
+        if room < size:
+            k = int(room)
+            break
+    else:  # pragma: no cover - max_cells >= n_obs returned above
+        return None
+    rng = np.random.default_rng(seed)
+    rows = []
+    members = np.argsort(codes, kind="stable")
+    starts = np.r_[0, np.cumsum(sizes)]
+    for g in range(sizes.size):
+        cells = members[starts[g] : starts[g + 1]]
+        rows.append(cells if cells.size <= k else rng.choice(cells, size=k, replace=False))
+    return np.sort(np.concatenate(rows)) if rows else None
+
+
+def _open(
+    adata: ad.AnnData, labels: pd.Series, sf: np.ndarray, *, layer: str | None, cache: bool | None, rows=None
+) -> _Layout:
+    """The matrix in blocks of whole groups (nothing read yet, unless ``cache``); of ``rows`` only, if given."""
     x = as_dask(get_matrix(adata, layer))
     if x.numblocks[1] != 1:
         x = x.rechunk({1: -1})
+    if rows is not None:
+        x, labels, sf = x[rows], labels.iloc[rows], sf[rows]
     if cache is None:
         cache = _fits_in_memory(x)
     return _Layout(x, labels, sf, cache=cache)
@@ -471,6 +508,8 @@ def _start(
     tol,
     layer: str | None,
     cache: bool | None,
+    max_cells: int | None = None,
+    seed: int = 0,
 ) -> tuple[_Layout, np.ndarray, dict, tuple]:
     """Every check of the gene-wise fit, before any pass; the layout, size factors, record and checked options."""
     if method not in DISPERSION_METHODS:
@@ -489,7 +528,11 @@ def _start(
         "covariates": ",".join(covariates),
         "layer": layer or "X",
     }
-    return _open(adata, labels, sf, layer=layer, cache=cache), sf, record, (min_mu, max_iter, tol)
+    if max_cells is not None:
+        max_cells = check_number(max_cells, "max_cells", integer=True, minimum=2)
+        record |= {"max_cells": int(max_cells), "seed": int(seed)}
+    rows = dispersion_cells(labels, max_cells, int(seed))
+    return _open(adata, labels, sf, layer=layer, cache=cache, rows=rows), sf, record, (min_mu, max_iter, tol)
 
 
 def _reopen(adata: ad.AnnData, record: dict, *, size_factors, cache: bool | None) -> _Layout:
@@ -516,7 +559,9 @@ def _reopen(adata: ad.AnnData, record: dict, *, size_factors, cache: bool | None
         )
     covariates = [c for c in str(record.get("covariates", "")).split(",") if c]
     labels = _design_labels(adata, str(record["perturbation_column"]), covariates)
-    return _open(adata, labels, sf, layer=layer, cache=cache)
+    max_cells = int(record["max_cells"]) if "max_cells" in record else None
+    rows = dispersion_cells(labels, max_cells, int(record.get("seed", 0)))  # the same cells, from the record
+    return _open(adata, labels, sf, layer=layer, cache=cache, rows=rows)
 
 
 # --------------------------------------------------------------------------- the steps
@@ -667,6 +712,8 @@ def fit_genewise_dispersions(
     tol: float = 1e-3,
     layer: str | None = None,
     cache: bool | None = None,
+    max_cells: int | None = None,
+    seed: int = 0,
 ) -> pd.DataFrame:
     """Each gene's own dispersion estimate, as DESeq2 makes it, out of core: the first dispersion step.
 
@@ -727,6 +774,19 @@ def fit_genewise_dispersions(
         first pass to the last (about 28 bytes a non-zero) instead of reading
         them again in every pass; default: when they take less than a
         quarter of the available memory (one block is read to tell).
+    max_cells
+        Fit on at most this many cells (default: all): a sample stratified
+        by the design's groups, every group keeping ``min(its cells, k)``
+        cells drawn by ``numpy.random.default_rng(seed)``, small groups
+        whole and the largest (the control) cut first (memento's idea,
+        Kim et al. 2024: dispersions need far fewer cells than the test).
+        When the sample's prepared blocks fit in memory (``cache``) the
+        whole fit reads the matrix once instead of once a Newton step.
+        Recorded with ``seed`` in ``uns['pertscale']['dispersion']``;
+        :func:`fit_map_dispersions` takes the same cells. Its effect on every
+        statistic is measured in ``benchmarks/RESULTS.md``.
+    seed
+        Seed of that sample.
 
     Returns
     -------
@@ -768,6 +828,8 @@ def fit_genewise_dispersions(
         tol=tol,
         layer=layer,
         cache=cache,
+        max_cells=max_cells,
+        seed=seed,
     )
     return _fit_genewise(adata, layout, sf, record, method=method, min_mu=min_mu, max_iter=max_iter, tol=tol)
 
@@ -909,6 +971,8 @@ def dispersions(
     tol: float = 1e-3,
     layer: str | None = None,
     cache: bool | None = None,
+    max_cells: int | None = None,
+    seed: int = 0,
 ) -> pd.DataFrame:
     """Every gene's negative-binomial dispersion, as DESeq2 estimates it, out of core; stored in ``var``.
 
@@ -952,7 +1016,7 @@ def dispersions(
     size_factors
         ``obs`` column of size factors (:func:`pertscale.pp.size_factors`),
         or an ``(n_obs,)`` array of them.
-    covariates, method, min_mu, layer, cache
+    covariates, method, min_mu, layer, cache, max_cells, seed
         As :func:`fit_genewise_dispersions`.
     max_iter, tol
         Newton passes at most, and the step below which a gene's fit stops,
@@ -996,6 +1060,8 @@ def dispersions(
         tol=tol,
         layer=layer,
         cache=cache,
+        max_cells=max_cells,
+        seed=seed,
     )
     _fit_genewise(adata, layout, sf, record, method=method, min_mu=min_mu, max_iter=max_iter, tol=tol)
     _fit_trend(adata)

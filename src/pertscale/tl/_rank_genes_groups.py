@@ -674,6 +674,7 @@ def _nbglm_inputs(
         "size_factors": size_factors if isinstance(size_factors, str) else "given",
         "dispersion_method": str(info.get("method", "given")),
         "dispersion_prior_variance": float(info.get("prior_variance", np.nan)),
+        "dispersion_max_cells": int(info.get("max_cells", 0)),  # 0: every cell
     }
 
 
