@@ -240,10 +240,13 @@ def _group_terms(lo, hi, first, end, rows, y, sf, lev, alpha, eta_level, b1, n_l
         out_s[k] = 0.0
         out_o[k] = 0.0
         out_e[k] = 0.0
+    scale = np.empty(n_levels)
+    for k in range(n_levels):
+        scale[k] = np.exp(eta_level[k] + b1)
     kk = first
     for i in range(lo, hi):
         k = lev[i]
-        mu = sf[i] * np.exp(eta_level[k] + b1)
+        mu = sf[i] * scale[k]
         yi = 0.0
         if kk < end and rows[kk] == i:
             yi = y[kk]
@@ -299,6 +302,9 @@ def fit_comparison(
     max_iter,
     tol,
     offset_b1=0.0,
+    exact_curvature=False,
+    b1_low=-np.inf,
+    b1_high=np.inf,
 ):
     """Maximum likelihood (or apeGLM's maximum a posteriori) coefficients of one comparison, one gene.
 
@@ -310,7 +316,9 @@ def fit_comparison(
     & Love 2019): Cauchy(0, ``prior_scale``) on ``b1`` and normal(0, 15) on
     ``gamma``. Newton steps on the observed information (the prior's
     curvature floored at zero), at most 1 long, until every step is below
-    ``tol``.
+    ``tol``. ``exact_curvature``: plain Newton on the posterior's own
+    curvature, stopped unconverged (at the last point) as soon as a step is
+    not uphill or takes ``b1`` out of ``(b1_low, b1_high)``.
 
     Returns ``(theta, converged, iterations, observed, expected)``: the
     final point, the posterior's observed information and the likelihood's
@@ -368,18 +376,21 @@ def fit_comparison(
                 obs[p, c] = obs[c, p]
                 exp_info[p, c] = exp_info[c, p]
         step_matrix = obs.copy()
+        floored = obs.copy()
         if prior_scale > 0:
             for c in range(p):
                 grad[c] -= theta[c] / (NO_SHRINK_SCALE * NO_SHRINK_SCALE)
                 obs[c, c] += 1.0 / (NO_SHRINK_SCALE * NO_SHRINK_SCALE)
                 step_matrix[c, c] += 1.0 / (NO_SHRINK_SCALE * NO_SHRINK_SCALE)
+                floored[c, c] += 1.0 / (NO_SHRINK_SCALE * NO_SHRINK_SCALE)
             if with_b1:
                 s2 = prior_scale * prior_scale
                 bb = theta[p]
                 grad[p] -= 2.0 * bb / (s2 + bb * bb)
                 curv = 2.0 * (s2 - bb * bb) / ((s2 + bb * bb) ** 2)
                 obs[p, p] += curv
-                step_matrix[p, p] += max(curv, 0.0)
+                step_matrix[p, p] += curv if exact_curvature else max(curv, 0.0)
+                floored[p, p] += max(curv, 0.0)
         else:
             for c in range(n_par):  # a column that nothing informs (a level absent from both sides) stays put
                 if step_matrix[c, c] <= 0.0:
@@ -390,6 +401,17 @@ def fit_comparison(
             longest = max(longest, abs(step[c]))
         if not np.isfinite(longest):
             break
+        if exact_curvature:
+            uphill = 0.0
+            for c in range(n_par):
+                uphill += step[c] * grad[c]
+            if uphill <= 0.0:  # not concave here: the step of the prior's curvature floored at zero (uphill)
+                step = _solve(floored, grad)
+                longest = 0.0
+                for c in range(n_par):
+                    longest = max(longest, abs(step[c]))
+            if not (b1_low < theta[p] + min(1.0, 1.0 / max(longest, 1e-300)) * step[p] < b1_high):
+                break
         if longest > 1.0:
             step = step / longest
         for c in range(n_par):
@@ -412,7 +434,9 @@ def map_comparison(lo, hi, first, end, rows, y, sf, lev, alpha, j, design, contr
     gene with counts on one side only; the search starts at ``b_start``), where the
     derivative changes sign) by Newton steps on the profile's curvature (the
     Schur complement of the observed information), bisecting when a step
-    leaves the bracket. Returns ``(b1, posterior standard error, converged)``:
+    leaves the bracket. Plain Newton on all coefficients is tried first; the
+    bracketed search takes over when a step is not uphill or leaves the
+    bracket (a prior much narrower than the likelihood: two modes). Returns ``(b1, posterior standard error, converged)``:
     the error from the whole posterior's observed information at the mode,
     as apeglm and PyDESeq2 report it.
     """
@@ -420,6 +444,27 @@ def map_comparison(lo, hi, first, end, rows, y, sf, lev, alpha, j, design, contr
     s2 = prior_scale * prior_scale
     left = min(0.0, b_hat)
     right = max(0.0, b_hat)
+    # first, plain Newton on every coefficient together (a few steps where the posterior is concave near its mode)
+    # (from the MLE when it lies well outside the prior's scale, else from 0, where the prior is concave)
+    start = np.empty(p + 1)
+    start[:p] = gamma0
+    start[p] = b_start if abs(b_start) > 2.0 * prior_scale else 0.0
+    theta, ok, _, obs, _ = fit_comparison(
+        lo, hi, first, end, rows, y, sf, lev, alpha, j, design, control_levels, centres, yc, dyc, qc, dqc,
+        start, use_control=True, use_group=True, with_b1=True, prior_scale=prior_scale, max_iter=max_iter,
+        tol=0.01 * tol, exact_curvature=True, b1_low=left - 1e-12, b1_high=right + 1e-12,
+    )  # fmt: skip
+    if not ok and np.isfinite(b_start):  # from the other end: 0 or the MLE
+        start[p] = b_start if start[p] == 0.0 else 0.0
+        theta, ok, _, obs, _ = fit_comparison(
+            lo, hi, first, end, rows, y, sf, lev, alpha, j, design, control_levels, centres, yc, dyc, qc, dqc,
+            start, use_control=True, use_group=True, with_b1=True, prior_scale=prior_scale, max_iter=max_iter,
+            tol=0.01 * tol, exact_curvature=True, b1_low=left - 1e-12, b1_high=right + 1e-12,
+        )  # fmt: skip
+    if ok:
+        v = _inverse_entry(obs, p)
+        return theta[p], np.sqrt(v) if v > 0 else np.nan, True
+    # otherwise the profile over gamma, bracketed
     gamma = gamma0.copy()
     eta = np.empty(n_levels)
     gs = np.empty(n_levels)
@@ -427,10 +472,11 @@ def map_comparison(lo, hi, first, end, rows, y, sf, lev, alpha, j, design, contr
     ge = np.empty(n_levels)
     b = b_start
     converged = False
-    for _ in range(max_iter):
-        gamma, _, _, obs, _ = fit_comparison(
+    for _ in range(4 * max_iter):
+        # at most two Newton steps on gamma from the last one (warm): the bracket moves only once gamma has settled
+        gamma, settled, _, obs, _ = fit_comparison(
             lo, hi, first, end, rows, y, sf, lev, alpha, j, design, control_levels, centres, yc, dyc, qc, dqc,
-            gamma, use_control=True, use_group=True, with_b1=False, prior_scale=prior_scale, max_iter=max_iter,
+            gamma, use_control=True, use_group=True, with_b1=False, prior_scale=prior_scale, max_iter=2,
             tol=tol, offset_b1=b,
         )  # fmt: skip
         _eta_levels(design, gamma, eta)
@@ -444,10 +490,11 @@ def map_comparison(lo, hi, first, end, rows, y, sf, lev, alpha, j, design, contr
                 cross[c] += design[k, c] * go[k]
         # the profile's curvature: the Schur complement of the gamma block
         curv -= (cross * _solve(obs, cross)).sum()
-        if grad > 0:
-            left = b
-        else:
-            right = b
+        if settled:
+            if grad > 0:
+                left = b
+            else:
+                right = b
         step = grad / curv if curv > 0 else np.inf
         new = b + step
         if not (left < new < right):
@@ -457,7 +504,7 @@ def map_comparison(lo, hi, first, end, rows, y, sf, lev, alpha, j, design, contr
                 new = b + (1.0 if grad > 0 else -1.0)
         # a hundredth of tol: one more (quadratically converging) step, so that the mode does not depend on the
         # last bits of the summation order (chunking, scheduler)
-        if abs(new - b) < 0.01 * tol or right - left < 0.01 * tol:
+        if settled and (abs(new - b) < 0.01 * tol or right - left < 0.01 * tol):
             b = new
             converged = True
             break
