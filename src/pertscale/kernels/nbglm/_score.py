@@ -302,7 +302,7 @@ def fit_comparison(
     max_iter,
     tol,
     offset_b1=0.0,
-    exact_curvature=False,
+    exact_curvature=False,  # noqa: FBT002 - numba's functions take no keyword-only arguments
     b1_low=-np.inf,
     b1_high=np.inf,
 ):
@@ -436,9 +436,10 @@ def map_comparison(lo, hi, first, end, rows, y, sf, lev, alpha, j, design, contr
     Schur complement of the observed information), bisecting when a step
     leaves the bracket. Plain Newton on all coefficients is tried first; the
     bracketed search takes over when a step is not uphill or leaves the
-    bracket (a prior much narrower than the likelihood: two modes). Returns ``(b1, posterior standard error, converged)``:
-    the error from the whole posterior's observed information at the mode,
-    as apeglm and PyDESeq2 report it.
+    bracket (a prior much narrower than the likelihood: two modes). Returns
+    ``(b1, posterior standard error, converged)``: the error from the whole
+    posterior's observed information at the mode, as apeglm and PyDESeq2
+    report it.
     """
     n_levels, p = design.shape
     s2 = prior_scale * prior_scale
