@@ -489,8 +489,13 @@ def pertscale_table(
     condition: str = "condition",
     control: str = "control",
     perturbed: str = "perturbed",
+    dispersions: np.ndarray | None = None,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """pertscale's public nb-glm on ``counts``: ``(samples table, genes table)``, the genes' columns :data:`STAGES`.
+
+    ``dispersions``: test with these (``rank_genes_groups(dispersions=)``)
+    instead of those pertscale estimates (which are still estimated, for
+    the table's dispersion columns).
 
     ``ps.pp.size_factors(method=size_factors)``, ``ps.tl.dispersions(
     perturbation_column=condition, covariates=)``,
@@ -522,6 +527,7 @@ def pertscale_table(
             size_factor_method=size_factors,
             covariates=covariates,
             shrink=shrink,
+            dispersions=dispersions,
         )
         res = ps.compute(res)
     var = adata.var

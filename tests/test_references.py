@@ -283,7 +283,7 @@ def _geometric_one(sf: np.ndarray) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def reference_size_factors(screen, counts):
-    """PyDESeq2's poscounts and ratio (scaled to geometric mean 1, as DESeq2 scales poscounts), and
+    """PyDESeq2's poscounts (scaled to geometric mean 1, as DESeq2 scales them) and ratio (not scaled), and
     crispyx's sparse median of ratios from its definition."""
     pytest.importorskip("pydeseq2")
     from pydeseq2.dds import DeseqDataSet
@@ -295,7 +295,8 @@ def reference_size_factors(screen, counts):
             warnings.simplefilter("ignore")
             dds = DeseqDataSet(adata=ad.AnnData(counts.astype(np.int64), obs=obs), design="~condition", quiet=True)
             dds.fit_size_factors(fit_type=fit_type)
-        out[fit_type] = _geometric_one(dds.obs["size_factors"].to_numpy())
+        sf = dds.obs["size_factors"].to_numpy()
+        out[fit_type] = sf if fit_type == "ratio" else _geometric_one(sf)  # PyDESeq2 scales poscounts, as DESeq2
     with np.errstate(divide="ignore"):
         logs = np.where(counts > 0, np.log(counts), np.nan)
     geo = np.exp(np.nanmean(logs, axis=0))

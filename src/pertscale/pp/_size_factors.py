@@ -38,8 +38,10 @@ def size_factors(
 
     Pass one sums ``log y`` over each gene's non-zero counts; pass two takes
     each cell's median ratio to the genes' references. Cells without any
-    usable gene get the median of the others (a warning says how many);
-    the factors are scaled to geometric mean 1.
+    usable gene get the median of the others (a warning says how many).
+    ``"poscounts"`` and ``"sparse"`` factors are scaled to geometric mean 1
+    (DESeq2 scales ``poscounts`` so); ``"ratio"`` factors are DESeq2's own,
+    not scaled (its ``estimateSizeFactorsForMatrix``).
 
     The first step of nb-glm (DESeq2's ``estimateSizeFactors``, PyDESeq2's
     ``fit_size_factors``); the next is :func:`pertscale.tl.dispersions` (or
@@ -108,7 +110,7 @@ def size_factors(
         _cell_factors, log_mean, usable, method, drop_axis=1, chunks=(x.chunks[0],), dtype=np.float64, meta=np.empty(0)
     )
     (raw,) = dask.compute(raw)
-    factors, filled = finish_size_factors(raw)
+    factors, filled = finish_size_factors(raw, rescale=method != "ratio")
     if filled:
         warnings.warn(
             f"{filled:,} cell(s) have no count in a reference gene: they get the median size factor",

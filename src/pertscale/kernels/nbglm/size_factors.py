@@ -7,7 +7,7 @@ Two passes over row blocks, each a pure function of one block:
    them into each gene's log reference and whether it is used;
 2. :func:`cell_size_factors` per block: each cell's median ratio to the
    references over its non-zero usable genes; :func:`finish_size_factors`
-   fills cells without any and scales to geometric mean 1.
+   fills cells without any and scales to geometric mean 1 (not the classic ``ratio`` factors, as DESeq2).
 
 Methods (:data:`SIZE_FACTOR_METHODS`): ``"sparse"`` (crispyx's sparse-aware
 variant for single cells), ``"poscounts"`` (DESeq2's ``type="poscounts"``,
@@ -110,8 +110,11 @@ def cell_size_factors(block, log_mean: np.ndarray, usable: np.ndarray, method: s
     )
 
 
-def finish_size_factors(raw: np.ndarray) -> tuple[np.ndarray, int]:
-    """Cells without a size factor get the median of the others; then scaled to geometric mean 1.
+def finish_size_factors(raw: np.ndarray, *, rescale: bool = True) -> tuple[np.ndarray, int]:
+    """Cells without a size factor get the median of the others; then scaled to geometric mean 1 (``rescale``).
+
+    DESeq2 scales its ``poscounts`` factors so and leaves the classic
+    ``ratio`` factors as they are (``rescale=False``).
 
     Returns
     -------
@@ -128,4 +131,4 @@ def finish_size_factors(raw: np.ndarray) -> tuple[np.ndarray, int]:
     if not ok.any():
         raise ValueError("no cell has a non-zero count in a gene usable for size factors")
     raw[~ok] = np.median(raw[ok])
-    return raw / np.exp(np.mean(np.log(raw))), int((~ok).sum())
+    return (raw / np.exp(np.mean(np.log(raw))) if rescale else raw), int((~ok).sum())
