@@ -331,6 +331,23 @@ def test_distributed_equals_synchronous(sim_h5ad, cluster_client):
         assert_close(dist.layers[layer], sync.layers[layer], rtol=1e-6, atol=1e-12, err_msg=layer)
 
 
+def test_cached_blocks_stay_on_the_workers_of_the_faces_client(sim_h5ad, cluster_client, monkeypatch):
+    """cache=True under ps.cluster.using(client): the client's persist, never dask.persist into this process."""
+    reference = _raw(sim_h5ad, chunk_size=700)
+    with dask.config.set(scheduler="synchronous"):
+        _steps(reference, cache=False)
+    adata = _raw(sim_h5ad, chunk_size=700)
+
+    def gathered(*args, **kwargs):
+        raise AssertionError("dask.persist under the face's client gathers the blocks into this process")
+
+    with ps.cluster.using(cluster_client, progress=False):
+        ps.pp.size_factors(adata)
+        monkeypatch.setattr(dask, "persist", gathered)
+        ps.tl.dispersions(adata, perturbation_column="perturbation", cache=True)
+    assert_close(adata.var["dispersion"], reference.var["dispersion"], rtol=1e-8)
+
+
 def test_results_layout_units_and_stored_estimates(sim_adata):
     adata = _raw(sim_adata.copy())
     res = _run(adata, lfc_base="natural")

@@ -202,7 +202,7 @@ class _Layout:
         self.large_means: list | None = None
         self.cache = cache
         if cache:  # computed here, and kept (in the workers' memory with a distributed scheduler)
-            kept = dask.persist(*self.small, *[p for pieces in self.pieces for p in pieces])
+            kept = _persist(*self.small, *[p for pieces in self.pieces for p in pieces])
             self.small, rest = list(kept[: len(self.small)]), list(kept[len(self.small) :])
             self.pieces = [[rest.pop(0) for _ in pieces] for pieces in self.pieces]
 
@@ -253,6 +253,24 @@ class _Layout:
                     total[:, 1] -= 0.5 * w1 / w
                     total[:, 2] -= 0.5 * (w2 / w - (w1 / w) ** 2)
         return total
+
+
+def _persist(*objects) -> list:
+    """Compute and keep ``objects``: on the workers of the face's ``distributed.Client``, else in this process.
+
+    ``dask.persist`` under the face's scheduler function (``ps.cluster.using``)
+    would gather the results into this process and put them into every later
+    graph; the client's own ``persist`` keeps them where they were computed.
+    """
+    try:
+        from distributed import Client
+
+        client = Client.current(allow_global=False)  # the one a face made current (``as_current``)
+    except (ImportError, ValueError):
+        client = None
+    if client is None:
+        return list(dask.persist(*objects))
+    return list(client.persist(list(objects)))
 
 
 def _fits_in_memory(x: da.Array) -> bool:
