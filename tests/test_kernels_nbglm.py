@@ -345,6 +345,31 @@ def test_covariates_are_fitted_exactly_as_statsmodels_full_glm(n_c):
         K.nbglm_block(y[n_c:], [n_g], control, rows=np.column_stack([sf[n_c:], np.full(n_g, 2)]), alpha=alpha)
 
 
+def test_a_level_without_control_counts_converges_to_statsmodels_fit():
+    """The control's level-1 coefficient goes to -inf alone; with the group's counts there the fit is finite."""
+    sm = pytest.importorskip("statsmodels.api")
+    rng = np.random.default_rng(8)
+    level = np.r_[np.repeat([0, 1], 100), np.repeat([0, 1], 30)]
+    y = rng.poisson(5.0, (260, 3)).astype(np.float64)
+    y[100:200] = 0  # no count in the control's level 1
+    y[200:, 2] = 0  # gene 2: none in the group either: no count in any cell of the group's... level 0 has some
+    sf = np.ones(260)
+    design = np.array([[1.0, 0.0], [1.0, 1.0]])
+    alpha = np.full(3, 0.1)
+    rows = np.column_stack([sf, level])
+    control = K.nb_control(sp.csr_matrix(y[:200]), rows[:200], alpha, n_levels=2, design=design)
+    assert (control.gamma[:, 1] == -30.0).all()  # pinned at the bound, not drifting
+    out = K.nbglm_block(sp.csr_matrix(y[200:]), [60], control, rows=rows[200:], alpha=alpha, shrink=False,
+                        lfc_base="natural")  # fmt: skip
+    stat = {n: i for i, n in enumerate(K.NBGLM_STATS)}
+    full = np.column_stack([design[level], np.r_[np.zeros(200), np.ones(60)]])
+    for j in range(2):
+        _, fit = _llf(sm, y[:, j], full, sf, 0.1)
+        assert out[0, stat["converged"], j] == 1, j
+        assert_close(out[0, stat["logfoldchanges_raw"], j], fit.params[2], rtol=1e-6, err_msg=f"gene {j}")
+    assert out[0, stat["one_sided"], 2] == 1 and np.isfinite(out[0, stat["pvals"], 2])
+
+
 def test_every_coefficient_of_a_two_covariate_additive_design_equals_statsmodels():
     """``~ a + b + perturbation``: DESeq2's additive design, not one intercept per combination of levels."""
     sm = pytest.importorskip("statsmodels.api")

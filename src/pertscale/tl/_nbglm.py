@@ -163,6 +163,8 @@ class _Layout:
         codes, names = pd.factorize(labels.to_numpy(), sort=False)
         sizes = np.bincount(codes, minlength=len(names))
         self.n_cells = int(codes.size)
+        #: mean of ``1 / s`` over the layout's cells (DESeq2's moments estimate)
+        self.inv_size_factor_mean = float(np.mean(1.0 / np.asarray(size_factors, dtype=np.float64)))
         self.n_groups = len(names)
         self.n_genes = int(x.shape[1])
         large = sizes > budget
@@ -474,6 +476,11 @@ def dispersion_cells(labels: pd.Series, max_cells: int | None, seed: int) -> np.
     by ``numpy.random.default_rng(seed)``, with the largest ``k`` for which
     they number at most ``max_cells``: small groups whole, large ones (the
     control) cut first. Returns the rows, ascending.
+
+    Raises
+    ------
+    ValueError
+        If ``k`` would be below 2 (``max_cells`` under twice the groups).
     """
     if max_cells is None or max_cells >= labels.shape[0]:
         return None
@@ -490,6 +497,11 @@ def dispersion_cells(labels: pd.Series, max_cells: int | None, seed: int) -> np.
             break
     else:  # pragma: no cover - max_cells >= n_obs returned above
         return None
+    if k < 2:
+        raise ValueError(
+            f"max_cells={max_cells} keeps fewer than 2 cells of each of the design's {sizes.size} groups: "
+            f"give at least {2 * sizes.size} (2 a group), or leave it out to use every cell"
+        )
     rng = np.random.default_rng(seed)
     rows = []
     members = np.argsort(codes, kind="stable")
@@ -602,7 +614,7 @@ def _fit_genewise(
         sums[2] += (s2 - 2.0 * zbar * s1 + m * zbar * zbar - m * zbar) / (zbar * zbar)
     sums[3] = layout.n_groups
     n = layout.n_cells
-    start = starting_dispersions(sums, float(np.mean(1.0 / sf)), n)
+    start = starting_dispersions(sums, layout.inv_size_factor_mean, n)
     base_mean = sums[0] / n
     expressed = sums[0] > 0
     lower, upper = np.log(MIN_DISP), np.log(max(10.0, float(n)))

@@ -8,12 +8,13 @@ exp(eta)``), has the score ::
            = sum_{y_i > 0} y_i T_i  -  exp(eta) sum_i s_i T_i,     T_i = 1 / (1 + alpha s_i exp(eta)).
 
 Each ``T_i`` is a logistic function of ``v = log alpha + eta``; with ``w =
-tanh((v - c) / 2)`` it is the rational function ``(1 - tau_i)(1 - w) / (2 (1
-+ tau_i w))`` of ``w`` on ``[-1, 1]`` (``tau_i = tanh((log s_i + c) / 2)``),
+tanh((v + c) / 2)`` (``c`` a band's centre in ``log s``) it is the rational
+function ``(1 - tau_i)(1 - w) / (2 (1 + tau_i w))`` of ``w`` on ``[-1, 1]``
+(``tau_i = tanh((log s_i - c) / 2)``),
 whose pole ``-1 / tau_i`` lies outside the interval. Both sums are therefore
 analytic in ``w`` over the whole real line of ``eta``, and their Chebyshev
 series converge geometrically, at the rate ``coth(d / 4)`` where ``d`` is
-the largest ``|log s_i + c|`` (Trefethen, *Approximation Theory and
+the largest ``|log s_i - c|`` (Trefethen, *Approximation Theory and
 Approximation Practice*, ch. 8). Cells are split into bands of size factors
 no wider than :data:`BAND_WIDTH` in ``log s``, each with its own centre ``c``,
 so that :data:`N_CHEB` + 1 coefficients give the sums to about 1e-14 of
@@ -38,6 +39,9 @@ from scipy.fft import dct
 N_CHEB = 32
 #: Widest band of ``log`` size factors one series covers (its cells are within half of it from its centre).
 BAND_WIDTH = 3.0
+#: Coefficients are kept within +-BOUND (natural log): exp(-30) ~ 1e-13, a mean below any count (DESeq2 bounds its
+#: optimizer's coefficients at 30 in log2).
+BOUND = 30.0
 #: Normal prior's scale of the coefficients apeGLM does not shrink (DESeq2's and PyDESeq2's ``prior.no.shrink.scale``).
 NO_SHRINK_SCALE = 15.0
 #: Gauss-Legendre points per unit of ``eta`` for the log likelihood's differences.
@@ -414,9 +418,13 @@ def fit_comparison(
                 break
         if longest > 1.0:
             step = step / longest
+        moved = 0.0
         for c in range(n_par):
-            theta[c] += step[c]
-        if longest < tol:
+            # a coefficient the data send to -inf (a level whose cells have no count) stops at -BOUND
+            new = min(max(theta[c] + step[c], -BOUND), BOUND)
+            moved = max(moved, abs(new - theta[c]))
+            theta[c] = new
+        if moved < tol:
             converged = True
             break
     return theta, converged, it, obs, exp_info

@@ -51,7 +51,15 @@ from ...variables import (
 from .._common import adjust_pvalues, block_inputs, canonical_csr, exclude_low_genes, normal_pvalues
 from ..groups import group_pointers
 from ._counts import check_counts, normalized_csc
-from ._score import _eta_levels, _inverse_entry, control_loglik_change, fit_comparison, group_loglik, map_comparison
+from ._score import (
+    BOUND,
+    _eta_levels,
+    _inverse_entry,
+    control_loglik_change,
+    fit_comparison,
+    group_loglik,
+    map_comparison,
+)
 
 
 @dataclass(frozen=True)
@@ -371,8 +379,12 @@ def _one_sided(lo, hi, first, end, rows, y, sf, lev, alpha, j, design, present, 
                 change += control_loglik_change(centres, yc, dyc, qc, dqc, k, j, eta_red[k], eta_full[k], la)
         lr = 2.0 * (change - group_loglik(lo, hi, first, end, rows, y, sf, lev, alpha, eta_red, 0.0))
         expected = 0.0
+        ssum = 0.0
         for i in range(lo, hi):
             expected += sf[i] * np.exp(eta_full[lev[i]])
+            ssum += sf[i]
+        if expected <= ssum * np.exp(1.0 - BOUND):  # the control has no count in the group's levels either
+            return np.nan, np.nan, ok, it
         lfc = np.log(0.5 / expected)
         return lfc, -np.sqrt(max(lr, 0.0)), ok, it
     # the control without counts: the group alone, then both
@@ -587,10 +599,11 @@ def nbglm_block(
         ``(n_genes,)`` dispersions (the same the control was fitted with).
     shrink
         Add apeGLM's shrunk fold changes (Zhu, Ibrahim & Love 2019): the
-        maximum a posteriori ``beta1`` under a Cauchy prior whose scale is
-        estimated from all genes' MLEs of the group (apeglm's ``priorVar``,
-        capped at 1 as DESeq2 and PyDESeq2 do), ``beta0`` held at the control
-        fit. Without it, ``logfoldchanges`` are the MLEs.
+        maximum a posteriori of every coefficient together, a Cauchy prior on
+        ``beta1`` whose scale is estimated from all genes' MLEs of the group
+        (apeglm's ``priorVar``, capped at 1 as DESeq2 and PyDESeq2 do) and a
+        normal(0, 15) prior on the others. Without it, ``logfoldchanges``
+        are the MLEs.
     lfc_base
         ``"log2"`` (default, as DESeq2) or ``"natural"``: the units of the
         fold changes and their standard errors.
@@ -609,14 +622,17 @@ def nbglm_block(
         ``(n_groups, len(NBGLM_STATS), n_genes)`` float64: Wald ``scores``
         (``beta1 / SE``), ``pvals`` (normal), ``pvals_adj``,
         ``logfoldchanges`` (shrunk, or the MLE without ``shrink``),
-        ``logfoldchanges_raw`` (MLE), ``lfcSE`` (of the MLE,
-        ``sqrt(1/I_control + 1/I_group)``, DESeq2's name), ``lfcSE_shrunk``
-        (posterior, from the curvature at the mode), ``pts``, ``pts_rest``,
+        ``logfoldchanges_raw`` (MLE), ``lfcSE`` (of the MLE, from the
+        inverse expected information, ``sqrt(1/I_control + 1/I_group)``
+        without covariates; DESeq2's name), ``lfcSE_shrunk`` (posterior,
+        from its observed information at the mode), ``pts``, ``pts_rest``,
         ``baseMean`` (mean normalized count of the group's and the control's
         cells), ``converged`` (1.0 or 0.0), ``n_iter`` and the group's
-        ``prior_scale`` (natural log, repeated over genes). Where a side has
-        no count of a gene the test is undefined: NaN score and p-value,
-        ``-inf`` or ``inf`` raw fold change.
+        ``prior_scale`` (natural log, repeated over genes), ``tested`` and
+        ``one_sided``. Where one side has no count of a gene, the
+        likelihood-ratio test (signed root in ``scores``), the fold change at
+        half a count on the empty side, NaN ``lfcSE``; where neither has,
+        untested (NaN, ``tested`` 0).
 
     Raises
     ------
