@@ -77,15 +77,24 @@ ROWS = (
 )
 
 
-def _pseudobulk(name: str, *, replicates: int = 6, n_genes: int = 1000, seed: int = 0):
+def _read(name: str):
+    """A real screen read whole, or None (said) when its file is absent."""
     import anndata as ad
-    import scipy.sparse as sp
 
-    path, group = REAL[name]
+    path = REAL[name][0]
     if not path.exists():
         print(f"\n_{name}: {path} not found (set PERTSCALE_DATA): skipped_\n")
         return None
-    a = ad.read_h5ad(path)
+    return ad.read_h5ad(path)
+
+
+def _pseudobulk(name: str, *, replicates: int = 6, n_genes: int = 1000, seed: int = 0):
+    import scipy.sparse as sp
+
+    a = _read(name)
+    if a is None:
+        return None
+    group = REAL[name][1]
     rng = np.random.default_rng(seed)
     rows, labels = [], []
     for cond, label in (("control", "control"), ("perturbed", group)):
@@ -105,14 +114,12 @@ def _pseudobulk(name: str, *, replicates: int = 6, n_genes: int = 1000, seed: in
 
 
 def _cells(name: str, *, n_cells: int = 400, n_genes: int = 100, seed: int = 0):
-    import anndata as ad
     import scipy.sparse as sp
 
-    path, group = REAL[name]
-    if not path.exists():
-        print(f"\n_{name}: {path} not found (set PERTSCALE_DATA): skipped_\n")
+    a = _read(name)
+    if a is None:
         return None
-    a = ad.read_h5ad(path)
+    group = REAL[name][1]
     rng = np.random.default_rng(seed)
     labels = a.obs["perturbation"].astype(str).to_numpy()
     pick = []
