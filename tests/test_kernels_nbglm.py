@@ -178,6 +178,49 @@ def test_apeglm_is_the_joint_posterior_mode(two_groups):
         assert abs(beta_map[j]) <= abs(beta_hat[j]) + 1e-12  # shrunk towards zero, never past it
 
 
+def test_apeglm_keeps_the_higher_of_two_posterior_modes():
+    """A prior much narrower than a moderate fold change: a mode near 0 and one near the MLE; the higher wins.
+
+    200 genes without effect drive apeglm's prior variance to its floor (scale 1e-3); six genes have fold
+    changes of 0.15-0.35 (natural log). The reference: scipy's Nelder-Mead on the joint posterior from both
+    ends (0 and the MLE), the better of the two.
+    """
+    from scipy.optimize import minimize
+
+    rng = np.random.default_rng(11)
+    n_c, n_g, n_null = 400, 100, 200
+    null, sf = _counts(rng, n_c + n_g, n_null, mean=20.0, alpha=0.1)
+    effect = np.ones((n_c + n_g, 6))
+    effect[n_c:] = np.exp(np.linspace(0.15, 0.4, 6))
+    moderate, _ = _counts(rng, n_c + n_g, 6, mean=1.0, alpha=0.1, sf=sf, effect=effect)
+    y = sp.hstack([null, moderate]).tocsr()
+    alpha = np.full(y.shape[1], 0.1)
+    control = K.nb_control(y[:n_c], sf[:n_c], alpha)
+    out = K.nbglm_block(y[n_c:], [n_g], control, rows=sf[n_c:], alpha=alpha, lfc_base="natural")
+    stat = {n: i for i, n in enumerate(K.NBGLM_STATS)}
+    scale = out[0, stat["prior_scale"], 0]
+    assert scale < 0.01
+    dense = y.toarray().astype(np.float64)
+    x = np.r_[np.zeros(n_c), np.ones(n_g)]
+    near_zero = 0
+    for j in range(n_null, n_null + 6):
+        yj, b_hat = dense[:, j], out[0, stat["logfoldchanges_raw"], j]
+
+        def negative(theta, yj=yj, a=alpha[j]):
+            eta = theta[0] + theta[1] * x + np.log(sf)
+            ll = (yj * eta - (yj + 1 / a) * np.log1p(a * np.exp(eta))).sum()
+            return -(ll - theta[0] ** 2 / (2 * 15.0**2) - np.log1p((theta[1] / scale) ** 2))
+
+        b0 = np.log((yj[:n_c].sum() + 0.5) / sf[:n_c].sum())
+        opts = {"xatol": 1e-12, "fatol": 1e-14, "maxiter": 40000}
+        modes = [minimize(negative, [b0, b], method="Nelder-Mead", options=opts) for b in (0.0, b_hat)]
+        best = min(modes, key=lambda m: m.fun).x[1]
+        assert abs(out[0, stat["logfoldchanges"], j] - best) < 1e-6 * max(1.0, abs(best)), (j, b_hat, best)
+        two = abs(modes[0].x[1] - modes[1].x[1]) > 0.05
+        near_zero += two and abs(best) < 0.01 < abs(b_hat)
+    assert near_zero >= 1  # the case this test is for: two modes, the one near 0 the higher
+
+
 def test_apeglm_equals_pydeseq2s_map_on_a_bulk_like_design():
     """20 vs 20 samples, where holding the intercept at the control's fit would shrink too little."""
     utils = pytest.importorskip("pydeseq2.utils")

@@ -191,6 +191,81 @@ def test_dispersions_of_huge_counts_reach_the_likelihoods_maximum(scale):
         assert abs(np.log(table["dispersion_genewise"].iloc[j] / alpha[j])) < 1.0  # near the truth
 
 
+def _additive_screen(seed=5, n_genes=30):
+    """Raw counts of ~ batch + perturbation: a large control and label A, two small labels, three batches."""
+    rng = np.random.default_rng(seed)
+    labels = np.repeat(["control", "A", "B", "C"], [300, 150, 40, 40])
+    n = labels.size
+    batch = rng.choice(["b1", "b2", "b3"], n)
+    sf = rng.lognormal(0, 0.3, n)
+    base = rng.uniform(2.0, 40.0, n_genes)
+    alpha = (0.05 + 1.0 / base) * rng.lognormal(0, 0.3, n_genes)  # about a trend a0 + a1 / mu
+    effect = {"control": 0.0, "A": 0.4, "B": -0.5, "C": 0.8}
+    shift = {"b1": 0.0, "b2": 0.3, "b3": -0.4}
+    log_mu = np.log(base)[None] + np.array([effect[k] + shift[b] for k, b in zip(labels, batch, strict=True)])[:, None]
+    mu = sf[:, None] * np.exp(log_mu)
+    counts = rng.negative_binomial(1 / alpha, 1 / (1 + alpha * mu)).astype(np.float64)
+    obs = pd.DataFrame({"perturbation": labels, "batch": batch}, index=[f"c{i}" for i in range(n)])
+    adata = ad.AnnData(sp.csr_matrix(counts), obs=obs)
+    adata.obs["size_factors"] = sf
+    return adata
+
+
+def test_additive_design_dispersions_are_deseq2s_adjusted_profile_likelihood_maximum(tmp_path):
+    """With covariates: DESeq2's starting values, GLM means, and the maximum of its APL, computed independently.
+
+    The reference, gene by gene, from DESeq2's definitions (estimateDispersionsGeneEst): the starting
+    dispersion min(rough, moments) from numpy's least squares on y / s; the means of statsmodels' NB GLM of
+    the full design (intercept, batches, labels) at it, floored at min_mu; the maximum over log alpha of
+    sum_i log NB(y_i; mu_i, alpha) - 1/2 log det(X' W X) by scipy. Blocks of 60 rows cut the control and
+    label A into pieces: the same estimates as blocks holding every label whole.
+    """
+    import statsmodels.api as sm
+    from scipy.optimize import minimize_scalar
+
+    adata = _additive_screen()
+    y = adata.X.toarray()
+    sf = adata.obs["size_factors"].to_numpy()
+    obs = adata.obs
+    x = np.column_stack(
+        [np.ones(adata.n_obs)]
+        + [(obs["batch"] == b).to_numpy(float) for b in ("b2", "b3")]
+        + [(obs["perturbation"] == k).to_numpy(float) for k in ("A", "B", "C")]
+    )
+    m, p = x.shape
+    z = y / sf[:, None]
+    fitted = np.maximum(x @ np.linalg.lstsq(x, z, rcond=None)[0], 1.0)
+    rough = (((z - fitted) ** 2 - fitted) / fitted**2).sum(axis=0) / (m - p)
+    moments = (z.var(axis=0, ddof=1) - np.mean(1 / sf) * z.mean(axis=0)) / z.mean(axis=0) ** 2
+    start = np.clip(np.minimum(rough, moments), 1e-8, max(10.0, m))
+    tables = {}
+    adata.write_h5ad(tmp_path / "screen.h5ad")
+    for chunk in (60, 10_000):
+        a = ps.read(tmp_path / "screen.h5ad", chunk_size=chunk)
+        with dask.config.set(scheduler="synchronous"):
+            tables[chunk] = ps.tl.dispersions(
+                a, perturbation_column="perturbation", covariates=["batch"], tol=1e-9, max_iter=100
+            )
+    table = tables[60]
+    assert table["dispersion_converged"].all()
+    for j in range(adata.n_vars):
+        glm = sm.GLM(y[:, j], x, family=sm.families.NegativeBinomial(alpha=start[j]), offset=np.log(sf))
+        mu = np.maximum(glm.fit(tol=1e-13, maxiter=200).fittedvalues, 0.5)
+
+        def apl(a, j=j, mu=mu):
+            alpha = np.exp(a)
+            w = mu / (1 + alpha * mu)
+            return -(
+                stats.nbinom.logpmf(y[:, j], 1 / alpha, 1 / (1 + alpha * mu)).sum()
+                - 0.5 * np.linalg.slogdet(x.T @ (w[:, None] * x))[1]
+            )
+
+        best = minimize_scalar(apl, bounds=(np.log(1e-6), np.log(10.0)), method="bounded", options={"xatol": 1e-10})
+        assert_close(table["dispersion_genewise"].iloc[j], np.exp(best.x), rtol=1e-6, err_msg=f"gene {j}")
+    for column in ("dispersion_genewise", "dispersion_trend", "dispersion"):
+        assert_close(tables[10_000][column], table[column], rtol=1e-8)
+
+
 def test_dispersion_cells_are_a_seeded_sample_stratified_by_group():
     from pertscale.tl._nbglm import dispersion_cells
 

@@ -83,11 +83,18 @@ def _group_sizes(codes: np.ndarray) -> np.ndarray:
     return np.diff(np.r_[starts, codes.shape[0]])
 
 
-def _prepare(block, codes, sf, genes=None):
+def _run_starts(codes: np.ndarray) -> np.ndarray:
+    """Each run's group code, in the order of the block's rows."""
+    codes = np.asarray(codes)
+    return codes[np.flatnonzero(np.r_[True, codes[1:] != codes[:-1]])] if codes.size else codes
+
+
+def _prepare(block, codes, sf, lev=None, kinds=None, genes=None):
     """A block as the dispersion kernels take it.
 
     Returns its counts by gene (of ``genes`` only, if given), its group sizes
-    (None: a piece of a large group) and ``genes``.
+    (None: a piece of a large group), ``genes``, and for the additive design
+    each row's level combination and each group's kind (else None).
     """
     from ..kernels.nbglm import count_columns
 
@@ -95,13 +102,13 @@ def _prepare(block, codes, sf, genes=None):
     block = sp.csr_matrix(block)
     if genes is not None:
         block = block[:, genes]
-    return count_columns(block, np.asarray(sf)), sizes, genes
+    return count_columns(block, np.asarray(sf)), sizes, genes, lev, kinds
 
 
 def _moments(prepared):
     from ..kernels.nbglm import dispersion_moments_block
 
-    cols, sizes, _ = prepared
+    cols, sizes = prepared[:2]
     if sizes is None:  # a piece of a large group: its sums of z and z^2
         z = sp.csc_matrix((cols.z, cols.rows, cols.ptr), shape=cols.shape)
         return np.stack([np.asarray(z.sum(axis=0)).ravel(), np.asarray(z.multiply(z).sum(axis=0)).ravel()])
@@ -114,7 +121,7 @@ def _likelihood(prepared, alphas, means, min_mu, active):
     """Value, gradient, curvature (and W terms of pieces): ``(n_points, 6, n_genes)`` for each row of ``alphas``."""
     from ..kernels.nbglm import dispersion_apl_block
 
-    cols, sizes, genes = prepared
+    cols, sizes, genes = prepared[:3]
     piece = sizes is None
     out = np.zeros((alphas.shape[0], 6, alphas.shape[1]))
     if not piece and sizes.size == 0:
@@ -143,6 +150,137 @@ def _total(*parts):
     return sum(parts[1:], parts[0].copy())
 
 
+def _rows_of_groups(prepared):
+    cols, sizes = prepared[:2]
+    sizes = np.array([cols.shape[0]]) if sizes is None else sizes
+    return sizes, np.repeat(np.arange(sizes.size), sizes)
+
+
+def _additive_sums(prepared, design):
+    """Pass one of the additive design: ``(3 + 2p, n_genes)`` sums for the moments and the least squares fit.
+
+    Rows: ``sum z``, ``sum z^2``, ``sum_i c_i z_i`` (``p``), over the whole
+    labels ``sum_k n_k^-1 (sum_{i in k} c_i) (sum_{i in k} z_i)`` (``p``), and
+    ``sum z`` of the pieces of a large label (``z = y / s``).
+    """
+    from ..kernels.nbglm import PIECE, WHOLE
+
+    cols, _, _, lev, kinds = prepared
+    sizes, group = _rows_of_groups(prepared)
+    n_rows, n_genes = cols.shape
+    p = design.shape[1]
+    z = sp.csc_matrix((cols.z, cols.rows, cols.ptr), shape=cols.shape)
+    x = design[lev]
+    ind = sp.csr_matrix((np.ones(n_rows), (group, np.arange(n_rows))), shape=(sizes.size, n_rows))
+    zs = (ind @ z).toarray()
+    out = np.zeros((3 + 2 * p, n_genes))
+    out[0], out[1] = zs.sum(axis=0), np.asarray(z.multiply(z).sum(axis=0)).ravel()
+    out[2 : 2 + p] = np.asarray(z.T @ x).T
+    whole = kinds == WHOLE
+    out[2 + p : 2 + 2 * p] = ((ind @ x)[whole] / sizes[whole, None]).T @ zs[whole]
+    out[2 + 2 * p] = zs[kinds == PIECE].sum(axis=0)
+    return out
+
+
+def _additive_rough(prepared, design, state):
+    """Pass two: DESeq2's rough estimate's numerator ``sum_i ((z_i - m_i)^2 - m_i) / m_i^2`` (``n_genes``).
+
+    ``m_i`` is the least squares fit of ``z`` on the design, at least 1
+    (``roughDispEstimate``): each whole label's coefficient from its sums
+    given ``gamma``; a piece's from ``beta_given``; ``state = (gamma,
+    beta_given)``.
+    """
+    from ..kernels.nbglm import PIECE, WHOLE
+
+    gamma, beta_given = state
+    cols, _, _, lev, kinds = prepared
+    sizes, group = _rows_of_groups(prepared)
+    n_rows, n_genes = cols.shape
+    n_levels = design.shape[0]
+    key = group * n_levels + lev
+    n_keys = sizes.size * n_levels
+    ind = sp.csr_matrix((np.ones(n_rows), (key, np.arange(n_rows))), shape=(n_keys, n_rows))
+    count = np.bincount(key, minlength=n_keys).astype(np.float64)
+    z = sp.csc_matrix((cols.z, cols.rows, cols.ptr), shape=cols.shape)
+    zsum, zsq = (ind @ z).tocsc(), (ind @ z.multiply(z)).tocsc()
+    bk = count.reshape(sizes.size, n_levels) @ design  # (n_groups, p)
+    keep = count > 0
+    whole = kinds == WHOLE
+    out = np.zeros(n_genes)
+    for lo in range(0, n_genes, 512):  # genes in slices: (groups x levels x genes) would be large
+        hi = min(n_genes, lo + 512)
+        zl, ql = zsum[:, lo:hi].toarray(), zsq[:, lo:hi].toarray()
+        g = gamma[:, lo:hi]
+        beta = np.zeros((sizes.size, hi - lo))
+        zg = zl.reshape(sizes.size, n_levels, -1).sum(axis=1)
+        beta[whole] = (zg[whole] - bk[whole] @ g) / sizes[whole, None]
+        beta[kinds == PIECE] = beta_given[lo:hi]
+        m = np.maximum((design @ g)[None] + beta[:, None], 1.0).reshape(n_keys, -1)[keep]
+        c, zl, ql = count[keep, None], zl[keep], ql[keep]
+        out[lo:hi] = ((ql - 2.0 * m * zl + c * m * m - c * m) / (m * m)).sum(axis=0)
+    return out
+
+
+def _state_for(prepared, state, active):
+    """The additive state ``(gamma, the pieces' coefficient, alpha_fit)`` and ``active``, of the prepared genes."""
+    genes = prepared[2]
+    if genes is None:
+        return state, active
+    gamma, beta, alpha_fit = state
+    return (gamma[:, genes], beta[genes], alpha_fit[genes]), active[genes]
+
+
+def _scatter(got: np.ndarray, genes, n_genes: int) -> np.ndarray:
+    """``got`` of the prepared genes, as all genes' (zeros elsewhere)."""
+    if genes is None:
+        return got
+    out = np.zeros(got.shape[:-1] + (n_genes,))
+    out[..., genes] = got
+    return out
+
+
+def _additive_glm(prepared, design, active, state):
+    """A GLM pass's share: ``(p + p*p + 2 + p, n_genes)`` profile gradient and information, and the pieces' terms."""
+    from ..kernels.nbglm import glm_block
+
+    cols, sizes, genes, lev, kinds = prepared
+    sizes = np.array([cols.shape[0]]) if sizes is None else sizes
+    (gamma, beta, alpha_fit), act = _state_for(prepared, state, active)
+    grad, info, piece = glm_block(cols, sizes, kinds, lev, design, gamma, beta, alpha_fit, act)
+    return _scatter(np.concatenate([grad, info.reshape(-1, grad.shape[1]), piece]), genes, active.shape[0])
+
+
+def _additive_likelihood(prepared, design, alphas, min_mu, active, state):
+    """``(n_points, apl_size(p), n_genes)``: the additive design's likelihood terms at each row of ``alphas``."""
+    from ..kernels.nbglm import apl_block
+
+    cols, sizes, genes, lev, kinds = prepared
+    sizes = np.array([cols.shape[0]]) if sizes is None else sizes
+    (gamma, beta, alpha_fit), act = _state_for(prepared, state, active)
+    return np.stack(
+        [
+            _scatter(
+                apl_block(
+                    cols,
+                    sizes,
+                    kinds,
+                    lev,
+                    design,
+                    gamma,
+                    beta,
+                    alpha_fit,
+                    alpha if genes is None else alpha[genes],
+                    min_mu=min_mu,
+                    active=act,
+                ),
+                genes,
+                alphas.shape[1],
+            )
+            for alpha in alphas
+        ]
+    )
+
+
 #: Prepared blocks are kept in memory between passes when they take less than this share of the available memory.
 CACHE_FRACTION = 0.25
 
@@ -158,17 +296,51 @@ class _Layout:
     in all when the prepared blocks fit in memory (``cache``).
     """
 
-    def __init__(self, x: da.Array, labels: pd.Series, size_factors: np.ndarray, *, cache: bool) -> None:
+    def __init__(
+        self,
+        x: da.Array,
+        labels: pd.Series,
+        size_factors: np.ndarray,
+        *,
+        cache: bool,
+        levels: np.ndarray | None = None,
+        design: np.ndarray | None = None,
+    ) -> None:
+        from ..kernels.nbglm import PIECE, REFERENCE, WHOLE
+
         budget = int(max(x.chunks[0]))
         codes, names = pd.factorize(labels.to_numpy(), sort=False)
         sizes = np.bincount(codes, minlength=len(names))
         self.n_cells = int(codes.size)
+        #: the additive design's covariate part ``(n_levels, p)`` (None: one group per label, linear-model means)
+        self.design = design
+        reference = int(np.argmax(sizes))  # the additive design's reference label: the largest (the control)
+        #: parameters of the design (DESeq2's ``ncol(modelMatrix)``)
+        self.n_params = len(names) if design is None else design.shape[1] + len(names) - 1
+        #: the additive design's state once fitted: gamma ``(p, n_genes)``, the large labels' coefficients, alpha_fit
+        self.state: tuple | None = None
+        if design is not None:
+            n_levels = design.shape[0]
+            counts = np.bincount(codes * n_levels + levels, minlength=len(names) * n_levels)
+            counts = counts.reshape(len(names), n_levels).astype(np.float64)
+            bk = counts @ design  # (n_labels, p): sum_{i in k} c_i
+            others = np.arange(len(names)) != reference
+            #: the least squares normal matrix of the covariate coefficients, the labels' own profiled out
+            self.ls_matrix = design.T @ (counts.sum(axis=0)[:, None] * design) - (
+                bk[others].T @ (bk[others] / sizes[others, None])
+            )
         #: mean of ``1 / s`` over the layout's cells (DESeq2's moments estimate)
         self.inv_size_factor_mean = float(np.mean(1.0 / np.asarray(size_factors, dtype=np.float64)))
         self.n_groups = len(names)
         self.n_genes = int(x.shape[1])
         large = sizes > budget
         self.large_rows = [np.flatnonzero(codes == g) for g in np.flatnonzero(large)]
+        if design is not None:
+            # the large labels other than the reference: their coefficients are the caller's (Newton on them)
+            self.ls_matrix += sum(
+                bk[g][:, None] * bk[g][None] / sizes[g] for g in np.flatnonzero(large) if g != reference
+            )  # (added back: they are not profiled in a block)
+            self.large_counts = [(float(sizes[g]), bk[g]) for g in np.flatnonzero(large)]
         self.small: list = []
         self.pieces: list[list] = []
         if (~large[codes]).any():
@@ -184,18 +356,23 @@ class _Layout:
             lay = aligned(x, groups, budget=budget)
             bounds = np.cumsum((0,) + lay.x.chunks[0])
             blocks = lay.x.to_delayed().ravel()
+            kind_of = np.where(small == reference, REFERENCE, WHOLE)
             self._small_inputs = [
                 (b, lay.codes[lo:hi], size_factors[lay.rows[lo:hi]])
+                + (() if design is None else (levels[lay.rows[lo:hi]], kind_of[_run_starts(lay.codes[lo:hi])]))
                 for b, lo, hi in zip(blocks, bounds[:-1], bounds[1:], strict=True)
             ]
             self.small = [dask.delayed(_prepare)(*inputs) for inputs in self._small_inputs]
         self._piece_inputs = []
-        for rows in self.large_rows:
+        #: each large label's kind (the reference's pieces have no coefficient of their own)
+        self.large_kinds = [REFERENCE if g == reference else PIECE for g in np.flatnonzero(large)]
+        for rows, kind in zip(self.large_rows, self.large_kinds, strict=True):
             contiguous = rows[-1] - rows[0] + 1 == rows.size
             piece = (x[int(rows[0]) : int(rows[-1]) + 1] if contiguous else x[rows]).rechunk({0: budget, 1: -1})
             bounds = np.cumsum((0,) + piece.chunks[0])
             inputs = [
                 (b, None, size_factors[rows[lo:hi]])
+                + (() if design is None else (levels[rows[lo:hi]], np.array([kind])))
                 for b, lo, hi in zip(piece.to_delayed().ravel(), bounds[:-1], bounds[1:], strict=True)
             ]
             self._piece_inputs.append(inputs)
@@ -227,14 +404,165 @@ class _Layout:
             ]
         return self.large_means
 
+    def _blocks(self, active):
+        """The prepared blocks of a pass: kept ones, or read again for the active genes only when few are left."""
+        if self.cache or active is None or active.sum() >= 0.5 * self.n_genes:
+            return self.small, self.pieces
+        genes = np.flatnonzero(active)
+        small = [dask.delayed(_prepare)(*inputs, genes=genes) for inputs in getattr(self, "_small_inputs", [])]
+        pieces_all = [[dask.delayed(_prepare)(*i, genes=genes) for i in inputs] for inputs in self._piece_inputs]
+        return small, pieces_all
+
+    def _sums(self, fn, *args, active=None, state=None):
+        """One pass of ``fn(prepared, *args[, state(k)])`` summed: over the small blocks (or None), per large label.
+
+        ``state(k)`` (``k`` None for the small blocks, else the large label's
+        index) is put into the pass's graph once, not once per block.
+        """
+        small, pieces_all = self._blocks(active)
+
+        def part(blocks, k):
+            extra = () if state is None else (dask.delayed(state(k), traverse=False),)
+            return dask.delayed(_total)(*[dask.delayed(fn)(b, *args, *extra) for b in blocks])
+
+        todo = ([part(small, None)] if small else []) + [part(p, k) for k, p in enumerate(pieces_all)]
+        got = list(dask.compute(*todo))
+        return (got.pop(0) if small else None), got
+
+    def _piece_labels(self) -> list[int]:
+        from ..kernels.nbglm import PIECE
+
+        return [k for k, kind in enumerate(self.large_kinds) if kind == PIECE]
+
+    def _large_beta(self, theta: np.ndarray, p: int) -> np.ndarray:
+        beta = np.zeros((len(self.large_kinds), self.n_genes))
+        for m, k in enumerate(self._piece_labels()):
+            beta[k] = theta[p + m]
+        return beta
+
+    def additive_start(self):
+        """Two passes: DESeq2's starting dispersions of the additive design, and each gene's mean of ``y / s``.
+
+        Pass one: the moments and the least squares fit of ``z = y / s`` on the
+        design (``linearModelMu``); pass two: the rough estimate's residuals
+        from that fit (``roughDispEstimate``). Returns ``(start, base_mean)``.
+        """
+        from ..kernels.nbglm import starting_dispersions
+
+        design = self.design
+        p = design.shape[1]
+        small, large = self._sums(_additive_sums, design)
+        total = sum(large, small if small is not None else np.zeros((3 + 2 * p, self.n_genes)))
+        pieces = self._piece_labels()
+        # the least squares system in gamma and the large labels' coefficients (the others profiled out)
+        q = p + len(pieces)
+        matrix = np.zeros((q, q))
+        matrix[:p, :p] = self.ls_matrix
+        rhs = np.zeros((q, self.n_genes))
+        rhs[:p] = total[2 : 2 + p] - total[2 + p : 2 + 2 * p]
+        for m, k in enumerate(pieces):
+            n_k, b_k = self.large_counts[k]
+            matrix[:p, p + m] = matrix[p + m, :p] = b_k
+            matrix[p + m, p + m] = n_k
+            rhs[p + m] = large[k][2 + 2 * p]
+        theta = np.linalg.lstsq(matrix, rhs, rcond=None)[0]
+        gamma, beta = theta[:p], self._large_beta(theta, p)
+        small, large = self._sums(
+            _additive_rough, design, state=lambda k: (gamma, np.zeros(self.n_genes) if k is None else beta[k])
+        )
+        rough = sum(large, small if small is not None else np.zeros(self.n_genes))
+        sums = np.stack([total[0], total[1], rough, np.full(self.n_genes, float(self.n_params))])
+        return starting_dispersions(sums, self.inv_size_factor_mean, self.n_cells), total[0] / self.n_cells
+
+    def fit_means(self, alpha_fit: np.ndarray, base_mean: np.ndarray, *, max_iter: int = 100, tol: float = 1e-8):
+        """The additive design's NB GLM at ``alpha_fit``, by Fisher scoring passes (DESeq2's ``fitNbinomGLMs``).
+
+        Every label's own coefficient is solved in its block given the
+        covariate coefficients (``gamma``); a pass adds up the profile's
+        gradient and information in ``gamma`` (and in the coefficients of
+        labels cut into pieces), and a step is taken per gene, coefficients
+        within ``+-BOUND``, until every step is below ``tol``. The means are
+        not floored while fitting (DESeq2's IRLS floors them at ``minmu``
+        inside its iterations; the dispersion fit floors them here too).
+        Genes with ``alpha_fit`` NaN (no count) are left out. Sets
+        :attr:`state`; returns whether each gene converged.
+        """
+        from ..kernels.nbglm import BOUND
+
+        design = self.design
+        p = design.shape[1]
+        n = self.n_genes
+        pieces = self._piece_labels()
+        q = p + len(pieces)
+        expressed = np.isfinite(alpha_fit)
+        alpha = np.where(expressed, alpha_fit, 1.0)
+        theta = np.zeros((q, n))
+        theta[0] = np.log(np.maximum(base_mean, np.exp(-BOUND)))
+        active = expressed.copy()
+        converged = ~expressed
+        zeros = np.zeros(n)
+        for _ in range(max_iter):
+            if not active.any():
+                break
+            gamma, beta = theta[:p].copy(), self._large_beta(theta, p)
+            small, large = self._sums(
+                _additive_glm,
+                design,
+                active,
+                active=active,
+                state=lambda k, gamma=gamma, beta=beta: (gamma, zeros if k is None else beta[k], alpha),
+            )
+            got = sum(large, small.copy() if small is not None else np.zeros_like(large[0]))
+            h = np.zeros((n, q, q))
+            g = np.zeros((n, q))
+            h[:, :p, :p] = np.moveaxis(got[p : p + p * p].reshape(p, p, n), -1, 0)
+            g[:, :p] = got[:p].T
+            for m, k in enumerate(pieces):
+                piece = large[k][p + p * p :]
+                g[:, p + m] = piece[0]
+                h[:, p + m, p + m] = piece[1]
+                h[:, :p, p + m] = h[:, p + m, :p] = piece[2 : 2 + p].T
+            idx = np.flatnonzero(active)
+            step = np.zeros((q, n))
+            # a level whose cells have no count has (almost) no information: its coefficient heads to -BOUND
+            step[:, idx] = np.linalg.solve(h[idx] + 1e-300 + 1e-10 * np.eye(q), g[idx][:, :, None])[:, :, 0].T
+            new = np.clip(theta + np.clip(step, -MAX_STEP, MAX_STEP), -BOUND, BOUND)
+            done = active & (np.abs(new - theta).max(axis=0) < tol)
+            theta[:, active] = new[:, active]
+            converged |= done
+            active &= ~done
+        self.state = (theta[:p].copy(), self._large_beta(theta, p), np.where(expressed, alpha_fit, np.nan))
+        return converged
+
+    def _additive(self, alphas, min_mu, active):
+        """One pass of the additive design: ``(n_points, 3, n_genes)``."""
+        from ..kernels.nbglm import PIECE, cox_reid_term
+
+        gamma, beta, alpha_fit = self.state
+        fit = np.where(np.isfinite(alpha_fit), alpha_fit, 1.0)
+        zeros = np.zeros(self.n_genes)
+        small, large = self._sums(
+            _additive_likelihood,
+            self.design,
+            alphas,
+            min_mu,
+            active,
+            active=active,
+            state=lambda k: (gamma, zeros if k is None else beta[k], fit),
+        )
+        whole = sum(large, small.copy() if small is not None else np.zeros_like(large[0]))
+        out = np.zeros((alphas.shape[0], 3, alphas.shape[1]))
+        for m in range(alphas.shape[0]):
+            pieces = [part[m] for part, kind in zip(large, self.large_kinds, strict=True) if kind == PIECE]
+            out[m] = whole[m, :3] + cox_reid_term(whole[m], pieces, self.design.shape[1])
+        return out
+
     def likelihood(self, alphas, min_mu, active):
         """One pass: ``(n_points, 3, n_genes)`` value, gradient, curvature summed over every group."""
+        if self.design is not None:
+            return self._additive(alphas, min_mu, active)
         means = self.piece_means()
-        small, pieces_all = self.small, self.pieces
-        if not self.cache and active.sum() < 0.5 * self.n_genes:  # read again, and prepare only the active genes
-            genes = np.flatnonzero(active)
-            small = [dask.delayed(_prepare)(*inputs, genes) for inputs in getattr(self, "_small_inputs", [])]
-            pieces_all = [[dask.delayed(_prepare)(*i, genes) for i in inputs] for inputs in self._piece_inputs]
+        small, pieces_all = self._blocks(active)
         todo = []
         if small:
             todo.append(
@@ -461,7 +789,7 @@ def _check_fit_options(adata: ad.AnnData, *, max_iter, tol, min_mu=None):
 
 
 def _design_labels(adata: ad.AnnData, perturbation_column: str, covariates: list[str]) -> pd.Series:
-    """Each cell's group of the design: its label, within its level of the covariates."""
+    """Each cell's group: its label, within its level of the covariates (the sample's strata; a design of groups)."""
     labels = perturbation_labels(adata.obs, perturbation_column)
     if covariates:
         codes, _ = covariate_levels(adata.obs, covariates)
@@ -512,18 +840,53 @@ def dispersion_cells(labels: pd.Series, max_cells: int | None, seed: int) -> np.
     return np.sort(np.concatenate(rows)) if rows else None
 
 
+def _additive(labels: pd.Series, codes: np.ndarray, levels: list[str], n_covariates: int) -> np.ndarray | None:
+    """The covariate part of the design when DESeq2 would fit its means by a GLM, else None.
+
+    DESeq2 takes the linear model's means (the group means of ``y / s``)
+    when the design is one of groups, as many distinct rows as columns
+    (``estimateDispersionsGeneEst``'s ``linearMu``); otherwise the GLM's.
+    """
+    design = additive_design(levels, n_covariates)
+    label_codes = pd.factorize(labels.to_numpy(), sort=False)[0]
+    rows = np.unique(label_codes * len(levels) + codes).size
+    return None if rows == design.shape[1] + label_codes.max() else design
+
+
 def _open(
-    adata: ad.AnnData, labels: pd.Series, sf: np.ndarray, *, layer: str | None, cache: bool | None, rows=None
+    adata: ad.AnnData,
+    perturbation_column: str,
+    covariates: list[str],
+    sf: np.ndarray,
+    *,
+    layer: str | None,
+    cache: bool | None,
+    rows=None,
 ) -> _Layout:
-    """The matrix in blocks of whole groups (nothing read yet, unless ``cache``); of ``rows`` only, if given."""
+    """The matrix in blocks of whole groups (nothing read yet, unless ``cache``); of ``rows`` only, if given.
+
+    Without covariates, or with a design of groups, a group is a label
+    within a level of the covariates; otherwise a label, each cell with its
+    level, and the design's means are fitted by the GLM.
+    """
     x = as_dask(get_matrix(adata, layer))
     if x.numblocks[1] != 1:
         x = x.rechunk({1: -1})
+    labels = _design_labels(adata, perturbation_column, covariates)
+    codes = design = None
+    if covariates:
+        codes, levels = covariate_levels(adata.obs, covariates)
+        plain = perturbation_labels(adata.obs, perturbation_column)
+        picked = plain if rows is None else plain.iloc[rows]
+        design = _additive(picked, codes if rows is None else codes[rows], levels, len(covariates))
+        if design is not None:
+            labels = plain
     if rows is not None:
         x, labels, sf = x[rows], labels.iloc[rows], sf[rows]
+        codes = None if codes is None else codes[rows]
     if cache is None:
         cache = _fits_in_memory(x)
-    return _Layout(x, labels, sf, cache=cache)
+    return _Layout(x, labels, sf, cache=cache, levels=codes if design is not None else None, design=design)
 
 
 def _start(
@@ -562,7 +925,8 @@ def _start(
         max_cells = check_number(max_cells, "max_cells", integer=True, minimum=2)
         record |= {"max_cells": int(max_cells), "seed": int(seed)}
     rows = dispersion_cells(labels, max_cells, int(seed))
-    return _open(adata, labels, sf, layer=layer, cache=cache, rows=rows), sf, record, (min_mu, max_iter, tol)
+    layout = _open(adata, perturbation_column, covariates, sf, layer=layer, cache=cache, rows=rows)
+    return layout, sf, record, (min_mu, max_iter, tol)
 
 
 def _reopen(adata: ad.AnnData, record: dict, *, size_factors, cache: bool | None) -> _Layout:
@@ -591,7 +955,11 @@ def _reopen(adata: ad.AnnData, record: dict, *, size_factors, cache: bool | None
     labels = _design_labels(adata, str(record["perturbation_column"]), covariates)
     max_cells = int(record["max_cells"]) if "max_cells" in record else None
     rows = dispersion_cells(labels, max_cells, int(record.get("seed", 0)))  # the same cells, from the record
-    return _open(adata, labels, sf, layer=layer, cache=cache, rows=rows)
+    layout = _open(adata, str(record["perturbation_column"]), covariates, sf, layer=layer, cache=cache, rows=rows)
+    if layout.design is not None:  # the means the gene-wise fit used: fitted again at the same starting values
+        start, base_mean = layout.additive_start()
+        layout.fit_means(np.where(base_mean > 0, start, np.nan), base_mean)
+    return layout
 
 
 # --------------------------------------------------------------------------- the steps
@@ -600,10 +968,29 @@ def _reopen(adata: ad.AnnData, record: dict, *, size_factors, cache: bool | None
 def _fit_genewise(
     adata: ad.AnnData, layout: _Layout, sf: np.ndarray, record: dict, *, method, min_mu, max_iter, tol
 ) -> pd.DataFrame:
-    from ..kernels.nbglm import MIN_DISP, starting_dispersions
+    n = layout.n_cells
+    means_converged = True
+    if layout.design is not None:  # DESeq2's additive design: GLM means, fitted at the starting values
+        start, base_mean = layout.additive_start()
+        expressed = base_mean > 0
+        if method == "cox-reid":
+            means_converged = layout.fit_means(np.where(expressed, start, np.nan), base_mean)
+    else:
+        start, base_mean = _groups_start(layout)
+        expressed = base_mean > 0
+    table = _genewise_table(
+        adata, layout, start, base_mean, expressed, method=method, min_mu=min_mu, max_iter=max_iter, tol=tol
+    )
+    table[DISPERSION_GENEWISE_CONVERGED] &= means_converged
+    _write(adata, table, record | {"n_cells": int(n), "n_params": int(layout.n_params)}, "genewise")
+    return table
+
+
+def _groups_start(layout: _Layout):
+    """One pass: DESeq2's starting dispersions of a design of groups, and each gene's mean of ``y / s``."""
+    from ..kernels.nbglm import starting_dispersions
 
     n_genes = layout.n_genes
-    # 1. starting values, from per-gene sums of z = y / s
     small, large = layout.moments()
     sums = small if small is not None else np.zeros((4, n_genes))
     for rows, (s1, s2) in zip(layout.large_rows, large, strict=True):
@@ -614,9 +1001,15 @@ def _fit_genewise(
         sums[2] += (s2 - 2.0 * zbar * s1 + m * zbar * zbar - m * zbar) / (zbar * zbar)
     sums[3] = layout.n_groups
     n = layout.n_cells
-    start = starting_dispersions(sums, layout.inv_size_factor_mean, n)
-    base_mean = sums[0] / n
-    expressed = sums[0] > 0
+    return starting_dispersions(sums, layout.inv_size_factor_mean, n), sums[0] / n
+
+
+def _genewise_table(adata, layout: _Layout, start, base_mean, expressed, *, method, min_mu, max_iter, tol):
+    """The gene-wise Newton passes from ``start``; the table of :data:`GENEWISE_TABLE`."""
+    from ..kernels.nbglm import MIN_DISP
+
+    n_genes = layout.n_genes
+    n = layout.n_cells
     lower, upper = np.log(MIN_DISP), np.log(max(10.0, float(n)))
     a0 = np.where(expressed, np.log(start), np.nan)
     if method == "cox-reid":
@@ -640,7 +1033,6 @@ def _fit_genewise(
         },
         index=adata.var_names,
     )
-    _write(adata, table, record | {"n_cells": int(n), "n_groups": int(layout.n_groups)}, "genewise")
     return table
 
 
@@ -670,7 +1062,7 @@ def _fit_prior(adata: ad.AnnData) -> float:
         adata.var[DISPERSION_GENEWISE].to_numpy(dtype=np.float64),
         adata.var[DISPERSION_TREND].to_numpy(dtype=np.float64),
         n_cells=int(record["n_cells"]),
-        n_params=int(record["n_groups"]),
+        n_params=int(record.get("n_params", record.get("n_groups", 0))),  # n_groups: earlier records
         min_disp=MIN_DISP,
     )
     record |= {"prior_variance": float(prior_var), "squared_logres": float(squared_logres)}
@@ -747,20 +1139,34 @@ def fit_genewise_dispersions(
 ) -> pd.DataFrame:
     """Each gene's own dispersion estimate, as DESeq2 makes it, out of core: the first dispersion step.
 
-    The design is one group per label of ``obs[perturbation_column]`` (the
-    control and every perturbation; within every level of ``covariates``),
-    each group's mean held at the mean of its normalized counts ``y / s``,
-    as DESeq2 and PyDESeq2 do for such designs (PyDESeq2's
-    ``fit_genewise_dispersions``; Love, Huber & Anders 2014):
+    The design is DESeq2's ``~ covariates + perturbation`` (Love, Huber &
+    Anders 2014). Without covariates it is one group per label of
+    ``obs[perturbation_column]`` (the control and every perturbation), each
+    group's mean held at the mean of its normalized counts ``y / s``, as
+    DESeq2 and PyDESeq2 do for designs of groups (PyDESeq2's
+    ``fit_genewise_dispersions``). With covariates it is the additive
+    design (an intercept, each covariate's other levels, one indicator per
+    label but the largest), whose means DESeq2 fits by the NB GLM at the
+    starting values (``estimateDispersionsGeneEst``: ``fitNbinomGLMs``, then
+    ``log det(X'WX)`` in the Cox-Reid term), and so does this: the arrow
+    shape of ``X'WX`` (labels' indicators disjoint) lets each block add its
+    labels' share (:mod:`pertscale.kernels.nbglm._additive`). A design that
+    is one of groups after all (as many distinct rows as coefficients: every
+    label within one level) keeps the groups' means, as DESeq2 does.
 
-    1. starting values (one pass): the smaller of DESeq2's rough (linear
-       model) and moments estimates;
-    2. ``method="cox-reid"``: the maximum of the Cox-Reid adjusted profile
+    1. starting values: the smaller of DESeq2's rough (linear model) and
+       moments estimates (one pass; two with the additive design, whose
+       least squares fit comes first);
+    2. the additive design only, with ``method="cox-reid"``: its means, by
+       Fisher scoring on the covariates' coefficients (one pass a step,
+       each label's own coefficient solved in its block; usually 4-8
+       passes, kept in memory with ``cache``);
+    3. ``method="cox-reid"``: the maximum of the Cox-Reid adjusted profile
        log likelihood in ``log alpha``, by Newton steps (one pass each, at
        most ``max_iter``; genes whose starting value is at the floor first
        take the best point of a coarse grid, one more pass), within
        ``[1e-8, max(10, n_obs)]``. ``method="moments"`` keeps the starting
-       values (one pass in all).
+       values.
 
     Computes here: each pass is a plain ``dask.compute`` on Dask's current
     scheduler, a reduction the next pass needs. The next step is
@@ -779,8 +1185,9 @@ def fit_genewise_dispersions(
         or an ``(n_obs,)`` array of them.
     covariates
         ``obs`` columns (e.g. ``["bio_rep"]``, or ``"bio_rep"``: a string is
-        one column): the design's groups are then every label within every
-        level of them; checked before any pass.
+        one column): the design is then ``~ covariates + perturbation``
+        (R's treatment contrasts, the first level of each in sorted order
+        its reference), as above; checked before any pass.
     method
         ``"cox-reid"`` (default) or ``"moments"`` (fast, one pass; then the
         later steps keep these estimates as the final ones, with no prior).
@@ -827,8 +1234,8 @@ def fit_genewise_dispersions(
         ``dispersion_genewise_curvature`` (the likelihood's second derivative
         in ``log alpha`` there, where :func:`fit_map_dispersions` starts;
         NaN with ``"moments"``) and ``baseMean`` (mean normalized count,
-        ``sum(y / s) / n_obs``). The options, ``n_cells`` and ``n_groups``
-        go to a new record ``uns['pertscale']['dispersion']``, which lists
+        ``sum(y / s) / n_obs``). The options, ``n_cells`` and ``n_params``
+        (the design's coefficients) go to a new record ``uns['pertscale']['dispersion']``, which lists
         the steps done (``"genewise"``).
 
     Raises
@@ -901,7 +1308,8 @@ def fit_dispersion_prior(adata: ad.AnnData) -> float:
     As PyDESeq2's ``fit_dispersion_prior``: the squared median absolute
     deviation of the log residuals ``log dispersion_genewise - log
     dispersion_trend`` (genes with a gene-wise estimate of at least 1e-6),
-    less ``trigamma((n_obs - n_groups) / 2)``, at least 0.25. No pass over
+    less ``trigamma((n_obs - n_params) / 2)`` (``n_params`` the design's
+    coefficients), at least 0.25. No pass over
     the matrix.
 
     Parameters

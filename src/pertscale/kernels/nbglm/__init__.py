@@ -16,7 +16,9 @@ of DESeq2's model (Love, Huber & Anders 2014), in the order they run:
 Every public name is re-exported here.
 """
 
+from ._additive import PIECE, REFERENCE, WHOLE, apl_block, apl_size, cox_reid_term, glm_block
 from ._counts import check_counts
+from ._score import BOUND
 from .dispersion import (
     DIRECT_COUNT,
     MIN_DISP,
@@ -39,6 +41,14 @@ from .size_factors import (
 )
 
 __all__ = [
+    "BOUND",
+    "PIECE",
+    "REFERENCE",
+    "WHOLE",
+    "apl_block",
+    "apl_size",
+    "cox_reid_term",
+    "glm_block",
     "DIRECT_COUNT",
     "MIN_DISP",
     "NBGLM_STATS",

@@ -431,9 +431,12 @@ def fit_comparison(
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
-def map_comparison(lo, hi, first, end, rows, y, sf, lev, alpha, j, design, control_levels, centres, yc, dyc, qc,
-                   dqc, gamma0, b_hat, b_start, prior_scale, max_iter, tol):  # fmt: skip
-    """The maximum a posteriori ``b1`` of apeGLM of one comparison and gene, every coefficient free.
+def _map_mode(lo, hi, first, end, rows, y, sf, lev, alpha, j, design, control_levels, centres, yc, dyc, qc,
+              dqc, gamma0, b_hat, b_start, prior_scale, max_iter, tol, from_zero):  # fmt: skip
+    """A mode of apeGLM's posterior of one comparison and gene, every coefficient free.
+
+    Searched from ``b1 = 0`` when ``from_zero``, else from ``b_start`` when
+    it lies well outside the prior's scale.
 
     The log posterior profiled over ``gamma`` (concave for fixed ``b1``:
     Newton, :func:`fit_comparison`) has the derivative ``S_group(b1) - 2 b1
@@ -445,9 +448,9 @@ def map_comparison(lo, hi, first, end, rows, y, sf, lev, alpha, j, design, contr
     leaves the bracket. Plain Newton on all coefficients is tried first; the
     bracketed search takes over when a step is not uphill or leaves the
     bracket (a prior much narrower than the likelihood: two modes). Returns
-    ``(b1, posterior standard error, converged)``: the error from the whole
-    posterior's observed information at the mode, as apeglm and PyDESeq2
-    report it.
+    ``(theta, posterior standard error of b1, converged)``: the error from
+    the whole posterior's observed information at the mode, as apeglm and
+    PyDESeq2 report it.
     """
     n_levels, p = design.shape
     s2 = prior_scale * prior_scale
@@ -457,7 +460,7 @@ def map_comparison(lo, hi, first, end, rows, y, sf, lev, alpha, j, design, contr
     # (from the MLE when it lies well outside the prior's scale, else from 0, where the prior is concave)
     start = np.empty(p + 1)
     start[:p] = gamma0
-    start[p] = b_start if abs(b_start) > 2.0 * prior_scale else 0.0
+    start[p] = b_start if abs(b_start) > 2.0 * prior_scale and not from_zero else 0.0
     theta, ok, _, obs, _ = fit_comparison(
         lo, hi, first, end, rows, y, sf, lev, alpha, j, design, control_levels, centres, yc, dyc, qc, dqc,
         start, use_control=True, use_group=True, with_b1=True, prior_scale=prior_scale, max_iter=max_iter,
@@ -472,14 +475,14 @@ def map_comparison(lo, hi, first, end, rows, y, sf, lev, alpha, j, design, contr
         )  # fmt: skip
     if ok:
         v = _inverse_entry(obs, p)
-        return theta[p], np.sqrt(v) if v > 0 else np.nan, True
+        return theta, np.sqrt(v) if v > 0 else np.nan, True
     # otherwise the profile over gamma, bracketed
     gamma = gamma0.copy()
     eta = np.empty(n_levels)
     gs = np.empty(n_levels)
     go = np.empty(n_levels)
     ge = np.empty(n_levels)
-    b = b_start
+    b = 0.0 if from_zero else b_start
     converged = False
     for _ in range(4 * max_iter):
         # at most two Newton steps on gamma from the last one (warm): the bracket moves only once gamma has settled
@@ -526,7 +529,61 @@ def map_comparison(lo, hi, first, end, rows, y, sf, lev, alpha, j, design, contr
         theta, use_control=True, use_group=True, with_b1=True, prior_scale=prior_scale, max_iter=1, tol=tol,
     )  # fmt: skip
     v = _inverse_entry(obs, p)
-    return b, np.sqrt(v) if v > 0 else np.nan, converged
+    return theta, np.sqrt(v) if v > 0 else np.nan, converged
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def _log_posterior_change(lo, hi, first, end, rows, y, sf, lev, alpha, j, design, control_levels, centres, yc, dyc,
+                          qc, dqc, theta0, theta1, prior_scale):  # fmt: skip
+    """The log posterior of apeGLM at ``theta1`` less at ``theta0`` (both sides' likelihoods and both priors)."""
+    n_levels, p = design.shape
+    eta0 = np.empty(n_levels)
+    eta1 = np.empty(n_levels)
+    _eta_levels(design, theta0[:p], eta0)
+    _eta_levels(design, theta1[:p], eta1)
+    la = np.log(alpha)
+    change = group_loglik(lo, hi, first, end, rows, y, sf, lev, alpha, eta1, theta1[p])
+    change -= group_loglik(lo, hi, first, end, rows, y, sf, lev, alpha, eta0, theta0[p])
+    for k in range(n_levels):
+        if control_levels[k]:
+            change += control_loglik_change(centres, yc, dyc, qc, dqc, k, j, eta0[k], eta1[k], la)
+    for c in range(p):
+        change -= (theta1[c] * theta1[c] - theta0[c] * theta0[c]) / (2.0 * NO_SHRINK_SCALE * NO_SHRINK_SCALE)
+    s2 = prior_scale * prior_scale
+    return change - np.log(s2 + theta1[p] * theta1[p]) + np.log(s2 + theta0[p] * theta0[p])
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def map_comparison(lo, hi, first, end, rows, y, sf, lev, alpha, j, design, control_levels, centres, yc, dyc, qc,
+                   dqc, gamma0, b_hat, b_start, prior_scale, max_iter, tol):  # fmt: skip
+    """The maximum a posteriori ``b1`` of apeGLM of one comparison and gene, every coefficient free.
+
+    The log posterior profiled over ``gamma`` is concave for fixed ``b1``,
+    but in ``b1`` it can have two modes when the maximum likelihood
+    ``b_hat`` lies well outside the Cauchy prior's scale: one near 0, one
+    near ``b_hat``. Then both are found (:func:`_map_mode` from ``b_hat``
+    and from 0) and the higher posterior kept, its difference computed from
+    both sides' likelihoods (the control's from its series). Returns ``(b1,
+    posterior standard error, converged)``.
+    """
+    p = design.shape[1]
+    theta, se, ok = _map_mode(
+        lo, hi, first, end, rows, y, sf, lev, alpha, j, design, control_levels, centres, yc, dyc, qc, dqc,
+        gamma0, b_hat, b_start, prior_scale, max_iter, tol, from_zero=False,
+    )  # fmt: skip
+    if np.isfinite(b_hat) and abs(b_start) > 2.0 * prior_scale:  # two modes are possible: the one near 0 too
+        theta0, se0, ok0 = _map_mode(
+            lo, hi, first, end, rows, y, sf, lev, alpha, j, design, control_levels, centres, yc, dyc, qc, dqc,
+            gamma0, b_hat, b_start, prior_scale, max_iter, tol, from_zero=True,
+        )  # fmt: skip
+        if ok0 and abs(theta0[p] - theta[p]) > tol:
+            gain = _log_posterior_change(
+                lo, hi, first, end, rows, y, sf, lev, alpha, j, design, control_levels, centres, yc, dyc, qc,
+                dqc, theta, theta0, prior_scale,
+            )  # fmt: skip
+            if gain > 0 or not ok:
+                return theta0[p], se0, ok0
+    return theta[p], se, ok
 
 
 @njit(cache=True, nogil=True, error_model="numpy")

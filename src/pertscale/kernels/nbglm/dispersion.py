@@ -6,7 +6,8 @@ model (Love, Huber & Anders 2014), per gene: ``y_i ~ NB(mu_i, alpha)``,
 ``Var y_i = mu_i + alpha mu_i^2``, for the one-hot design of every label
 (each group's mean fitted by the linear model, the group mean of normalized
 counts ``z = y / s``, as DESeq2 and PyDESeq2 do for designs of groups, and
-held fixed).
+held fixed). The additive design of covariates, whose means are the GLM's,
+is :mod:`._additive`'s.
 
 1. Starting values (:func:`dispersion_moments_block`,
    :func:`starting_dispersions`): the smaller of DESeq2's rough (linear
