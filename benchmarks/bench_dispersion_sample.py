@@ -16,16 +16,33 @@ with p < 0.05 on all cells) and the DE calls at ``pvals_adj < 0.05``
     python benchmarks/bench_dispersion_sample.py --datasets sim100k --cells 20000,50000
 
 Real screens from ``../shared/data`` (skipped with a message when absent);
-``sim100k`` is ``/work/bench-data/100k.h5ad`` (``--data-dir``).
+``sim100k`` is ``/work/bench-data/100k.h5ad``, ``sim1m`` ``/work/bench-data/1m.h5ad`` (``--data-dir``).
+
+``--cli``: the same comparison as whole ``pertscale run`` processes (nb-glm
+only), once on all cells and once per ``--cells`` value with
+``--dispersion-cells N``, each into its own ``--out`` under ``--data-dir``
+(its own working store, so every run is cold; all removed at the end),
+timed from start to exit with the peak resident memory of every process of
+its tree (``bench_main_job.measure``). Printed per run: seconds, the run's
+own stage times, peak memory, and the sample's effect on the statistics of
+``de_nb_glm.zarr`` (dispersions from its ``var``) against the all-cells run:
+
+    python benchmarks/bench_dispersion_sample.py --cli --datasets papalexi --cells 5000
+    python benchmarks/bench_dispersion_sample.py --cli --datasets sim1m --cells 60000,20000
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import re
 import shlex
+import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 
@@ -92,13 +109,109 @@ def _effect(full, sample) -> str:
     )
 
 
+#: the layers of the results that :func:`_effect` compares.
+LAYERS = ("logfoldchanges_raw", "logfoldchanges", "pvals", "pvals_adj")
+
+
+def _results(out: Path):
+    """Dispersions (``var``) and the compared layers of a run's ``de_nb_glm.zarr``, read without the others."""
+    import anndata as ad
+    import zarr
+
+    group = zarr.open_group(out / "de_nb_glm.zarr", mode="r")
+    obs, var = ad.io.read_elem(group["obs"]), ad.io.read_elem(group["var"])
+    layers = {k: np.asarray(ad.io.read_elem(group["layers"][k]), dtype=np.float64) for k in LAYERS}
+    return var["dispersion"].to_numpy(dtype=np.float64), SimpleNamespace(layers=layers), obs.index, var.index
+
+
+def _aligned(reference, other):
+    """``other``'s results in ``reference``'s row and gene order (the same input: the same rows and genes)."""
+    _, _, rows0, genes0 = reference
+    d, r, rows, genes = other
+    i, j = rows.get_indexer(rows0), genes.get_indexer(genes0)
+    if (i < 0).any() or (j < 0).any():
+        raise ValueError(f"the runs' results differ in rows or genes ({(i < 0).sum()} rows, {(j < 0).sum()} genes)")
+    return d[j], SimpleNamespace(layers={k: v[np.ix_(i, j)] for k, v in r.layers.items()})
+
+
+def _stage(stages: str, name: str) -> str:
+    m = re.search(rf"(?:^|, ){name} ([\d.]+) s", stages)
+    return m.group(1) if m else "?"
+
+
+def _cli(args) -> None:
+    """Whole ``pertscale run --method nb-glm`` processes, all cells against ``--dispersion-cells N``."""
+    import bench_main_job as bench
+
+    rows = []
+    for name in args.datasets.split(","):
+        path = REAL.get(name, args.data_dir / f"{name.replace('sim', '')}.h5ad")
+        if not path.exists():
+            print(f"skipping {name}: {path} not found", file=sys.stderr)
+            continue
+        work = Path(tempfile.mkdtemp(prefix=f"bench-dispersion-{name}-", dir=args.data_dir))
+        try:
+            reference = None
+            for cells in [None, *(int(c) for c in args.cells.split(","))]:
+                out = work / f"out-{cells or 'all'}"
+                cmd = [sys.executable, "-m", "pertscale.cli", "run", str(path), "--perturbation-column", "perturbation"]
+                cmd += ["--control-label", "control", "--method", "nb-glm", "--out", str(out), "--no-progress"]
+                cmd += [] if cells is None else ["--dispersion-cells", str(cells)]
+                print("running: " + shlex.join(cmd), flush=True)
+                r = bench.measure(cmd)
+                stages, mem = bench._stages(r["stdout"]), bench._mem(r["peaks"])
+                # the working store is the run's own (cold each time); removed now to keep the disk free
+                shutil.rmtree(out / "working_store.zarr", ignore_errors=True)
+                if r["code"] != 0:
+                    tail = " / ".join(r["stderr"].strip().splitlines()[-3:])
+                    print(f"  FAILED (exit {r['code']}): {tail}", flush=True)
+                    rows.append(
+                        (name, f"{cells or 'all'}", r["seconds"], stages, mem, f"FAILED (exit {r['code']}) | | | | |")
+                    )
+                    continue
+                record = json.loads((out / "run.json").read_text())
+                recorded = record["settings"]["nb_glm"]["dispersion_cells"]
+                if recorded != cells:
+                    print(f"  warning: run.json records dispersion_cells={recorded}, not {cells}", flush=True)
+                print(f"  {r['seconds']:.1f} s  {mem}  [{stages}]", flush=True)
+                results = _results(out)
+                if cells is None:
+                    reference = results
+                    label, effect = f"all {record['summary']['n_obs_kept']:,}", "reference | | | | |"
+                else:
+                    label = f"{cells:,}"
+                    effect = (
+                        "no reference | | | | |"
+                        if reference is None
+                        else _effect(reference[:2], _aligned(reference, results))
+                    )
+                print(f"  effect against all cells: {effect}", flush=True)
+                rows.append((name, label, r["seconds"], stages, mem, effect))
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+    header = (
+        "| data | cells for dispersions | seconds | dispersions (s) | test and write (s) | stages | peak memory "
+        "(MiB) | dispersion rel. diff: median | p99 | max abs diff log2FC MLE | shrunk | -log10 p rel. diff "
+        "(p < 0.05) | DE calls shared / either (all / sample) |"
+    )
+    print("\n" + header)
+    print("|" + "---|" * (header.count("|") - 1))
+    for name, label, sec, stages, mem, effect in rows:
+        disp, test = _stage(stages, "dispersions"), _stage(stages, "test and write")
+        print(f"| {name} | {label} | {sec:.1f} | {disp} | {test} | {stages} | {mem} | {effect} |", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--datasets", default="papalexi,schraivogel")
     parser.add_argument("--cells", default="5000,10000")
     parser.add_argument("--data-dir", type=Path, default=Path("/work/bench-data"))
+    parser.add_argument("--cli", action="store_true", help="Whole `pertscale run` processes (see the docstring).")
     args = parser.parse_args()
     print("command: python benchmarks/bench_dispersion_sample.py " + shlex.join(sys.argv[1:]), flush=True)
+    if args.cli:
+        _cli(args)
+        return
     import pertscale as ps
 
     ps.settings.progress = False

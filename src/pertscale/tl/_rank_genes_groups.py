@@ -206,7 +206,17 @@ def rank_genes_groups(
         nb-glm: ``logfoldchanges`` are apeGLM's shrunk estimates (default):
         the maximum a posteriori of every coefficient together, as
         ``lfcShrink(type="apeglm")``; ``logfoldchanges_raw`` always holds
-        the MLE.
+        the MLE. Where the Cauchy prior is much narrower than the MLE the
+        posterior can have two modes (one near 0): both are found and the
+        higher is kept.
+
+        The coefficients are the maximum likelihood estimates. DESeq2's and
+        PyDESeq2's IRLS floor the fitted means at ``minmu`` (0.5 by
+        default) inside their iterations, which for single-cell genes whose
+        means are mostly below 0.5 stops short of the maximum (up to 1.8
+        log2 on the papalexi screen, ``benchmarks/RESULTS.md``); with
+        ``minmu=1e-6``, DESeq2's advice for single cells, they agree with
+        these as closely as with each other.
     lfc_base
         nb-glm: ``"log2"`` (default) or ``"natural"`` fold changes and
         standard errors (recorded in the settings).
