@@ -555,7 +555,7 @@ def _log_posterior_change(lo, hi, first, end, rows, y, sf, lev, alpha, j, design
 
 @njit(cache=True, nogil=True, error_model="numpy")
 def map_comparison(lo, hi, first, end, rows, y, sf, lev, alpha, j, design, control_levels, centres, yc, dyc, qc,
-                   dqc, gamma0, b_hat, b_start, prior_scale, max_iter, tol):  # fmt: skip
+                   dqc, gamma0, b_hat, b_start, prec_hat, prior_scale, max_iter, tol):  # fmt: skip
     """The maximum a posteriori ``b1`` of apeGLM of one comparison and gene, every coefficient free.
 
     The log posterior profiled over ``gamma`` is concave for fixed ``b1``,
@@ -563,15 +563,20 @@ def map_comparison(lo, hi, first, end, rows, y, sf, lev, alpha, j, design, contr
     ``b_hat`` lies well outside the Cauchy prior's scale: one near 0, one
     near ``b_hat``. Then both are found (:func:`_map_mode` from ``b_hat``
     and from 0) and the higher posterior kept, its difference computed from
-    both sides' likelihoods (the control's from its series). Returns ``(b1,
-    posterior standard error, converged)``.
+    both sides' likelihoods (the control's from its series). A mode near 0
+    needs the prior's pull, at most ``1 / scale``, to match the likelihood's
+    slope there, about ``|b_hat| prec_hat`` (``prec_hat`` the MLE's
+    precision, ``1 / SE^2``): the search from 0 is skipped where the slope
+    is more than twice that. Returns ``(b1, posterior standard error,
+    converged)``.
     """
     p = design.shape[1]
     theta, se, ok = _map_mode(
         lo, hi, first, end, rows, y, sf, lev, alpha, j, design, control_levels, centres, yc, dyc, qc, dqc,
         gamma0, b_hat, b_start, prior_scale, max_iter, tol, from_zero=False,
     )  # fmt: skip
-    if np.isfinite(b_hat) and abs(b_start) > 2.0 * prior_scale:  # two modes are possible: the one near 0 too
+    possible = abs(b_start) > 2.0 * prior_scale and not abs(b_hat) * prec_hat > 2.0 / prior_scale
+    if np.isfinite(b_hat) and possible:  # two modes are possible: the one near 0 too
         theta0, se0, ok0 = _map_mode(
             lo, hi, first, end, rows, y, sf, lev, alpha, j, design, control_levels, centres, yc, dyc, qc, dqc,
             gamma0, b_hat, b_start, prior_scale, max_iter, tol, from_zero=True,

@@ -493,8 +493,8 @@ def _group_fits(group_ptr, ptr, rows, y, z, sf, lev, alpha, beta0, info_c, desig
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
-def _shrunk_fits(group_ptr, ptr, rows, y, sf, lev, alpha, design, gamma, beta_hat, one_sided, scale, centres, yc,
-                 dyc, qc, dqc, max_iter, tol, out):  # fmt: skip
+def _shrunk_fits(group_ptr, ptr, rows, y, sf, lev, alpha, design, gamma, beta_hat, prec_hat, one_sided, scale,
+                 centres, yc, dyc, qc, dqc, max_iter, tol, out):  # fmt: skip
     # apeGLM's MAP of every coefficient together: out[0] b1, out[1] its posterior standard error
     n_groups = group_ptr.shape[0] - 1
     n_levels, p = design.shape
@@ -526,7 +526,7 @@ def _shrunk_fits(group_ptr, ptr, rows, y, sf, lev, alpha, design, gamma, beta_ha
                 start = np.linalg.lstsq(design, np.full(n_levels, np.log(gsum / ssum) - bh))[0]
             b, se, _ = map_comparison(
                 lo, hi, first, k, rows, y, sf, lev, alpha[j], j, design, present, centres, yc, dyc, qc, dqc,
-                start, bh * np.inf if one_sided[g, j] else bh, bh, scale[g], max_iter, tol,
+                start, bh * np.inf if one_sided[g, j] else bh, bh, prec_hat[g, j], scale[g], max_iter, tol,
             )  # fmt: skip
             out[0, g, j] = b
             out[1, g, j] = se
@@ -710,8 +710,8 @@ def nbglm_block(
     )
     shrunk = np.empty((2, n_groups, n_genes))
     _shrunk_fits(
-        group_ptr, ptr, idx, y, sf, lev, alpha, design, gamma, np.where(defined, beta, np.nan), one_sided, scale,
-        centres, y_coef, dy_coef, q_coef, dq_coef, max_iter, tol, shrunk,
+        group_ptr, ptr, idx, y, sf, lev, alpha, design, gamma, np.where(defined, beta, np.nan), precision, one_sided,
+        scale, centres, y_coef, dy_coef, q_coef, dq_coef, max_iter, tol, shrunk,
     )  # fmt: skip
     b_map, se_map = shrunk
     out[:, stat[LOGFOLDCHANGES]] = b_map / unit
