@@ -28,7 +28,7 @@ import numpy as np
 from numba import njit
 
 from ._score import BOUND
-from .dispersion import DIRECT_COUNT, _count_terms
+from .dispersion import DIRECT_COUNT, _cell_terms, _count_table
 
 #: Kinds of the groups of a block.
 REFERENCE, WHOLE, PIECE = 0, 1, 2
@@ -142,6 +142,28 @@ def _glm_block(group_ptr, kind, ptr, rows, y, sf, lev, design, gamma, beta_given
                     piece[2 + c, j] += b[c]
 
 
+def _block_args(cols, group_sizes, kind, lev, design, gamma, beta_given) -> tuple:
+    """The kernels' first arguments, as the compiled functions take them."""
+    from ..groups import group_pointers
+
+    return (
+        group_pointers(group_sizes),
+        np.asarray(kind, dtype=np.int64),
+        cols.ptr,
+        cols.rows,
+        cols.y,
+        cols.size_factors,
+        np.asarray(lev, dtype=np.int64),
+        np.ascontiguousarray(design, dtype=np.float64),
+        np.ascontiguousarray(gamma, dtype=np.float64),
+        np.ascontiguousarray(beta_given, dtype=np.float64),
+    )
+
+
+def _active(active, n_genes: int) -> np.ndarray:
+    return np.ones(n_genes, dtype=np.bool_) if active is None else np.asarray(active, dtype=np.bool_)
+
+
 def glm_block(cols, group_sizes, kind, lev, design, gamma, beta_given, alpha, active=None):
     """A block's share of the profile score and information of the covariate coefficients.
 
@@ -174,26 +196,15 @@ def glm_block(cols, group_sizes, kind, lev, design, gamma, beta_given, alpha, ac
         ``piece (2 + p, n_genes)`` (score of the pieces' coefficient, their
         ``D`` and ``B``).
     """
-    from ..groups import group_pointers
-
     n_genes = cols.shape[1]
     p = design.shape[1]
     grad = np.zeros((p, n_genes))
     info = np.zeros((p, p, n_genes))
     piece = np.zeros((2 + p, n_genes))
     _glm_block(
-        group_pointers(group_sizes),
-        np.asarray(kind, dtype=np.int64),
-        cols.ptr,
-        cols.rows,
-        cols.y,
-        cols.size_factors,
-        np.asarray(lev, dtype=np.int64),
-        np.ascontiguousarray(design, dtype=np.float64),
-        np.ascontiguousarray(gamma, dtype=np.float64),
-        np.ascontiguousarray(beta_given, dtype=np.float64),
+        *_block_args(cols, group_sizes, kind, lev, design, gamma, beta_given),
         np.asarray(alpha, dtype=np.float64),
-        np.ones(n_genes, dtype=np.bool_) if active is None else np.asarray(active, dtype=np.bool_),
+        _active(active, n_genes),
         grad,
         info,
         piece,
@@ -227,11 +238,7 @@ def _apl_block(
             continue
         _eta(design, gamma, j, eta)
         a = alpha[j]
-        for c in range(1, DIRECT_COUNT + 1):
-            t = (c - 1) * a
-            tv[c] = tv[c - 1] + np.log1p(t)
-            t1[c] = t1[c - 1] + t / (1.0 + t)
-            t2[c] = t2[c - 1] + t / ((1.0 + t) * (1.0 + t))
+        _count_table(a, tv, t1, t2)
         k = ptr[j]
         end = ptr[j + 1]
         v0 = 0.0
@@ -255,35 +262,18 @@ def _apl_block(
                 mu = sf[i] * np.exp(eta[lev[i]] + beta)
                 if mu < min_mu:
                     mu = min_mu
-                u = a * mu
-                h = 1.0 / (1.0 + u)
-                if u < 1e-3:  # series: h - g cancels
-                    gv = 1.0 - u * (0.5 - u * (1.0 / 3.0 - 0.25 * u))
-                    pr = -u * (0.5 - u * (2.0 / 3.0 - u * (0.75 - 0.8 * u)))
-                    lp = u * gv
-                else:
-                    lp = np.log1p(u)
-                    gv = lp / u
-                    pr = h - gv
-                uh2 = u * h * h
-                v0 -= mu * gv
-                v1 -= mu * pr
-                v2 += mu * (pr + uh2)
+                yi = 0.0
                 if kk < k and rows[kk] == i:
                     yi = y[kk]
-                    if yi <= DIRECT_COUNT:
-                        c = int(yi)
-                        cv, c1, c2 = tv[c], t1[c], t2[c]
-                    else:
-                        cv, c1, c2 = _count_terms(yi, a)
-                    v0 += cv - yi * lp
-                    v1 += c1 - yi * u * h
-                    v2 += c2 - yi * uh2
                     kk += 1
+                e0, e1, e2, w0, w1, w2 = _cell_terms(mu, a, yi, tv, t1, t2)
+                v0 += e0
+                v1 += e1
+                v2 += e2
                 lv = lev[i]
-                wl[0, lv] += mu * h
-                wl[1, lv] -= mu * uh2
-                wl[2, lv] += mu * uh2 * (2.0 * u * h - 1.0)
+                wl[0, lv] += w0
+                wl[1, lv] += w1
+                wl[2, lv] += w2
             d0 = 0.0
             d1 = 0.0
             d2 = 0.0
@@ -366,26 +356,15 @@ def apl_block(cols, group_sizes, kind, lev, design, gamma, beta_given, alpha_fit
         rows' ``D`` (3) and ``B`` (``3 x p``). :func:`cox_reid_term`
         assembles ``-1/2 log det X'WX`` from the sums over blocks.
     """
-    from ..groups import group_pointers
-
     n_genes = cols.shape[1]
     p = design.shape[1]
     out = np.zeros((apl_size(p), n_genes))
     _apl_block(
-        group_pointers(group_sizes),
-        np.asarray(kind, dtype=np.int64),
-        cols.ptr,
-        cols.rows,
-        cols.y,
-        cols.size_factors,
-        np.asarray(lev, dtype=np.int64),
-        np.ascontiguousarray(design, dtype=np.float64),
-        np.ascontiguousarray(gamma, dtype=np.float64),
-        np.ascontiguousarray(beta_given, dtype=np.float64),
+        *_block_args(cols, group_sizes, kind, lev, design, gamma, beta_given),
         np.asarray(alpha_fit, dtype=np.float64),
         np.asarray(alpha, dtype=np.float64),
         float(min_mu),
-        np.ones(n_genes, dtype=np.bool_) if active is None else np.asarray(active, dtype=np.bool_),
+        _active(active, n_genes),
         out,
     )
     return out
