@@ -317,6 +317,29 @@ def test_dispersions_on_a_sample_read_the_matrix_once_and_are_recorded(sim_h5ad)
     assert np.median(np.abs(np.log(ratio))) < 0.2  # half the cells: the same dispersions, roughly
 
 
+def test_a_sample_too_large_to_prepare_is_kept_raw_and_read_once(sim_h5ad, monkeypatch):
+    """A sample whose prepared blocks do not fit (by default) is gathered once and kept raw: the same estimates."""
+    from pertscale.tl import _nbglm
+
+    reads = []
+
+    def counted(block):
+        reads.append(block.shape[0])
+        return block
+
+    adata = _raw(sim_h5ad, chunk_size=500)
+    ps.pp.size_factors(adata)
+    n = adata.n_obs
+    with dask.config.set(scheduler="synchronous"):
+        prepared = ps.tl.dispersions(adata.copy(), perturbation_column="perturbation", max_cells=n // 2, cache=True)
+        monkeypatch.setattr(_nbglm, "PREPARED_BYTES", 10**12)  # nothing prepared fits: the raw sample does
+        x = adata.X
+        adata.X = x.map_blocks(counted, dtype=x.dtype, meta=x._meta)
+        raw = ps.tl.dispersions(adata, perturbation_column="perturbation", max_cells=n // 2)
+    assert sum(reads) <= n + max(x.chunks[0])  # one read, and the block read to size the cache
+    assert_close(raw["dispersion"], prepared["dispersion"], rtol=1e-12)
+
+
 def test_trend_and_prior_steps_equal_pydeseq2_on_the_same_genewise_dispersions():
     pytest.importorskip("pydeseq2")
     from pydeseq2.dds import DeseqDataSet

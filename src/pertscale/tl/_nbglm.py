@@ -603,14 +603,22 @@ def _persist(*objects) -> list:
     return list(client.persist(list(objects)))
 
 
-def _fits_in_memory(x: da.Array) -> bool:
-    """Whether the prepared blocks fit :data:`CACHE_FRACTION` of the available memory (one block read to tell)."""
+#: Bytes a non-zero takes in memory: prepared (CountColumns: its row, ``y`` and ``y / s``, with room to spare) and
+#: as a raw CSR block (value and column index).
+PREPARED_BYTES, RAW_BYTES = 28, 12
+
+
+def _density(x: da.Array) -> float:
+    """The share of non-zeros in ``x``'s first block (one block read, on the face's scheduler)."""
+    (first,) = dask.compute(x.blocks[0, 0])
+    return (first.nnz if sp.issparse(first) else np.count_nonzero(first)) / max(1, first.shape[0] * first.shape[1])
+
+
+def _fits_in_memory(n_nonzero: float, bytes_per_nonzero: int) -> bool:
+    """Whether ``n_nonzero`` non-zeros fit :data:`CACHE_FRACTION` of the available memory."""
     import psutil
 
-    (first,) = dask.compute(x.blocks[0, 0])  # one block, read on the face's scheduler (never one chosen here)
-    density = (first.nnz if sp.issparse(first) else np.count_nonzero(first)) / max(1, first.shape[0] * first.shape[1])
-    estimate = float(x.shape[0]) * float(x.shape[1]) * density * 28  # CountColumns: 28 bytes a non-zero
-    return estimate < psutil.virtual_memory().available * CACHE_FRACTION
+    return n_nonzero * bytes_per_nonzero < psutil.virtual_memory().available * CACHE_FRACTION
 
 
 def _newton(evaluate, a0, *, lower, upper, max_iter, tol, prior=None):
@@ -881,11 +889,19 @@ def _open(
         design = _additive(picked, codes if rows is None else codes[rows], levels, len(covariates))
         if design is not None:
             labels = plain
+    auto = cache is None
+    # the density of the whole matrix's first block: a sample's first block would read every block it spans
+    density = _density(x) if auto else 0.0
     if rows is not None:
         x, labels, sf = x[rows], labels.iloc[rows], sf[rows]
         codes = None if codes is None else codes[rows]
-    if cache is None:
-        cache = _fits_in_memory(x)
+    n_nonzero = float(x.shape[0]) * float(x.shape[1]) * density
+    if auto:
+        cache = _fits_in_memory(n_nonzero, PREPARED_BYTES)
+        if rows is not None and not cache and _fits_in_memory(n_nonzero, RAW_BYTES):
+            # a sample's rows are spread over the whole matrix: gathered once and kept (raw, smaller than prepared),
+            # so that each pass does not read every block again
+            (x,) = _persist(x)
     return _Layout(x, labels, sf, cache=cache, levels=codes if design is not None else None, design=design)
 
 
@@ -1210,7 +1226,10 @@ def fit_genewise_dispersions(
         Keep the blocks, prepared for the likelihood, in memory from the
         first pass to the last (about 28 bytes a non-zero) instead of reading
         them again in every pass; default: when they take less than a
-        quarter of the available memory (one block is read to tell).
+        quarter of the available memory (one block is read to tell). By
+        default a sample (``max_cells``) whose prepared blocks do not fit is
+        kept raw (about 12 bytes a non-zero) when that fits: its rows lie
+        all over the matrix, which each pass would otherwise read whole.
     max_cells
         Fit on at most this many cells (default: all): a sample stratified
         by the design's groups, every group keeping ``min(its cells, k)``
