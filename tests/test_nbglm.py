@@ -448,6 +448,23 @@ def test_cached_blocks_stay_on_the_workers_of_the_faces_client(sim_h5ad, cluster
     assert_close(adata.var["dispersion"], reference.var["dispersion"], rtol=1e-8)
 
 
+def test_a_raw_sample_kept_on_the_workers_of_the_faces_client(sim_h5ad, cluster_client, monkeypatch):
+    """A sample kept raw under the face's client lives on its workers while the fit needs it (no lost keys)."""
+    from pertscale.tl import _nbglm
+
+    reference = _raw(sim_h5ad, chunk_size=700)
+    ps.pp.size_factors(reference)
+    n = reference.n_obs
+    with dask.config.set(scheduler="synchronous"):
+        ps.tl.dispersions(reference, perturbation_column="perturbation", max_cells=n // 2, cache=True)
+    adata = _raw(sim_h5ad, chunk_size=700)
+    with ps.cluster.using(cluster_client, progress=False):
+        ps.pp.size_factors(adata)
+        monkeypatch.setattr(_nbglm, "PREPARED_BYTES", 10**12)  # kept raw, not prepared
+        ps.tl.dispersions(adata, perturbation_column="perturbation", max_cells=n // 2)
+    assert_close(adata.var["dispersion"], reference.var["dispersion"], rtol=1e-8)
+
+
 def test_results_layout_units_and_stored_estimates(sim_adata):
     adata = _raw(sim_adata.copy())
     res = _run(adata, lfc_base="natural")

@@ -902,7 +902,9 @@ def _open(
             # a sample's rows are spread over the whole matrix: gathered once and kept (raw, smaller than prepared),
             # so that each pass does not read every block again
             (x,) = _persist(x)
-    return _Layout(x, labels, sf, cache=cache, levels=codes if design is not None else None, design=design)
+    layout = _Layout(x, labels, sf, cache=cache, levels=codes if design is not None else None, design=design)
+    layout.source = x  # kept: the blocks' graphs name a persisted sample's keys, which live while x does
+    return layout
 
 
 def _start(
