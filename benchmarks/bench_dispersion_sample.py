@@ -24,8 +24,9 @@ only), once on all cells and once per ``--cells`` value with
 (its own working store, so every run is cold; all removed at the end),
 timed from start to exit with the peak resident memory of every process of
 its tree (``bench_main_job.measure``). Printed per run: seconds, the run's
-own stage times, peak memory, and the sample's effect on the statistics of
-``de_nb_glm.zarr`` (dispersions from its ``var``) against the all-cells run:
+own stage times, peak memory, its warnings, and the sample's effect on the
+statistics of ``de_nb_glm.zarr`` (dispersions from its ``var``) against the
+all-cells run:
 
     python benchmarks/bench_dispersion_sample.py --cli --datasets papalexi --cells 5000
     python benchmarks/bench_dispersion_sample.py --cli --datasets sim1m --cells 60000,20000
@@ -174,6 +175,8 @@ def _cli(args) -> None:
                 if recorded != cells:
                     print(f"  warning: run.json records dispersion_cells={recorded}, not {cells}", flush=True)
                 print(f"  {r['seconds']:.1f} s  {mem}  [{stages}]", flush=True)
+                for warning in dict.fromkeys(w.strip() for w in r["stderr"].splitlines() if "Warning" in w):
+                    print(f"  {warning}", flush=True)  # e.g. the dispersion trend's fallback to the mean
                 results = _results(out)
                 if cells is None:
                     reference = results

@@ -280,7 +280,8 @@ def test_dispersion_cells_are_a_seeded_sample_stratified_by_group():
     assert dispersion_cells(labels, 2_000, 0) is None and dispersion_cells(labels, None, 0) is None
     with pytest.raises(ValueError, match=r"max_cells=7 keeps fewer than 2 cells of each of the design's 4 groups"):
         dispersion_cells(labels, 7, 0)
-    tight = labels.iloc[dispersion_cells(labels, 40, 0)].value_counts()  # B whole, every other group cut to k
+    with pytest.warns(UserWarning, match=r"keeps 11 cells of each of the design's larger groups: with fewer than 50"):
+        tight = labels.iloc[dispersion_cells(labels, 40, 0)].value_counts()  # B whole, every other group cut to k
     assert tight.to_dict() == {"control": 11, "C": 11, "A": 11, "B": 5}
 
 

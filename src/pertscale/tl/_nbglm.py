@@ -805,6 +805,10 @@ def _design_labels(adata: ad.AnnData, perturbation_column: str, covariates: list
     return labels
 
 
+#: A sample keeping fewer cells of a group than this warns: the dispersions of sparse genes come out too high.
+FEW_CELLS = 50
+
+
 def dispersion_cells(labels: pd.Series, max_cells: int | None, seed: int) -> np.ndarray | None:
     """The cells the dispersion fits use: all (``None``), or a seeded sample stratified by the design's groups.
 
@@ -812,6 +816,8 @@ def dispersion_cells(labels: pd.Series, max_cells: int | None, seed: int) -> np.
     by ``numpy.random.default_rng(seed)``, with the largest ``k`` for which
     they number at most ``max_cells``: small groups whole, large ones (the
     control) cut first. Returns the rows, ascending.
+
+    Warns (``UserWarning``) when ``k`` is below :data:`FEW_CELLS`.
 
     Raises
     ------
@@ -837,6 +843,14 @@ def dispersion_cells(labels: pd.Series, max_cells: int | None, seed: int) -> np.
         raise ValueError(
             f"max_cells={max_cells} keeps fewer than 2 cells of each of the design's {sizes.size} groups: "
             f"give at least {2 * sizes.size} (2 a group), or leave it out to use every cell"
+        )
+    if k < FEW_CELLS:
+        warnings.warn(
+            f"max_cells={max_cells} keeps {k} cells of each of the design's larger groups: with fewer than "
+            f"{FEW_CELLS}, the dispersions of sparse genes come out too high (their groups' means, floored at min_mu, "
+            "leave the zeros to the dispersion; measured in benchmarks/RESULTS.md); give more cells, or none",
+            UserWarning,
+            stacklevel=3,
         )
     rng = np.random.default_rng(seed)
     rows = []
