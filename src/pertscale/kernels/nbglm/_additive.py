@@ -28,7 +28,7 @@ import numpy as np
 from numba import njit
 
 from ._score import BOUND
-from .dispersion import DIRECT_COUNT, _cell_terms, _count_table
+from .dispersion import DIRECT_COUNT, _count_table, _count_terms
 
 #: Kinds of the groups of a block.
 REFERENCE, WHOLE, PIECE = 0, 1, 2
@@ -262,18 +262,36 @@ def _apl_block(
                 mu = sf[i] * np.exp(eta[lev[i]] + beta)
                 if mu < min_mu:
                     mu = min_mu
-                yi = 0.0
+                # written out as in dispersion._apl (a helper called per cell is 2.4x slower)
+                u = a * mu
+                h = 1.0 / (1.0 + u)
+                if u < 1e-3:  # series: h - g cancels
+                    gv = 1.0 - u * (0.5 - u * (1.0 / 3.0 - 0.25 * u))
+                    pr = -u * (0.5 - u * (2.0 / 3.0 - u * (0.75 - 0.8 * u)))
+                    lp = u * gv
+                else:
+                    lp = np.log1p(u)
+                    gv = lp / u
+                    pr = h - gv
+                uh2 = u * h * h
+                v0 -= mu * gv
+                v1 -= mu * pr
+                v2 += mu * (pr + uh2)
                 if kk < k and rows[kk] == i:
                     yi = y[kk]
+                    if yi <= DIRECT_COUNT:
+                        c = int(yi)
+                        cv, c1, c2 = tv[c], t1[c], t2[c]
+                    else:
+                        cv, c1, c2 = _count_terms(yi, a)
+                    v0 += cv - yi * lp
+                    v1 += c1 - yi * u * h
+                    v2 += c2 - yi * uh2
                     kk += 1
-                e0, e1, e2, w0, w1, w2 = _cell_terms(mu, a, yi, tv, t1, t2)
-                v0 += e0
-                v1 += e1
-                v2 += e2
                 lv = lev[i]
-                wl[0, lv] += w0
-                wl[1, lv] += w1
-                wl[2, lv] += w2
+                wl[0, lv] += mu * h
+                wl[1, lv] -= mu * uh2
+                wl[2, lv] += mu * uh2 * (2.0 * u * h - 1.0)
             d0 = 0.0
             d1 = 0.0
             d2 = 0.0
