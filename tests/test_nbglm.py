@@ -266,6 +266,31 @@ def test_additive_design_dispersions_are_deseq2s_adjusted_profile_likelihood_max
         assert_close(tables[10_000][column], table[column], rtol=1e-8)
 
 
+def test_additive_design_confounded_or_with_an_empty_level(monkeypatch):
+    """A covariate confounded with the labels is refused before any pass; a gene whose counts lie in one level
+    converges (its other levels' coefficients head to -inf: stopped by the Newton decrement, not 100 passes)."""
+    from pertscale.tl import _nbglm
+
+    adata = _additive_screen(n_genes=10)
+    confounded = adata.copy()
+    confounded.obs["batch"] = np.where(confounded.obs["perturbation"] == "A", "b2", "b1")
+    monkeypatch.setattr(dask, "compute", lambda *a, **k: pytest.fail("a pass ran before the design was checked"))
+    with pytest.raises(ValueError, match=r"has rank 4 for 5 coefficients: a covariate is confounded with the labels"):
+        ps.tl.dispersions(confounded, perturbation_column="perturbation", covariates=["batch"])
+    monkeypatch.undo()
+    y = adata.X.toarray()
+    y[:, 0] = 0
+    y[np.flatnonzero(adata.obs["batch"] == "b1")[:3], 0] = 1  # three counts, all in batch b1
+    adata.X = sp.csr_matrix(y)
+    passes = []
+    glm = _nbglm._additive_glm
+    monkeypatch.setattr(_nbglm, "_additive_glm", lambda *a, **k: (passes.append(1), glm(*a, **k))[1])
+    with dask.config.set(scheduler="synchronous"):
+        table = ps.tl.fit_genewise_dispersions(adata, perturbation_column="perturbation", covariates=["batch"])
+    assert table["dispersion_genewise_converged"].all()
+    assert len(passes) <= 12  # one block: a call a pass (was 100: -1 a pass towards -inf)
+
+
 def test_dispersion_cells_are_a_seeded_sample_stratified_by_group():
     from pertscale.tl._nbglm import dispersion_cells
 

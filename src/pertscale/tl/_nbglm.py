@@ -524,9 +524,14 @@ class _Layout:
                 h[:, :p, p + m] = h[:, p + m, :p] = piece[2 : 2 + p].T
             idx = np.flatnonzero(active)
             step = np.zeros((q, n))
-            # a level whose cells have no count has (almost) no information: its coefficient heads to -BOUND
-            step[:, idx] = np.linalg.solve(h[idx] + 1e-300 + 1e-10 * np.eye(q), g[idx][:, :, None])[:, :, 0].T
+            ridge = 1e-12 * np.abs(np.diagonal(h[idx], axis1=1, axis2=2)).max(axis=1) + 1e-300
+            step[:, idx] = np.linalg.solve(h[idx] + ridge[:, None, None] * np.eye(q), g[idx][:, :, None])[:, :, 0].T
             new = np.clip(theta + np.clip(step, -MAX_STEP, MAX_STEP), -BOUND, BOUND)
+            # a coefficient whose cells have no count (score = -information) heads to -inf by about one a pass:
+            # it goes to -BOUND at once (its means then far below min_mu, where the dispersion fit floors them)
+            diag = np.diagonal(h, axis1=1, axis2=2).T  # (q, n)
+            empty = (g.T < 0) & (np.abs(g.T + diag) <= 1e-10 * diag)
+            new = np.where(empty, -BOUND, new)
             done = active & (np.abs(new - theta).max(axis=0) < tol)
             theta[:, active] = new[:, active]
             converged |= done
@@ -809,7 +814,7 @@ def _design_labels(adata: ad.AnnData, perturbation_column: str, covariates: list
 FEW_CELLS = 50
 
 
-def dispersion_cells(labels: pd.Series, max_cells: int | None, seed: int) -> np.ndarray | None:
+def dispersion_cells(labels: pd.Series, max_cells: int | None, seed: int, *, warn: bool = True) -> np.ndarray | None:
     """The cells the dispersion fits use: all (``None``), or a seeded sample stratified by the design's groups.
 
     Every group keeps ``min(its cells, k)`` cells, drawn without replacement
@@ -817,7 +822,8 @@ def dispersion_cells(labels: pd.Series, max_cells: int | None, seed: int) -> np.
     they number at most ``max_cells``: small groups whole, large ones (the
     control) cut first. Returns the rows, ascending.
 
-    Warns (``UserWarning``) when ``k`` is below :data:`FEW_CELLS`.
+    Warns (``UserWarning``) when ``k`` is below :data:`FEW_CELLS` (unless
+    not ``warn``: the same sample again).
 
     Raises
     ------
@@ -844,7 +850,7 @@ def dispersion_cells(labels: pd.Series, max_cells: int | None, seed: int) -> np.
             f"max_cells={max_cells} keeps fewer than 2 cells of each of the design's {sizes.size} groups: "
             f"give at least {2 * sizes.size} (2 a group), or leave it out to use every cell"
         )
-    if k < FEW_CELLS:
+    if k < FEW_CELLS and warn:
         warnings.warn(
             f"max_cells={max_cells} keeps {k} cells of each of the design's larger groups: with fewer than "
             f"{FEW_CELLS}, the dispersions of sparse genes come out too high (their groups' means, floored at min_mu, "
@@ -870,9 +876,23 @@ def _additive(labels: pd.Series, codes: np.ndarray, levels: list[str], n_covaria
     (``estimateDispersionsGeneEst``'s ``linearMu``); otherwise the GLM's.
     """
     design = additive_design(levels, n_covariates)
-    label_codes = pd.factorize(labels.to_numpy(), sort=False)[0]
-    rows = np.unique(label_codes * len(levels) + codes).size
-    return None if rows == design.shape[1] + label_codes.max() else design
+    label_codes, names = pd.factorize(labels.to_numpy(), sort=False)
+    combos = np.unique(label_codes * len(levels) + codes)
+    n_params = design.shape[1] + len(names) - 1
+    # the design's distinct rows: the covariates' part, then an indicator of each label but the first
+    x = np.zeros((combos.size, n_params))
+    x[:, : design.shape[1]] = design[combos % len(levels)]
+    label = combos // len(levels)
+    x[label > 0, design.shape[1] + label[label > 0] - 1] = 1.0
+    rank = int(np.linalg.matrix_rank(x))
+    if rank < n_params:
+        raise ValueError(
+            f"the design ~ covariates + perturbation has rank {rank} for {n_params} coefficients: a covariate is "
+            "confounded with the labels (some labels' cells lie only in levels that no other label shares, or the "
+            "levels split the labels into separate sets); DESeq2 refuses such a design too: leave the covariate "
+            "out, or drop those cells"
+        )
+    return None if combos.size == n_params else design
 
 
 def _open(
@@ -986,7 +1006,7 @@ def _reopen(adata: ad.AnnData, record: dict, *, size_factors, cache: bool | None
     covariates = [c for c in str(record.get("covariates", "")).split(",") if c]
     labels = _design_labels(adata, str(record["perturbation_column"]), covariates)
     max_cells = int(record["max_cells"]) if "max_cells" in record else None
-    rows = dispersion_cells(labels, max_cells, int(record.get("seed", 0)))  # the same cells, from the record
+    rows = dispersion_cells(labels, max_cells, int(record.get("seed", 0)), warn=False)  # the same cells (warned)
     layout = _open(adata, str(record["perturbation_column"]), covariates, sf, layer=layer, cache=cache, rows=rows)
     if layout.design is not None:  # the means the gene-wise fit used: fitted again at the same starting values
         start, base_mean = layout.additive_start()

@@ -192,7 +192,8 @@ def glm_block(cols, group_sizes, kind, lev, design, gamma, beta_given, alpha, ac
     -------
     tuple
         ``grad (p, n_genes)``, ``info (p, p, n_genes)`` (Fisher information,
-        the labels' own coefficients profiled out: ``A - sum B B' / D``) and
+        the :data:`WHOLE` labels' own coefficients profiled out: ``A - sum B
+        B' / D``; a :data:`PIECE` label's terms come apart) and
         ``piece (2 + p, n_genes)`` (score of the pieces' coefficient, their
         ``D`` and ``B``).
     """

@@ -432,11 +432,13 @@ def fit_comparison(
 
 @njit(cache=True, nogil=True, error_model="numpy")
 def _map_mode(lo, hi, first, end, rows, y, sf, lev, alpha, j, design, control_levels, centres, yc, dyc, qc,
-              dqc, gamma0, b_hat, b_start, prior_scale, max_iter, tol, from_zero):  # fmt: skip
+              dqc, gamma0, b_hat, b_start, prior_scale, max_iter, tol, from_zero, retry):  # fmt: skip
     """A mode of apeGLM's posterior of one comparison and gene, every coefficient free.
 
     Searched from ``b1 = 0`` when ``from_zero``, else from ``b_start`` when
-    it lies well outside the prior's scale.
+    it lies well outside the prior's scale; with ``retry``, plain Newton
+    from the other end too before the bracketed search (left out where two
+    modes are possible, so that each search stays near its own start).
 
     The log posterior profiled over ``gamma`` (concave for fixed ``b1``:
     Newton, :func:`fit_comparison`) has the derivative ``S_group(b1) - 2 b1
@@ -466,7 +468,7 @@ def _map_mode(lo, hi, first, end, rows, y, sf, lev, alpha, j, design, control_le
         start, use_control=True, use_group=True, with_b1=True, prior_scale=prior_scale, max_iter=max_iter,
         tol=0.01 * tol, exact_curvature=True, b1_low=left - 1e-12, b1_high=right + 1e-12,
     )  # fmt: skip
-    if not ok and np.isfinite(b_start):  # from the other end: 0 or the MLE
+    if not ok and retry and np.isfinite(b_start):  # from the other end: 0 or the MLE
         start[p] = b_start if start[p] == 0.0 else 0.0
         theta, ok, _, obs, _ = fit_comparison(
             lo, hi, first, end, rows, y, sf, lev, alpha, j, design, control_levels, centres, yc, dyc, qc, dqc,
@@ -571,15 +573,15 @@ def map_comparison(lo, hi, first, end, rows, y, sf, lev, alpha, j, design, contr
     converged)``.
     """
     p = design.shape[1]
+    two = np.isfinite(b_hat) and abs(b_start) > 2.0 * prior_scale and not abs(b_hat) * prec_hat > 2.0 / prior_scale
     theta, se, ok = _map_mode(
         lo, hi, first, end, rows, y, sf, lev, alpha, j, design, control_levels, centres, yc, dyc, qc, dqc,
-        gamma0, b_hat, b_start, prior_scale, max_iter, tol, from_zero=False,
+        gamma0, b_hat, b_start, prior_scale, max_iter, tol, from_zero=False, retry=not two,
     )  # fmt: skip
-    possible = abs(b_start) > 2.0 * prior_scale and not abs(b_hat) * prec_hat > 2.0 / prior_scale
-    if np.isfinite(b_hat) and possible:  # two modes are possible: the one near 0 too
+    if two:  # two modes are possible: the one near 0 too
         theta0, se0, ok0 = _map_mode(
             lo, hi, first, end, rows, y, sf, lev, alpha, j, design, control_levels, centres, yc, dyc, qc, dqc,
-            gamma0, b_hat, b_start, prior_scale, max_iter, tol, from_zero=True,
+            gamma0, b_hat, b_start, prior_scale, max_iter, tol, from_zero=True, retry=False,
         )  # fmt: skip
         if ok0 and abs(theta0[p] - theta[p]) > tol:
             gain = _log_posterior_change(
