@@ -275,8 +275,11 @@ def test_additive_design_confounded_or_with_an_empty_level(monkeypatch):
     confounded = adata.copy()
     confounded.obs["batch"] = np.where(confounded.obs["perturbation"] == "A", "b2", "b1")
     monkeypatch.setattr(dask, "compute", lambda *a, **k: pytest.fail("a pass ran before the design was checked"))
+    before = confounded.copy()
     with pytest.raises(ValueError, match=r"has rank 4 for 5 coefficients: a covariate is confounded with the labels"):
         ps.tl.dispersions(confounded, perturbation_column="perturbation", covariates=["batch"])
+    assert "pertscale" not in confounded.uns and list(confounded.var.columns) == list(before.var.columns)
+    assert (confounded.X != before.X).nnz == 0 and confounded.obs.equals(before.obs)  # the input as it was
     monkeypatch.undo()
     y = adata.X.toarray()
     y[:, 0] = 0
@@ -310,18 +313,25 @@ def test_dispersion_cells_are_a_seeded_sample_stratified_by_group():
     assert tight.to_dict() == {"control": 11, "C": 11, "A": 11, "B": 5}
 
 
-def test_dispersions_on_a_sample_read_the_matrix_once_and_are_recorded(sim_h5ad):
-    """With max_cells and the sample in memory, the fit reads each block once; the MAP step takes the same cells."""
+def _count_reads(adata) -> list:
+    """Replace ``adata.X`` by itself with each block's rows counted as it is read; the list they go to."""
     reads = []
+    x = adata.X
 
     def counted(block):
         reads.append(block.shape[0])
         return block
 
+    adata.X = x.map_blocks(counted, dtype=x.dtype, meta=x._meta)
+    return reads
+
+
+def test_dispersions_on_a_sample_read_the_matrix_once_and_are_recorded(sim_h5ad):
+    """With max_cells and the sample in memory, the fit reads each block once; the MAP step takes the same cells."""
     adata = _raw(sim_h5ad, chunk_size=500)
     ps.pp.size_factors(adata)
     x = adata.X
-    adata.X = x.map_blocks(counted, dtype=x.dtype, meta=x._meta)
+    reads = _count_reads(adata)
     n = adata.n_obs
     with dask.config.set(scheduler="synchronous"):
         ps.tl.dispersions(adata, perturbation_column="perturbation", max_cells=n // 2, cache=True)
@@ -347,12 +357,6 @@ def test_a_sample_too_large_to_prepare_is_kept_raw_and_read_once(sim_h5ad, monke
     """A sample whose prepared blocks do not fit (by default) is gathered once and kept raw: the same estimates."""
     from pertscale.tl import _nbglm
 
-    reads = []
-
-    def counted(block):
-        reads.append(block.shape[0])
-        return block
-
     adata = _raw(sim_h5ad, chunk_size=500)
     ps.pp.size_factors(adata)
     n = adata.n_obs
@@ -360,7 +364,7 @@ def test_a_sample_too_large_to_prepare_is_kept_raw_and_read_once(sim_h5ad, monke
         prepared = ps.tl.dispersions(adata.copy(), perturbation_column="perturbation", max_cells=n // 2, cache=True)
         monkeypatch.setattr(_nbglm, "PREPARED_BYTES", 10**12)  # nothing prepared fits: the raw sample does
         x = adata.X
-        adata.X = x.map_blocks(counted, dtype=x.dtype, meta=x._meta)
+        reads = _count_reads(adata)
         raw = ps.tl.dispersions(adata, perturbation_column="perturbation", max_cells=n // 2)
     assert sum(reads) <= n + max(x.chunks[0])  # one read, and the block read to size the cache
     assert_close(raw["dispersion"], prepared["dispersion"], rtol=1e-12)
