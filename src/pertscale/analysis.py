@@ -136,6 +136,8 @@ class DESettings(AnalysisSettings):
     min_pct: Pair = 0.0
     min_mean: Pair = 0.0
     min_cells: int = 2
+    #: cells flagged in ``obs['knockdown_escaper']`` (:func:`pertscale.tl.knockdown`) left out of their groups
+    exclude_escapers: bool = False
 
     numbers: ClassVar[dict[str, dict[str, Any]]] = {"min_cells": {"integer": True, "minimum": 1}}
 
@@ -265,6 +267,103 @@ class PseudobulkSettings(AnalysisSettings):
     numbers: ClassVar[dict[str, dict[str, Any]]] = {"target_sum": {"minimum": 0, "min_open": True}}
 
 
+class CalibrationSettings(AnalysisSettings):
+    """Calibration check of a test on control-only pseudo-perturbations (:func:`pertscale.tl.calibration_check`).
+
+    ``test`` is the function's ``method``; ``guide_column`` and ``reference``
+    are the resolved ones (``None``: random splits); ``test_options`` the
+    options passed on to the test, as canonical JSON; ``inputs`` a digest of
+    what the check reads beyond the matrix and the labels (the guides,
+    nb-glm's size factors and dispersions), derived from the data.
+    """
+
+    function: ClassVar[str] = "tl.calibration_check"
+    argument_names: ClassVar[dict[str, str]] = {"test": "method"}
+    derived: ClassVar[tuple[str, ...]] = ("inputs",)
+
+    method: Literal["calibration"] = "calibration"
+    perturbation_column: str
+    control_label: str
+    test: Literal["wilcoxon", "t-test", "t-test_overestim_var", "nb-glm"] = "wilcoxon"
+    reference: Literal["control", "rest"] = "rest"
+    n_splits: int | None = None
+    group_size: int | None = None
+    guide_column: str | None = None
+    fdr: float = 0.05
+    min_nonzero: int = 0
+    seed: int = 0
+    layer: str | None = None
+    test_options: str = "{}"
+    inputs: str | None = None
+
+    numbers: ClassVar[dict[str, dict[str, Any]]] = {
+        "n_splits": {"integer": True, "minimum": 1, "allow_none": True},
+        "group_size": {"integer": True, "minimum": 1, "allow_none": True},
+        "fdr": {"minimum": 0, "maximum": 1, "min_open": True, "max_open": True},
+        "min_nonzero": {"integer": True, "minimum": 0},
+        "seed": {"integer": True, "minimum": 0},
+    }
+
+    def call_args(self) -> dict[str, Any]:
+        """Arguments of :func:`pertscale.tl.calibration_check`: test options spread, random splits as ``False``."""
+        args = super().call_args()
+        args.update(json.loads(args.pop("test_options")))
+        if args["guide_column"] is None:
+            args["guide_column"] = False
+        return args
+
+
+class KnockdownSettings(AnalysisSettings):
+    """Knock-down of each perturbation's own target and escaper flags (:func:`pertscale.tl.knockdown`)."""
+
+    function: ClassVar[str] = "tl.knockdown"
+
+    method: Literal["knockdown"] = "knockdown"
+    perturbation_column: str
+    control_label: str
+    test: str = "wilcoxon"
+    target_column: str | None = None
+    targets: str | None = None
+    layer: str | None = None
+    fdr: float = 0.05
+    min_control_detection: float = 0.5
+    argument_names: ClassVar[dict[str, str]] = {"test": "method"}
+
+
+class EnergyDistanceSettings(AnalysisSettings):
+    """E-distance of each perturbation to control in an embedding, and its E-test (:func:`pertscale.tl.energy_distance`).
+
+    ``embedding`` identifies the values of ``obsm[obsm_key]`` (a lazy
+    embedding by its Dask graph's name, one in memory by a digest of its
+    bytes), derived from the data: a new PCA under the same key is another
+    result. ``fdr`` is not a setting: it only checks that ``n_permutations``
+    can reach it.
+    """
+
+    function: ClassVar[str] = "tl.energy_distance"
+    derived: ClassVar[tuple[str, ...]] = ("embedding",)
+
+    method: Literal["energy_distance"] = "energy_distance"
+    perturbation_column: str
+    control_label: str
+    perturbations: tuple[str, ...] | None = None
+    obsm_key: str = "X_pca"
+    n_comps: int | None = None
+    metric: Literal["sqeuclidean"] = "sqeuclidean"
+    n_permutations: int = 1000
+    control_subsample: int | None = None
+    seed: int = 0
+    sample_correct: bool = True
+    embedding: str | None = None
+
+    numbers: ClassVar[dict[str, dict[str, Any]]] = {
+        "n_comps": {"integer": True, "minimum": 1, "allow_none": True},
+        "n_permutations": {"integer": True, "minimum": 0},
+        "control_subsample": {"integer": True, "minimum": 2, "allow_none": True},
+        "seed": {"integer": True, "minimum": 0},
+    }
+
+
 #: Settings model of each analysis, by class name (how keys name them).
 SETTINGS_CLASSES: dict[str, type[AnalysisSettings]] = {
     cls.__name__: cls
@@ -276,6 +375,9 @@ SETTINGS_CLASSES: dict[str, type[AnalysisSettings]] = {
         HVGSettings,
         PCASettings,
         PseudobulkSettings,
+        CalibrationSettings,
+        KnockdownSettings,
+        EnergyDistanceSettings,
     )
 }
 
@@ -289,6 +391,9 @@ ANALYSES: dict[str, type[AnalysisSettings]] = {
     "hvg": HVGSettings,
     "pca": PCASettings,
     "pseudobulk": PseudobulkSettings,
+    "calibration": CalibrationSettings,
+    "knockdown": KnockdownSettings,
+    "energy_distance": EnergyDistanceSettings,
 }
 
 

@@ -396,6 +396,29 @@ LOG1P_N_GENES_BY_COUNTS = register(
     units="natural log",
     scanpy="log1p_n_genes_by_counts",
 )
+KNOCKDOWN_VALUE = register(
+    "knockdown_value",
+    "The cell's log1p-normalized expression of its own perturbation's target gene (NaN without a measured target). "
+    "obs, from ps.tl.knockdown.",
+    dtype="float64",
+    dims=("cell",),
+    units="natural log",
+)
+KNOCKDOWN_SCORE = register(
+    "knockdown_score",
+    "The control's mid-distribution function at the cell's value of its own target: the fraction of control cells "
+    "below it plus half the fraction equal; 0.5 typical of control, near 0 knocked down. obs, from ps.tl.knockdown.",
+    dtype="float64",
+    dims=("cell",),
+)
+ESCAPER = register(
+    "knockdown_escaper",
+    "True where the cell's own target is at or above the control's median (not knocked down), False below, missing "
+    "where the control detects the target in too few cells to tell. obs, from ps.tl.knockdown; left out by "
+    "rank_genes_groups(exclude_escapers=True).",
+    dtype="bool",
+    dims=("cell",),
+)
 TOTAL_COUNTS_MT = register(
     "total_counts_mt",
     "Counts of the cell in mitochondrial genes (var['mt'], or names starting MT-/mt-).",

@@ -20,7 +20,7 @@ import anndata as ad
 import pandas as pd
 
 from ..analysis import ANALYSES, AnalysisSettings, _plain
-from ..variables import DISPERSION
+from ..variables import DISPERSION, ESCAPER
 from ._history import last_run, now, record_run
 from ._keys import STORE, matrix_token, put, results, root
 
@@ -64,6 +64,8 @@ def columns_digest(adata: ad.AnnData, settings: AnalysisSettings) -> str:
         names.extend((value,) if isinstance(value, str) else value or ())
     if settings.method == "nb-glm" and getattr(settings, "dispersions", None) is None:
         names.append(DISPERSION)  # the dispersions stored by ps.tl.dispersions, read when none are given
+    if getattr(settings, "exclude_escapers", False):
+        names.append(ESCAPER)  # the escaper flags of ps.tl.knockdown
     for name in names:
         for where, frame in (("obs", adata.obs), ("var", adata.var)):
             if name in frame.columns:

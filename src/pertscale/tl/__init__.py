@@ -1,6 +1,9 @@
-"""Tools: differential expression of perturbations against control, overlap of gene sets, UMAP."""
+"""Tools: differential expression against control, knock-down, guides, per-perturbation effects, overlap, UMAP."""
 
 from ..pp._neighbors import umap
+from ._effects import effect_table, write_long
+from ._guide_level import guide_concordance, guide_labels
+from ._knockdown import knockdown
 from ._nbglm import (
     covariate_levels,
     dispersions,
@@ -19,13 +22,18 @@ __all__ = [
     "compute_overlap",
     "covariate_levels",
     "dispersions",
+    "effect_table",
     "fit_dispersion_prior",
     "fit_dispersion_trend",
     "fit_genewise_dispersions",
     "fit_map_dispersions",
+    "guide_concordance",
+    "guide_labels",
+    "knockdown",
     "rank_genes_groups",
     "scanpy_uns",
     "tidy",
     "umap",
+    "write_long",
     "write_significant",
 ]

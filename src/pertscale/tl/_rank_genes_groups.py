@@ -35,7 +35,7 @@ from ..kernels._common import ALTERNATIVES, CORR_METHODS, check_reference
 from ..kernels.nbglm import NBGLM_STATS, nb_control, nbglm_block
 from ..kernels.ttest import TTEST_STATS, control_moments, ttest_block
 from ..kernels.wilcoxon import WILCOXON_STATS, control_statistics, wilcoxon_block
-from ..variables import LOGFOLDCHANGES, RENAMED_ARGUMENTS, RESULTS_VAR_NBGLM
+from ..variables import ESCAPER, LOGFOLDCHANGES, RENAMED_ARGUMENTS, RESULTS_VAR_NBGLM
 from ._engine import Method, find_groups, test_against_control
 from ._results import lazy_results
 
@@ -49,6 +49,45 @@ TTEST = Method(name="t-test", statistics=TTEST_STATS, summarise=control_moments,
 NBGLM = Method(name="nb-glm", statistics=NBGLM_STATS, summarise=nb_control, block=nbglm_block)
 #: The tests against control, by ``method=`` name (scanpy's names, and ``nb-glm``).
 METHODS = {"wilcoxon": WILCOXON, "t-test": TTEST, "t-test_overestim_var": TTEST, "nb-glm": NBGLM}
+
+
+#: The label escapers carry with ``exclude_escapers``: neither tested nor the control.
+ESCAPER_LABEL = "\x00escaper"
+
+
+def _groups_column(adata: ad.AnnData, perturbation_column: str | None, groupby: str | None, control_label) -> str:
+    """The ``obs`` column of the groups: ``perturbation_column`` or scanpy's ``groupby``; ``"guide"`` made if absent.
+
+    Raises
+    ------
+    TypeError
+        If neither or two different ones are given.
+    KeyError
+        For ``groupby="guide"`` without guide identities (naming the accepted inputs).
+    """
+    if groupby is not None and perturbation_column is not None and groupby != perturbation_column:
+        raise TypeError(f"give perturbation_column= or groupby=, not both ({perturbation_column!r}, {groupby!r})")
+    column = groupby if groupby is not None else perturbation_column
+    if column is None:
+        raise TypeError("rank_genes_groups needs perturbation_column= (the obs column of labels; scanpy's groupby=)")
+    if column == "guide" and "guide" not in adata.obs:
+        from ._guide_level import guide_labels
+
+        if control_label is None:
+            raise ValueError("groupby='guide' needs control_label= (the label the control cells get)")
+        adata.obs["guide"] = pd.Categorical(guide_labels(adata, control_label=str(control_label)))
+    return column
+
+
+def _check_escapers(adata: ad.AnnData, reference: str) -> None:
+    """``exclude_escapers`` needs the flags of :func:`pertscale.tl.knockdown` and a test against control."""
+    if ESCAPER not in adata.obs:
+        raise ValueError(
+            f"exclude_escapers=True needs obs[{ESCAPER!r}]: run ps.tl.knockdown(adata, perturbation_column=..., "
+            "control_label=...) first"
+        )
+    if reference != "control":
+        raise ValueError("exclude_escapers=True tests against the control only (reference='control')")
 
 
 def _warn_if_counts(adata: ad.AnnData, dtype: np.dtype, layer: str | None) -> None:
@@ -76,9 +115,11 @@ def _warn_if_counts(adata: ad.AnnData, dtype: np.dtype, layer: str | None) -> No
 def rank_genes_groups(
     adata: ad.AnnData,
     *,
-    perturbation_column: str,
+    perturbation_column: str | None = None,
     control_label: str | None = None,
     method: str = "wilcoxon",
+    groupby: str | None = None,
+    exclude_escapers: bool = False,
     reference: str = "control",
     perturbations: list[str] | None = None,
     layer: str | None = None,
@@ -127,6 +168,21 @@ def rank_genes_groups(
         control's (a larger control variance for small groups); ``"nb-glm"``:
         the negative-binomial GLM Wald test on raw counts (DESeq2's model,
         the control's intercept fitted once and frozen; see Notes).
+    groupby
+        scanpy's name: the ``obs`` column of the groups, in place of
+        ``perturbation_column``. ``"guide"`` tests each guide against the
+        control: when ``obs`` has no ``guide`` column one is made
+        (:func:`pertscale.tl.guide_labels`: each cell's guide from a guide
+        column such as ``guide_id`` or the ``guide`` of
+        :func:`pertscale.pp.assign_guides`, control cells as
+        ``control_label``, ``multiple``/``unassigned`` kept) and written to
+        ``obs['guide']``; without guide identities a ``KeyError`` says which
+        inputs are accepted.
+    exclude_escapers
+        Leave out of their groups the cells that
+        :func:`pertscale.tl.knockdown` flagged as escapers
+        (``obs['knockdown_escaper']`` is True: the target not knocked down);
+        the control is unchanged. Against control only.
     reference
         What each perturbation is compared with. ``"control"`` (default):
         the cells labelled ``control_label``. ``"rest"``: every other cell
@@ -367,7 +423,11 @@ def rank_genes_groups(
     from ..analysis import NBGLMSettings, TTestSettings, WilcoxonSettings, array_digest, build
     from ..store import cached
 
+    perturbation_column = _groups_column(adata, perturbation_column, groupby, control_label)
+    if exclude_escapers:
+        _check_escapers(adata, reference)
     options = dict(
+        exclude_escapers=bool(exclude_escapers),
         method=method,
         reference=reference,
         perturbations=perturbations,
@@ -444,12 +504,16 @@ def _test(
     shrink,
     lfc_base,
     min_cells_per_perturbation,
+    exclude_escapers=False,
 ) -> ad.AnnData:
     """The lazy results of :func:`rank_genes_groups`, its options checked (no store)."""
     _check_choices(method, corr_method, alternative, reference, control_label)
     min_size = check_number(min_cells_per_perturbation, "min_cells_per_perturbation", integer=True, minimum=1)
     check_shape(adata)
     labels = perturbation_labels(adata.obs, perturbation_column)
+    if exclude_escapers:  # their label becomes one that is neither tested nor the control
+        escaper = adata.obs[ESCAPER].to_numpy(dtype=float, na_value=0.0) == 1
+        labels = labels.where(~escaper | (labels == str(control_label)), ESCAPER_LABEL)
     rest = reference == "rest"
     if control_label is None:  # reference="rest" only (checked): every label is a perturbation
         control_mask = np.zeros(labels.shape[0], dtype=bool)
@@ -466,7 +530,7 @@ def _test(
             order = [str(c) for c in adata.obs[perturbation_column].cat.categories]
         else:
             order = sorted(counts.index)
-        candidates = [g for g in order if g in counts.index]
+        candidates = [g for g in order if g in counts.index and g != ESCAPER_LABEL]
     else:
         candidates = list(dict.fromkeys(label_list(perturbations, "perturbations")))  # unique, order kept
         if rest:  # the control label may be tested against the rest too
