@@ -306,6 +306,21 @@ def _check_held(results: ad.AnnData, method: str | None, key: str | None, filter
         raise ValueError(f"these {held} results were computed with {shown}, not as asked")
 
 
+def open_results(path: str | Path) -> ad.AnnData:
+    """A test's results file (``de_wilcoxon.zarr`` or ``.h5ad``) as an AnnData whose layers are lazy Dask arrays.
+
+    Only ``obs``, ``var`` and ``uns['pertscale']`` are read; each layer is
+    read chunk by chunk when computed, so results of any size open at once
+    (perturbations x genes x statistics are never loaded whole).
+
+    Raises
+    ------
+    FileNotFoundError
+        If ``path`` does not exist.
+    """
+    return _open_results(Path(path))
+
+
 def _open_results(path: Path) -> ad.AnnData:
     """A results file (``de_wilcoxon.zarr`` or ``.h5ad``) as an AnnData whose layers are Dask arrays over its chunks.
 

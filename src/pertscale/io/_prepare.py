@@ -631,6 +631,7 @@ def prepare(
     use_raw: bool = False,
     exclude_labels=(),
     chunk_size: int | None = None,
+    obs_columns: pd.DataFrame | None = None,
 ) -> ad.AnnData:
     """Write (or reuse) a perturbation-sorted working store of a screen, and open it lazily.
 
@@ -655,6 +656,12 @@ def prepare(
     chunk_size
         Rows per block to aim for (whole groups: a block may be longer to
         hold one); default from available memory, as :func:`pertscale.read`.
+    obs_columns
+        Per-cell columns made outside the file (``n_obs`` rows indexed by
+        its ``obs_names``, in its order; a guide assignment of
+        :func:`pertscale.pp.assign_guides`), added to ``obs`` before the
+        sort: ``perturbation_column`` may be one of them. A digest of their
+        values is part of the store's identity.
 
     Returns
     -------
@@ -701,6 +708,14 @@ def prepare(
             "would be left; remove it from exclude_labels"
         )
     adata = read(path, layer=layer, use_raw=use_raw, chunk_size=chunk_size)
+    extra = {}
+    if obs_columns is not None:  # columns made in this process (a guide assignment): part of the store's identity
+        if len(obs_columns) != adata.n_obs or not obs_columns.index.astype(str).equals(adata.obs_names.astype(str)):
+            raise ValueError("obs_columns must have one row per cell of the input, in its order (its obs_names)")
+        for column in obs_columns.columns:
+            adata.obs[column] = obs_columns[column].to_numpy()
+        digest = pd.util.hash_pandas_object(obs_columns.astype(str), index=True).to_numpy().tobytes()
+        extra["obs_columns"] = hashlib.sha1(digest).hexdigest()[:16]
     check_control(perturbation_labels(adata.obs, perturbation_column), control_label, perturbation_column)
     labels = adata.obs[perturbation_column]
     store = store.absolute()  # the workers write it: their working directory may not be this process's
@@ -710,6 +725,7 @@ def prepare(
         perturbation_column=perturbation_column,
         control_label=str(control_label),
         exclude_labels=sorted(exclude),
+        **extra,
     )
     state = _is_complete(store, fp)
     if state:

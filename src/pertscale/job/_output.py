@@ -37,7 +37,14 @@ logger = logging.getLogger(__name__)
 #: The tests the main job runs, by ``--method`` name: those of :func:`pertscale.tl.rank_genes_groups`.
 METHODS = tuple(tl.METHODS)
 #: The optional steps of the main job and the file each writes.
-STEP_FILES = {"hvg": "genes.csv", "pca": "pca.zarr", "pseudobulk": "pseudobulk.h5ad"}
+STEP_FILES = {
+    "hvg": "genes.csv",
+    "pca": "pca.zarr",
+    "pseudobulk": "pseudobulk.h5ad",
+    "guides": "guides.parquet",
+    "calibration": "calibration.csv",
+    "energy_distance": "energy_distance.csv",
+}
 #: What the run did (settings, versions, numbers, profile): read by the report and :func:`pertscale.report`.
 RUN_RECORD = "run.json"
 #: The run's report, one self-contained HTML page.
@@ -49,8 +56,12 @@ def output_files(methods: Iterable[str], steps: Iterable[str] = (), *, report: b
 
     Per method ``de_<method>.zarr`` (always), ``de_<method>.h5ad`` (where
     scanpy's view fits) and ``de_<method>_significant.csv``, with ``-`` in
-    the method's name written ``_``; ``qc.csv`` and ``qc_cells.zarr`` (the
-    per-cell QC metrics) once; with nb-glm, ``size_factors.csv``; per
+    the method's name written ``_``, with ``de_<method>.parquet`` (every
+    pair, long), ``de_<method>_effects.csv`` (one row per perturbation) and
+    ``de_<method>_knockdown.csv`` (each perturbation's own target);
+    ``knockdown_cells.parquet`` (each perturbed cell's knock-down score and
+    escaper flag), ``qc.csv`` and ``qc_cells.zarr`` (the per-cell QC
+    metrics) once; with nb-glm, ``size_factors.csv``; per
     optional step (``hvg``, ``pca``, ``pseudobulk``) its file of
     :data:`STEP_FILES`; ``run.json`` (what the run did, its settings,
     versions and profile) and, with ``report``, ``report.html``.
@@ -63,10 +74,16 @@ def output_files(methods: Iterable[str], steps: Iterable[str] = (), *, report: b
             f"results:{method}": f"{stem}.zarr",
             f"h5ad:{method}": f"{stem}.h5ad",
             f"significant:{method}": f"{stem}_significant.csv",
+            f"long:{method}": f"{stem}.parquet",
+            f"effects:{method}": f"{stem}_effects.csv",
+            f"knockdown:{method}": f"{stem}_knockdown.csv",
         }
+    files["knockdown_cells"] = "knockdown_cells.parquet"
     if "nb-glm" in methods:
         files["size_factors"] = "size_factors.csv"
     files |= {step: STEP_FILES[step] for step in steps} | {"qc": "qc.csv", "qc_cells": "qc_cells.zarr"}
+    if "calibration" in steps:  # the p-values of the control splits, for the QQ plot
+        files["calibration_pvalues"] = "calibration_pvalues.parquet"
     return files | {"run": RUN_RECORD} | ({"report": REPORT} if report else {})
 
 
@@ -547,4 +564,3 @@ def replace_recorded(out: Path, name: str, write) -> Path:
     finally:
         lock._release(failed=False)
     return target
-

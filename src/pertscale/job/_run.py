@@ -595,7 +595,38 @@ class _Job:
             for method, res in results.items():
                 de_genes[method] = self._tables(method, res, written)
             write_csv(qc.perturbations, self.output.path("qc"), index=True, index_label="perturbation")
+        with self._timed("knock-down and effects"):
+            self._screen_tables(filtered, written)
         return qc, results, de_genes, written
+
+    def _screen_tables(self, filtered: ad.AnnData, written: set) -> None:
+        """Per method: the knock-down of each perturbation's target, the effect table and the long Parquet export.
+
+        The knock-down reads the written results (lazily) and makes one pass
+        over the kept cells at the target genes (each further method one more);
+        the per-cell scores and escaper flags go to ``knockdown_cells.parquet``.
+        """
+        from .. import get
+
+        energy = None
+        for i, method in enumerate(self.methods):
+            store = self.output.path(f"results:{method}")
+            res = get.open_results(store)
+            table = tl.knockdown(
+                filtered,
+                perturbation_column=self.perturbation_column,
+                control_label=self.control_label,
+                results=res,
+                targets=self.targets or None,
+            )
+            write_csv(table.reset_index(), self.output.path(f"knockdown:{method}"))
+            if i == 0:
+                _write_knockdown_cells(filtered, self.perturbation_column, self.output.path("knockdown_cells"))
+                written.add("knockdown_cells")
+            effects = tl.effect_table(res, fdr=FDR, knockdown=table, energy_distance=energy)
+            write_csv(effects.reset_index(), self.output.path(f"effects:{method}"))
+            tl.write_long(store, self.output.path(f"long:{method}"))
+            written |= {f"knockdown:{method}", f"effects:{method}", f"long:{method}"}
 
     def _timed(self, step: str):
         """A context that times its block as stage ``step`` of the run's profile (seconds and memory)."""
@@ -742,6 +773,21 @@ class _Job:
                 stacklevel=4,  # the caller of run: _tables < compose < run < caller
             )
         return de_genes
+
+
+def _write_knockdown_cells(filtered: ad.AnnData, perturbation_column: str, path: Path) -> None:
+    """The cells scored by :func:`pertscale.tl.knockdown` (a measured target): label, value, score, escaper flag."""
+    from ..io._atomic import replacing
+
+    columns = ["knockdown_value", "knockdown_score", "knockdown_escaper"]
+    obs = filtered.obs
+    scored = obs["knockdown_score"].notna().to_numpy()
+    frame = pd.DataFrame(
+        {"cell": obs.index[scored].astype(str), "perturbation": obs[perturbation_column].astype(str)[scored].to_numpy()}
+        | {c: obs[c].to_numpy()[scored] for c in columns}
+    )
+    with replacing(path) as tmp:
+        frame.to_parquet(tmp, index=False)
 
 
 def _pseudobulk(filtered: ad.AnnData, path: Path, perturbation_column: str, control_label: str, *, target_sum: float):
