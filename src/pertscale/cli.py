@@ -165,9 +165,14 @@ RUN_HELP = f"""QC, normalization and a test of every perturbation against contro
     {U_STATISTIC} for the Wilcoxon; nb-glm: {", ".join(STATISTICS["nb-glm"])}),
     de_<method>.h5ad (the same with scanpy's view, where it fits),
     de_<method>_significant.csv (columns {", ".join(TIDY_COLUMNS)}; rows with
-    {PVALS_ADJ} < 0.05); and qc.csv (cells per perturbation before and after
-    filtering); with --hvg, --pca and --pseudobulk also genes.csv, pca.zarr
-    and pseudobulk.h5ad. The files appear together when the run succeeds; a
+    {PVALS_ADJ} < 0.05), de_<method>.parquet (every pair, long),
+    de_<method>_effects.csv (one row per perturbation: DE genes, knock-down,
+    transcriptome-wide impact), de_<method>_knockdown.csv and
+    knockdown_cells.parquet (each perturbation's own target; escapers); and
+    qc.csv (cells per perturbation before and after filtering); with --hvg,
+    --pca and --pseudobulk also genes.csv, pca.zarr and pseudobulk.h5ad; with
+    --assign-guides guides.parquet, --calibration calibration.csv, and
+    --energy-distance energy_distance.csv. The files appear together when the run succeeds; a
     failed or interrupted run (Ctrl-C: exit code 130) leaves none. The input
     is never modified, and an --out holding earlier results is refused unless
     --overwrite is given. Every name is explained in docs/usage.md ("Names of
@@ -414,6 +419,44 @@ RUN_HELP = f"""QC, normalization and a test of every perturbation against contro
     "perturbation (one pass).",
 )
 @click.option(
+    "--assign-guides",
+    "assign_guides",
+    type=click.Choice(["umi_threshold", "max", "mixture"]),
+    default=None,
+    help="First assign each cell its guide from the per-guide UMI counts in obsm['grna_counts'] (ps.pp.assign_guides) "
+    "and test the assigned labels; writes guides.parquet.",
+)
+@click.option(
+    "--guide-threshold",
+    default=5,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="--assign-guides umi_threshold: UMIs at which a guide counts as detected in a cell.",
+)
+@click.option(
+    "--calibration",
+    is_flag=True,
+    default=False,
+    help="Also test pseudo-perturbations made of control cells only with each method and check that their "
+    "p-values are uniform (calibration.csv, calibration_pvalues.parquet; QQ plot in the report).",
+)
+@click.option(
+    "--energy-distance",
+    "energy_distance",
+    is_flag=True,
+    default=False,
+    help="Also compute each perturbation's energy distance to control in the PCA embedding with a permutation "
+    "test (energy_distance.csv); needs --pca.",
+)
+@click.option(
+    "--permutations",
+    "n_permutations",
+    default=1000,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="--energy-distance: permutations per perturbation.",
+)
+@click.option(
     "--progress/--no-progress",
     default=True,
     show_default=True,
@@ -463,6 +506,11 @@ def run(
     hvg_flavor,
     pca,
     pseudobulk,
+    assign_guides,
+    guide_threshold,
+    calibration,
+    energy_distance,
+    n_permutations,
     progress,
     report,
 ) -> None:  # noqa: PLR0913
@@ -485,6 +533,9 @@ def run(
 
             check_scheduler(scheduler)  # a misspelt name or malformed address: at once, before reading the input
 
+            if assign_guides is not None:  # the labels are made from the guide counts
+                perturbation_column = perturbation_column or "perturbation_assigned"
+                control_label = control_label or "control"
             if perturbation_column is None or control_label is None:
                 perturbation_column, control_label = _infer_labels(
                     input_path, perturbation_column, control_label, layer=layer, use_raw=use_raw
@@ -540,6 +591,11 @@ def run(
                 hvg_flavor=hvg_flavor,
                 pca=pca,
                 pseudobulk=pseudobulk,
+                assign_guides=assign_guides,
+                guide_threshold=guide_threshold,
+                calibration=calibration,
+                energy_distance=energy_distance,
+                n_permutations=n_permutations,
                 scheduler=scheduler,
                 progress=progress,
                 report=report,

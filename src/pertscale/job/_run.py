@@ -58,7 +58,7 @@ from .._validation import (
 from ..analysis import DESettings, HVGSettings
 from ..cluster import THREADS_BELOW_BYTES, active_client, check_scheduler, resolve_scheduler, using
 from ..io import prepare, read, write
-from ..io._atomic import remove
+from ..io._atomic import remove, replacing
 from ..io._prepare import is_sorted
 from ..io._read import row_nonzeros
 from ..io._write import write_stores
@@ -82,6 +82,10 @@ logger = logging.getLogger(__name__)
 
 #: The flavors of ``--hvg-flavor``: those :class:`pertscale.HVGSettings` takes.
 HVG_FLAVORS = typing.get_args(HVGSettings.model_fields["flavor"].annotation)
+#: The methods of ``--assign-guides``: those of :func:`pertscale.pp.assign_guides`.
+GUIDE_METHODS = ("umi_threshold", "max", "mixture")
+#: The ``obs`` column of the labels ``--assign-guides`` makes (and the run tests).
+ASSIGNED = "perturbation_assigned"
 #: The alternatives of ``--alternative``: those :class:`pertscale.analysis.DESettings` takes.
 ALTERNATIVES = typing.get_args(DESettings.model_fields["alternative"].annotation)
 
@@ -162,6 +166,11 @@ def run(
     hvg_flavor: str = "seurat",
     pca: int | None = None,
     pseudobulk: bool = False,
+    assign_guides: str | None = None,
+    guide_threshold: int = 5,
+    calibration: bool = False,
+    energy_distance: bool = False,
+    n_permutations: int = 1000,
     overwrite: bool = False,
     resume: bool = False,
     working_store: str | Path | None = None,
@@ -251,6 +260,25 @@ def run(
         then the scores written block by block) into ``pca.zarr``: cells x
         genes without a matrix, with ``obsm['X_pca']``, ``varm['PCs']``
         and ``uns['pca']``, as scanpy lays them out. Off by default.
+    assign_guides, guide_threshold
+        Assign each cell its guide first, from the per-guide UMI counts in
+        ``obsm['grna_counts']`` (:func:`pertscale.pp.assign_guides` with this
+        ``method``: ``"umi_threshold"``, ``"max"`` or ``"mixture"``), and
+        test the assigned labels (``obs['perturbation_assigned']``, which
+        replaces ``perturbation_column``); the per-cell assignment is
+        written to ``guides.parquet``. ``guide_threshold``: the UMI
+        threshold of ``"umi_threshold"``.
+    calibration
+        Also check each test's calibration on control cells only
+        (:func:`pertscale.tl.calibration_check`, the same options as the
+        real tests) into ``calibration.csv`` (one row per split and a pooled
+        row per method) and ``calibration_pvalues.parquet`` (what the QQ
+        plot needs).
+    energy_distance, n_permutations
+        Also compute each perturbation's energy distance to the control in
+        the PCA embedding and its permutation test
+        (:func:`pertscale.tl.energy_distance`, ``n_permutations``) into
+        ``energy_distance.csv``; needs ``pca``.
     pseudobulk
         Also write ``pseudobulk.h5ad`` (:func:`pertscale.pb.pseudobulk`,
         one pass): per perturbation the summed counts (``X``), mean
@@ -358,7 +386,17 @@ def run(
     memory_limit = check_number(memory_limit, "memory_limit", minimum=2**20, allow_none=True, flag="--memory-limit")
     exclude_labels = label_list(exclude_labels, "exclude_labels")
     methods = _methods(method)
-    steps = _steps(hvg=hvg, hvg_flavor=hvg_flavor, pca=pca, pseudobulk=pseudobulk)
+    steps = _steps(
+        hvg=hvg,
+        hvg_flavor=hvg_flavor,
+        pca=pca,
+        pseudobulk=pseudobulk,
+        assign_guides=assign_guides,
+        guide_threshold=guide_threshold,
+        calibration=calibration,
+        energy_distance=energy_distance,
+        n_permutations=n_permutations,
+    )
     covariates = label_list(covariates or [], "covariates")
     if covariates and "nb-glm" not in methods:
         raise ValueError("--covariates are taken out by the nb-glm test only; add nb-glm to --method")
@@ -369,6 +407,16 @@ def run(
     store_path = _directory(working_store, "working_store", "--working-store") if given_store else out / WORKING_STORE
     adata = read(path, layer=layer, use_raw=use_raw, chunk_size=chunk_size)
     check_shape(adata, f"the matrix in {str(path)!r}")
+    assignment = None
+    if "guides" in steps:  # before any check of the labels: the assigned ones are tested
+        assignment = pp.assign_guides(
+            adata,
+            method=steps["guides"]["method"],
+            threshold=steps["guides"]["threshold"],
+            control_label=str(control_label),
+            key_added=ASSIGNED,
+        )
+        perturbation_column = ASSIGNED
     files = output_files(methods, steps, report=report)
     output = OutputDir(out, files=files, inputs=[path], overwrite=overwrite, resume=resume)
     output.check_paths()  # --out is not, and is not inside, the input: before anything, also for a dry run
@@ -462,6 +510,7 @@ def run(
         scanpy_format=scanpy_format,
         profile=profile,
         targets=targets_from_obs(adata.obs, perturbation_column),
+        assignment=assignment,
     )
     profile.start()
     try:
@@ -478,6 +527,8 @@ def run(
                     matrix, source = read(path, layer=layer, use_raw=use_raw, chunk_size=plan.block_rows), path
                 else:
                     matrix, source = adata, path
+                if assignment is not None and matrix is not adata:  # the input's rows, read again
+                    matrix.obs[ASSIGNED] = adata.obs[ASSIGNED].to_numpy()
                 if needs_sort:
                     logger.info("the cells are not stored by perturbation: sorting them into %s (once)", store_path)
                     with profile.stage("sort"):
@@ -490,6 +541,7 @@ def run(
                             use_raw=use_raw,
                             exclude_labels=exclude_labels,
                             chunk_size=plan.block_rows,
+                            obs_columns=None if assignment is None else adata.obs[[ASSIGNED]],
                         )
                 qc, results, de_genes, written = job.compose(matrix)
                 summary = RunSummary(
@@ -549,6 +601,7 @@ class _Job:
     scanpy_format: bool
     profile: Profile
     targets: dict[str, str]
+    assignment: pd.DataFrame | None = None
 
     def compose(self, adata: ad.AnnData) -> tuple[pp.QCSummary, dict[str, ad.AnnData], dict[str, pd.Series], set]:
         """QC, the optional steps and the tests on ``adata`` (blocks of whole groups), written into the staging.
@@ -559,6 +612,11 @@ class _Job:
         """
         filtered, qc = self._qc(adata)
         written = {"qc", "qc_cells"}
+        if self.assignment is not None:
+            frame = self.assignment.rename_axis("cell").reset_index()
+            with replacing(self.output.path("guides")) as tmp:
+                frame.astype({c: str for c in frame.columns if frame[c].dtype == object}).to_parquet(tmp, index=False)
+            written.add("guides")
         write_qc_cells(qc, self.output.path("qc_cells"))
         if "nb-glm" in self.methods:
             self._nb_glm_steps(filtered)
@@ -595,11 +653,62 @@ class _Job:
             for method, res in results.items():
                 de_genes[method] = self._tables(method, res, written)
             write_csv(qc.perturbations, self.output.path("qc"), index=True, index_label="perturbation")
+        energy = None
+        if "energy_distance" in self.steps:
+            with self._timed("energy distance"):
+                energy = self._energy_distance(filtered)
+                write_csv(energy.reset_index(), self.output.path("energy_distance"))
+                written.add("energy_distance")
         with self._timed("knock-down and effects"):
-            self._screen_tables(filtered, written)
+            self._screen_tables(filtered, written, energy)
+        if "calibration" in self.steps:
+            with self._timed("calibration"):
+                self._calibration(filtered)
+                written |= {"calibration", "calibration_pvalues"}
         return qc, results, de_genes, written
 
-    def _screen_tables(self, filtered: ad.AnnData, written: set) -> None:
+    def _energy_distance(self, filtered: ad.AnnData) -> pd.DataFrame:
+        """:func:`pertscale.tl.energy_distance` in the PCA scores written to ``pca.zarr`` (read lazily, not again)."""
+        import dask.array as da
+        import zarr
+
+        scores = da.from_zarr(zarr.open_group(str(self.output.path("pca")), mode="r")["obsm"]["X_pca"])
+        cells = ad.AnnData(obs=filtered.obs[[self.perturbation_column]].copy(), obsm={"X_pca": scores})
+        return tl.energy_distance(
+            cells,
+            perturbation_column=self.perturbation_column,
+            control_label=self.control_label,
+            n_permutations=self.steps["energy_distance"]["n_permutations"],
+            fdr=FDR,
+        )
+
+    def _calibration(self, filtered: ad.AnnData) -> None:
+        """Each method's calibration check on the control cells, its tables and QQ data written."""
+        splits, pvalues = [], []
+        for method in self.methods:
+            nb = method == "nb-glm"
+            options = dict(self.test_options)
+            if nb:
+                options |= {k: self.nb_options[k] for k in ("shrink", "size_factor_method", "dispersion_method")}
+            check = tl.calibration_check(
+                filtered,
+                perturbation_column=self.perturbation_column,
+                control_label=self.control_label,
+                method=method,
+                layer="counts" if nb else None,
+                fdr=FDR,
+                **options,
+            )
+            table = check.splits.assign(method=method)
+            pooled = check.pooled.to_frame().T.assign(method=method)
+            pooled.index = ["pooled"]
+            splits.append(pd.concat([table, pooled]).rename_axis("split").reset_index())
+            pvalues.append(check.qq_frame().assign(method=method))
+        write_csv(pd.concat(splits, ignore_index=True), self.output.path("calibration"))
+        with replacing(self.output.path("calibration_pvalues")) as tmp:
+            pd.concat(pvalues, ignore_index=True).to_parquet(tmp, index=False)
+
+    def _screen_tables(self, filtered: ad.AnnData, written: set, energy: pd.DataFrame | None = None) -> None:
         """Per method: the knock-down of each perturbation's target, the effect table and the long Parquet export.
 
         The knock-down reads the written results (lazily) and makes one pass
@@ -608,7 +717,6 @@ class _Job:
         """
         from .. import get
 
-        energy = None
         for i, method in enumerate(self.methods):
             store = self.output.path(f"results:{method}")
             res = get.open_results(store)
@@ -777,8 +885,6 @@ class _Job:
 
 def _write_knockdown_cells(filtered: ad.AnnData, perturbation_column: str, path: Path) -> None:
     """The cells scored by :func:`pertscale.tl.knockdown` (a measured target): label, value, score, escaper flag."""
-    from ..io._atomic import replacing
-
     columns = ["knockdown_value", "knockdown_score", "knockdown_escaper"]
     obs = filtered.obs
     scored = obs["knockdown_score"].notna().to_numpy()
@@ -820,9 +926,40 @@ def _pca(filtered: ad.AnnData, n_comps: int, *, use_hvg: bool) -> ad.AnnData:
     )
 
 
-def _steps(*, hvg, hvg_flavor: str, pca, pseudobulk: bool) -> dict[str, dict]:
+def _steps(
+    *,
+    hvg,
+    hvg_flavor: str,
+    pca,
+    pseudobulk: bool,
+    assign_guides: str | None = None,
+    guide_threshold: int = 5,
+    calibration: bool = False,
+    energy_distance: bool = False,
+    n_permutations: int = 1000,
+) -> dict[str, dict]:
     """The optional steps asked for, their settings checked before any pass."""
     steps: dict[str, dict] = {}
+    if assign_guides is not None:
+        if assign_guides not in GUIDE_METHODS:
+            raise ValueError(
+                f"assign_guides {assign_guides!r} is not a method; choose one of {', '.join(GUIDE_METHODS)} "
+                "(--assign-guides)"
+            )
+        threshold = check_number(guide_threshold, "guide_threshold", integer=True, minimum=1, flag="--guide-threshold")
+        steps["guides"] = {"method": assign_guides, "threshold": threshold}
+    if calibration:
+        steps["calibration"] = {}
+    if energy_distance:
+        if pca is None:
+            raise ValueError(
+                "--energy-distance measures each perturbation in the PCA embedding: add --pca N (e.g. --pca 50)"
+            )
+        steps["energy_distance"] = {
+            "n_permutations": check_number(
+                n_permutations, "n_permutations", integer=True, minimum=1, flag="--permutations"
+            )
+        }
     if hvg is not None:
         if hvg_flavor not in HVG_FLAVORS:
             raise ValueError(
