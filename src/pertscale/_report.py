@@ -143,12 +143,14 @@ class _Page:
     def render(self) -> str:
         sections = [self.section_qc()]
         sections += [self.section_method(m) for m in self.methods]
+        sections += [self.section_screen()]
         sections += [self.section_steps(), self.section_profile(), self.section_settings(), self.section_files()]
         head = self.section_summary()  # after the others: their alerts are known
         run = self.run
         title = f"pertscale report: {Path(run['input']['path']).name}"
         nav = [("summary", "Summary"), ("qc", "Input and QC")]
         nav += [(f"method-{m}", m) for m in self.methods]
+        nav += [("screen", "Screen: effects, calibration")]
         nav += [("steps", "HVG, PCA, pseudo-bulk"), ("profile", "Plan and profile"), ("settings", "Settings"),
                 ("files", "Files")]  # fmt: skip
         links = "".join(f'<a href="#{k}">{html.escape(v)}</a>' for k, v in nav)
@@ -286,6 +288,73 @@ class _Page:
         figure = self.figure(lambda: pl.knockdown(store, targets=self.run.get("targets") or None),
                              "log2 fold change of each perturbation's own target")  # fmt: skip
         return text + figure + _table(table.head(N_ROWS), index=False)
+
+    def section_screen(self) -> str:
+        """Per-perturbation effects (DE genes, knock-down, impact), escapers, energy distance and calibration."""
+        from . import pl
+
+        parts = ['<section id="screen"><h2>Screen: which perturbations did something, and can the p-values be '
+                 "trusted</h2>"]  # fmt: skip
+        fdr = self.run["summary"]["fdr"]
+        for method in self.methods:
+            effects = self.path(f"effects:{method}")
+            if effects is None:
+                continue
+            table = pd.read_csv(effects)
+            order = table.sort_values("impact_z", ascending=False, kind="stable")
+            parts.append(f"<h3>{html.escape(method)}: effect of each perturbation</h3><p>One row per perturbation "
+                         f"({_link(effects.name)}): DE genes at FDR {fdr}, the knock-down of its own target, and "
+                         "the transcriptome-wide impact (<code>impact_z</code>: mean of z&sup2; &minus; 1 over the "
+                         "genes, 0 without effects; <code>impact</code>: mean of log2FC&sup2; &minus; SE&sup2;, "
+                         f"nb-glm). Every (perturbation, gene) pair: {_link(self.files.get(f'long:{method}', ''))}. "
+                         "Sorted by impact:</p>")  # fmt: skip
+            shown = [c for c in ("perturbation", "n_cells", "n_de_genes", "impact_z", "impact", "target",
+                                 "knockdown_log2fc", "knockdown_detected", "edistance", "edistance_pvalue_adj")
+                     if c in order and order[c].notna().any()]  # fmt: skip
+            parts.append(_table(order[shown].head(N_ROWS), index=False))
+            knock = self.path(f"knockdown:{method}")
+            if knock is not None:
+                kd = pd.read_csv(knock)
+                measured = kd[kd["measured"].astype(bool)] if "measured" in kd else kd
+                if len(measured) and "fraction_escapers" in measured:
+                    shown = measured[["perturbation", "target", "logfoldchanges", "pvals_adj", "rank",
+                                      "fraction_below_control_median", "fraction_escapers", "knockdown_detected"]]
+                    parts.append(f"<p>Knock-down of each measured target and the fraction of escapers (cells whose "
+                                 "target is at or above the control's median; ps.tl.knockdown): "
+                                 f"{_link(knock.name)}, per cell {_link('knockdown_cells.parquet')}.</p>")  # fmt: skip
+                    parts.append(_table(shown.head(N_ROWS), index=False))
+        energy = self.path("energy_distance")
+        if energy is not None:
+            table = pd.read_csv(energy, index_col=0)
+            n_sig = int((table["pvalue_adj"] < fdr).sum())
+            parts.append(f"<h3>Energy distance to control</h3><p>{n_sig} of {len(table)} perturbations differ from "
+                         f"the control in the PCA embedding (permutation test, BH-adjusted p &lt; {fdr}; "
+                         f"{_link(energy.name)}).</p>")  # fmt: skip
+            parts.append(self.figure(lambda: pl.energy_distance_ranking(table, fdr=fdr),
+                                     "Perturbations ranked by energy distance to control"))  # fmt: skip
+            parts.append(_table(table.sort_values("edistance", ascending=False).head(N_ROWS), index=True))
+        calibration = self.path("calibration")
+        if calibration is not None:
+            table = pd.read_csv(calibration)
+            pooled = table[table["split"] == "pooled"]
+            parts.append("<h3>Calibration on control cells</h3><p>Pseudo-perturbations made of control cells only, "
+                         "tested with the same code as the perturbations: a calibrated test gives about 5 % of "
+                         "p-values below 0.05, a KS test against uniform that does not reject, and about no "
+                         f"discoveries ({_link(calibration.name)}).</p>")  # fmt: skip
+            parts.append(_table(pooled, index=False))
+            for _, row in pooled.iterrows():
+                if row.get("ks_pvalue", 1) < 0.01 or row.get("n_discoveries", 0) > 0:
+                    self.alerts.append(("warn", f"{row['method']}: p-values of control-only splits are not uniform "
+                                                f"(KS p = {row['ks_pvalue']:.2g}, {int(row['n_discoveries'])} "
+                                                "discoveries): see the calibration section."))  # fmt: skip
+            qq = self.path("calibration_pvalues")
+            if qq is not None:
+                parts.append(self.figure(lambda: pl.calibration_qq(pd.read_parquet(qq)),
+                                         "QQ plot of the control splits' p-values against uniform"))  # fmt: skip
+        if len(parts) == 1:
+            parts.append("<p>No effect table in this output (runs before pertscale 0.2).</p>")
+        parts.append("</section>")
+        return "".join(parts)
 
     def section_steps(self) -> str:
         from . import pl
