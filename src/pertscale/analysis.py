@@ -331,7 +331,7 @@ class KnockdownSettings(AnalysisSettings):
 
 
 class EnergyDistanceSettings(AnalysisSettings):
-    """E-distance of each perturbation to control in an embedding, and its E-test (:func:`pertscale.tl.energy_distance`).
+    """E-distance of each perturbation to control in an embedding and its E-test (:func:`pertscale.tl.energy_distance`).
 
     ``embedding`` identifies the values of ``obsm[obsm_key]`` (a lazy
     embedding by its Dask graph's name, one in memory by a digest of its
@@ -364,6 +364,39 @@ class EnergyDistanceSettings(AnalysisSettings):
     }
 
 
+class GuideAssignmentSettings(AnalysisSettings):
+    """Guide assignment from guide UMI counts (:func:`pertscale.pp.assign_guides`).
+
+    ``assignment`` is the function's ``method``; ``counts`` the ``obsm`` key
+    or the resolved path of the guide counts (``"<AnnData>"`` for an AnnData
+    given in memory). ``counts_token`` identifies the counts' values and
+    ``guides`` is a digest of the guide ids, targets and labels used; both
+    are derived from the data rather than passed. Options a method does not
+    use are kept at their defaults (``threshold`` is ``"umi_threshold"``'s,
+    ``min_fraction`` ``"max"``'s).
+    """
+
+    function: ClassVar[str] = "pp.assign_guides"
+    argument_names: ClassVar[dict[str, str]] = {"assignment": "method"}
+    derived: ClassVar[tuple[str, ...]] = ("counts_token", "guides")
+
+    method: Literal["assign_guides"] = "assign_guides"
+    assignment: Literal["umi_threshold", "max", "mixture"] = "umi_threshold"
+    counts: str = "grna_counts"
+    threshold: float = 5.0
+    min_fraction: float = 0.5
+    control_targets: tuple[str, ...] | None = None
+    control_label: str = "control"
+    collapse_targets: bool = False
+    counts_token: str | None = None
+    guides: str | None = None
+
+    numbers: ClassVar[dict[str, dict[str, Any]]] = {
+        "threshold": {"minimum": 0, "min_open": True},
+        "min_fraction": {"minimum": 0, "maximum": 1},
+    }
+
+
 #: Settings model of each analysis, by class name (how keys name them).
 SETTINGS_CLASSES: dict[str, type[AnalysisSettings]] = {
     cls.__name__: cls
@@ -378,6 +411,7 @@ SETTINGS_CLASSES: dict[str, type[AnalysisSettings]] = {
         CalibrationSettings,
         KnockdownSettings,
         EnergyDistanceSettings,
+        GuideAssignmentSettings,
     )
 }
 
@@ -394,6 +428,7 @@ ANALYSES: dict[str, type[AnalysisSettings]] = {
     "calibration": CalibrationSettings,
     "knockdown": KnockdownSettings,
     "energy_distance": EnergyDistanceSettings,
+    "assign_guides": GuideAssignmentSettings,
 }
 
 

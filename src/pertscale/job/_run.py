@@ -82,6 +82,9 @@ logger = logging.getLogger(__name__)
 
 #: The flavors of ``--hvg-flavor``: those :class:`pertscale.HVGSettings` takes.
 HVG_FLAVORS = typing.get_args(HVGSettings.model_fields["flavor"].annotation)
+#: Genes with fewer non-zero cells on a side of a control split are left out of the calibration summary
+#: (SCEPTRE's pairwise QC: 7 cells); the asymptotic p-values of sparser genes are not uniform even when exact.
+CALIBRATION_MIN_NONZERO = 7
 #: The methods of ``--assign-guides``: those of :func:`pertscale.pp.assign_guides`.
 GUIDE_METHODS = ("umi_threshold", "max", "mixture")
 #: The ``obs`` column of the labels ``--assign-guides`` makes (and the run tests).
@@ -271,7 +274,8 @@ def run(
     calibration
         Also check each test's calibration on control cells only
         (:func:`pertscale.tl.calibration_check`, the same options as the
-        real tests) into ``calibration.csv`` (one row per split and a pooled
+        real tests; genes with fewer than 7 non-zero cells on a side of a
+        split left out of the summary, SCEPTRE's pairwise QC) into ``calibration.csv`` (one row per split and a pooled
         row per method) and ``calibration_pvalues.parquet`` (what the QQ
         plot needs).
     energy_distance, n_permutations
@@ -690,6 +694,7 @@ class _Job:
             options = dict(self.test_options)
             if nb:
                 options |= {k: self.nb_options[k] for k in ("shrink", "size_factor_method", "dispersion_method")}
+                options["covariates"] = self.nb_options["covariates"] or None
             check = tl.calibration_check(
                 filtered,
                 perturbation_column=self.perturbation_column,
@@ -697,6 +702,7 @@ class _Job:
                 method=method,
                 layer="counts" if nb else None,
                 fdr=FDR,
+                min_nonzero=CALIBRATION_MIN_NONZERO,
                 **options,
             )
             table = check.splits.assign(method=method)

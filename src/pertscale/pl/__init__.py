@@ -19,6 +19,11 @@ or a ``pertscale run`` output directory): :func:`qc_metrics`,
 :func:`umap`, :func:`embedding`, :func:`pca_variance_ratio`,
 :func:`pca_loadings`, :func:`profile`.
 
+Screen-level analyses: :func:`calibration_qq` (a
+:func:`pertscale.tl.calibration_check` result or a run's
+``calibration_pvalues.parquet``), :func:`energy_distance_ranking` (the
+table of :func:`pertscale.tl.energy_distance`).
+
 matplotlib is imported when a plot is drawn, not with ``import pertscale``.
 """
 
@@ -43,6 +48,8 @@ _WHERE = {
     **dict.fromkeys(("qc_metrics", "qc_perturbation_counts", "qc_summary"), "._qc"),
     **dict.fromkeys(("pca", "umap", "embedding", "pca_variance_ratio", "pca_loadings"), "._embedding"),
     "profile": "._profile",
+    "calibration_qq": "._calibration",
+    "energy_distance_ranking": "._energy",
 }
 
 __all__ = sorted(_WHERE)

@@ -1,7 +1,9 @@
 """Tools: differential expression against control, knock-down, guides, per-perturbation effects, overlap, UMAP."""
 
 from ..pp._neighbors import umap
+from ._calibration import CalibrationResult, calibration_check
 from ._effects import effect_table, write_long
+from ._energy import energy_distance
 from ._guide_level import guide_concordance, guide_labels
 from ._knockdown import knockdown
 from ._nbglm import (
@@ -17,12 +19,15 @@ from ._rank_genes_groups import METHODS, rank_genes_groups
 from ._results import check_results_writable, scanpy_uns, tidy, write_significant
 
 __all__ = [
+    "CalibrationResult",
     "METHODS",
+    "calibration_check",
     "check_results_writable",
     "compute_overlap",
     "covariate_levels",
     "dispersions",
     "effect_table",
+    "energy_distance",
     "fit_dispersion_prior",
     "fit_dispersion_trend",
     "fit_genewise_dispersions",
