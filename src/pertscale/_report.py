@@ -341,7 +341,9 @@ class _Page:
                          "tested with the same code as the perturbations: a calibrated test gives about 5 % of "
                          "p-values below 0.05, a KS test against uniform that does not reject, and about no "
                          f"discoveries ({_link(calibration.name)}).</p>")  # fmt: skip
-            parts.append(_table(pooled, index=False))
+            keep = ["method", "n_splits", "n_cells", "n_tested", "frac_p05", "frac_p01", "ks_statistic", "ks_pvalue",
+                    "n_discoveries"]  # fmt: skip
+            parts.append(_table(pooled[[c for c in keep if c in pooled]], index=False))
             for _, row in pooled.iterrows():
                 # under the null BH still finds something in about fdr of the splits: only the KS test alerts
                 if row.get("ks_pvalue", 1) < 0.01:
