@@ -684,6 +684,7 @@ TABLES: dict[str, tuple[str, ...]] = {
     "QCSummary.apply obs": QC_APPLY_OBS,
     "QCSummary.apply var": QC_APPLY_VAR,
     "calculate_qc_metrics perturbation_counts": (N_CELLS,),
+    "knockdown obs": (KNOCKDOWN_VALUE, KNOCKDOWN_SCORE, ESCAPER),
 }
 
 

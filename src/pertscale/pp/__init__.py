@@ -1,5 +1,6 @@
-"""Preprocessing: QC, normalization, size factors, highly variable genes and PCA over row blocks; neighbors."""
+"""Preprocessing: guides, QC, normalization, size factors, highly variable genes and PCA over row blocks; neighbors."""
 
+from ._guides import assign_guides
 from ._hvg import highly_variable_genes
 from ._neighbors import neighbors
 from ._normalize import log1p, normalize_total
@@ -21,6 +22,7 @@ __all__ = [
     "QCSummary",
     "QCThresholds",
     "adaptive_qc_thresholds",
+    "assign_guides",
     "calculate_qc_metrics",
     "filter_cells",
     "filter_genes",

@@ -22,14 +22,14 @@ from ..variables import LOGFOLDCHANGES, PVALS_ADJ
 logger = logging.getLogger(__name__)
 
 #: ``obs`` columns that may name each cell's guide, in the order they are tried.
-GUIDE_COLUMNS = ("guide", "guide_id", "guide_ids", "guide_identity", "sgRNA", "sgrna", "gRNA", "grna", "feature_call")
+GUIDE_COLUMNS = ("guide", "perturbation_assigned_guide", "guide_id", "guide_ids", "guide_identity", "sgRNA", "sgrna", "gRNA", "grna", "feature_call")
 #: Labels of cells that carry no single guide: kept as they are.
 NOT_ONE_GUIDE = ("multiple", "unassigned")
 #: The accepted inputs, for error messages.
 ACCEPTED = (
     "a per-cell guide column in obs (one of " + ", ".join(GUIDE_COLUMNS) + "; or guide_column=), for example "
-    "the 'guide' column that ps.pp.assign_guides writes from per-guide UMI counts (obsm['grna_counts'] with "
-    "uns['grna_ids'] and uns['grna_targets'])"
+    "the 'perturbation_assigned_guide' column that ps.pp.assign_guides writes from per-guide UMI counts "
+    "(obsm['grna_counts'] with uns['grna_ids'] and uns['grna_targets'])"
 )
 
 

@@ -173,7 +173,7 @@ def rank_genes_groups(
         ``perturbation_column``. ``"guide"`` tests each guide against the
         control: when ``obs`` has no ``guide`` column one is made
         (:func:`pertscale.tl.guide_labels`: each cell's guide from a guide
-        column such as ``guide_id`` or the ``guide`` of
+        column such as ``guide_id`` or the ``perturbation_assigned_guide`` of
         :func:`pertscale.pp.assign_guides`, control cells as
         ``control_label``, ``multiple``/``unassigned`` kept) and written to
         ``obs['guide']``; without guide identities a ``KeyError`` says which
