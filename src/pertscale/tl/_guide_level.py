@@ -22,7 +22,18 @@ from ..variables import LOGFOLDCHANGES, PVALS_ADJ
 logger = logging.getLogger(__name__)
 
 #: ``obs`` columns that may name each cell's guide, in the order they are tried.
-GUIDE_COLUMNS = ("guide", "perturbation_assigned_guide", "guide_id", "guide_ids", "guide_identity", "sgRNA", "sgrna", "gRNA", "grna", "feature_call")
+GUIDE_COLUMNS = (
+    "guide",
+    "perturbation_assigned_guide",
+    "guide_id",
+    "guide_ids",
+    "guide_identity",
+    "sgRNA",
+    "sgrna",
+    "gRNA",
+    "grna",
+    "feature_call",
+)
 #: Labels of cells that carry no single guide: kept as they are.
 NOT_ONE_GUIDE = ("multiple", "unassigned")
 #: The accepted inputs, for error messages.
