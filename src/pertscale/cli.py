@@ -171,8 +171,9 @@ RUN_HELP = f"""QC, normalization and a test of every perturbation against contro
     knockdown_cells.parquet (each perturbation's own target; escapers); and
     qc.csv (cells per perturbation before and after filtering); with --hvg,
     --pca and --pseudobulk also genes.csv, pca.zarr and pseudobulk.h5ad; with
-    --assign-guides guides.parquet, --calibration calibration.csv, and
-    --energy-distance energy_distance.csv. The files appear together when the run succeeds; a
+    --assign-guides guides.parquet, --calibration calibration.csv,
+    --energy-distance energy_distance.csv, and --guides de_guides.zarr and
+    guide_concordance.csv. The files appear together when the run succeeds; a
     failed or interrupted run (Ctrl-C: exit code 130) leaves none. The input
     is never modified, and an --out holding earlier results is refused unless
     --overwrite is given. Every name is explained in docs/usage.md ("Names of
@@ -449,6 +450,13 @@ RUN_HELP = f"""QC, normalization and a test of every perturbation against contro
     "test (energy_distance.csv); needs --pca.",
 )
 @click.option(
+    "--guides",
+    is_flag=True,
+    default=False,
+    help="Also test each guide against control (de_guides.zarr, from a per-cell guide column such as guide_id) "
+    "and write the agreement of the guides of each target (guide_concordance.csv).",
+)
+@click.option(
     "--permutations",
     "n_permutations",
     default=1000,
@@ -511,6 +519,7 @@ def run(
     calibration,
     energy_distance,
     n_permutations,
+    guides,
     progress,
     report,
 ) -> None:  # noqa: PLR0913
@@ -596,6 +605,7 @@ def run(
                 calibration=calibration,
                 energy_distance=energy_distance,
                 n_permutations=n_permutations,
+                guides=guides,
                 scheduler=scheduler,
                 progress=progress,
                 report=report,

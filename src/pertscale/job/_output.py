@@ -44,6 +44,7 @@ STEP_FILES = {
     "guides": "guides.parquet",
     "calibration": "calibration.csv",
     "energy_distance": "energy_distance.csv",
+    "guide_de": "de_guides.zarr",
 }
 #: What the run did (settings, versions, numbers, profile): read by the report and :func:`pertscale.report`.
 RUN_RECORD = "run.json"
@@ -84,6 +85,8 @@ def output_files(methods: Iterable[str], steps: Iterable[str] = (), *, report: b
     files |= {step: STEP_FILES[step] for step in steps} | {"qc": "qc.csv", "qc_cells": "qc_cells.zarr"}
     if "calibration" in steps:  # the p-values of the control splits, for the QQ plot
         files["calibration_pvalues"] = "calibration_pvalues.parquet"
+    if "guide_de" in steps:  # each guide against control, and the agreement of the guides of a target
+        files["guide_concordance"] = "guide_concordance.csv"
     return files | {"run": RUN_RECORD} | ({"report": REPORT} if report else {})
 
 

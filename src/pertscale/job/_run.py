@@ -174,6 +174,7 @@ def run(
     calibration: bool = False,
     energy_distance: bool = False,
     n_permutations: int = 1000,
+    guides: bool = False,
     overwrite: bool = False,
     resume: bool = False,
     working_store: str | Path | None = None,
@@ -283,6 +284,15 @@ def run(
         the PCA embedding and its permutation test
         (:func:`pertscale.tl.energy_distance`, ``n_permutations``) into
         ``energy_distance.csv``; needs ``pca``.
+    guides
+        Also test each guide against control
+        (``rank_genes_groups(groupby="guide")`` with the first of the
+        methods that is not nb-glm, Wilcoxon when nb-glm is the only one)
+        into ``de_guides.zarr``, and write, per target, the correlation of
+        its guides' log2 fold changes over their DE genes with discordant
+        guides flagged (:func:`pertscale.tl.guide_concordance`) to
+        ``guide_concordance.csv``. Needs a per-cell guide column (such as
+        ``guide_id``, or ``assign_guides``').
     pseudobulk
         Also write ``pseudobulk.h5ad`` (:func:`pertscale.pb.pseudobulk`,
         one pass): per perturbation the summed counts (``X``), mean
@@ -400,6 +410,7 @@ def run(
         calibration=calibration,
         energy_distance=energy_distance,
         n_permutations=n_permutations,
+        guides=guides,
     )
     covariates = label_list(covariates or [], "covariates")
     if covariates and "nb-glm" not in methods:
@@ -432,6 +443,10 @@ def run(
         exclude_labels=exclude_labels,
         min_cells_per_perturbation=min_cells_per_perturbation,
     )
+    if "guide_de" in steps:  # a guide column, before any pass
+        from ..tl._guide_level import find_guide_column
+
+        find_guide_column(adata.obs)
     kept = ~labels.isin(exclude_labels).to_numpy()
     if covariates:  # checked on obs before any pass: columns, missing values, levels, control cells per level
         tl.covariate_levels(adata.obs[kept], covariates, control=(labels[kept] == str(control_label)).to_numpy())
@@ -532,7 +547,8 @@ def run(
                 else:
                     matrix, source = adata, path
                 if assignment is not None and matrix is not adata:  # the input's rows, read again
-                    matrix.obs[ASSIGNED] = adata.obs[ASSIGNED].to_numpy()
+                    for column in assignment.columns:
+                        matrix.obs[column] = adata.obs[column].to_numpy()
                 if needs_sort:
                     logger.info("the cells are not stored by perturbation: sorting them into %s (once)", store_path)
                     with profile.stage("sort"):
@@ -545,7 +561,7 @@ def run(
                             use_raw=use_raw,
                             exclude_labels=exclude_labels,
                             chunk_size=plan.block_rows,
-                            obs_columns=None if assignment is None else adata.obs[[ASSIGNED]],
+                            obs_columns=None if assignment is None else adata.obs[list(assignment.columns)],
                         )
                 qc, results, de_genes, written = job.compose(matrix)
                 summary = RunSummary(
@@ -649,6 +665,8 @@ class _Job:
                 n_comps = self.steps["pca"]["n_comps"]
                 stores[self.output.path("pca")] = _pca(filtered, n_comps, use_hvg="hvg" in self.steps)
         results = {method: self._test(filtered, method) for method in self.methods}
+        if "guide_de" in self.steps:  # each guide against control, in the same pass as the tests
+            stores[self.output.path("guide_de")] = self._guide_test(filtered)
         with self._timed("test and write"):  # one computation for every method: each block is read once
             write_stores({self.output.path(f"results:{m}"): r for m, r in results.items()} | stores, resume=True)
         written |= set(self.steps) | {f"results:{m}" for m in results}
@@ -665,11 +683,45 @@ class _Job:
                 written.add("energy_distance")
         with self._timed("knock-down and effects"):
             self._screen_tables(filtered, written, energy)
+        if "guide_de" in self.steps:
+            with self._timed("guide concordance"):
+                self._guide_concordance(filtered)
+                written.add("guide_concordance")
         if "calibration" in self.steps:
             with self._timed("calibration"):
                 self._calibration(filtered)
                 written |= {"calibration", "calibration_pvalues"}
         return qc, results, de_genes, written
+
+    def _guide_method(self) -> str:
+        """The test of the guides: the first method that is not nb-glm (its dispersions are per perturbation)."""
+        return next((m for m in self.methods if m != "nb-glm"), "wilcoxon")
+
+    def _guide_test(self, filtered: ad.AnnData) -> ad.AnnData:
+        """Each guide of the kept cells against the control, lazily (``rank_genes_groups(groupby="guide")``)."""
+        from ..tl._guide_level import guide_labels
+
+        filtered.obs["guide"] = pd.Categorical(
+            guide_labels(filtered, control_label=self.control_label, perturbation_column=self.perturbation_column)
+        )
+        return tl.rank_genes_groups(
+            filtered, groupby="guide", control_label=self.control_label, method=self._guide_method(),
+            **self.test_options,
+        )  # fmt: skip
+
+    def _guide_concordance(self, filtered: ad.AnnData) -> None:
+        """Per target, the agreement of its guides (from ``de_guides.zarr``), to ``guide_concordance.csv``."""
+        from .. import get
+
+        res = get.open_results(self.output.path("guide_de"))
+        targets = tl.guide_targets(filtered) or _guide_targets_from_obs(filtered.obs, self.perturbation_column)
+        try:
+            table = tl.guide_concordance(res, targets=targets, fdr=FDR)
+        except ValueError as err:  # no target with two tested guides: said in the file and the log
+            logger.warning("guide concordance: %s", err)
+            table = pd.DataFrame(columns=["target", "guide", "n_de_genes", "mean_correlation", "min_correlation",
+                                          "n_pairs", "discordant"])  # fmt: skip
+        write_csv(table, self.output.path("guide_concordance"))
 
     def _energy_distance(self, filtered: ad.AnnData) -> pd.DataFrame:
         """:func:`pertscale.tl.energy_distance` in the PCA scores written to ``pca.zarr`` (read lazily, not again)."""
@@ -889,6 +941,14 @@ class _Job:
         return de_genes
 
 
+def _guide_targets_from_obs(obs: pd.DataFrame, perturbation_column: str) -> dict[str, str]:
+    """Guide -> target from the cells: each value of ``obs['guide']`` whose cells carry one perturbation label."""
+    frame = pd.DataFrame({"guide": obs["guide"].astype(str), "target": obs[perturbation_column].astype(str)})
+    single = frame.groupby("guide")["target"].nunique()
+    first = frame[frame["guide"].isin(single.index[single == 1])].drop_duplicates("guide")
+    return dict(zip(first["guide"], first["target"], strict=True))
+
+
 def _write_knockdown_cells(filtered: ad.AnnData, perturbation_column: str, path: Path) -> None:
     """The cells scored by :func:`pertscale.tl.knockdown` (a measured target): label, value, score, escaper flag."""
     columns = ["knockdown_value", "knockdown_score", "knockdown_escaper"]
@@ -943,9 +1003,12 @@ def _steps(
     calibration: bool = False,
     energy_distance: bool = False,
     n_permutations: int = 1000,
+    guides: bool = False,
 ) -> dict[str, dict]:
     """The optional steps asked for, their settings checked before any pass."""
     steps: dict[str, dict] = {}
+    if guides:
+        steps["guide_de"] = {}
     if assign_guides is not None:
         if assign_guides not in GUIDE_METHODS:
             raise ValueError(
@@ -961,11 +1024,13 @@ def _steps(
             raise ValueError(
                 "--energy-distance measures each perturbation in the PCA embedding: add --pca N (e.g. --pca 50)"
             )
-        steps["energy_distance"] = {
-            "n_permutations": check_number(
-                n_permutations, "n_permutations", integer=True, minimum=1, flag="--permutations"
+        n_permutations = check_number(n_permutations, "n_permutations", integer=True, minimum=1, flag="--permutations")
+        if 1 / (n_permutations + 1) > FDR:  # nothing could be called: said before any pass
+            raise ValueError(
+                f"--permutations {n_permutations} cannot reach the run's FDR {FDR}: the smallest p-value a "
+                f"permutation test gives is 1/(permutations + 1); use --permutations {int(1 / FDR)} or more"
             )
-        }
+        steps["energy_distance"] = {"n_permutations": n_permutations}
     if hvg is not None:
         if hvg_flavor not in HVG_FLAVORS:
             raise ValueError(

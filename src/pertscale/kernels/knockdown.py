@@ -28,7 +28,7 @@ import numpy as np
 import scipy.sparse as sp
 
 #: Most non-zero control values kept per target gene (evenly spaced order statistics beyond).
-MAX_POINTS = 4096
+MAX_POINTS = 1024
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,7 @@ from ..pp._neighbors import umap
 from ._calibration import CalibrationResult, calibration_check
 from ._effects import effect_table, write_long
 from ._energy import energy_distance
-from ._guide_level import guide_concordance, guide_labels
+from ._guide_level import guide_concordance, guide_labels, guide_targets
 from ._knockdown import knockdown
 from ._nbglm import (
     covariate_levels,
@@ -34,6 +34,7 @@ __all__ = [
     "fit_map_dispersions",
     "guide_concordance",
     "guide_labels",
+    "guide_targets",
     "knockdown",
     "rank_genes_groups",
     "scanpy_uns",

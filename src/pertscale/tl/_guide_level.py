@@ -90,8 +90,10 @@ def guide_labels(
         (``uns['grna_targets']`` of the guide is ``non-targeting``,
         ``control``, ...) or whose guide id is such a word itself.
     perturbation_column
-        The cells' perturbation labels; default ``obs['perturbation']`` when
-        present. Its ``multiple`` and ``unassigned`` cells keep those labels
+        The cells' perturbation labels; default the labels of the guide
+        assignment that made the guide column (``obs['perturbation_assigned']``
+        beside ``obs['perturbation_assigned_guide']``), else
+        ``obs['perturbation']`` when present. Its ``multiple`` and ``unassigned`` cells keep those labels
         (a cell's top guide does not make it a single-guide cell).
     guide_column
         The ``obs`` column of guide ids; default the first of :data:`GUIDE_COLUMNS`.
@@ -111,8 +113,12 @@ def guide_labels(
     guides = adata.obs[column].astype("string").fillna("unassigned").astype(str)
     labels = guides.copy()
     targets = guide_targets(adata)
-    if perturbation_column is None and "perturbation" in adata.obs:
-        perturbation_column = "perturbation"
+    if perturbation_column is None:  # the labels of the assignment that made the guide column, else 'perturbation'
+        made_with = column[: -len("_guide")] if column.endswith("_guide") else None
+        if made_with is not None and made_with in adata.obs:
+            perturbation_column = made_with
+        elif "perturbation" in adata.obs:
+            perturbation_column = "perturbation"
     if perturbation_column is not None:
         if perturbation_column not in adata.obs:
             raise KeyError(f"perturbation_column {perturbation_column!r} is not in obs")
@@ -181,8 +187,6 @@ def guide_concordance(
     ValueError
         If no target has two guides among the results, or an option is out of range.
     """
-    import dask
-
     fdr = check_number(fdr, "fdr", minimum=0, maximum=1)
     min_genes = check_number(min_genes, "min_genes", integer=True, minimum=2)
     if targets is None:
@@ -203,9 +207,7 @@ def guide_concordance(
             "no grna_ids/grna_targets"
         )
     pair_rows, guide_rows = [], []
-    for target, rows in by_target.items():
-        lfc, padj = (results.layers[name][rows] for name in (LOGFOLDCHANGES, PVALS_ADJ))
-        lfc, padj = (np.asarray(v, dtype=np.float64) for v in dask.compute(lfc, padj))
+    for target, rows, lfc, padj in _rows_by_target(results, by_target):
         de = np.nan_to_num(padj, nan=1.0) < fdr
         corr = np.full((len(rows), len(rows)), np.nan)
         for a, b in itertools.combinations(range(len(rows)), 2):
@@ -234,6 +236,35 @@ def guide_concordance(
         pairs = pd.DataFrame(pair_rows, columns=["target", "guide_1", "guide_2", "n_genes", "correlation"])
         return table, pairs
     return table
+
+
+#: Guides whose rows are read in one computation (whole targets): memory is this many rows of two statistics.
+ROWS_PER_READ = 512
+
+
+def _rows_by_target(results: ad.AnnData, by_target: dict[str, list[int]]):
+    """``(target, rows, lfc, padj)`` per target, the rows of several targets read in one computation."""
+    import dask
+
+    batch: list[tuple[str, list[int]]] = []
+    items = list(by_target.items())
+    for k, (target, rows) in enumerate(items):
+        batch.append((target, rows))
+        if sum(len(r) for _, r in batch) < ROWS_PER_READ and k + 1 < len(items):
+            continue
+        wanted = np.concatenate([r for _, r in batch])
+        order = np.argsort(wanted, kind="stable")
+        picked = [results.layers[name][wanted[order]] for name in (LOGFOLDCHANGES, PVALS_ADJ)]
+        lfc, padj = (np.asarray(v, dtype=np.float64) for v in dask.compute(*picked))
+        back = np.empty_like(order)
+        back[order] = np.arange(order.size)
+        lfc, padj = lfc[back], padj[back]
+        start = 0
+        for name, rows in batch:
+            stop = start + len(rows)
+            yield name, rows, lfc[start:stop], padj[start:stop]
+            start = stop
+        batch = []
 
 
 def _discordant(table: pd.DataFrame, min_correlation: float) -> np.ndarray:

@@ -161,9 +161,11 @@ def knockdown(
     -------
     pandas.DataFrame
         One row per perturbation (index ``perturbation``) with a target:
-        ``target``, ``measured`` (bool), ``n_cells``, ``logfoldchanges``
+        ``target``, ``gene`` (the ``var_names`` entry it matched, ``""``
+        when not measured), ``measured`` (bool), ``n_cells``, ``logfoldchanges``
         (log2), ``pvals``, ``pvals_adj``, ``scores``, ``rank`` (1 = the most
-        significant gene of that perturbation, by p-value then ``|score|``),
+        significant gene of that perturbation, by p-value then ``|score|``;
+        NaN where the target was not tested),
         ``control_median`` (log1p units), ``control_detection`` (fraction of
         control cells with a non-zero value), ``fraction_below_control_median``,
         ``mean_knockdown_score``, ``fraction_escapers``,
@@ -260,6 +262,7 @@ def _knockdown(adata, perturbation_column, control_label, results, method, *, ta
     table = pd.DataFrame(
         {
             "target": [targets[p] for p in perturbations],
+            "gene": [str(adata.var_names[w]) if w >= 0 else "" for w in where],
             "measured": where >= 0,
             "n_cells": [int(sizes[p]) for p in perturbations],
         },
@@ -394,7 +397,10 @@ def _target_statistics(adata, results, method, table, perturbation_column) -> pd
             logger.info("knockdown: no stored %s result; give results= for the targets' statistics", method)
             return out
     rows = pd.Index(results.obs_names.astype(str)).get_indexer(table.index)
-    cols = gene_positions(results.var, results.var_names, table["target"])
+    # the matched gene (a var name of adata) first; the target as given where the results' genes are others
+    cols = pd.Index(results.var_names.astype(str)).get_indexer(table["gene"])
+    by_target = gene_positions(results.var, results.var_names, table["target"])
+    cols = np.where(cols >= 0, cols, by_target)
     ok = np.flatnonzero((rows >= 0) & (cols >= 0))
     if not ok.size:
         return out
@@ -435,4 +441,4 @@ def _rank_block(p, s, cols):
     p_t, s_t = p[idx, cols][:, None], s[idx, cols][:, None]
     p = np.where(np.isnan(p), np.inf, p)
     smaller = (p < p_t) | ((p == p_t) & (s > s_t))
-    return (1 + smaller.sum(axis=1)).astype(np.float64)
+    return np.where(np.isnan(p_t[:, 0]), np.nan, 1 + smaller.sum(axis=1)).astype(np.float64)  # untested: no rank

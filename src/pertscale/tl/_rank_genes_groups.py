@@ -513,7 +513,16 @@ def _test(
     labels = perturbation_labels(adata.obs, perturbation_column)
     if exclude_escapers:  # their label becomes one that is neither tested nor the control
         escaper = adata.obs[ESCAPER].to_numpy(dtype=float, na_value=0.0) == 1
+        before = set(labels.unique())
         labels = labels.where(~escaper | (labels == str(control_label)), ESCAPER_LABEL)
+        emptied = sorted(before - set(labels.unique()))
+        if emptied:
+            warnings.warn(
+                f"exclude_escapers: every cell of {len(emptied)} perturbation(s) is an escaper (none knocked its "
+                f"target below the control's median); not tested: {emptied[:20]}",
+                UserWarning,
+                stacklevel=3,
+            )
     rest = reference == "rest"
     if control_label is None:  # reference="rest" only (checked): every label is a perturbation
         control_mask = np.zeros(labels.shape[0], dtype=bool)
