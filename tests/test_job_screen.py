@@ -31,7 +31,7 @@ def screen_run(tmp_path_factory):
         calibration=True,
         pca=10,
         energy_distance=True,
-        n_permutations=200,
+        n_permutations=300,
         progress=False,
     )
     return path, out, summary
@@ -63,10 +63,10 @@ def test_the_run_tables_equal_the_public_calls_on_its_outputs(screen_run):
     pca = ad.read_zarr(out / "pca.zarr")
     cells = ad.AnnData(obs=pca.obs[["perturbation_assigned"]].copy(), obsm={"X_pca": np.asarray(pca.obsm["X_pca"])})
     direct = ps.tl.energy_distance(
-        cells, perturbation_column="perturbation_assigned", control_label="control", n_permutations=200
+        cells, perturbation_column="perturbation_assigned", control_label="control", n_permutations=300
     )
     assert_close(energy.loc[direct.index, "edistance"].to_numpy(), direct["edistance"].to_numpy(), rtol=1e-10)
-    assert_close(energy.loc[direct.index, "pvalue"].to_numpy(), direct["pvalue"].to_numpy(), rtol=0)
+    assert_close(energy.loc[direct.index, "pvalue"].to_numpy(), direct["pvalue"].to_numpy(), rtol=1e-12)  # (CSV)
     # every measured target (this screen's CRISPRi targets that are in its 72-gene panel) knocked down
     measured = knock[knock["measured"]]
     assert len(measured) >= 5 and (measured["logfoldchanges"] < 0).all()
@@ -92,3 +92,18 @@ def test_calibration_guides_and_report(screen_run):
     for text in ("Calibration on control cells", "Energy distance to control", "effect of each perturbation"):
         assert text in page
     assert {"energy_distance", "calibration", "guide_concordance", "guides"} <= set(summary.files)
+
+
+def test_an_empty_block_does_not_replace_the_first_blocks_spill(tmp_path):
+    """The sort's scatter named an empty block's files as block 0's: whichever ran last won (rows went missing)."""
+    import scipy.sparse as sp
+
+    from pertscale.io._prepare import _assemble, _scatter
+
+    block = sp.random(6, 4, density=0.6, format="csr", random_state=1)
+    bounds = np.array([0, 6])
+    spill = str(tmp_path / "spill")
+    _scatter(block, np.arange(6), np.arange(6), bounds, spill, frozenset())
+    _scatter(sp.csr_matrix((0, 4)), np.empty(0, np.int64), np.empty(0, np.int64), bounds, spill, frozenset())
+    got = _assemble(0, bounds, 4, spill, "a sort", "again")
+    assert abs(sp.csr_matrix(got, dtype=np.float64) - block).sum() < 1e-6

@@ -359,9 +359,11 @@ def _small(a: np.ndarray) -> np.ndarray:
 def _scatter(block, pos, rows_in, bounds, spill: str, done: frozenset):
     """Scatter task: write the rows of an input block (input rows ``rows_in``) to the spill, by output block."""
     codec = _codec()
-    r0 = int(rows_in[0]) if rows_in.size else 0
-    block = sp.csr_matrix(block)
     kept = np.flatnonzero(pos >= 0)
+    if not kept.size:  # nothing to write (an empty block would have no row of its own to name its files by, and
+        return np.array([0], dtype=np.int64)  # its empty files, named as block 0's, could replace block 0's pieces)
+    r0 = int(rows_in[0])
+    block = sp.csr_matrix(block)
     dest = np.searchsorted(bounds, pos[kept], side="right") - 1
     by_dest = np.argsort(dest * (bounds[-1] + 1) + pos[kept], kind="stable")  # by block, then sorted position
     kept, dest = kept[by_dest], dest[by_dest]
@@ -385,11 +387,14 @@ def _scatter(block, pos, rows_in, bounds, spill: str, done: frozenset):
             offset += len(raw)
     folder = Path(spill)
     folder.mkdir(parents=True, exist_ok=True)
-    with replacing(folder / f"{r0}.bin") as tmp:  # the data file last: its presence marks the piece complete
+    # both files replaced whole (a later computation of the graph writes them again, identical, while another
+    # may be reading them: a file written in place could be read half written); the data file last
+    with replacing(folder / f"{r0}.idx.npy") as tmp, open(tmp, "wb") as f:
+        np.save(f, np.array(index, dtype=SPILL_INDEX))
+    with replacing(folder / f"{r0}.bin") as tmp:  # its presence marks the piece complete
         with open(tmp, "wb") as f:
             for raw in buffers:
                 f.write(raw)
-        np.save(folder / f"{r0}.idx.npy", np.array(index, dtype=SPILL_INDEX))
     return np.array([offset], dtype=np.int64)
 
 
