@@ -50,7 +50,7 @@ PCA = textwrap.dedent(
         ps.pp.pca(a, n_comps=50)
         fit = time.perf_counter() - t
         t = time.perf_counter()
-        scores = ps.cluster.compute(a.obsm["X_pca"])
+        (scores,) = ps.cluster.compute(a.obsm["X_pca"])
         np.save(out + "/X_pca.npy", np.asarray(scores, dtype=np.float32))
         a.obs[["perturbation"]].astype(str).to_parquet(out + "/obs.parquet")
         print(f"time: fit {fit:.1f}, scores {time.perf_counter() - t:.1f}")
@@ -158,6 +158,7 @@ def main() -> None:
     parser.add_argument("--subset-perts", type=int, default=10)
     parser.add_argument("--subset-control", type=int, default=2000)
     parser.add_argument("--steps", default="pca,energy,calibration,scperturb")
+    parser.add_argument("--work", type=Path, help="Reuse this directory's X_pca.npy and obs.parquet (skip pca).")
     args = parser.parse_args()
     steps = args.steps.split(",")
     rows = []
@@ -165,9 +166,12 @@ def main() -> None:
         path = dataset(name, args.data_dir)
         if path is None:
             continue
-        work = Path(tempfile.mkdtemp(prefix=f"bench-screen-{name}-", dir=args.data_dir))
         py = sys.executable
-        rows.append(_report(name, "pca", measure([py, "-c", PCA, str(path), str(work)])))
+        if args.work is not None:
+            work = args.work
+        else:
+            work = Path(tempfile.mkdtemp(prefix=f"bench-screen-{name}-", dir=args.data_dir))
+            rows.append(_report(name, "pca", measure([py, "-c", PCA, str(path), str(work)])))
         if "energy" in steps:
             r = measure([py, "-c", ENERGY, str(work), str(args.permutations)])
             rows.append(_report(name, f"energy ({args.permutations} permutations)", r))

@@ -302,3 +302,14 @@ def test_guide_labels_follow_the_assignment_that_made_the_guide_column():
     assert (labels[assigned == "multiple"] == "multiple").all()
     single = ~assigned.isin(["control", "multiple", "unassigned"])
     assert (labels[single] == adata.obs["perturbation_assigned_guide"].astype(str)[single]).all()
+
+
+def test_knockdown_statistics_of_another_test_equal_a_knockdown_with_it(papalexi_knockdown):
+    adata, _, table = papalexi_knockdown
+    ttest = ps.compute(
+        ps.tl.rank_genes_groups(adata, perturbation_column="perturbation", control_label="control", method="t-test")
+    )
+    direct = ps.tl.knockdown(adata, perturbation_column="perturbation", control_label="control", results=ttest)
+    restated = ps.tl.knockdown_statistics(table, ttest)
+    pd.testing.assert_frame_equal(restated[direct.columns], direct)
+    assert not np.allclose(restated["pvals"].dropna(), table["pvals"].dropna(), rtol=1e-3, atol=0)  # the t-test's

@@ -770,25 +770,30 @@ class _Job:
         """Per method: the knock-down of each perturbation's target, the effect table and the long Parquet export.
 
         The knock-down reads the written results (lazily) and makes one pass
-        over the kept cells at the target genes (each further method one more);
+        over the kept cells at the target genes (for the first method; the
+        others' statistics are read from their results);
         the per-cell scores and escaper flags go to ``knockdown_cells.parquet``.
         """
         from .. import get
 
-        for i, method in enumerate(self.methods):
+        first = None
+        for method in self.methods:
             store = self.output.path(f"results:{method}")
             res = get.open_results(store)
-            table = tl.knockdown(
-                filtered,
-                perturbation_column=self.perturbation_column,
-                control_label=self.control_label,
-                results=res,
-                targets=self.targets or None,
-            )
-            write_csv(table.reset_index(), self.output.path(f"knockdown:{method}"))
-            if i == 0:
+            if first is None:  # one pass over the cells; the other methods' statistics are read from their results
+                table = first = tl.knockdown(
+                    filtered,
+                    perturbation_column=self.perturbation_column,
+                    control_label=self.control_label,
+                    results=res,
+                    targets=self.targets or None,
+                    fdr=FDR,
+                )
                 _write_knockdown_cells(filtered, self.perturbation_column, self.output.path("knockdown_cells"))
                 written.add("knockdown_cells")
+            else:
+                table = tl.knockdown_statistics(first, res, fdr=FDR)
+            write_csv(table.reset_index(), self.output.path(f"knockdown:{method}"))
             effects = tl.effect_table(res, fdr=FDR, knockdown=table, energy_distance=energy)
             write_csv(effects.reset_index(), self.output.path(f"effects:{method}"))
             tl.write_long(store, self.output.path(f"long:{method}"))

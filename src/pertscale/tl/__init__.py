@@ -5,7 +5,7 @@ from ._calibration import CalibrationResult, calibration_check
 from ._effects import effect_table, write_long
 from ._energy import energy_distance
 from ._guide_level import guide_concordance, guide_labels, guide_targets
-from ._knockdown import knockdown
+from ._knockdown import knockdown, knockdown_statistics
 from ._nbglm import (
     covariate_levels,
     dispersions,
@@ -36,6 +36,7 @@ __all__ = [
     "guide_labels",
     "guide_targets",
     "knockdown",
+    "knockdown_statistics",
     "rank_genes_groups",
     "scanpy_uns",
     "tidy",

@@ -309,12 +309,39 @@ def _knockdown(adata, perturbation_column, control_label, results, method, *, ta
     table = _per_perturbation(table, labels, values, summary, column_of, min_control_detection)
     escaper = _escapers(values, cell_target, summary, min_control_detection)
     adata.obs[ESCAPER_COLUMN] = pd.array(escaper, dtype="boolean")
-    table = table.join(_target_statistics(adata, results, method, table, perturbation_column))
+    table = _with_statistics(table, _target_statistics(adata, results, method, table, perturbation_column), fdr)
+    table.attrs["unmeasured"] = unmeasured
+    return table
+
+
+def _with_statistics(table: pd.DataFrame, statistics: pd.DataFrame, fdr: float) -> pd.DataFrame:
+    """``table`` with the targets' statistics (replacing any) and ``knockdown_detected`` from them."""
+    table = table.drop(columns=[c for c in [*statistics.columns, "knockdown_detected"] if c in table]).join(statistics)
     lower = (table[PVALS_ADJ] < fdr) & (table[LOGFOLDCHANGES] < 0)
     known = table["measured"] & table[PVALS_ADJ].notna()
     table["knockdown_detected"] = pd.array(np.where(known, lower, None), dtype="boolean")  # <NA>: not measured
-    table.attrs["unmeasured"] = unmeasured
     return table
+
+
+def knockdown_statistics(table: pd.DataFrame, results: ad.AnnData, *, fdr: float = 0.05) -> pd.DataFrame:
+    """A :func:`knockdown` table with its targets' statistics taken from other ``results`` (another test's).
+
+    The per-cell part (the control's median, the fractions below it and of
+    escapers) does not depend on the test: only ``logfoldchanges``,
+    ``pvals``, ``pvals_adj``, ``scores``, ``rank`` and
+    ``knockdown_detected`` are replaced, read from ``results`` (a results
+    AnnData of :func:`pertscale.tl.rank_genes_groups`, lazy or in memory)
+    without a pass over the cells.
+
+    Raises
+    ------
+    ValueError
+        If ``fdr`` is not in ``[0, 1]``.
+    """
+    fdr = check_number(fdr, "fdr", minimum=0, maximum=1)
+    out = _with_statistics(table, _target_statistics(None, results, None, table, None), fdr)
+    out.attrs = dict(table.attrs)
+    return out
 
 
 def _control_summary(x: da.Array, control: np.ndarray):
