@@ -375,8 +375,9 @@ def _results_equal_to_default(kind: str):
 def _overwritten(tmp, out):
     assert ad.read_h5ad(out / "de_wilcoxon.h5ad").n_obs == 4
     assert ad.read_zarr(out / "de_wilcoxon.zarr").n_obs == 4
-    expected = ["de_wilcoxon.h5ad", "de_wilcoxon.zarr", "de_wilcoxon_significant.csv", "qc.csv", "qc_cells.zarr"]
-    expected += ["report.html", "run.json", "working_store.zarr"]
+    expected = ["de_wilcoxon.h5ad", "de_wilcoxon.parquet", "de_wilcoxon.zarr", "de_wilcoxon_effects.csv"]
+    expected += ["de_wilcoxon_knockdown.csv", "de_wilcoxon_significant.csv", "knockdown_cells.parquet", "qc.csv"]
+    expected += ["qc_cells.zarr", "report.html", "run.json", "working_store.zarr"]
     assert sorted(p.name for p in out.iterdir()) == [".pertscale-manifest.json", *expected]
 
 

@@ -207,6 +207,9 @@ def test_an_earlier_run_of_another_method_is_never_mixed_in(sim_h5ad, tmp_path):
     assert _invoke(sim_h5ad, out, "--overwrite").exit_code == 0
     assert sorted(p.name for p in out.iterdir() if p.name.startswith("de_")) == [
         "de_wilcoxon.h5ad",
+        "de_wilcoxon.parquet",
         "de_wilcoxon.zarr",
+        "de_wilcoxon_effects.csv",
+        "de_wilcoxon_knockdown.csv",
         "de_wilcoxon_significant.csv",
     ]
