@@ -37,6 +37,7 @@ def screen_run(tmp_path_factory):
     return path, out, summary
 
 
+@pytest.mark.slow  # one run with every screen step (~1-2 min): CI's slow job
 def test_assigned_labels_are_crispats_and_are_the_ones_tested(screen_run):
     path, out, _ = screen_run
     raw = ad.read_h5ad(path)
@@ -51,6 +52,7 @@ def test_assigned_labels_are_crispats_and_are_the_ones_tested(screen_run):
     assert "multiple" not in res.obs_names
 
 
+@pytest.mark.slow  # one run with every screen step (~1-2 min): CI's slow job
 def test_the_run_tables_equal_the_public_calls_on_its_outputs(screen_run):
     _, out, _ = screen_run
     res = ps.compute(ps.get.open_results(out / "de_wilcoxon.zarr"))
@@ -76,6 +78,7 @@ def test_the_run_tables_equal_the_public_calls_on_its_outputs(screen_run):
     assert_close(row["pvals"], res[[row["perturbation"]], [row["gene"]]].layers["pvals"][0, 0], rtol=0)
 
 
+@pytest.mark.slow  # one run with every screen step (~1-2 min): CI's slow job
 def test_calibration_guides_and_report(screen_run):
     _, out, summary = screen_run
     table = pd.read_csv(out / "calibration.csv")
