@@ -78,7 +78,9 @@ def test_overwrite_replaces_an_earlier_run_and_never_touches_other_files(input_h
     earlier = _tree(finished)
     refused = _cli(input_h5ad, finished, monkeypatch=monkeypatch)
     assert refused.exit_code == 1, refused.output
-    assert "already holds results of an earlier run (de_wilcoxon.h5ad, de_wilcoxon.zarr" in refused.output
+    assert "already holds results of an earlier run (de_wilcoxon.h5ad, de_wilcoxon.parquet, de_wilcoxon.zarr" in (
+        refused.output
+    )
     assert "pass --overwrite" in refused.output and "de_my_scanpy" not in refused.output
     assert _tree(finished) == earlier
     replaced = _cli(input_h5ad, finished, "--overwrite", "--method", "t-test")
@@ -88,8 +90,12 @@ def test_overwrite_replaces_an_earlier_run_and_never_touches_other_files(input_h
     written = json.loads((finished / MANIFEST).read_text())["written"]
     assert sorted(written) == [
         "de_t_test.h5ad",
+        "de_t_test.parquet",
         "de_t_test.zarr",
+        "de_t_test_effects.csv",
+        "de_t_test_knockdown.csv",
         "de_t_test_significant.csv",
+        "knockdown_cells.parquet",
         "qc.csv",
         "qc_cells.zarr",
         "report.html",

@@ -274,6 +274,9 @@ def test_log_fold_change_pools_replicates(sim_adata):
 # --------------------------------------------------------------------------------------------- PyDESeq2
 
 
+# PyDESeq2's parametric trend falls back to its mean trend on these 61 genes with some dependency versions
+# (seen with a fresh install on 2026-12-07, also at the code of stop 30): its own notice, not ours
+@pytest.mark.filterwarnings("ignore:The dispersion trend curve fitting did not converge:UserWarning")
 def test_to_pydeseq2_builds_and_fits(sim_adata):
     pytest.importorskip("pydeseq2")
     from pydeseq2.ds import DeseqStats

@@ -438,6 +438,18 @@ def _output_bytes(
             sizes[name] = 16_384 + (n_groups + 3) * 64 * max(len(statistics), 1)
         elif kind == "report":  # a dozen figures embedded as PNG, the tables' first rows
             sizes[name] = 4 * 2**20
+        elif kind == "long":  # every pair: two labels (dictionary pages) and four float64 (uncompressed bound)
+            sizes[name] = pairs * 4 * STAT_BYTES + names
+        elif kind in ("effects", "knockdown", "energy_distance", "guide_concordance"):  # a row per perturbation
+            sizes[name] = (n_groups + 1) * 256
+        elif kind == "knockdown_cells":  # label, value, score, flag per cell (upper bound: every cell scored)
+            sizes[name] = n_kept * 48
+        elif kind == "guides":  # the assignment's columns per cell
+            sizes[name] = n_kept * 96
+        elif kind in ("calibration", "calibration_pvalues"):  # a row per split; the QQ plot's points
+            sizes[name] = 2**20
+        elif kind == "guide_de":  # each guide's results: up to a few guides a perturbation
+            sizes[name] = 4 * pairs * n_stats * STAT_BYTES + names
     return sizes
 
 

@@ -443,10 +443,8 @@ def run(
         exclude_labels=exclude_labels,
         min_cells_per_perturbation=min_cells_per_perturbation,
     )
-    if "guide_de" in steps:  # a guide column, before any pass
-        from ..tl._guide_level import find_guide_column
-
-        find_guide_column(adata.obs)
+    if "guide_de" in steps:  # a guide column, before any pass (KeyError naming the accepted inputs)
+        tl.guide_labels(adata, control_label=str(control_label))
     kept = ~labels.isin(exclude_labels).to_numpy()
     if covariates:  # checked on obs before any pass: columns, missing values, levels, control cells per level
         tl.covariate_levels(adata.obs[kept], covariates, control=(labels[kept] == str(control_label)).to_numpy())
@@ -699,10 +697,8 @@ class _Job:
 
     def _guide_test(self, filtered: ad.AnnData) -> ad.AnnData:
         """Each guide of the kept cells against the control, lazily (``rank_genes_groups(groupby="guide")``)."""
-        from ..tl._guide_level import guide_labels
-
         filtered.obs["guide"] = pd.Categorical(
-            guide_labels(filtered, control_label=self.control_label, perturbation_column=self.perturbation_column)
+            tl.guide_labels(filtered, control_label=self.control_label, perturbation_column=self.perturbation_column)
         )
         return tl.rank_genes_groups(
             filtered, groupby="guide", control_label=self.control_label, method=self._guide_method(),

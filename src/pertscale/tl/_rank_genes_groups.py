@@ -70,7 +70,7 @@ def _groups_column(adata: ad.AnnData, perturbation_column: str | None, groupby: 
     column = groupby if groupby is not None else perturbation_column
     if column is None:
         raise TypeError("rank_genes_groups needs perturbation_column= (the obs column of labels; scanpy's groupby=)")
-    if column == "guide" and "guide" not in adata.obs:
+    if groupby == "guide" and "guide" not in adata.obs:
         from ._guide_level import guide_labels
 
         if control_label is None:
