@@ -21,6 +21,7 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 
+from .. import tl
 from ..io import write
 from ..io._atomic import replacing
 from ..store._history import _versions
@@ -32,32 +33,13 @@ if typing.TYPE_CHECKING:
 
 #: Version of run.json's layout.
 FORMAT = 1
-#: ``obs`` columns that may name each cell's target gene (the first with one target per perturbation is used).
-TARGET_COLUMNS = ("target_gene", "target", "gene_target", "target_gene_max", "target_max")
+#: The ``obs`` columns that may name each label's target gene (:func:`pertscale.tl.knockdown`'s).
+TARGET_COLUMNS = tl.TARGET_COLUMNS
 
 
 def targets_from_obs(obs: pd.DataFrame, perturbation_column: str) -> dict[str, str]:
-    """Perturbation label -> its target gene, from the first ``obs`` column of :data:`TARGET_COLUMNS` that has one.
-
-    A label counts when all its cells carry one target (missing values
-    aside); labels whose cells carry several (``multiple``, a per-cell
-    column such as the target of each cell's top guide) are left out. Empty
-    when no column gives any: the report then takes a label that is itself
-    a gene name as its own target.
-    """
-    labels = obs[perturbation_column].astype(str)
-    for column in TARGET_COLUMNS:
-        if column not in obs or column == perturbation_column:
-            continue
-        frame = pd.DataFrame({"label": labels.to_numpy(), "target": obs[column].astype("string").to_numpy()})
-        frame = frame.dropna()
-        frame = frame[frame["target"].str.len() > 0]
-        per_label = frame.groupby("label")["target"].nunique()
-        single = per_label.index[per_label == 1]
-        if len(single):
-            first = frame[frame["label"].isin(single)].drop_duplicates("label")
-            return {str(k): str(v) for k, v in zip(first["label"], first["target"], strict=True)}
-    return {}
+    """Perturbation label -> its target gene: :func:`pertscale.tl.targets_from_obs` (empty when no column gives any)."""
+    return tl.targets_from_obs(obs, perturbation_column)
 
 
 def _plain(value):

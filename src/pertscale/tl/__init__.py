@@ -5,7 +5,7 @@ from ._calibration import CalibrationResult, calibration_check
 from ._effects import effect_table, write_long
 from ._energy import energy_distance
 from ._guide_level import guide_concordance, guide_labels, guide_targets
-from ._knockdown import knockdown, knockdown_statistics
+from ._knockdown import TARGET_COLUMNS, knockdown, knockdown_statistics, targets_from_obs
 from ._nbglm import (
     covariate_levels,
     dispersions,
@@ -19,6 +19,7 @@ from ._rank_genes_groups import METHODS, rank_genes_groups
 from ._results import check_results_writable, scanpy_uns, tidy, write_significant
 
 __all__ = [
+    "TARGET_COLUMNS",
     "CalibrationResult",
     "METHODS",
     "calibration_check",
@@ -40,6 +41,7 @@ __all__ = [
     "rank_genes_groups",
     "scanpy_uns",
     "tidy",
+    "targets_from_obs",
     "umap",
     "write_long",
     "write_significant",
